@@ -1,0 +1,31 @@
+"""Small helpers shared by the tests (not a fixture module, import it explicitly)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# CI puts a copy of shared/ beside the clone; sessions have it at the same place.
+LDM_KEYS = REPO.parent / "shared" / "fixtures" / "ldm_keys"
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |ours - ref| / max |ref|, in float64: the error measure every parity test reports."""
+    ours = ours.detach().double()
+    ref = ref.detach().double()
+    return float((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def read_keys_tsv(path: Path) -> dict[str, tuple[tuple[int, ...], str, str | None]]:
+    """Parse a fixtures/ldm_keys TSV: key -> (shape, dtype, optional-tag or None)."""
+    if not path.exists():
+        raise FileNotFoundError(f"golden key list {path} is missing (shared/ must sit beside the repo)")
+    out = {}
+    for line in path.read_text().splitlines():
+        if not line:
+            continue
+        cols = line.split("\t")
+        shape = tuple(int(s) for s in cols[1].split(",")) if cols[1] else ()
+        out[cols[0]] = (shape, cols[2], cols[3] if len(cols) > 3 else None)
+    return out
