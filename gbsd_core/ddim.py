@@ -1,0 +1,194 @@
+"""DDIM sampler schedule (Song et al. 2020, arXiv 2010.02502), exactly as CompVis' `ldm/models/diffusion/ddim.py` runs it.
+
+Notation (paper; `ldm` names in brackets)
+-----------------------------------------
+    T          number of training timesteps, 1000                              [num_timesteps]
+    β_t        noise schedule, β_t = (linspace(√β_start, √β_end, T)_t)²,
+               β_start = 0.00085, β_end = 0.012 ("scaled_linear" in diffusers) [make_beta_schedule("linear")]
+    ᾱ_t        ∏_{s≤t} (1 − β_s), t = 0 … T−1                               [alphas_cumprod]
+    x_t        the noisy latent at timestep t: x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε
+    ε_θ        the model's noise prediction ε_θ(x_t, t)                        [e_t]
+    v          for v-models: v = √ᾱ_t ε − √(1−ᾱ_t) x_0
+    x̂_0        predicted clean latent                                           [pred_x0]
+    s          the previous timestep actually visited, s = t − ⌊T/n⌋ for n steps
+    ᾱ_prev     ᾱ_s, or ᾱ_0 when s < 0 (the last step, t = 1)                   [a_prev]
+    σ_t(η)     η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev)                       [sigma_t]
+
+One DDIM update (paper eq. 12):
+    x̂_0    = (x_t − √(1−ᾱ_t) ε_θ) / √ᾱ_t
+    x_prev = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ_t²) ε_θ + σ_t z,   z ~ N(0, I)
+η = 0 is deterministic DDIM; η = 1 is the DDPM posterior variance.
+
+Timesteps. CompVis `make_ddim_timesteps` takes every ⌊T/n⌋-th step and adds one ("to get the final alpha values
+right"): 50 steps visit 981, 961, …, 21, 1. The ᾱ_prev of the last step is ᾱ_0, not 1.0 (`make_ddim_sampling_parameters`
+prepends `alphacums[0]`), so the final x̂ is left at the t = 0 noise level, as the released SD models were sampled.
+This equals diffusers' DDIMScheduler with timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False.
+We run exactly n steps (diffusers' `arange(n) * (T // n) + 1`); CompVis' `range(0, T, T // n)` visits one more step when
+n does not divide T (7 steps → 8), which is the only place the two differ, and only for such n. n = T would start at
+t = T, past the end of ᾱ (both references fail there with an IndexError), so the full 1000-step schedule is refused;
+its img2img truncations (strength < 1) are fine.
+
+Precision (a decision, measured in tests/test_ddim.py). CompVis builds β and ᾱ in float64 and stores ᾱ as a float32
+buffer (`register_schedule`: `to_torch(alphas_cumprod)`, the `alphas_cumprod` key found in checkpoints). We do the same:
+`alphas_cumprod` is float32, rounded from a float64 cumprod. diffusers instead takes the cumprod in float32, which drifts
+by up to ~1e-6 relative from the float64 product. The per-step scalars (√ᾱ, σ_t, …) are then computed from those float32
+ᾱ values in float64 Python arithmetic and only applied to the tensors in the tensor's dtype. Agreement with diffusers'
+`step()` is ~1e-6 relative (max |diff| / max |ref|); see the tests for the exact bound.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+class DDIMScheduler:
+    """A small, tensor-only DDIM schedule; independent of the models.
+
+    Usage: `ts = sched.timesteps(50)` (this also fixes the step size `step()` uses), then for each `t` in `ts`:
+    `x, x0 = sched.step(model_output, t, x, eta, generator)`.
+    """
+
+    def __init__(
+        self,
+        prediction_type: str = "epsilon",
+        num_train_timesteps: int = 1000,
+        linear_start: float = 0.00085,
+        linear_end: float = 0.012,
+    ) -> None:
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+        if num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
+        self.prediction_type = prediction_type
+        self.num_train_timesteps = num_train_timesteps
+        # ldm/modules/diffusionmodules/util.py make_beta_schedule("linear") is linear in √β, built in float64.
+        betas = torch.linspace(linear_start**0.5, linear_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+        # float64 cumprod, stored as float32 like CompVis' registered buffer.  [T]
+        self.alphas_cumprod: torch.Tensor = torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
+        # Set by timesteps(); step() needs it to find the previous timestep s = t - T // n.
+        self.num_inference_steps: int | None = None
+
+    # ----------------------------------------------------------------- schedule
+    def timesteps(self, num_inference_steps: int, strength: float = 1.0) -> torch.Tensor:
+        """Descending timesteps actually executed, LongTensor [int(n * strength)].
+
+        strength < 1 is img2img: the whole n-step schedule is built and only its last int(n * strength) steps run
+        (diffusers StableDiffusionImg2ImgPipeline.get_timesteps; CompVis img2img.py `t_enc = int(strength * steps)`).
+        The input latent is noised to the first returned timestep with `add_noise`.
+        """
+        n, T = num_inference_steps, self.num_train_timesteps
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise ValueError(f"num_inference_steps must be an int, got {n!r}")
+        if not 1 <= n <= T:
+            raise ValueError(f"num_inference_steps must be in [1, {T}], got {n}")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        n_run = int(n * strength)
+        if n_run == 0:
+            raise ValueError(
+                f"strength {strength} with {n} steps runs int({n} * {strength}) = 0 steps; "
+                f"use strength >= {1.0 / n:.4g} or more steps"
+            )
+        # CompVis adds 1 to every DDIM timestep (make_ddim_timesteps), so the last step is t = 1.
+        full = torch.arange(n - 1, -1, -1, dtype=torch.long) * (T // n) + 1  # [n], descending
+        run = full[n - n_run:]
+        if int(run[0]) >= T:
+            # Only n = T gets here: its first timestep is T itself, past the end of ᾱ. CompVis and diffusers build the
+            # same schedule and then fail with an IndexError at the first step; we say so up front.
+            raise ValueError(
+                f"{n} steps start at t={int(run[0])}, outside the trained timesteps 0..{T - 1} (DDIM timesteps are "
+                f"offset by +1); use at most {T - 1} steps, or strength < 1"
+            )
+        self.num_inference_steps = n
+        return run
+
+    def _alpha(self, t: int) -> float:
+        return float(self.alphas_cumprod[t])
+
+    def _alpha_prev(self, t: int) -> float:
+        if self.num_inference_steps is None:
+            raise ValueError("call timesteps(num_inference_steps) before step(): the step size depends on it")
+        s = t - self.num_train_timesteps // self.num_inference_steps
+        # CompVis prepends alphacums[0] to ddim_alphas_prev: the last step lands on ᾱ_0, not on 1.0.
+        return self._alpha(s) if s >= 0 else self._alpha(0)
+
+    def _check_t(self, timestep: int | torch.Tensor) -> int:
+        t = int(timestep)
+        if not 0 <= t < self.num_train_timesteps:
+            raise ValueError(f"timestep must be in [0, {self.num_train_timesteps}), got {t}")
+        return t
+
+    # ----------------------------------------------------------------- math
+    def to_eps_x0(
+        self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ε, x̂_0) from the model output at x_t, for either prediction type. All tensors [B, C, h, w]."""
+        a = self._alpha(self._check_t(timestep))
+        sqrt_a, sqrt_1ma = math.sqrt(a), math.sqrt(1.0 - a)
+        if self.prediction_type == "epsilon":
+            eps = model_output
+            x0 = (sample - sqrt_1ma * eps) / sqrt_a
+        else:  # v_prediction (Salimans & Ho 2022; ldm DDPM.predict_start_from_z_and_v / predict_eps_from_z_and_v)
+            x0 = sqrt_a * sample - sqrt_1ma * model_output
+            eps = sqrt_a * model_output + sqrt_1ma * sample
+        return eps, x0
+
+    def sigma(self, timestep: int | torch.Tensor, eta: float) -> float:
+        """σ_t(η) for the step leaving `timestep` (needs timesteps() called first)."""
+        t = self._check_t(timestep)
+        a, a_prev = self._alpha(t), self._alpha_prev(t)
+        return eta * math.sqrt((1.0 - a_prev) / (1.0 - a)) * math.sqrt(1.0 - a / a_prev)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One DDIM update x_t -> x_prev. Returns (x_prev, x̂_0), both shaped like `sample` [B, C, h, w].
+
+        With eta > 0 the fresh noise z is drawn in float32 on the generator's device (CPU when no generator is
+        given) and then moved to the sample's device, so a seed gives the same noise on any device.
+        """
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        t = self._check_t(timestep)
+        a_prev = self._alpha_prev(t)
+        sigma = self.sigma(t, eta)
+        eps, x0 = self.to_eps_x0(model_output, t, sample)
+        # For η ≤ 1, 1 − ᾱ_prev − σ² ≥ (1−ᾱ_prev)² ᾱ_t / (ᾱ_prev (1−ᾱ_t)) > 0; a larger η can make it negative.
+        dir_var = 1.0 - a_prev - sigma**2
+        if dir_var < 0:
+            raise ValueError(f"eta={eta} is too large at t={t}: 1 - alpha_prev - sigma^2 = {dir_var:.3g} < 0")
+        dir_coef = math.sqrt(dir_var)
+        x_prev = math.sqrt(a_prev) * x0 + dir_coef * eps
+        if sigma > 0:
+            gen_device = generator.device if generator is not None else torch.device("cpu")
+            z = torch.randn(sample.shape, generator=generator, device=gen_device, dtype=torch.float32)
+            x_prev = x_prev + sigma * z.to(device=sample.device, dtype=sample.dtype)
+        return x_prev, x0
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timestep: int | torch.Tensor) -> torch.Tensor:
+        """Forward process q(x_t | x_0): √ᾱ_t x_0 + √(1−ᾱ_t) ε. `timestep` is an int or a LongTensor [B] (one per sample)."""
+        if isinstance(timestep, torch.Tensor) and timestep.numel() > 1:
+            t = timestep.to("cpu", torch.long).flatten()
+            if t.numel() != x0.shape[0] or not bool(((t >= 0) & (t < self.num_train_timesteps)).all()):
+                raise ValueError(f"timesteps {t.tolist()} must be one per sample, in [0, {self.num_train_timesteps})")
+            a = self.alphas_cumprod[t].double()  # [B]
+            shape = (-1,) + (1,) * (x0.dim() - 1)
+            sqrt_a = a.sqrt().view(shape).to(device=x0.device, dtype=x0.dtype)
+            sqrt_1ma = (1.0 - a).sqrt().view(shape).to(device=x0.device, dtype=x0.dtype)
+            return sqrt_a * x0 + sqrt_1ma * noise
+        a = self._alpha(self._check_t(timestep))
+        return math.sqrt(a) * x0 + math.sqrt(1.0 - a) * noise
+
+    def __repr__(self) -> str:
+        return (
+            f"DDIMScheduler(prediction_type={self.prediction_type!r}, num_train_timesteps={self.num_train_timesteps}, "
+            f"num_inference_steps={self.num_inference_steps})"
+        )
