@@ -1,0 +1,239 @@
+"""The Stable Diffusion denoiser: `openaimodel.UNetModel` with `SpatialTransformer` attention (SD1.x and SD2.x).
+
+Same construction loop, module names and numerics as CompVis/stable-diffusion and Stability-AI/stablediffusion
+(`ldm/modules/diffusionmodules/openaimodel.py`), so `state_dict()` keys are the checkpoint's `model.diffusion_model.*`
+keys with that prefix stripped and a checkpoint loads with `load_state_dict(strict=True)`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterator, Mapping, NamedTuple
+
+import torch
+from torch import nn
+
+from .attention import CrossAttention, GroupNorm32, ProbsHook, SpatialTransformer
+from .unet_blocks import Downsample, ResBlock, TimestepEmbedSequential, Upsample, timestep_embedding
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """UNet hyper-parameters, named as the `unet_config.params` of the original YAMLs; defaults are SD1's.
+
+    Fixed in every SD1/SD2 YAML and therefore not fields here: dims=2, use_spatial_transformer=True, legacy=False,
+    conv_resample=True, use_scale_shift_norm=False, dropout=0.
+    Heads: exactly one of `num_heads` (fixed head count, SD1: 8) or `num_head_channels` (fixed head width, SD2: 64)
+    is used; the other is -1, as in the reference.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors ("ds") that get a SpatialTransformer
+    num_heads: int = 8
+    num_head_channels: int = -1
+    context_dim: int = 768
+    use_linear_in_transformer: bool = False
+    transformer_depth: int = 1
+    upcast_attention: bool = False  # attention in fp32 (SD2-768-v in fp16 needs it); not stored in checkpoints
+
+    def __post_init__(self) -> None:
+        # Accept lists (as read from YAML/JSON); store tuples so configs compare and hash. attention_resolutions is
+        # a set in meaning, kept in the YAMLs' descending order.
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        object.__setattr__(self, "attention_resolutions", tuple(sorted(set(self.attention_resolutions), reverse=True)))
+        if (self.num_heads == -1) == (self.num_head_channels == -1):
+            raise ValueError(f"set exactly one of num_heads / num_head_channels, got {self.num_heads}, {self.num_head_channels}")
+
+    @classmethod
+    def sd1(cls) -> UNetConfig:
+        """configs/stable-diffusion/v1-inference.yaml"""
+        return cls()
+
+    @classmethod
+    def sd2(cls) -> UNetConfig:
+        """configs/stable-diffusion/v2-inference(-v).yaml (the 768-v model also wants upcast_attention=True in fp16)."""
+        return cls(num_heads=-1, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
+
+    def heads_and_dim(self, ch: int) -> tuple[int, int]:
+        """(heads, head dim) of a SpatialTransformer on `ch` channels (the reference's legacy=False rule)."""
+        if self.num_head_channels == -1:
+            return self.num_heads, ch // self.num_heads
+        return ch // self.num_head_channels, self.num_head_channels
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor]) -> UNetConfig:
+        """Infer the config from a UNet state dict (prefix already stripped) using only key names and shapes.
+
+        Everything is read off the shapes except the head split, which no weight shape records. Heuristic: context
+        width 768 (CLIP ViT-L, SD1.x) means 8 heads, anything else (1024, OpenCLIP ViT-H, SD2.x) means 64-wide heads.
+        A checkpoint that breaks the rule needs an explicit config, e.g. `dataclasses.replace(cfg, num_heads=...)`.
+        upcast_attention is a runtime choice and stays False.
+        """
+        n_in = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
+        model_channels, in_channels = sd["input_blocks.0.0.weight"].shape[:2]
+        downs = [i for i in range(n_in) if f"input_blocks.{i}.0.op.weight" in sd]
+        levels = len(downs) + 1
+        num_res_blocks = (n_in - 1 - len(downs)) // levels
+        # input_blocks: [conv_in] + per level (num_res_blocks ResBlocks [+ Downsample except at the last level])
+        if downs != [(lvl + 1) * (num_res_blocks + 1) for lvl in range(levels - 1)]:
+            raise ValueError(f"input_blocks layout not recognised (downsamplers at {downs} of {n_in} blocks)")
+        first_res = [1 + lvl * (num_res_blocks + 1) for lvl in range(levels)]
+        channel_mult = tuple(sd[f"input_blocks.{i}.0.in_layers.2.weight"].shape[0] // model_channels for i in first_res)
+        attention_resolutions = tuple(2**lvl for lvl, i in enumerate(first_res) if f"input_blocks.{i}.1.norm.weight" in sd)
+        depths = {}
+        for k in sd:
+            m = re.match(r"(.*)\.transformer_blocks\.(\d+)\.", k)
+            if m:
+                depths[m[1]] = max(depths.get(m[1], 0), int(m[2]) + 1)
+        if len(set(depths.values())) != 1:
+            raise ValueError(f"transformer depth differs between blocks: {depths}")
+        context_dim = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+        num_heads, num_head_channels = (8, -1) if context_dim == 768 else (-1, 64)
+        return cls(
+            in_channels=in_channels,
+            out_channels=sd["out.2.weight"].shape[0],
+            model_channels=model_channels,
+            channel_mult=channel_mult,
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=attention_resolutions,
+            context_dim=context_dim,
+            use_linear_in_transformer=sd["middle_block.1.proj_in.weight"].ndim == 2,
+            transformer_depth=depths.popitem()[1],
+            num_heads=num_heads,
+            num_head_channels=num_head_channels,
+        )
+
+
+class AttentionSite(NamedTuple):
+    """One attention module and where it sits: `ds` is the downsampling factor of its feature map (1, 2, 4, 8), so a
+    latent of size h x w gives Nq = query_hw(h, ds) * query_hw(w, ds) query tokens."""
+
+    name: str
+    module: CrossAttention
+    ds: int
+
+
+def query_hw(n: int, ds: int) -> int:
+    """Spatial size after log2(ds) stride-2 convs (each maps n to ceil(n/2))."""
+    while ds > 1:
+        n, ds = (n + 1) // 2, ds // 2
+    return n
+
+
+class UNetModel(nn.Module):
+    """eps/v-predicting UNet: (x_t [B,4,h,w], t [B], text context [B,77,D]) -> [B,4,h,w].
+
+    Block indices for SD1/SD2 (ch = channels, ds = downsampling factor, ST = SpatialTransformer, every Res* and ST
+    receives the timestep embedding / text context):
+
+        input_blocks  contents        ds  ch      output_blocks  contents            ds  ch
+        0             conv 4->320     1   320     0, 1           Res                 8   1280
+        1, 2          Res, ST         1   320     2              Res, Upsample       8   1280
+        3             Downsample      2   320     3, 4           Res, ST             4   1280
+        4, 5          Res, ST         2   640     5              Res, ST, Upsample   4   1280
+        6             Downsample      4   640     6, 7           Res, ST             2   640
+        7, 8          Res, ST         4   1280    8              Res, ST, Upsample   2   640
+        9             Downsample      8   1280    9, 10, 11      Res, ST             1   320
+        10, 11        Res             8   1280
+        middle_block: Res, ST, Res at ds 8, 1280 channels. out: GroupNorm, SiLU, conv 320->4.
+
+    Output block j concatenates the latest unused input-block output (a U-Net skip) before its ResBlock.
+    """
+
+    def __init__(self, config: UNetConfig | None = None) -> None:
+        super().__init__()
+        cfg = self.config = config if config is not None else UNetConfig()
+        mc = cfg.model_channels
+        emb_dim = mc * 4
+        # time_embed.1 is a SiLU slot, kept for the key indices.
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def transformer(ch: int) -> SpatialTransformer:
+            heads, dim_head = cfg.heads_and_dim(ch)
+            return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim,
+                                      cfg.use_linear_in_transformer, cfg.upcast_attention)
+
+        # name prefix of each SpatialTransformer -> ds, for attention_sites()
+        self._transformer_ds: dict[str, int] = {}
+
+        # Encoder: the reference's level loop.
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_chans = [mc]
+        ch, ds = mc, 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    self._transformer_ds[f"input_blocks.{len(self.input_blocks)}.1"] = ds
+                    layers.append(transformer(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_chans.append(ch)
+                ds *= 2
+
+        # Bottleneck: always has attention, whatever attention_resolutions says.
+        self._transformer_ds["middle_block.1"] = ds
+        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch), transformer(ch), ResBlock(ch, emb_dim, ch))
+
+        # Decoder: levels in reverse, one more ResBlock per level than the encoder (it also consumes the skip of the
+        # Downsample / conv_in), each ResBlock's input = current channels + the popped skip's channels.
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_chans.pop(), emb_dim, mc * mult)]
+                ch = mc * mult
+                if ds in cfg.attention_resolutions:
+                    self._transformer_ds[f"output_blocks.{len(self.output_blocks)}.1"] = ds
+                    layers.append(transformer(ch))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        # out.1 is a SiLU slot. (The reference zero-initialises out.2; irrelevant for inference.)
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        # x: [B, in_channels, h, w] any h, w >= 1; timesteps: [B] (or a scalar, broadcast); context: [B, 77, D]
+        # -> [B, out_channels, h, w] in x's dtype; the network runs in its parameters' dtype.
+        dtype = self.out[2].weight.dtype
+        t = torch.as_tensor(timesteps, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))  # [B, 4*mc]
+        context = context.to(dtype)
+
+        h = x.to(dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            # An Upsample in this block must land on the size of the next skip (odd sizes: not simply 2x).
+            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
+        return self.out(h).to(x.dtype)
+
+    def attention_sites(self, cross: bool = True) -> Iterator[AttentionSite]:
+        """All cross-attention (`attn2`; `cross=False`: self-attention `attn1`) modules, in forward order."""
+        which = "attn2" if cross else "attn1"
+        for prefix, ds in self._transformer_ds.items():
+            st = self.get_submodule(prefix)
+            for j, block in enumerate(st.transformer_blocks):
+                yield AttentionSite(f"{prefix}.transformer_blocks.{j}.{which}", getattr(block, which), ds)
+
+    def set_cross_attention_hook(self, hook: ProbsHook | None) -> None:
+        """Install `hook(module, probs [B, heads, Nq, 77])` on every attn2 (None removes it). Pair modules with
+        names / ds via `attention_sites()`."""
+        for site in self.attention_sites():
+            site.module.probs_hook = hook
+
+
