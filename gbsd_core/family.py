@@ -1,0 +1,110 @@
+"""Model families: the facts about a checkpoint that its tensor names and shapes do not fully carry.
+
+SD1 and SD2 are told apart by their text encoder keys (`cond_stage_model.transformer.*` is the OpenAI CLIP of
+CompVis' FrozenCLIPEmbedder, `cond_stage_model.model.*` the OpenCLIP of Stability's FrozenOpenCLIPEmbedder). The two
+SD2 families, 512 eps-prediction and 768 v-prediction, have *identical* keys and shapes
+(fixtures/ldm_keys/sd2_v2-inference*.tsv), so that choice rests on hints outside the tensors; `detect` takes them in a
+fixed order and warns when it has to guess.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # "sd1" | "sd2-512" | "sd2-768-v"
+    prediction_type: Literal["epsilon", "v_prediction"]
+    resolution: int  # the image side the model was trained at (pixels)
+    pad_token_id: int  # SD1's HF CLIPTokenizer pads with the end token 49407; open_clip's tokenizer pads with 0
+    text_encoder: Literal["clip", "openclip"]
+
+
+SD1 = Family("sd1", "epsilon", 512, 49407, "clip")
+SD2_512 = Family("sd2-512", "epsilon", 512, 0, "openclip")  # v2-inference.yaml
+SD2_768_V = Family("sd2-768-v", "v_prediction", 768, 0, "openclip")  # v2-inference-v.yaml
+FAMILIES: tuple[Family, ...] = (SD1, SD2_512, SD2_768_V)
+
+# Aliases a user may type for `family=`; the canonical names are the Family.name values.
+_ALIASES = {"sd15": "sd1", "sd1.5": "sd1", "sd2": "sd2-512", "sd2-base": "sd2-512", "sd2-v": "sd2-768-v",
+            "sd2-768": "sd2-768-v"}
+
+
+def family_by_name(name: str | Family) -> Family:
+    """`Family` for a name such as "sd1", "sd2-512", "sd2-768-v" (or a Family, returned as is)."""
+    if isinstance(name, Family):
+        return name
+    key = _ALIASES.get(name.lower(), name.lower())
+    for fam in FAMILIES:
+        if fam.name == key:
+            return fam
+    raise ValueError(f"unknown model family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
+
+
+def text_encoder_kind(keys: "list[str] | set[str]") -> Literal["clip", "openclip"] | None:
+    """Which text encoder a state dict (original names, prefixes kept) holds, or None if neither."""
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "clip"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "openclip"
+    return None
+
+
+def _sidecar_parameterization(path: Path) -> str | None:
+    """`parameterization` from an A1111-style `<name>.yaml` next to a single file (the copy of v2-inference-v.yaml
+    users put beside 768-v models). Read with a regex, not a YAML parser: one scalar is all we need."""
+    yaml = path.with_suffix(".yaml")
+    if not path.is_file() or not yaml.is_file():
+        return None
+    match = re.search(r"^\s*parameterization:\s*[\"']?(\w+)", yaml.read_text(errors="replace"), re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def _filename_hint(path: Path) -> str | None:
+    """"768" or a "-v" token in the file name means v-prediction, "512"/"base" means eps (Stability's names:
+    v2-1_768-ema-pruned, 768-v-ema, v2-1_512-ema-pruned, 512-base-ema)."""
+    stem = path.name.lower()
+    if "768" in stem or re.search(r"(^|[-_])v([-_.]|$)", stem):
+        return "v_prediction"
+    if "512" in stem or "base" in stem:
+        return "epsilon"
+    return None
+
+
+def detect(keys: "list[str] | set[str]", path: Path, override: str | Family | None = None,
+           prediction_type: str | None = None) -> Family:
+    """The family of a checkpoint whose (original-layout) keys are `keys`.
+
+    SD2 eps vs v is decided, first hit wins, by: `override`; `prediction_type` (a diffusers folder's
+    scheduler_config.json); the sidecar yaml's `parameterization: "v"`; the file name; else SD2-512 with a warning.
+    """
+    kind = text_encoder_kind(keys)
+    if override is not None:
+        fam = family_by_name(override)
+        if kind is not None and fam.text_encoder != kind:
+            raise ValueError(f"family={fam.name!r} expects a {fam.text_encoder} text encoder but {path} holds a {kind} one")
+        return fam
+    if kind == "clip":
+        return SD1
+    if kind is None:
+        raise ValueError(f"{path}: no text encoder under cond_stage_model.transformer. or cond_stage_model.model.")
+
+    if prediction_type is not None:
+        return SD2_768_V if prediction_type == "v_prediction" else SD2_512
+    param = _sidecar_parameterization(path)
+    if param is not None:
+        return SD2_768_V if param == "v" else SD2_512
+    hint = _filename_hint(path)
+    if hint is not None:
+        return SD2_768_V if hint == "v_prediction" else SD2_512
+    warnings.warn(
+        f"{path.name}: SD2 checkpoints for 512 eps-prediction and 768 v-prediction have identical tensors; assuming "
+        "sd2-512 (epsilon). If images come out as noise or grey, pass family='sd2-768-v' (CLI: --family sd2-768-v) "
+        "or put a <name>.yaml with `parameterization: \"v\"` beside the file.",
+        stacklevel=3,
+    )
+    return SD2_512

@@ -1,0 +1,451 @@
+"""Checkpoint files in and out: reading, strict loading into our modules, the writer, and the `SDBundle`.
+
+Our modules use the original checkpoint names (CompVis `LatentDiffusion`), so loading a single file is: read the
+tensors, drop a short commented allowlist of non-weight keys, split by prefix, infer each config from shapes, build
+the module on the meta device and `load_state_dict(strict=True, assign=True)`. Nothing is random-initialised and a
+float32 file loaded as float32 is not even copied (safetensors and `torch.load(mmap=True)` hand out tensors backed by
+a private, copy-on-write map of the file). Diffusers folders are translated into original names first, in
+`diffusers_layout.py`, the one conversion seam.
+
+Readers never execute code: `.ckpt`/`.pt`/`.pth`/`.bin` go through `torch.load(weights_only=True)` only, and a pickle
+that needs anything beyond tensors and containers is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Literal, Mapping, Union
+
+import torch
+from torch import nn
+
+from . import diffusers_layout
+from .clip_text import CLIPTextConfig, CLIPTextEncoder
+from .ddim import DDIMScheduler
+from .family import Family, detect, text_encoder_kind
+from .openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
+from .unet import UNetConfig, UNetModel
+from .vae import AutoencoderKL, VAEConfig
+
+if TYPE_CHECKING:  # the tokenizer pulls in open_clip's BPE tables; imported only when a bundle is built
+    from PIL import Image
+
+    from .tokenizer import Tokenizer
+
+TextEncoder = Union[CLIPTextEncoder, OpenCLIPTextEncoder]
+
+# Subtrees of a LatentDiffusion state dict: model (DiffusionWrapper).diffusion_model, first_stage_model, cond_stage_model.
+PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
+
+# --- What a file may carry beyond the three networks' weights, and why it is safe to drop. ----------------------
+# ddpm.py LatentDiffusion.register_schedule(): the DDPM schedule as 12 persistent [1000] buffers. They are a pure
+# function of linear_start/linear_end (0.00085/0.012), which DDIMScheduler recomputes; files converted from diffusers
+# lack them.
+SCHEDULE_BUFFERS = frozenset({
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+})
+# Training-only terms of ddpm.py: `logvar` (a parameter only with learn_logvar) and `lvlb_weights` (non-persistent,
+# but some re-saved files have it).
+TRAINING_KEYS = frozenset({"logvar", "lvlb_weights"})
+
+
+def droppable(key: str) -> bool:
+    """True for keys that hold no weights of the three networks (see the comments above each rule)."""
+    if key in SCHEDULE_BUFFERS or key in TRAINING_KEYS:
+        return True
+    # The EMA copy of the UNet in full training files (use_ema: True; "v1-5-pruned"). Like A1111 we load `model.*`;
+    # "-emaonly" files already hold the EMA weights there.
+    if key.startswith("model_ema."):
+        return True
+    # arange(77) buffer that transformers < 4.31 saved with CLIPTextModel (fixtures/ldm_keys/README.md).
+    return key.startswith("cond_stage_model.") and key.endswith("embeddings.position_ids")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the offending keys."""
+
+
+def _key_list(keys: list[str], n: int = 5) -> str:
+    keys = sorted(keys)
+    more = f", ... ({len(keys)} in all)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+# ================================================================================================================
+# Reading
+# ================================================================================================================
+@dataclass
+class RawCheckpoint:
+    """Tensors of a checkpoint in original names (prefixes kept) plus what the file says beyond its tensors."""
+
+    state_dict: dict[str, torch.Tensor]
+    layout: Literal["single_file", "diffusers"]
+    prediction_type: str | None = None  # from a diffusers folder's scheduler/scheduler_config.json
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        # get_tensor returns tensors on a private (copy-on-write) mmap of the file: no RAM is spent until touched.
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file, probably truncated or corrupt ({e})") from e
+
+
+def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+    def _load(mmap: bool) -> object:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        try:
+            obj = _load(mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = _load(mmap=False)  # legacy (pre-zip) torch.save format cannot be memory-mapped
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" (it references {found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"{path}: refused to unpickle{what}. This file needs Python code to load, which could do anything; gbsd "
+            "only reads tensors (torch.load(weights_only=True)). Convert it to .safetensors with a tool you trust, or "
+            "use the .safetensors release of the model."
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint, probably truncated or corrupt ({e})") from e
+    # Lightning checkpoints wrap the weights: {"state_dict": {...}, "global_step": ..., ...}.
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    bad = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: state dict entries that are not tensors: {_key_list(bad)}")
+    return obj
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return _read_safetensors(path)
+    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        return _read_torch(path)
+    raise CheckpointError(f"{path}: unknown checkpoint type {suffix!r} (expected .safetensors, .ckpt, .pt, .pth, .bin "
+                          "or a diffusers folder)")
+
+
+# Weight files of a diffusers folder, in order of preference (full precision first).
+DIFFUSERS_FILES = {
+    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+             "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+            "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
+}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable JSON ({e})") from e
+
+
+def _read_diffusers(folder: Path) -> RawCheckpoint:
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, candidates in DIFFUSERS_FILES.items():
+        file = next((folder / name / c for c in candidates if (folder / name / c).is_file()), None)
+        if file is None:
+            raise CheckpointError(f"{folder}: not a Stable Diffusion diffusers folder, no {name}/ weights "
+                                  f"(looked for {name}/{{{', '.join(candidates)}}})")
+        parts[name] = _read_file(file)
+
+    # SD2's text_encoder is an OpenCLIP tower converted to a HF CLIPTextModel; its config says "gelu" (exact GELU,
+    # as OpenCLIP) where OpenAI CLIP-L says "quick_gelu". Without a config, fall back on ViT-H's width.
+    te_config = folder / "text_encoder" / "config.json"
+    if te_config.is_file():
+        openclip = _read_json(te_config).get("hidden_act") == "gelu"
+    else:
+        tok = [t for k, t in parts["text_encoder"].items() if k.endswith("token_embedding.weight")]
+        openclip = bool(tok) and tok[0].shape[1] == 1024
+    plans = {
+        "unet": diffusers_layout.unet_plan,
+        "vae": diffusers_layout.vae_plan,
+        "text_encoder": diffusers_layout.openclip_plan if openclip else diffusers_layout.clip_plan,
+    }
+    sd: dict[str, torch.Tensor] = {}
+    for name, plan in plans.items():
+        try:
+            converted = diffusers_layout.apply_plan(plan(list(parts[name])), parts[name])
+        except KeyError as e:
+            raise CheckpointError(f"{folder / name}: {e.args[0]}") from e
+        sd.update({PREFIXES[name] + k: t for k, t in converted.items()})
+
+    sched = folder / "scheduler" / "scheduler_config.json"
+    prediction_type = _read_json(sched).get("prediction_type") if sched.is_file() else None
+    return RawCheckpoint(sd, "diffusers", prediction_type)
+
+
+def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
+    """Read a single file (.safetensors/.ckpt/.pt/.pth/.bin) or a diffusers folder into original names."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        return _read_diffusers(path)
+    return RawCheckpoint(_read_file(path), "single_file")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint, keyed by original (CompVis/Stability) names with their prefixes."""
+    return read_checkpoint(path).state_dict
+
+
+# ================================================================================================================
+# Strict loading
+# ================================================================================================================
+def split_components(sd: Mapping[str, torch.Tensor], path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{"unet": ..., "vae": ..., "text_encoder": ...} with prefixes stripped; allowlisted keys dropped; anything else
+    outside the three subtrees, or a missing subtree, raises CheckpointError."""
+    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in PREFIXES}
+    unexpected = []
+    for key, tensor in sd.items():
+        if droppable(key):
+            continue
+        for name, prefix in PREFIXES.items():
+            if key.startswith(prefix):
+                parts[name][key[len(prefix):]] = tensor
+                break
+        else:
+            unexpected.append(key)
+    if not any(parts.values()):
+        raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint: no keys under {', '.join(PREFIXES.values())} "
+                              f"(it has {len(sd)} keys, e.g. {_key_list(list(sd), 3)})")
+    for name, part in parts.items():
+        if not part:
+            raise CheckpointError(f"{path}: has no {name} weights (no keys under {PREFIXES[name]}); gbsd needs a "
+                                  "full checkpoint with UNet, VAE and text encoder")
+    if unexpected:
+        raise CheckpointError(f"{path}: {len(unexpected)} unexpected keys outside the UNet/VAE/text encoder: "
+                              f"{_key_list(unexpected)}")
+    # Some SD1 files were saved from a CLIPTextModel without the `text_model.` level (transformers >= 5 does that
+    # too); real files and our module have it.
+    te = parts["text_encoder"]
+    if any(k.startswith("transformer.") and not k.startswith("transformer.text_model.") for k in te):
+        parts["text_encoder"] = {
+            ("transformer.text_model." + k[len("transformer."):]
+             if k.startswith("transformer.") and not k.startswith("transformer.text_model.") else k): t
+            for k, t in te.items()
+        }
+    return parts
+
+
+def _check_strict(name: str, module: nn.Module, sd: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Raise CheckpointError naming missing / unexpected / mis-shaped keys (with the file's full names)."""
+    expected = module.state_dict()
+    prefix = PREFIXES[name]
+    missing = [prefix + k for k in expected if k not in sd]
+    unexpected = [prefix + k for k in sd if k not in expected]
+    shapes = [f"{prefix}{k}: file {list(t.shape)} vs model {list(expected[k].shape)}"
+              for k, t in sd.items() if k in expected and t.shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_key_list(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {_key_list(unexpected)}")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches: {'; '.join(shapes[:5])}")
+    if problems:
+        cfg = getattr(module, "config", None)
+        raise CheckpointError(f"{path}: {name} does not match the architecture inferred from its shapes ({cfg}):\n  "
+                              + "\n  ".join(problems))
+
+
+def build_module(name: str, module_cls: type[nn.Module], config: object, sd: Mapping[str, torch.Tensor],
+                 dtype: torch.dtype, device: str | torch.device, path: Path) -> nn.Module:
+    """Build `module_cls(config)` on the meta device and load `sd` into it strictly, converted to dtype/device.
+
+    `assign=True` makes the loaded tensors the parameters themselves: no random init, no second copy. Non-float
+    tensors keep their dtype.
+    """
+    with torch.device("meta"):
+        module = module_cls(config)
+    _check_strict(name, module, sd, path)
+    converted = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for k, t in sd.items()}
+    module.load_state_dict(converted, strict=True, assign=True)
+    left = [k for k, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:  # a buffer created in __init__ and not saved: components must compute such things in forward
+        raise RuntimeError(f"{module_cls.__name__} still has meta tensors after loading: {_key_list(left)}")
+    return module.eval().requires_grad_(False)
+
+
+def _infer(name: str, infer: Callable[[], object], path: Path) -> object:
+    """Run a `Config.from_state_dict` call, turning its complaints into CheckpointErrors that name the file."""
+    try:
+        return infer()
+    except KeyError as e:
+        raise CheckpointError(f"{path}: cannot infer the {name} architecture, missing key "
+                              f"{PREFIXES[name]}{e.args[0]}") from e
+    except (ValueError, IndexError) as e:
+        raise CheckpointError(f"{path}: cannot infer the {name} architecture: {e}") from e
+
+
+# ================================================================================================================
+# The bundle
+# ================================================================================================================
+@dataclass
+class SDBundle:
+    """A loaded Stable Diffusion: the three networks, tokenizer, scheduler and family."""
+
+    unet: UNetModel
+    vae: AutoencoderKL
+    text_encoder: TextEncoder
+    tokenizer: "Tokenizer"
+    scheduler: DDIMScheduler
+    family: Family
+    path: Path | None = None
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str] | str, clip_skip: int = 1) -> torch.Tensor:
+        """prompts -> token embeddings [B, 77, D] (D = 768 for SD1, 1024 for SD2), in the text encoder's dtype."""
+        device = next(self.text_encoder.parameters()).device
+        tokens = self.tokenizer(prompts).to(device)  # [B, 77]
+        if isinstance(self.text_encoder, CLIPTextEncoder):
+            return self.text_encoder(tokens, clip_skip=clip_skip)
+        if clip_skip != 1:  # Stability's SD2 embedder is fixed at the penultimate layer; there is nothing to skip to
+            raise ValueError(f"clip_skip applies to SD1's CLIP text encoder only, got clip_skip={clip_skip} for "
+                             f"{self.family.name}")
+        return self.text_encoder(tokens)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> list["Image.Image"]:
+        """Scaled latents [B, 4, h, w] -> B RGB images of 8h x 8w."""
+        from PIL import Image
+
+        z = latents.to(next(self.vae.parameters()).device) / self.vae.config.scale_factor
+        x = self.vae.decode(z).float()  # [B, 3, 8h, 8w] in about [-1, 1]
+        x = ((x + 1) / 2).clamp(0, 1)
+        # round() as diffusers' numpy_to_pil; CompVis' scripts truncate, at most 1/255 darker
+        arr = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a, mode="RGB") for a in arr]
+
+    @torch.no_grad()
+    def encode_images(self, images: "list[Image.Image] | torch.Tensor", generator: torch.Generator | None = None,
+                      sample: bool = True) -> torch.Tensor:
+        """Images (PIL, or a [B, 3, H, W] tensor in [-1, 1]) -> scaled latents [B, 4, H/8, W/8].
+
+        sample=True draws from the posterior (CompVis img2img: `encode_first_stage(...)` then `get_first_stage_encoding`
+        samples); sample=False takes its mean.
+        """
+        if not isinstance(images, torch.Tensor):
+            import numpy as np
+
+            arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])  # [B, H, W, 3]
+            images = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+        posterior = self.vae.encode(images.to(next(self.vae.parameters()).device))
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return z * self.vae.config.scale_factor
+
+    def describe(self) -> dict:
+        """Family, sizes and dtype, for `gbsd info`."""
+        p = next(self.unet.parameters())
+        return {
+            "path": str(self.path) if self.path else None,
+            "family": self.family.name,
+            "prediction_type": self.family.prediction_type,
+            "resolution": self.family.resolution,
+            "dtype": str(p.dtype).removeprefix("torch."),
+            "device": str(p.device),
+            "parameters": {name: sum(t.numel() for t in getattr(self, name).parameters()) for name in PREFIXES},
+            "configs": {name: asdict(getattr(self, name).config) for name in PREFIXES},
+        }
+
+
+def load(path: str | os.PathLike, family: str | Family | None = None, dtype: torch.dtype = torch.float32,
+         device: str | torch.device = "cpu") -> SDBundle:
+    """Load a single-file checkpoint or a diffusers folder into an `SDBundle`.
+
+    `family` ("sd1", "sd2-512", "sd2-768-v") overrides detection; it matters for SD2, whose 512-eps and 768-v files
+    have identical tensors (see family.detect for the hints used otherwise).
+    """
+    from .tokenizer import Tokenizer
+
+    path = Path(path)
+    raw = read_checkpoint(path)
+    parts = split_components(raw.state_dict, path)
+    try:
+        fam = detect(raw.state_dict.keys(), path, override=family, prediction_type=raw.prediction_type)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+
+    unet_cfg = _infer("unet", lambda: UNetConfig.from_state_dict(parts["unet"]), path)
+    if fam.prediction_type == "v_prediction":
+        # Stability's 768-v model overflows fp16 in attention softmax; diffusers' sd2-1 config sets
+        # upcast_attention=True for the same reason. No effect in fp32.
+        unet_cfg = replace(unet_cfg, upcast_attention=True)
+    vae_cfg = _infer("vae", lambda: VAEConfig.from_state_dict(parts["vae"]), path)
+    if fam.text_encoder == "clip":
+        te_cls: type[nn.Module] = CLIPTextEncoder
+        te_cfg = _infer("text_encoder", lambda: CLIPTextConfig.from_state_dict(parts["text_encoder"]), path)
+    else:
+        te_cls = OpenCLIPTextEncoder
+        # A diffusers folder's 23-layer tower already ends at the penultimate block, so all of it runs.
+        penultimate = raw.layout != "diffusers"
+        te_cfg = _infer("text_encoder",
+                        lambda: OpenCLIPTextConfig.from_state_dict(parts["text_encoder"], penultimate=penultimate), path)
+
+    unet = build_module("unet", UNetModel, unet_cfg, parts["unet"], dtype, device, path)
+    vae = build_module("vae", AutoencoderKL, vae_cfg, parts["vae"], dtype, device, path)
+    text_encoder = build_module("text_encoder", te_cls, te_cfg, parts["text_encoder"], dtype, device, path)
+    return SDBundle(unet=unet, vae=vae, text_encoder=text_encoder,  # type: ignore[arg-type]
+                    tokenizer=Tokenizer(pad_token_id=fam.pad_token_id),
+                    scheduler=DDIMScheduler(prediction_type=fam.prediction_type), family=fam, path=path)
+
+
+# ================================================================================================================
+# Writing
+# ================================================================================================================
+def save_single_file(src: SDBundle | Mapping[str, nn.Module], path: str | os.PathLike,
+                     dtype: torch.dtype | None = None) -> Path:
+    """Write an original-layout single-file .safetensors (`model.diffusion_model.*`, `first_stage_model.*`,
+    `cond_stage_model.*`) from a bundle or a {"unet"/"vae"/"text_encoder": module} mapping (any subset).
+
+    Written to a temporary file in the same folder and renamed into place, so a crash never leaves half a file.
+    `dtype` converts floating tensors (e.g. torch.float16 for a half-size file).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    modules = {name: getattr(src, name) for name in PREFIXES} if isinstance(src, SDBundle) else dict(src)
+    unknown = set(modules) - set(PREFIXES)
+    if unknown:
+        raise ValueError(f"unknown components {sorted(unknown)}; expected a subset of {list(PREFIXES)}")
+    te = modules.get("text_encoder")
+    if isinstance(te, OpenCLIPTextEncoder) and not te.config.penultimate:
+        raise ValueError("this OpenCLIP text encoder came from a diffusers folder (23 layers, last layer dropped); "
+                         "the original SD2 layout has 24 layers and cannot represent it")
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in modules.items():
+        for key, t in module.state_dict().items():
+            t = t.detach().to("cpu", dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+            # safetensors refuses views into a larger storage (e.g. from torch.load'ed files): give those their own.
+            if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                t = t.clone()
+            tensors[PREFIXES[name] + key] = t.contiguous()
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
