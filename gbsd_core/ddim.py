@@ -149,14 +149,20 @@ class DDIMScheduler:
         sample: torch.Tensor,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One DDIM update x_t -> x_prev. Returns (x_prev, x̂_0), both shaped like `sample` [B, C, h, w].
 
-        With eta > 0 the fresh noise z is drawn in float32 on the generator's device (CPU when no generator is
-        given) and then moved to the sample's device, so a seed gives the same noise on any device.
+        With eta > 0 the fresh noise z is `noise` when given (the caller drew it, e.g. once per seed for a batch of
+        branches), else drawn in float32 on the generator's device (CPU when no generator is given) and moved to the
+        sample's device, so a seed gives the same noise on any device.
         """
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
+        if noise is not None and generator is not None:
+            raise ValueError("pass either noise or generator, not both")
+        if noise is not None and noise.shape != sample.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} != sample shape {tuple(sample.shape)}")
         t = self._check_t(timestep)
         a_prev = self._alpha_prev(t)
         sigma = self.sigma(t, eta)
@@ -168,9 +174,10 @@ class DDIMScheduler:
         dir_coef = math.sqrt(dir_var)
         x_prev = math.sqrt(a_prev) * x0 + dir_coef * eps
         if sigma > 0:
-            gen_device = generator.device if generator is not None else torch.device("cpu")
-            z = torch.randn(sample.shape, generator=generator, device=gen_device, dtype=torch.float32)
-            x_prev = x_prev + sigma * z.to(device=sample.device, dtype=sample.dtype)
+            if noise is None:
+                gen_device = generator.device if generator is not None else torch.device("cpu")
+                noise = torch.randn(sample.shape, generator=generator, device=gen_device, dtype=torch.float32)
+            x_prev = x_prev + sigma * noise.to(device=sample.device, dtype=sample.dtype)
         return x_prev, x0
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timestep: int | torch.Tensor) -> torch.Tensor:

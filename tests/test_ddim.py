@@ -176,6 +176,13 @@ def test_eta_noise_is_the_generator_noise():
     want = ref.step(out, t, x, eta=1.0, variance_noise=z).prev_sample
     assert rel_err(sto, want) <= ETA_TOL
     assert not torch.allclose(sto, det)
+    # Caller-drawn noise (`noise=`, diffusers' variance_noise) is used as is.
+    given, _ = s.step(out, t, x, eta=1.0, noise=z)
+    assert torch.equal(given, sto)
+    with pytest.raises(ValueError, match="not both"):
+        s.step(out, t, x, eta=1.0, noise=z, generator=torch.Generator())
+    with pytest.raises(ValueError, match="noise shape"):
+        s.step(out, t, x, eta=1.0, noise=z[:, :2])
 
 
 def test_v_prediction_recovers_x0_and_eps():
