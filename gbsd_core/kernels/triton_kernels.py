@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-# 1/sqrt(2) for the exact GELU, 0.5 g (1 + erf(g / sqrt 2)).
-_INV_SQRT2 = 0.7071067811865476
+# 1/sqrt(2) for the exact GELU, 0.5 g (1 + erf(g / sqrt 2)); kernels may only read constexpr globals.
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
 
 
 @triton.jit
