@@ -1,4 +1,4 @@
-"""DDIM sampler schedule (Song et al. 2020, arXiv 2010.02502), exactly as CompVis' `ldm/models/diffusion/ddim.py` runs it.
+"""DDIM schedule (Song et al. 2020, arXiv 2010.02502), exactly as CompVis' `ldm/models/diffusion/ddim.py` runs it.
 
 Notation (paper; `ldm` names in brackets)
 -----------------------------------------
@@ -30,7 +30,7 @@ its img2img truncations (strength < 1) are fine.
 
 Precision (a decision, measured in tests/test_ddim.py). CompVis builds β and ᾱ in float64 and stores ᾱ as a float32
 buffer (`register_schedule`: `to_torch(alphas_cumprod)`, the `alphas_cumprod` key found in checkpoints). We do the same:
-`alphas_cumprod` is float32, rounded from a float64 cumprod. diffusers instead takes the cumprod in float32, which drifts
+`alphas_cumprod` is float32, rounded from a float64 cumprod. diffusers takes the cumprod in float32, which drifts
 by up to ~1e-6 relative from the float64 product. The per-step scalars (√ᾱ, σ_t, …) are then computed from those float32
 ᾱ values in float64 Python arithmetic and only applied to the tensors in the tensor's dtype. Agreement with diffusers'
 `step()` is ~1e-6 relative (max |diff| / max |ref|); see the tests for the exact bound.
@@ -181,7 +181,10 @@ class DDIMScheduler:
         return x_prev, x0
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timestep: int | torch.Tensor) -> torch.Tensor:
-        """Forward process q(x_t | x_0): √ᾱ_t x_0 + √(1−ᾱ_t) ε. `timestep` is an int or a LongTensor [B] (one per sample)."""
+        """Forward process q(x_t | x_0): √ᾱ_t x_0 + √(1−ᾱ_t) ε.
+
+        `timestep` is an int or a LongTensor [B] (one per sample); x0, noise [B, C, h, w].
+        """
         if isinstance(timestep, torch.Tensor) and timestep.numel() > 1:
             t = timestep.to("cpu", torch.long).flatten()
             if t.numel() != x0.shape[0] or not bool(((t >= 0) & (t < self.num_train_timesteps)).all()):

@@ -1,4 +1,4 @@
-"""DDIM parity: our scheduler vs diffusers' DDIMScheduler configured as CompVis runs DDIM, plus a CompVis re-derivation."""
+"""DDIM parity: ours vs diffusers' DDIMScheduler configured as CompVis runs DDIM, and vs a CompVis re-derivation."""
 from __future__ import annotations
 
 import numpy as np
@@ -70,7 +70,7 @@ def test_alphas_cumprod_is_compvis_float64_rounded_and_near_diffusers():
 
 @pytest.mark.parametrize("n", [10, 20, 25, 50, 100, 200, 250, 500, 1000])
 def test_schedule_matches_compvis_construction(n):
-    """Re-derive ldm make_ddim_timesteps / make_ddim_sampling_parameters (for n dividing 1000 they agree with diffusers)."""
+    """Re-derive ldm make_ddim_timesteps / make_ddim_sampling_parameters (n dividing 1000: same as diffusers)."""
     ours = DDIMScheduler()
     acp = ours.alphas_cumprod  # CompVis' float32 buffer (checked above)
     c = 1000 // n

@@ -1,4 +1,4 @@
-"""Tokenizer parity: our ids vs transformers' CLIPTokenizer (the SD1 reference) built offline from open_clip's BPE file."""
+"""Tokenizer parity: our ids vs transformers' CLIPTokenizer (SD1's reference) built offline from open_clip's BPE."""
 from __future__ import annotations
 
 import gzip
@@ -112,7 +112,7 @@ def test_overlong_prompt_warns_naming_dropped_words(hf_tokenizer):
 
 
 def test_import_does_not_load_open_clip():
-    code = "import sys, gbsd_core.tokenizer, gbsd_core.ddim; assert 'open_clip' not in sys.modules, 'open_clip imported'"
+    code = "import sys, gbsd_core.tokenizer, gbsd_core.ddim; assert 'open_clip' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
