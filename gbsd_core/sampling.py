@@ -1,0 +1,159 @@
+"""The GBSD denoise loop: DDIM steps grouped into stages, each stage with its own text conditioning.
+
+GBSD (Generative Bokeh with Stage Diffusion, arXiv 2306.08251) splits the n executed DDIM steps in two:
+
+    steps 0 … n_layout-1     "layout" stage   context = E(global)                      (objects placed, scene laid out)
+    steps n_layout … n-1     "focus"  stage   context = α·E(global) + (1−α)·E(local)   (the local object drawn sharp)
+
+with n_layout = round(σ·n). Nothing else changes: same noise, same scheduler, same unconditional embedding for
+classifier-free guidance in both stages. The interpolation is on the 77×d CLIP token embeddings, never on noise
+predictions.
+
+The schedule is plain data (a list of `Stage`), so other schedules (three stages, ramps) are a list away. A stage
+whose conditioning has K times the batch of the incoming latents *branches* them: each latent is repeated K times.
+That is how sweeps share the layout stage: one layout stage at batch 1, then a focus stage at batch K (one row per α
+or per local prompt). The DDIM noise for η > 0 is drawn at the un-branched batch size and repeated, so every branch
+sees exactly the noise its own independent run would have seen.
+
+`denoise` is a generator: it yields a `StepState` after every step and leaves progress bars, previews, early stops
+and tracing to the caller.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# A noise predictor: (x_t [B,4,h,w], t [B], context [B,77,D]) -> model output [B,4,h,w]. The UNet, or a compiled /
+# CUDA-graphed wrapper around it.
+Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A run of consecutive executed steps that share one conditioning.
+
+    `steps` indexes the executed timesteps (0 = the first, noisiest step). `cond` is [K·B, 77, D] where B is the
+    batch of latents entering the stage; K > 1 branches the latents (see module docstring).
+    """
+
+    name: str
+    steps: range
+    cond: Tensor
+
+
+@dataclass(frozen=True)
+class StepState:
+    """What the loop yields after each step."""
+
+    step: int  # executed-step index, 0 … n-1
+    timestep: int  # DDIM timestep t of this step (e.g. 981 … 1 for 50 steps)
+    stage: str  # name of the stage the step belongs to
+    latents: Tensor  # x_{t_prev} after the step, [B,4,h,w]
+    pred_x0: Tensor  # the model's estimate x̂_0 at this step, [B,4,h,w]
+
+
+def layout_steps(n: int, layout: float) -> int:
+    """n_layout = round(σ·n), rounding halves up (σ=0.8, n=50 → 40; σ=0.5, n=5 → 3).
+
+    Python's round() rounds halves to even (round(2.5) == 2), which would make the split jump around as n grows;
+    floor(x + 0.5) is monotonic in both σ and n. A tiny epsilon absorbs float error such as 0.7·10 = 7.000000000000001.
+    """
+    if not 0.0 <= layout <= 1.0:
+        raise ValueError(f"layout fraction σ must be in [0, 1], got {layout}")
+    return min(n, max(0, math.floor(layout * n + 0.5 + 1e-9)))
+
+
+def focus_conditioning(global_emb: Tensor, local_emb: Tensor, alpha: float | Tensor) -> Tensor:
+    """α·E(global) + (1−α)·E(local) on token embeddings [B,77,D]; α may be a [K] tensor (broadcast over rows)."""
+    alpha = torch.as_tensor(alpha, dtype=global_emb.dtype, device=global_emb.device).reshape(-1, 1, 1)
+    return alpha * global_emb + (1.0 - alpha) * local_emb
+
+
+def gbsd_stages(global_emb: Tensor, focus_emb: Tensor, n: int, layout: float) -> list[Stage]:
+    """The paper's two-stage schedule: global prompt for round(σ·n) steps, the focus conditioning after.
+
+    `focus_emb` is already interpolated (`focus_conditioning`); it may have K rows per global row to branch a sweep.
+    Empty stages are left out (σ=1 is plain SD on the global prompt, σ=0 plain SD on the focus conditioning).
+    """
+    n_layout = layout_steps(n, layout)
+    stages = []
+    if n_layout > 0:
+        stages.append(Stage("layout", range(0, n_layout), global_emb))
+    if n_layout < n:
+        stages.append(Stage("focus", range(n_layout, n), focus_emb))
+    return stages
+
+
+def check_stages(stages: Sequence[Stage], n: int) -> None:
+    """A schedule must cover executed steps 0 … n-1 once each, in order."""
+    expected = 0
+    for stage in stages:
+        if stage.steps.step != 1 or stage.steps.start != expected or len(stage.steps) == 0:
+            raise ValueError(f"stage {stage.name!r} covers {stage.steps}, expected a non-empty range starting at {expected}")
+        expected = stage.steps.stop
+    if expected != n:
+        raise ValueError(f"stages cover {expected} steps, but the schedule has {n}")
+
+
+def denoise(
+    model: Denoiser,
+    scheduler,
+    latents: Tensor,
+    timesteps: Tensor,
+    stages: Sequence[Stage],
+    uncond: Tensor | None,
+    guidance_scale: float,
+    *,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Iterator[StepState]:
+    """Run DDIM over `timesteps` with the conditioning each stage gives, yielding every step's state.
+
+    latents: x_T (or the noised image for img2img), [B,4,h,w]. uncond: the negative-prompt embedding, [1 or B,77,D],
+    the same in every stage; None disables classifier-free guidance (as does guidance_scale == 1).
+    """
+    check_stages(stages, len(timesteps))
+    use_cfg = uncond is not None and guidance_scale != 1.0
+    base_batch = latents.shape[0]  # batch before any branching: the η-noise is drawn at this size
+    for stage in stages:
+        # Branch when the stage brings K conditionings per incoming latent (sweeps): repeat each latent K times.
+        if stage.cond.shape[0] != latents.shape[0]:
+            k, rem = divmod(stage.cond.shape[0], latents.shape[0])
+            if rem or k < 1:
+                raise ValueError(
+                    f"stage {stage.name!r} has {stage.cond.shape[0]} conditionings for {latents.shape[0]} latents"
+                )
+            latents = latents.repeat_interleave(k, dim=0)
+        batch = latents.shape[0]
+        # The context is built once per stage, never per step: [uncond; cond] for one batched CFG evaluation.
+        cond = stage.cond.to(latents.dtype)
+        context = torch.cat([uncond.to(latents.dtype).expand(batch, -1, -1), cond]) if use_cfg else cond
+        for i in stage.steps:
+            t = int(timesteps[i])
+            x_in = torch.cat([latents, latents]) if use_cfg else latents
+            t_in = torch.full((x_in.shape[0],), t, device=latents.device, dtype=torch.long)
+            out = model(x_in, t_in, context)
+            if use_cfg:
+                out_uncond, out_cond = out.chunk(2)
+                # Classifier-free guidance (Ho & Salimans 2022): move from the unconditional towards the conditional output.
+                out = out_uncond + guidance_scale * (out_cond - out_uncond)
+            noise = None
+            if eta > 0:
+                noise = _ddim_noise(latents, base_batch, generator)
+            latents, pred_x0 = scheduler.step(out, t, latents, eta=eta, noise=noise)
+            yield StepState(step=i, timestep=t, stage=stage.name, latents=latents, pred_x0=pred_x0)
+
+
+def _ddim_noise(latents: Tensor, base_batch: int, generator: torch.Generator | None) -> Tensor:
+    """Fresh N(0, I) for a stochastic (η > 0) DDIM step, drawn at the un-branched batch and repeated per branch.
+
+    Drawn on the generator's device (CPU by default) and moved, so a seed gives the same image on any device.
+    """
+    device = generator.device if generator is not None else torch.device("cpu")
+    shape = (base_batch, *latents.shape[1:])
+    noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    return noise.to(latents.device, latents.dtype).repeat_interleave(latents.shape[0] // base_batch, dim=0)
