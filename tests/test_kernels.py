@@ -6,8 +6,8 @@ file run as a script); it reports every case's error as JSON and the parametrize
 On a CUDA machine the same cases also run compiled, in-process.
 
 Tolerances (max |kernel - reference| / max |reference|, both outputs in the input dtype): fp32 1e-5; fp16 2e-3 (an
-output ulp is 2**-11 relative); bf16 2e-2. Note the interpreter converts fp32 -> bf16 by truncation, where the GPU rounds
-to nearest, so interpreted bf16 results may sit one bf16 ulp (2**-8 relative) off the reference.
+output ulp is 2**-11 relative); bf16 2e-2. Note the interpreter converts fp32 -> bf16 by truncation, where the GPU
+rounds to nearest, so interpreted bf16 results may sit one bf16 ulp (2**-8 relative) off the reference.
 """
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def _gn_inputs(case: dict, device: str) -> tuple[torch.Tensor, torch.Tensor, tor
     g = torch.Generator().manual_seed(0)
     h, w = case["hw"]
     dtype = getattr(torch, case["dtype"])
-    x = torch.randn(case["batch"], case["c"], h, w * 2 if case["layout"] == "strided" else w, generator=g) + case["offset"]
+    width = w * 2 if case["layout"] == "strided" else w
+    x = torch.randn(case["batch"], case["c"], h, width, generator=g) + case["offset"]
     weight = 1.0 + 0.5 * torch.randn(case["c"], generator=g)
     bias = 0.5 * torch.randn(case["c"], generator=g)
     x, weight, bias = (t.to(device=device, dtype=dtype) for t in (x, weight, bias))
@@ -81,7 +82,10 @@ def run_gn_case(case: dict, device: str) -> float:
 
     x, weight, bias = _gn_inputs(case, device)
     args = (x, weight, bias, case["groups"], case["eps"], case["silu"])
-    ours = (group_norm_silu_triton(*args, block=case["block"]) if case["block"] else group_norm_silu(*args, use_triton=True))
+    if case["block"]:
+        ours = group_norm_silu_triton(*args, block=case["block"])
+    else:
+        ours = group_norm_silu(*args, use_triton=True)
     ref = group_norm_silu_reference(*args)
     assert ours.dtype == x.dtype and ours.shape == x.shape
     if case["layout"] == "channels_last":

@@ -3,13 +3,14 @@
 Where it is used: every UNet ResBlock opens with ``in_layers = [GroupNorm32(32, C), SiLU, conv]`` and ends with
 ``out_layers = [GroupNorm32, SiLU, Dropout, conv]`` (CompVis ``ldm/modules/diffusionmodules/openaimodel.py``); the VAE's
 ResnetBlocks do ``norm -> nonlinearity(swish)`` (``ldm/modules/diffusionmodules/model.py``), and SpatialTransformer /
-VAE attention use the norm alone. Unfused, PyTorch reads the activation for the statistics, writes the normalized tensor,
-reads it again for SiLU and writes it again; fused, it is two reads and one write, so this memory-bound op gets cheaper.
+VAE attention use the norm alone. Unfused, PyTorch reads the activation for the statistics, writes the normalized
+tensor, reads it again for SiLU and writes it again; fused, it is two reads and one write of this memory-bound op.
 
-Numerics (the reason for the fp32 rule): CompVis' ``GroupNorm32.forward`` runs ``super().forward(x.float()).type(x.dtype)``,
-i.e. statistics in fp32 even in an fp16 model. Both paths here accumulate mean and variance in fp32 whatever the input
-dtype (fp16 / bf16 / fp32) and return the input dtype. eps is 1e-5 in UNet ResBlocks and 1e-6 in the VAE and the
-SpatialTransformer norms (see shared/GUIDE.md §2); the caller passes it.
+Numerics (the reason for the fp32 rule): CompVis' ``GroupNorm32.forward`` runs
+``super().forward(x.float()).type(x.dtype)``, i.e. statistics in fp32 even in an fp16 model. Both paths here
+accumulate mean and variance in fp32 whatever the input dtype (fp16 / bf16 / fp32) and return the input dtype.
+eps is 1e-5 in UNet ResBlocks and 1e-6 in the VAE and the SpatialTransformer norms (see shared/GUIDE.md §2); the
+caller passes it.
 
 Layouts: the Triton path reads NCHW-contiguous and channels_last-contiguous inputs in place and returns the same memory
 format; any other strides are first copied with ``.contiguous()``. The reference always returns NCHW-contiguous.

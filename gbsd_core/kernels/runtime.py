@@ -1,4 +1,4 @@
-"""Where the Triton kernels may run. Kept apart so that importing it never imports triton (that is deferred to a call)."""
+"""Where the Triton kernels may run. Importing this never imports triton; that is deferred to a call."""
 from __future__ import annotations
 
 import importlib
@@ -10,9 +10,10 @@ import torch
 def triton_available(device: torch.device | str) -> bool:
     """True when Triton kernels can run on ``device``: CUDA with triton importable, or CPU under Triton's interpreter.
 
-    The interpreter (env ``TRITON_INTERPRET=1``) runs kernels on CPU tensors with numpy; it is how CPU-only CI checks the
-    kernels. Triton reads that variable when a kernel is *defined*, i.e. when ``gbsd_core.kernels.triton_kernels`` is
-    first imported, so it must be set before the first Triton call in the process; the env is read here on every call.
+    The interpreter (env ``TRITON_INTERPRET=1``) runs kernels on CPU tensors with numpy; it is how CPU-only CI checks
+    the kernels. Triton reads that variable when a kernel is *defined*, i.e. when
+    ``gbsd_core.kernels.triton_kernels`` is first imported, so it must be set before the first Triton call in the
+    process. Both env variables are read here on every call, never cached.
     """
     device = torch.device(device)
     if device.type == "cuda":

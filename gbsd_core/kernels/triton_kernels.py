@@ -2,7 +2,8 @@
 and optional; the public, dispatching entry points are in ``groupnorm_silu.py`` and ``geglu.py``.
 
 Triton decides at *definition* time whether ``@triton.jit`` kernels run compiled (CUDA) or in its numpy interpreter
-(env ``TRITON_INTERPRET=1``, how CPU-only CI exercises them), so that variable must be set before this module is imported.
+(env ``TRITON_INTERPRET=1``, how CPU-only CI exercises them), so that variable must be set before this module is
+imported.
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ def _group_norm_silu_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, HW, CPG, GROUPS, eps,
         base = (n.to(tl.int64) * C + g * CPG) * HW
     lanes = tl.arange(0, BLOCK)
 
-    # Pass 1: statistics in fp32 with Welford's update per lane (stable when |mean| >> std, unlike sum / sum-of-squares),
-    # then the lanes' (count, mean, M2) are merged with Chan et al.'s pairwise formula.
+    # Pass 1: statistics in fp32 with Welford's update per lane (stable when |mean| >> std, unlike sum and
+    # sum-of-squares), then the lanes' (count, mean, M2) are merged with Chan et al.'s pairwise formula.
     cnt = tl.zeros([BLOCK], dtype=tl.float32)
     mean = tl.zeros([BLOCK], dtype=tl.float32)
     m2 = tl.zeros([BLOCK], dtype=tl.float32)
@@ -98,8 +99,8 @@ def group_norm_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     group_numel = cpg * h * w
     if block is None:
         block = min(triton.next_power_of_2(group_numel), 2048)
-    # One program per (batch, group): B*G programs (64 for SD's CFG batch). That under-fills a big GPU, but at SD sizes a
-    # group is <= 40 x 64 x 64 elements and the second pass re-reads it from L2.
+    # One program per (batch, group): B*G programs (64 for SD's CFG batch). That under-fills a big GPU, but at SD sizes
+    # a group is <= 40 x 64 x 64 elements and the second pass re-reads it from L2.
     _group_norm_silu_kernel[(bsz * groups,)](
         x, weight.contiguous(), bias.contiguous(), y, c, h * w, cpg, groups, float(eps),
         CHANNELS_LAST=channels_last, SILU=bool(silu), BLOCK=block, num_warps=8 if block >= 2048 else 4)
@@ -108,7 +109,10 @@ def group_norm_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 @triton.jit
 def _geglu_kernel(x_ptr, y_ptr, D, stride_row, BLOCK: tl.constexpr):
-    """Program (row, j) writes y[row, j*BLOCK : (j+1)*BLOCK] = hidden * gelu(gate); hidden = x[row, :D], gate = x[row, D:]."""
+    """Program (row, j) writes y[row, j*BLOCK : (j+1)*BLOCK] = hidden * gelu(gate).
+
+    hidden = x[row, :D], gate = x[row, D:] (CompVis' ``chunk(2, dim=-1)`` order).
+    """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
