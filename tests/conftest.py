@@ -1,0 +1,38 @@
+"""Shared pytest fixtures. (Plain helpers live in tests/_util.py.)"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A tiny random SD1-layout single-file checkpoint, written with the loader's own writer.
+
+    Sizes are picked so the loader's `from_state_dict` inference gives the same configs back: CLIP keeps the real
+    vocabulary (the tokenizer emits ids up to 49407) and 77 positions, width 64 (heads are inferred as width // 64);
+    a context width other than 768 makes the UNet infer 64-wide heads, so its attention levels have 64 or 128
+    channels; the VAE keeps four levels (the 8x downsampling the pipeline assumes). 64x64 images -> 8x8 latents.
+    """
+    import torch
+
+    from gbsd_core.clip_text import CLIPTextConfig, CLIPTextEncoder
+    from gbsd_core.loading import save_single_file
+    from gbsd_core.unet import UNetConfig, UNetModel
+    from gbsd_core.vae import AutoencoderKL, VAEConfig
+
+    torch.manual_seed(1234)
+    unet = UNetModel(UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2, 1),
+                                num_heads=-1, num_head_channels=64, context_dim=64))
+    vae = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1))
+    text = CLIPTextEncoder(CLIPTextConfig(width=64, layers=2, heads=1))
+    # Random init leaves some layers at exactly zero (e.g. zero-initialised output convs), which would make every
+    # image identical; perturb everything so different seeds/prompts give different pixels.
+    with torch.no_grad():
+        for module in (unet, vae, text):
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    path = tmp_path_factory.mktemp("tiny-weights") / "tiny-sd1.safetensors"
+    save_single_file({"unet": unet, "vae": vae, "text_encoder": text}, path)
+    return path
