@@ -111,8 +111,10 @@ def _prepare(
     timesteps = bundle.scheduler.timesteps(params.steps, params.strength if init_image is not None else 1.0)
     generator = torch.Generator("cpu").manual_seed(params.seed)
     device, dtype = _unet_device_dtype(bundle)
-    # Embeddings once per prompt, never per step: [negative, global, *extra] in one batch.
-    embs = bundle.encode_prompt([params.negative, params.prompt, *extra_prompts]).to(device, dtype)
+    # Embeddings once per prompt, never per step. One text-encoder call per prompt rather than one batch: CPU matmul
+    # kernels may round differently at another batch size, and a prompt must embed to the same bits whichever run or
+    # sweep it is part of (σ = 1 is then bit-identical to plain SD). The cost is a few ms per prompt.
+    embs = torch.cat([bundle.encode_prompt(p) for p in (params.negative, params.prompt, *extra_prompts)]).to(device, dtype)
     uncond, global_emb, extra = embs[:1], embs[1:2], embs[2:]
 
     w, h = size
