@@ -450,3 +450,14 @@ def test_diffusers_folder_missing_part(tmp_path: Path) -> None:
     (tmp_path / "unet").mkdir()
     with pytest.raises(CheckpointError, match="no unet/ weights"):
         load(tmp_path)
+
+
+def test_import_is_cheap() -> None:
+    """`import gbsd_core.loading` must not pull in open_clip (tokenizer), safetensors or the reference libraries."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gbsd_core.loading; "
+            "print(sorted(m for m in ('open_clip', 'safetensors', 'transformers', 'diffusers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out
