@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch import Tensor
 
 from .sampling import Stage, StepState, denoise, focus_conditioning, gbsd_stages, layout_steps
+
+if TYPE_CHECKING:
+    from .attnmaps import CrossAttentionCollector
 
 LAYOUT_WARN_BELOW = 0.7  # the paper: with σ < 0.7 the focus prompt starts re-arranging the scene ("objects mix")
 
@@ -149,11 +153,14 @@ class _CountingDenoiser:
         return self.unet(x, t, context)
 
 
-def _run(bundle, params: GenerationParams, prep: _Prepared, stages: list[Stage], progress: bool) -> tuple[Tensor, int]:
+def _run(bundle, params: GenerationParams, prep: _Prepared, stages: list[Stage], progress: bool,
+         attention: CrossAttentionCollector | None = None) -> tuple[Tensor, int]:
     use_cfg = params.cfg != 1.0
     counter = _CountingDenoiser(bundle.unet, use_cfg)
+    # Attention collection wraps the denoiser only when asked for: otherwise the UNet runs untouched.
+    model = counter if attention is None else attention.wrap(counter, prep.timesteps, stages, use_cfg)
     states: Iterator[StepState] = denoise(
-        counter,
+        model,
         bundle.scheduler,
         prep.latents,
         prep.timesteps,
@@ -181,9 +188,14 @@ def generate(
     init_image: Image.Image | None = None,
     x_T: Tensor | None = None,
     progress: bool = False,
+    attention: CrossAttentionCollector | None = None,
 ) -> GenerationResult:
-    """One image: text-to-image, or image-to-image when `init_image` is given. GBSD when `params.focus` is set."""
-    results = sweep(bundle, params, alphas=[params.alpha], init_image=init_image, x_T=x_T, progress=progress)
+    """One image: text-to-image, or image-to-image when `init_image` is given. GBSD when `params.focus` is set.
+
+    `attention`: a collector that records the focus-stage cross-attention maps (gbsd_core.attnmaps).
+    """
+    results = sweep(bundle, params, alphas=[params.alpha], init_image=init_image, x_T=x_T, progress=progress,
+                    attention=attention)
     return results[0]
 
 
@@ -196,6 +208,7 @@ def sweep(
     init_image: Image.Image | None = None,
     x_T: Tensor | None = None,
     progress: bool = False,
+    attention: CrossAttentionCollector | None = None,
 ) -> list[GenerationResult]:
     """A grid of focus stages (local prompt × α) that share one layout stage.
 
@@ -227,7 +240,7 @@ def sweep(
         focus = focus_conditioning(prep.global_emb.expand(len(cells), -1, -1), local_rows, alpha_t)
         stages = gbsd_stages(prep.global_emb, focus, n, params.layout)
         n_layout = layout_steps(n, params.layout)
-    latents, calls = _run(bundle, params, prep, stages, progress)
+    latents, calls = _run(bundle, params, prep, stages, progress, attention)
     images = bundle.decode_latents(latents)
     if len(images) == 1 and len(cells) > 1:
         # σ = 1: no focus stage ran, so nothing branched: every cell is the same global-prompt image.
