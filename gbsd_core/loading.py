@@ -26,7 +26,7 @@ from torch import nn
 from . import diffusers_layout
 from .clip_text import CLIPTextConfig, CLIPTextEncoder
 from .ddim import DDIMScheduler
-from .family import Family, detect, text_encoder_kind
+from .family import Family, detect, family_by_name, text_encoder_kind
 from .openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
 from .unet import UNetConfig, UNetModel
 from .vae import AutoencoderKL, VAEConfig
@@ -86,16 +86,18 @@ class RawCheckpoint:
 
     state_dict: dict[str, torch.Tensor]
     layout: Literal["single_file", "diffusers"]
-    prediction_type: str | None = None  # from a diffusers folder's scheduler/scheduler_config.json
+    # From a diffusers folder's scheduler/scheduler_config.json, or the `prediction_type` metadata entry that
+    # save_single_file writes into .safetensors headers (SD2 512-eps and 768-v files are otherwise indistinguishable).
+    prediction_type: str | None = None
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
     try:
         # get_tensor returns tensors on a private (copy-on-write) mmap of the file: no RAM is spent until touched.
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
     except SafetensorError as e:
         raise CheckpointError(f"{path}: not a readable safetensors file, probably truncated or corrupt ({e})") from e
 
@@ -135,7 +137,7 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        return _read_safetensors(path)
+        return _read_safetensors(path)[0]
     if suffix in (".ckpt", ".pt", ".pth", ".bin"):
         return _read_torch(path)
     raise CheckpointError(f"{path}: unknown checkpoint type {suffix!r} (expected .safetensors, .ckpt, .pt, .pth, .bin "
@@ -201,6 +203,9 @@ def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_dir():
         return _read_diffusers(path)
+    if path.suffix.lower() == ".safetensors":
+        tensors, metadata = _read_safetensors(path)
+        return RawCheckpoint(tensors, "single_file", metadata.get("prediction_type"))
     return RawCheckpoint(_read_file(path), "single_file")
 
 
@@ -414,12 +419,14 @@ def load(path: str | os.PathLike, family: str | Family | None = None, dtype: tor
 # Writing
 # ================================================================================================================
 def save_single_file(src: SDBundle | Mapping[str, nn.Module], path: str | os.PathLike,
-                     dtype: torch.dtype | None = None) -> Path:
+                     dtype: torch.dtype | None = None, family: str | Family | None = None) -> Path:
     """Write an original-layout single-file .safetensors (`model.diffusion_model.*`, `first_stage_model.*`,
     `cond_stage_model.*`) from a bundle or a {"unet"/"vae"/"text_encoder": module} mapping (any subset).
 
     Written to a temporary file in the same folder and renamed into place, so a crash never leaves half a file.
-    `dtype` converts floating tensors (e.g. torch.float16 for a half-size file).
+    `dtype` converts floating tensors (e.g. torch.float16 for a half-size file). The family's prediction type (from
+    `family`, else the bundle's) goes into the header's metadata, so an SD2-768-v file reloads as v-prediction whatever
+    its name.
     """
     from safetensors.torch import save_file
 
@@ -444,7 +451,11 @@ def save_single_file(src: SDBundle | Mapping[str, nn.Module], path: str | os.Pat
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        metadata = {"format": "pt"}
+        fam = family_by_name(family) if family is not None else getattr(src, "family", None)
+        if fam is not None:
+            metadata["prediction_type"] = fam.prediction_type
+        save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

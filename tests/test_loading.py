@@ -326,6 +326,16 @@ def test_sd2_single_file_family_from_name(tmp_path: Path) -> None:
         load(path, family="sd1")
 
 
+def test_written_sd2_v_file_remembers_its_family_whatever_its_name(tmp_path: Path) -> None:
+    mods = tiny_modules(sd2=True)
+    v_file = save_single_file(load(save_single_file(mods, tmp_path / "a-768-v.safetensors")),
+                              tmp_path / "renamed.safetensors")  # a bundle carries its family into the header
+    assert load(v_file).family is SD2_768_V
+    eps_file = save_single_file(mods, tmp_path / "plain.safetensors", family="sd2-512")
+    assert load(eps_file).family.name == "sd2-512"
+    assert load(eps_file, family="sd2-768-v").family is SD2_768_V  # an explicit family still wins
+
+
 def test_bundle_image_helpers(sd1_file: Path) -> None:
     b = load(sd1_file)
     g = torch.Generator().manual_seed(0)
