@@ -1,4 +1,4 @@
-"""The `gbsd` command line: generate, img2img, sweep, download, info.
+"""The `gbsd` command line: generate, img2img, sweep, download, info, eval, grid.
 
     gbsd download sd15
     gbsd generate "a bunny and a carrot in a garden, bokeh" --focus "a carrot" --seed 1 -o bokeh.png
@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     n = sub.add_parser("info", help="family, parameter counts and dtype of a checkpoint")
     n.add_argument("checkpoint", help="checkpoint file or diffusers folder")
     n.add_argument("--family", help="force the model family (sd1, sd2-512, sd2-768-v)")
+
+    from .eval import add_eval_arguments  # argparse only; the work is imported on use
+    from .grid import add_grid_arguments
+
+    add_eval_arguments(sub.add_parser("eval", help="score GBSD vs plain SD on prompt pairs (bokeh sharpness table)"))
+    add_grid_arguments(sub.add_parser("grid", help="α × σ contact sheet with target/background sharpness"))
     return parser
 
 
@@ -419,8 +425,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help and argparse errors; keep main() usable from tests
         return int(e.code or 0)
+    from .eval import run_eval
+    from .grid import run_grid
+
     command = {"generate": cmd_generate, "img2img": cmd_generate, "sweep": cmd_generate,
-               "download": cmd_download, "info": cmd_info}[args.command]
+               "download": cmd_download, "info": cmd_info, "eval": run_eval, "grid": run_grid}[args.command]
     try:
         return command(args)
     except UsageError as e:
