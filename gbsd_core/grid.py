@@ -28,6 +28,15 @@ def _floats(text: str, flag: str) -> list[float]:
     return values
 
 
+MIN_CELL = 160  # pixels: smaller images (test models) are enlarged on the sheet so the captions fit under them
+
+
+def _enlarge(image):
+    """Nearest-neighbour enlargement by a whole factor (pixels stay pixels) for images narrower than MIN_CELL."""
+    k = -(-MIN_CELL // image.width)
+    return image if k <= 1 else image.resize((image.width * k, image.height * k), resample=0)  # 0 = NEAREST
+
+
 def run_grid(args: argparse.Namespace) -> int:
     """α (rows) × σ (columns) contact sheet, one `sweep` per σ (the α values share its layout stage)."""
     alphas, layouts = _floats(args.alphas, "--alphas"), _floats(args.layouts, "--layouts")
@@ -84,16 +93,17 @@ def run_grid(args: argparse.Namespace) -> int:
             images[i][j], masks[i][j] = r.image, mask
             reports[i][j] = SharpnessReport.measure(to_gray(r.image), mask)
     out.mkdir(exist_ok=True)
-    rows, cols = [f"α={a:g}" for a in alphas], [f"σ={s:g}" for s in layouts]
+    # ASCII labels: Pillow's default font has no Greek letters.
+    rows, cols = [f"alpha {a:g}" for a in alphas], [f"sigma {s:g}" for s in layouts]
     captions = [[rep.caption() for rep in row] for row in reports]
     vmax = max(float(local_variance_of_laplacian(to_gray(im)).max()) for row in images for im in row)
-    sheets = {
-        "grid.png": contact_sheet(images, rows, cols, captions),
-        "grid_overlay.png": contact_sheet([[overlay_mask(im, m) for im, m in zip(ri, rm)] for ri, rm in
-                                           zip(images, masks)], rows, cols, captions),
-        "grid_heatmap.png": contact_sheet([[sharpness_heatmap(im, vmax=max(vmax, 1.0)) for im in row]
-                                           for row in images], rows, cols, captions),
+    pictures = {
+        "grid.png": images,
+        "grid_overlay.png": [[overlay_mask(im, m) for im, m in zip(ri, rm)] for ri, rm in zip(images, masks)],
+        "grid_heatmap.png": [[sharpness_heatmap(im, vmax=max(vmax, 1.0)) for im in row] for row in images],
     }
+    sheets = {name: contact_sheet([[_enlarge(im) for im in row] for row in cells], rows, cols, captions)
+              for name, cells in pictures.items()}
     from .pngmeta import save_png_atomic
 
     for name, sheet in sheets.items():
