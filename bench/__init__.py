@@ -1,0 +1,1 @@
+"""gbsd benchmark harness: `python -m bench --help`. Not part of the `gbsd_core` package (it imports diffusers)."""

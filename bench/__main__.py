@@ -1,0 +1,127 @@
+"""`python -m bench`: time our SD sampler against diffusers on identical random weights. See bench/README.md.
+
+    python -m bench --arch sd15 --device cuda --dtype fp16 --size 512 --steps 50 \
+        --configs eager,fast,fast+compile,graphs,diffusers,diffusers+compile --json out.json
+    python -m bench --tiny --steps 3 --size 64          # the smoke test's size
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import torch
+
+from .report import add_ratios, environment, sweep_table, table, write
+from .run import PRESETS, Settings, run_config, run_sweep
+from .timing import Clock
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PARTS = ("text", "step", "loop", "vae", "e2e")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    presets = "\n".join(f"  {p.name:<18} {p.doc}" for p in PRESETS.values())
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=f"configurations (--configs):\n{presets}")
+    ap.add_argument("--arch", choices=("sd15", "sd21"), default="sd15")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16, comma-separated for several "
+                    "(default: fp16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--vae-dtype", choices=tuple(DTYPES), default=None,
+                    help="VAE dtype for our fast configs (default: same as --dtype, as diffusers runs it)")
+    ap.add_argument("--size", type=int, default=None, help="image side in pixels (default 512; sd21 768; tiny 64)")
+    ap.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    ap.add_argument("--cfg", type=float, default=7.5, help="guidance scale (CFG doubles the UNet batch)")
+    ap.add_argument("--batch", type=int, default=1, help="images per prompt (e2e is measured at batch 1 only)")
+    ap.add_argument("--configs", default="eager,fast,diffusers",
+                    help=f"comma-separated from: {', '.join(PRESETS)}")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"what to time, from: {', '.join(PARTS)}")
+    ap.add_argument("--repeat", type=int, default=5, help="timed calls per measurement (median reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed calls before them (the first is reported)")
+    ap.add_argument("--loop-repeat", type=int, default=None, help="timed full loops (default: --repeat // 2, >= 1)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
+    ap.add_argument("--compile-mode", default=None,
+                    help="override the compile presets' torch.compile mode (default / reduce-overhead / max-autotune)")
+    ap.add_argument("--sweep", default="none", help="configuration for the GBSD sweep cost, or 'none'")
+    ap.add_argument("--sweep-k", type=int, default=10)
+    ap.add_argument("--sweep-layout", type=float, default=0.8, help="sigma")
+    ap.add_argument("--sweep-size", type=int, default=None, help="default: --size")
+    ap.add_argument("--sweep-steps", type=int, default=None, help="default: --steps")
+    ap.add_argument("--sweep-independent", choices=("measure", "estimate"), default=None,
+                    help="run the K independent runs (default on CUDA) or time one and multiply by K")
+    ap.add_argument("--tiny", action="store_true", help="tiny models of the same structure (smoke test)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="write all results here (rewritten after each configuration)")
+    ap.add_argument("--markdown", default=None, help="write the table here too")
+    args = ap.parse_args(argv)
+    unknown = [c for c in args.configs.split(",") if c not in PRESETS]
+    if unknown:
+        ap.error(f"unknown configuration(s) {unknown}; choose from {list(PRESETS)}")
+    bad = [p for p in args.parts.split(",") if p not in PARTS]
+    if bad:
+        ap.error(f"unknown part(s) {bad}; choose from {list(PARTS)}")
+    if args.sweep != "none" and args.sweep not in PRESETS:
+        ap.error(f"--sweep must be 'none' or one of {list(PRESETS)}")
+    if args.sweep != "none" and PRESETS[args.sweep].impl != "ours":
+        ap.error("--sweep runs GBSD, which only our pipeline has; pick one of our configurations")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = (args.dtype or ("fp16" if device.type == "cuda" else "fp32")).split(",")
+    size = args.size or (64 if args.tiny else 768 if args.arch == "sd21" else 512)
+    clock = Clock(device)
+    out: dict[str, Any] = {"environment": environment(device), "args": vars(args), "results": [], "sweep": None}
+
+    def flush() -> None:
+        add_ratios(out["results"])
+        write(args.json, out)
+        if args.markdown:
+            write(args.markdown, render(out))
+
+    for dt in dtypes:
+        s = Settings(arch=args.arch, device=device, dtype=DTYPES[dt], size=size, steps=args.steps, cfg=args.cfg,
+                     batch=args.batch, repeat=args.repeat, warmup=args.warmup,
+                     loop_repeat=args.loop_repeat or max(1, args.repeat // 2), tiny=args.tiny, seed=args.seed,
+                     compile_mode=args.compile_mode, parts=tuple(args.parts.split(",")),
+                     vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None)
+        for name in args.configs.split(","):
+            print(f"[bench] {name} {dt} {args.arch}{' tiny' if args.tiny else ''} {size}px on {device} ...",
+                  file=sys.stderr, flush=True)
+            rec = run_config(PRESETS[name], s, clock)
+            out["results"].append(rec)
+            if "error" in rec:
+                print(f"[bench] {name}: {rec['error']}", file=sys.stderr, flush=True)
+            flush()
+    if args.sweep != "none":
+        print(f"[bench] GBSD sweep with {args.sweep} ...", file=sys.stderr, flush=True)
+        out["sweep"] = run_sweep(PRESETS[args.sweep], s, clock, k=args.sweep_k, layout=args.sweep_layout,
+                                 size=args.sweep_size or size, steps=args.sweep_steps or args.steps,
+                                 independent=args.sweep_independent or ("measure" if device.type == "cuda"
+                                                                        else "estimate"))
+    out["environment"]["load_average_end"] = environment(device)["load_average"]
+    flush()
+    print(render(out))
+    return 1 if all("error" in r for r in out["results"] if "skipped" not in r) and out["results"] else 0
+
+
+def render(out: dict[str, Any]) -> str:
+    env, a = out["environment"], out["args"]
+    where = env.get("gpu") or f"{env['cpu']} ({env['torch_threads']} threads)"
+    head = (f"{a['arch']}{' (tiny)' if a['tiny'] else ''}, {where}, torch {env['torch']}, diffusers "
+            f"{env['diffusers']}, {out['results'][0]['size'] if out['results'] else '?'}px, {a['steps']} DDIM steps, CFG {a['cfg']}, batch {a['batch']}, "
+            f"load average {env['load_average']} -> {env.get('load_average_end')}, {env['date']}")
+    parts = [head, "", table(out["results"])]
+    if out.get("sweep"):
+        parts += ["", sweep_table(out["sweep"])]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
