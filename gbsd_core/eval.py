@@ -439,6 +439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; finished pairs are kept, run again to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
