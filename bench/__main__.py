@@ -94,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.configs.split(","):
             print(f"[bench] {name} {dt} {args.arch}{' tiny' if args.tiny else ''} {size}px on {device} ...",
                   file=sys.stderr, flush=True)
-            rec = run_config(PRESETS[name], s, clock)
-            out["results"].append(rec)
+            rec: dict[str, Any] = {}
+            out["results"].append(rec)  # in place, so each partial flush already holds it
+            run_config(PRESETS[name], s, clock, rec, lambda _rec: flush())
             if "error" in rec:
                 print(f"[bench] {name}: {rec['error']}", file=sys.stderr, flush=True)
             flush()
@@ -114,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
 def render(out: dict[str, Any]) -> str:
     env, a = out["environment"], out["args"]
     where = env.get("gpu") or f"{env['cpu']} ({env['torch_threads']} threads)"
+    size = out["results"][0]["size"] if out["results"] else "?"
     head = (f"{a['arch']}{' (tiny)' if a['tiny'] else ''}, {where}, torch {env['torch']}, diffusers "
-            f"{env['diffusers']}, {out['results'][0]['size'] if out['results'] else '?'}px, {a['steps']} DDIM steps, CFG {a['cfg']}, batch {a['batch']}, "
+            f"{env['diffusers']}, {size}px, {a['steps']} DDIM steps, CFG {a['cfg']}, batch {a['batch']}, "
             f"load average {env['load_average']} -> {env.get('load_average_end')}, {env['date']}")
     parts = [head, "", table(out["results"])]
     if out.get("sweep"):

@@ -98,6 +98,8 @@ def table(records: list[dict[str, Any]]) -> str:
         for _, key, fmt in COLUMNS:
             v = r.get(key)
             cells.append("–" if v is None else fmt.format(v))
+        if not r.get("complete", True):  # cut short (timeout): the parts it finished
+            cells[0] += " (cut short)"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

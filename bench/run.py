@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -27,6 +27,8 @@ from gbsd_core.sampling import CFGStep, Stage, denoise, layout_steps
 
 from .models import build_bundle, parameter_counts
 from .timing import Clock
+
+Flush = Callable[[dict[str, Any]], None]  # called with the partial record after each measurement
 
 PROMPT = "a bunny and a carrot in a garden, bokeh, photograph"
 FOCUS = "a carrot"
@@ -127,8 +129,7 @@ def _free() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------- ours
-def run_ours(preset: Preset, s: Settings, clock: Clock) -> dict[str, Any]:
-    rec: dict[str, Any] = {}
+def run_ours(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], flush: Flush) -> None:
     t0 = time.perf_counter()
     bundle = build_bundle(s.arch, s.device, s.dtype, s.tiny, s.seed)
     rec["params"] = parameter_counts(bundle)
@@ -146,6 +147,7 @@ def run_ours(preset: Preset, s: Settings, clock: Clock) -> dict[str, Any]:
         if "text" in s.parts:
             t = clock.measure(lambda: [bundle.encode_prompt(p) for p in (NEGATIVE, PROMPT)], s.repeat, s.warmup)
             rec["text"] = t.as_dict()
+            flush(rec)
         uncond, cond = (bundle.encode_prompt(p).to(s.device, lat_dtype) for p in (NEGATIVE, PROMPT))
         uncond, cond = uncond.expand(s.batch, -1, -1), cond.expand(s.batch, -1, -1)
         x_T = _inputs(s, lat_dtype)
@@ -163,6 +165,7 @@ def run_ours(preset: Preset, s: Settings, clock: Clock) -> dict[str, Any]:
                 ts = iter([int(timesteps[i]) for i in _step_indices(len(timesteps), s.warmup + s.repeat)] * 2)
                 t = clock.measure(lambda: stepper(x_T, next(ts), None), s.repeat, s.warmup)
                 rec["step"] = t.as_dict()
+                flush(rec)
             if "loop" in s.parts or "vae" in s.parts:
                 stages = [Stage("global", range(len(timesteps)), cond)]
 
@@ -177,6 +180,7 @@ def run_ours(preset: Preset, s: Settings, clock: Clock) -> dict[str, Any]:
                 if "loop" in s.parts:
                     runs = [clock.once(loop)[0] for _ in range(s.loop_repeat)]
                     rec["loop"] = {"first_s": t, "median_s": _median(runs), "runs_s": runs}
+                    flush(rec)
         finally:
             if hasattr(stepper, "close"):
                 stepper.close()
@@ -184,23 +188,23 @@ def run_ours(preset: Preset, s: Settings, clock: Clock) -> dict[str, Any]:
             z = latents / bundle.vae.config.scale_factor
             t = clock.measure(lambda: bundle.vae.decode(z), s.repeat, s.warmup)
             rec["vae"] = t.as_dict()
+            flush(rec)
             rec["vae_dtype"] = str(bundle.vae.dtype).removeprefix("torch.")  # decode may have upcast itself
     if "e2e" in s.parts and s.batch == 1:
         params = GenerationParams(PROMPT, negative=NEGATIVE, steps=s.steps, cfg=s.cfg, seed=s.seed,
                                   width=s.size, height=s.size)
         t = clock.measure(lambda: generate(bundle, params, fast=opts), max(1, s.repeat // 2), 1)
         rec["e2e"] = t.as_dict()
+        flush(rec)
     rec["peak_gb"] = clock.peak_memory_gb()
     del bundle
     _free()
-    return rec
 
 
 # ------------------------------------------------------------------------------------------------------ diffusers
-def run_diffusers(preset: Preset, s: Settings, clock: Clock) -> dict[str, Any]:
+def run_diffusers(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], flush: Flush) -> None:
     from .reference import diffusers_sd_pipeline
 
-    rec: dict[str, Any] = {}
     t0 = time.perf_counter()
     bundle = build_bundle(s.arch, s.device, s.dtype, s.tiny, s.seed)
     rec["params"] = parameter_counts(bundle)
@@ -223,6 +227,7 @@ def run_diffusers(preset: Preset, s: Settings, clock: Clock) -> dict[str, Any]:
             t = clock.measure(lambda: pipe.encode_prompt(PROMPT, s.device, 1, True, negative_prompt=NEGATIVE),
                               s.repeat, s.warmup)
             rec["text"] = t.as_dict()
+            flush(rec)
         pe, npe = pipe.encode_prompt(PROMPT, s.device, s.batch, True, negative_prompt=NEGATIVE)
         x_T = _inputs(s, s.dtype)
         sched = pipe.scheduler
@@ -243,6 +248,8 @@ def run_diffusers(preset: Preset, s: Settings, clock: Clock) -> dict[str, Any]:
                 return sched.step(out, t, x_T).prev_sample
 
             rec["step"] = clock.measure(step, s.repeat, s.warmup).as_dict()
+
+            flush(rec)
         if "loop" in s.parts or "vae" in s.parts:
             def loop() -> torch.Tensor:
                 return pipe(prompt_embeds=pe, negative_prompt_embeds=npe, num_inference_steps=s.steps,
@@ -252,9 +259,11 @@ def run_diffusers(preset: Preset, s: Settings, clock: Clock) -> dict[str, Any]:
             if "loop" in s.parts:
                 runs = [clock.once(loop)[0] for _ in range(s.loop_repeat)]
                 rec["loop"] = {"first_s": t, "median_s": _median(runs), "runs_s": runs}
+                flush(rec)
         if "vae" in s.parts:
             z = latents / pipe.vae.config.scaling_factor
             rec["vae"] = clock.measure(lambda: pipe.vae.decode(z).sample, s.repeat, s.warmup).as_dict()
+            flush(rec)
             rec["vae_dtype"] = str(pipe.vae.dtype).removeprefix("torch.")
         if "e2e" in s.parts and s.batch == 1:
             def e2e():
@@ -262,10 +271,10 @@ def run_diffusers(preset: Preset, s: Settings, clock: Clock) -> dict[str, Any]:
                             height=h, width=w, latents=x_T, output_type="pil").images
 
             rec["e2e"] = clock.measure(e2e, max(1, s.repeat // 2), 1).as_dict()
+            flush(rec)
     rec["peak_gb"] = clock.peak_memory_gb()
     del pipe
     _free()
-    return rec
 
 
 def _median(xs: list[float]) -> float | None:
@@ -276,10 +285,11 @@ def _median(xs: list[float]) -> float | None:
     return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
 
 
-def run_config(preset: Preset, s: Settings, clock: Clock) -> dict[str, Any]:
-    """One configuration's record: settings, measurements, or the error that stopped it."""
+def run_config(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], flush: Flush) -> None:
+    """Fill `rec` with one configuration's settings and measurements (or the error that stopped it), calling
+    `flush(rec)` after every measurement so a run cut short keeps the parts it finished."""
     opts = fast_options(preset, s)
-    rec: dict[str, Any] = {
+    rec.update({
         "config": preset.name, "impl": preset.impl, "doc": preset.doc, "arch": s.arch, "tiny": s.tiny,
         "device": str(s.device), "dtype": _name(s.dtype), "size": s.size, "batch": s.batch, "steps": s.steps,
         "cfg": s.cfg, "attention": opts.attention if opts else "sdpa",
@@ -287,17 +297,25 @@ def run_config(preset: Preset, s: Settings, clock: Clock) -> dict[str, Any]:
         "cuda_graphs": bool(opts and opts.cuda_graphs) or (preset.impl == "diffusers" and
                                                            compile_mode(preset, s) == "reduce-overhead"),
         "fast_options": None if opts is None else {k: _name(v) for k, v in opts.__dict__.items()},
-    }
+        "complete": False,
+    })
     if preset.cuda_only and s.device.type != "cuda":
         rec["skipped"] = "needs CUDA"
-        return rec
+        return
+
+    def flush_derived(r: dict[str, Any]) -> None:
+        r["peak_gb"] = clock.peak_memory_gb()
+        _derive(r, s)
+        flush(r)
+
     try:
-        rec.update(run_ours(preset, s, clock) if preset.impl == "ours" else run_diffusers(preset, s, clock))
+        run = run_ours if preset.impl == "ours" else run_diffusers
+        run(preset, s, clock, rec, flush_derived)
+        rec["complete"] = True
     except Exception as e:  # a failing configuration must not lose the others' results
         rec["error"] = f"{type(e).__name__}: {e}"[:2000]
         _free()
     _derive(rec, s)
-    return rec
 
 
 def _derive(rec: dict[str, Any], s: Settings) -> None:
