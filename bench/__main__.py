@@ -36,11 +36,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cfg", type=float, default=7.5, help="guidance scale (CFG doubles the UNet batch)")
     ap.add_argument("--batch", type=int, default=1, help="images per prompt (e2e is measured at batch 1 only)")
     ap.add_argument("--configs", default="eager,fast,diffusers",
-                    help=f"comma-separated from: {', '.join(PRESETS)}")
+                    help=f"comma-separated from: {', '.join(PRESETS)} (or 'none': only --sweep)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"what to time, from: {', '.join(PARTS)}")
     ap.add_argument("--repeat", type=int, default=5, help="timed calls per measurement (median reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls before them (the first is reported)")
     ap.add_argument("--loop-repeat", type=int, default=None, help="timed full loops (default: --repeat // 2, >= 1)")
+    ap.add_argument("--e2e-repeat", type=int, default=None,
+                    help="timed end-to-end calls after the first (default: --repeat // 2, >= 1; 0: the first only)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     ap.add_argument("--compile-mode", default=None,
                     help="override the compile presets' torch.compile mode (default / reduce-overhead / max-autotune)")
@@ -56,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", default=None, help="write all results here (rewritten after each configuration)")
     ap.add_argument("--markdown", default=None, help="write the table here too")
     args = ap.parse_args(argv)
-    unknown = [c for c in args.configs.split(",") if c not in PRESETS]
+    args.config_list = [] if args.configs == "none" else args.configs.split(",")
+    unknown = [c for c in args.config_list if c not in PRESETS]
     if unknown:
         ap.error(f"unknown configuration(s) {unknown}; choose from {list(PRESETS)}")
     bad = [p for p in args.parts.split(",") if p not in PARTS]
@@ -88,10 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     for dt in dtypes:
         s = Settings(arch=args.arch, device=device, dtype=DTYPES[dt], size=size, steps=args.steps, cfg=args.cfg,
                      batch=args.batch, repeat=args.repeat, warmup=args.warmup,
-                     loop_repeat=args.loop_repeat or max(1, args.repeat // 2), tiny=args.tiny, seed=args.seed,
+                     loop_repeat=args.loop_repeat or max(1, args.repeat // 2),
+                     e2e_repeat=max(1, args.repeat // 2) if args.e2e_repeat is None else args.e2e_repeat,
+                     tiny=args.tiny, seed=args.seed,
                      compile_mode=args.compile_mode, parts=tuple(args.parts.split(",")),
                      vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None)
-        for name in args.configs.split(","):
+        for name in args.config_list:
             print(f"[bench] {name} {dt} {args.arch}{' tiny' if args.tiny else ''} {size}px on {device} ...",
                   file=sys.stderr, flush=True)
             rec: dict[str, Any] = {}
