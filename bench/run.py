@@ -160,6 +160,7 @@ def run_ours(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], flu
             stepper = make_stepper(bundle, opts, s.cfg)
         else:
             stepper = CFGStep(bundle.unet, scheduler, s.cfg)
+        latents = x_T  # what the VAE decodes when the loop is not run (the same values on both sides)
         try:
             if "step" in s.parts:
                 stepper.set_context(torch.cat([uncond, cond]))
@@ -167,7 +168,7 @@ def run_ours(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], flu
                 t = clock.measure(lambda: stepper(x_T, next(ts), None), s.repeat, s.warmup)
                 rec["step"] = t.as_dict()
                 flush(rec)
-            if "loop" in s.parts or "vae" in s.parts:
+            if "loop" in s.parts:
                 stages = [Stage("global", range(len(timesteps)), cond)]
 
                 def loop() -> torch.Tensor:
@@ -178,10 +179,9 @@ def run_ours(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], flu
                     return latents
 
                 t, latents = clock.once(loop)  # warm-up (and the latents for the VAE)
-                if "loop" in s.parts:
-                    runs = [clock.once(loop)[0] for _ in range(s.loop_repeat)]
-                    rec["loop"] = {"first_s": t, "median_s": _median(runs), "runs_s": runs}
-                    flush(rec)
+                runs = [clock.once(loop)[0] for _ in range(s.loop_repeat)]
+                rec["loop"] = {"first_s": t, "median_s": _median(runs), "runs_s": runs}
+                flush(rec)
         finally:
             if hasattr(stepper, "close"):
                 stepper.close()
@@ -249,18 +249,17 @@ def run_diffusers(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any]
                 return sched.step(out, t, x_T).prev_sample
 
             rec["step"] = clock.measure(step, s.repeat, s.warmup).as_dict()
-
             flush(rec)
-        if "loop" in s.parts or "vae" in s.parts:
+        latents = x_T  # what the VAE decodes when the loop is not run (the same values on both sides)
+        if "loop" in s.parts:
             def loop() -> torch.Tensor:
                 return pipe(prompt_embeds=pe, negative_prompt_embeds=npe, num_inference_steps=s.steps,
                             guidance_scale=s.cfg, height=h, width=w, latents=x_T, output_type="latent").images
 
             t, latents = clock.once(loop)
-            if "loop" in s.parts:
-                runs = [clock.once(loop)[0] for _ in range(s.loop_repeat)]
-                rec["loop"] = {"first_s": t, "median_s": _median(runs), "runs_s": runs}
-                flush(rec)
+            runs = [clock.once(loop)[0] for _ in range(s.loop_repeat)]
+            rec["loop"] = {"first_s": t, "median_s": _median(runs), "runs_s": runs}
+            flush(rec)
         if "vae" in s.parts:
             z = latents / pipe.vae.config.scaling_factor
             rec["vae"] = clock.measure(lambda: pipe.vae.decode(z).sample, s.repeat, s.warmup).as_dict()
