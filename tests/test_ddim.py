@@ -7,9 +7,10 @@ import torch
 
 from gbsd_core.ddim import DDIMScheduler
 
+from _reference import DDIM_CONFIG
 from _util import rel_err
 
-diffusers = pytest.importorskip("diffusers")
+import diffusers  # noqa: E402  (test extra: a missing reference library must fail, not skip)
 
 # Tolerances vs diffusers (rel_err = max|diff| / max|ref|, CPU float32). diffusers' ᾱ is a float32 cumprod, ours (and
 # CompVis') a float64 cumprod rounded to float32; they drift apart by up to ~1e-6 relative (printed below).
@@ -23,17 +24,7 @@ N_STEPS = (1, 2, 7, 50, 999, 1000)
 
 
 def reference(prediction_type: str = "epsilon"):
-    return diffusers.DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type=prediction_type,
-    )
+    return diffusers.DDIMScheduler(**DDIM_CONFIG, prediction_type=prediction_type)
 
 
 def test_timesteps_equal_diffusers_for_every_n():

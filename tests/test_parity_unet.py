@@ -11,28 +11,19 @@ import gc
 import pytest
 import torch
 
+from _reference import diffusers_unet
 from _util import rel_err
 from gbsd_core.unet import UNetConfig, UNetModel
-from test_unet import PREFIX, diffusers_unet_config
 
 pytestmark = pytest.mark.fullsize
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
 def pair(request):
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
     cfg = getattr(UNetConfig, request.param)()
     torch.manual_seed(0)
     ours = UNetModel(cfg).eval()
-    config = diffusers_unet_config(cfg)
-    converted = convert_ldm_unet_checkpoint({PREFIX + k: v for k, v in ours.state_dict().items()}, config)
-    with torch.device("meta"):
-        ref = UNet2DConditionModel(**config)
-    ref.load_state_dict(converted, strict=True, assign=True)
-    ref.eval()
-    del converted
+    ref = diffusers_unet(ours, share=True)
     yield request.param, ours, ref
     del ours, ref
     gc.collect()

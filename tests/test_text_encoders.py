@@ -14,6 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from _reference import transformers_clip, transformers_openclip
 from _util import LDM_KEYS, read_keys_tsv, rel_err
 from gbsd_core.clip_text import CLIPTextConfig, CLIPTextEncoder
 from gbsd_core.openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
@@ -68,56 +69,6 @@ def key_pattern(keys) -> set[str]:
 
 def shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
-
-
-def hf_clip(hidden: int, layers: int, heads: int, act: str, vocab: int = 49408):
-    """A transformers CLIPTextModel on the meta device (no wasted random init); fill it with `hf_load`."""
-    from transformers import CLIPTextConfig as HFConfig, CLIPTextModel
-
-    cfg = HFConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                   intermediate_size=4 * hidden, max_position_embeddings=77, hidden_act=act,
-                   layer_norm_eps=1e-5, attn_implementation="eager")  # eager: a reference that is not SDPA
-    with torch.device("meta"):
-        return CLIPTextModel(cfg).eval()
-
-
-def hf_load(hf: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    hf.load_state_dict(sd, strict=True, assign=True)
-    # The only tensor not in a state dict: HF's non-persistent position_ids buffer, which is arange.
-    emb = hf.embeddings
-    emb.register_buffer("position_ids", torch.arange(emb.position_embedding.num_embeddings)[None], persistent=False)
-    assert not any(t.is_meta for t in [*hf.parameters(), *hf.buffers()])
-
-
-def hf_from_ldm_clip(ours: CLIPTextEncoder) -> torch.nn.Module:
-    """Our SD1 weights -> transformers model, through diffusers' converter exactly as from_single_file does."""
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
-
-    c = ours.config
-    ckpt = {"cond_stage_model." + k: v for k, v in ours.state_dict().items()}
-    conv = convert_ldm_clip_checkpoint(ckpt)
-    # transformers >= 5.6 flattened CLIPTextModel; diffusers strips `text_model.` for it the same way.
-    conv = {k.removeprefix("text_model."): v for k, v in conv.items()}
-    hf = hf_clip(c.width, c.layers, c.heads, "quick_gelu", c.vocab_size)
-    hf_load(hf, conv)
-    return hf
-
-
-def hf_from_ldm_openclip(ours: OpenCLIPTextEncoder) -> torch.nn.Module:
-    """Our SD2 weights -> 23-of-24-layer transformers CLIPTextModel via diffusers' convert_open_clip_checkpoint."""
-    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
-
-    c = ours.config
-    prefix = "cond_stage_model.model."
-    last = f"{prefix}transformer.resblocks.{c.layers - 1}."
-    # diffusers' ignore list hard-codes resblocks.23 (ViT-H); drop the last block by index so tiny sizes work too.
-    ckpt = {"cond_stage_model." + k: v for k, v in ours.state_dict().items()}
-    ckpt = {k: v for k, v in ckpt.items() if not k.startswith(last)}
-    hf = hf_clip(c.width, c.layers - 1, c.heads, "gelu", c.vocab_size)
-    conv = convert_open_clip_checkpoint(hf, ckpt, prefix=prefix)
-    conv = {k.removeprefix("text_model."): v for k, v in conv.items()}
-    hf_load(hf, conv)
-    return hf
 
 
 def stability_penultimate(model: torch.nn.Module, tokens: torch.Tensor, skip_last: bool = True) -> torch.Tensor:
@@ -225,7 +176,7 @@ def test_clip_skip_range():
 def test_tiny_clip_parity_transformers():
     ours = CLIPTextEncoder(TINY_SD1).eval()
     randomize_(ours, 0)
-    hf = hf_from_ldm_clip(ours)
+    hf = transformers_clip(ours)
     tokens = sd_tokens(EOS)
     with torch.no_grad():
         out = hf(input_ids=tokens, output_hidden_states=True)
@@ -257,7 +208,7 @@ def test_tiny_openclip_parity_open_clip():
 def test_tiny_openclip_parity_diffusers_conversion():
     ours = OpenCLIPTextEncoder(TINY_SD2).eval()
     randomize_(ours, 2)
-    hf = hf_from_ldm_openclip(ours)
+    hf = transformers_openclip(ours)
     tokens = sd_tokens(0)
     with torch.no_grad():
         err = rel_err(ours(tokens), hf(input_ids=tokens).last_hidden_state)
@@ -273,7 +224,7 @@ def test_fullsize_clip_l_parity():
         ours = CLIPTextEncoder(CLIPTextConfig()).eval()
     ours.to_empty(device="cpu")
     randomize_(ours, 0)
-    hf = hf_from_ldm_clip(ours)
+    hf = transformers_clip(ours)
     tokens = sd_tokens(EOS, (8, 75))
     with torch.no_grad():
         out = hf(input_ids=tokens, output_hidden_states=True)
@@ -311,7 +262,7 @@ def test_fullsize_openclip_h_parity():
     print(f"OpenCLIP-H penultimate vs open_clip: rel_err {err:.2e}")
     assert err <= TOL
 
-    hf = hf_from_ldm_openclip(ours)
+    hf = transformers_openclip(ours)
     with torch.no_grad():
         err = rel_err(y, hf(input_ids=tokens).last_hidden_state)
     print(f"OpenCLIP-H vs diffusers-converted 23-layer transformers: rel_err {err:.2e}")

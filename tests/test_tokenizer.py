@@ -1,8 +1,6 @@
 """Tokenizer parity: our ids vs transformers' CLIPTokenizer (SD1's reference) built offline from open_clip's BPE."""
 from __future__ import annotations
 
-import gzip
-import json
 import subprocess
 import sys
 import warnings
@@ -10,10 +8,10 @@ import warnings
 import pytest
 import torch
 
+from _reference import clip_tokenizer
 from gbsd_core.tokenizer import Tokenizer
 
-transformers = pytest.importorskip("transformers")
-open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
+import open_clip.tokenizer as open_clip_tokenizer  # a test extra: if missing, fail (never skip)
 
 LONG_PROMPT = (
     "a breathtaking ultra detailed photograph of an old lighthouse on a rocky cliff at sunset, dramatic clouds, "
@@ -34,17 +32,8 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory):
-    """CLIP's vocab, the way OpenAI's CLIP defines it, written as the vocab.json + merges.txt an SD1 folder carries."""
-    bpe_path = open_clip_tokenizer.default_bpe()
-    merges = gzip.open(bpe_path).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    byte_chars = list(open_clip_tokenizer.bytes_to_unicode().values())
-    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(vocab) == 49408
-    d = tmp_path_factory.mktemp("clip_tokenizer")
-    (d / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = transformers.CLIPTokenizer.from_pretrained(str(d), model_max_length=77)
+    """transformers' CLIPTokenizer from CLIP's vocab.json + merges.txt, made from open_clip's BPE file."""
+    tok = clip_tokenizer(tmp_path_factory.mktemp("clip_tokenizer"))
     assert tok.pad_token_id == 49407  # SD1 tokenizers pad with <|endoftext|>
     return tok
 

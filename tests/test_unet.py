@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from _reference import diffusers_unet
 from _util import LDM_KEYS, read_keys_tsv, rel_err
 from gbsd_core.unet import UNetConfig, UNetModel, query_hw
 from gbsd_core.unet_blocks import timestep_embedding
@@ -34,37 +35,6 @@ def _inputs(cfg: UNetConfig, h: int, w: int, batch: int = 2, seed: int = 1):
     t = torch.tensor([981, 1][:batch] + [500] * max(0, batch - 2))
     ctx = torch.randn(batch, 7, cfg.context_dim, generator=g)
     return x, t, ctx
-
-
-def diffusers_unet_config(cfg: UNetConfig) -> dict:
-    """The UNet2DConditionModel config describing the same network (diffusers calls head counts attention_head_dim)."""
-    attn = [2**lvl in cfg.attention_resolutions for lvl in range(len(cfg.channel_mult))]
-    return dict(
-        sample_size=8,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult),
-        layers_per_block=cfg.num_res_blocks,
-        cross_attention_dim=cfg.context_dim,
-        attention_head_dim=tuple(cfg.heads_and_dim(cfg.model_channels * m)[0] for m in cfg.channel_mult),
-        use_linear_projection=cfg.use_linear_in_transformer,
-        transformer_layers_per_block=cfg.transformer_depth,
-        upcast_attention=cfg.upcast_attention,
-    )
-
-
-def diffusers_twin(model: UNetModel):
-    """A diffusers UNet carrying our weights, renamed by diffusers' own original->diffusers converter."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
-    config = diffusers_unet_config(model.config)
-    converted = convert_ldm_unet_checkpoint({PREFIX + k: v for k, v in model.state_dict().items()}, config)
-    ref = UNet2DConditionModel(**config).eval()
-    ref.load_state_dict(converted, strict=True)
-    return ref
 
 
 @pytest.mark.parametrize("fixture,cfg", [("sd1_v1-inference.tsv", UNetConfig.sd1()),
@@ -125,7 +95,7 @@ def test_forward_shapes(name, hw):
 @pytest.mark.parametrize("hw", [(8, 8), (9, 7), (5, 5)])
 def test_parity_with_diffusers(name, hw):
     model = _model(TINY[name])
-    ref = diffusers_twin(model)
+    ref = diffusers_unet(model)
     x, t, ctx = _inputs(model.config, *hw)
     with torch.no_grad():
         ours = model(x, t, ctx)

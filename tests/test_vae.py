@@ -10,6 +10,7 @@ import gc
 import pytest
 import torch
 
+from _reference import diffusers_vae
 from _util import LDM_KEYS, read_keys_tsv, rel_err
 from gbsd_core.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 
@@ -21,29 +22,6 @@ TINY_F8 = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=4,
 def _seeded(cfg: VAEConfig, seed: int = 0) -> AutoencoderKL:
     torch.manual_seed(seed)
     return AutoencoderKL(cfg).eval()
-
-
-def _diffusers_from_ours(ours: AutoencoderKL):
-    """A diffusers AutoencoderKL with the equivalent config, loaded from our state dict through diffusers' converter."""
-    from diffusers import AutoencoderKL as DAutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    c = ours.config
-    ref = DAutoencoderKL(
-        in_channels=c.in_channels,
-        out_channels=c.out_ch,
-        down_block_types=("DownEncoderBlock2D",) * len(c.ch_mult),
-        up_block_types=("UpDecoderBlock2D",) * len(c.ch_mult),
-        block_out_channels=tuple(c.ch * m for m in c.ch_mult),
-        layers_per_block=c.num_res_blocks,
-        latent_channels=c.z_channels,
-        norm_num_groups=32,
-        scaling_factor=c.scale_factor,
-    )
-    ldm = {f"first_stage_model.{k}": v for k, v in ours.state_dict().items()}
-    converted = convert_ldm_vae_checkpoint(ldm, ref.config)
-    ref.load_state_dict(converted, strict=True)  # strict: every diffusers key is produced from one of ours
-    return ref.eval()
 
 
 # ----------------------------------------------------------------------------------------------------- tiny tier
@@ -150,7 +128,7 @@ def test_decode_runs_in_module_dtype() -> None:
 @pytest.mark.parametrize(("cfg", "hw"), [(TINY, (64, 64)), (TINY_F8, (40, 24))])
 def test_tiny_parity_with_diffusers(cfg: VAEConfig, hw: tuple[int, int], dtype: torch.dtype, tol: float) -> None:
     ours = _seeded(cfg, seed=1)
-    ref = _diffusers_from_ours(ours)
+    ref = diffusers_vae(ours)
     # nn.Module.to on the diffusers model: its own .to() override only adds a fp32-upcast warning here.
     ours, ref = ours.to(dtype), torch.nn.Module.to(ref, dtype)
     x = torch.rand(2, 3, *hw, generator=torch.Generator().manual_seed(2), dtype=dtype) * 2 - 1
@@ -175,7 +153,7 @@ def test_tiny_parity_with_diffusers(cfg: VAEConfig, hw: tuple[int, int], dtype: 
 @pytest.fixture(scope="module")
 def sd_vae_pair():
     ours = _seeded(VAEConfig(), seed=0)
-    ref = _diffusers_from_ours(ours)
+    ref = diffusers_vae(ours)
     yield ours, ref
     del ours, ref
     gc.collect()
