@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .fast import FastOptions, make_stepper
 from .sampling import Stage, StepState, denoise, focus_conditioning, gbsd_stages, layout_steps
 
 if TYPE_CHECKING:
@@ -106,7 +107,8 @@ class _Prepared:
 
 
 def _prepare(
-    bundle, params: GenerationParams, extra_prompts: Sequence[str], init_image: Image.Image | None, x_T: Tensor | None
+    bundle, params: GenerationParams, extra_prompts: Sequence[str], init_image: Image.Image | None, x_T: Tensor | None,
+    fast: FastOptions | None = None,
 ) -> tuple[_Prepared, Tensor]:
     """Shared set-up: validation, text embeddings (one text-encoder call), starting latents and the timesteps."""
     params.validate()
@@ -115,6 +117,8 @@ def _prepare(
     timesteps = bundle.scheduler.timesteps(params.steps, params.strength if init_image is not None else 1.0)
     generator = torch.Generator("cpu").manual_seed(params.seed)
     device, dtype = _unet_device_dtype(bundle)
+    if fast is not None:
+        dtype = torch.float32  # the fast stepper keeps latents in fp32 and casts only the UNet's input
     # Embeddings once per prompt, never per step. One text-encoder call per prompt rather than one batch: CPU matmul
     # kernels may round differently at another batch size, and a prompt must embed to the same bits whichever run or
     # sweep it is part of (σ = 1 is then bit-identical to plain SD). The cost is a few ms per prompt.
@@ -154,9 +158,13 @@ class _CountingDenoiser:
 
 
 def _run(bundle, params: GenerationParams, prep: _Prepared, stages: list[Stage], progress: bool,
-         attention: CrossAttentionCollector | None = None) -> tuple[Tensor, int]:
+         attention: CrossAttentionCollector | None = None, fast: FastOptions | None = None) -> tuple[Tensor, int]:
     use_cfg = params.cfg != 1.0
     counter = _CountingDenoiser(bundle.unet, use_cfg)
+    if fast is not None and attention is not None:
+        raise ValueError("attention collection wraps the plain UNet call; it cannot be combined with fast=")
+    # The fast step calls the UNet inside compiled / graphed code, so its calls are counted per step instead.
+    stepper = None if fast is None else make_stepper(bundle, fast, params.cfg if use_cfg else None, params.eta)
     # Attention collection wraps the denoiser only when asked for: otherwise the UNet runs untouched.
     model = counter if attention is None else attention.wrap(counter, prep.timesteps, stages, use_cfg)
     states: Iterator[StepState] = denoise(
@@ -169,16 +177,22 @@ def _run(bundle, params: GenerationParams, prep: _Prepared, stages: list[Stage],
         params.cfg,
         eta=params.eta,
         generator=prep.generator,
+        stepper=stepper,
     )
     if progress:
         from tqdm.auto import tqdm
 
         states = tqdm(states, total=len(prep.timesteps), desc="denoise", unit="step")
-    latents = prep.latents
-    with torch.inference_mode():
-        for state in states:
-            latents = state.latents
-    return latents, counter.calls
+    latents, fast_calls = prep.latents, 0
+    try:
+        with torch.inference_mode():
+            for state in states:
+                latents = state.latents
+                fast_calls += latents.shape[0]
+    finally:
+        if stepper is not None:
+            stepper.close()
+    return latents, counter.calls if stepper is None else fast_calls
 
 
 def generate(
@@ -189,13 +203,16 @@ def generate(
     x_T: Tensor | None = None,
     progress: bool = False,
     attention: CrossAttentionCollector | None = None,
+    fast: FastOptions | None = None,
 ) -> GenerationResult:
     """One image: text-to-image, or image-to-image when `init_image` is given. GBSD when `params.focus` is set.
 
     `attention`: a collector that records the focus-stage cross-attention maps (gbsd_core.attnmaps).
+    `fast`: run the steps through gbsd_core.fast (reduced precision, fused / compiled / CUDA-graphed step); this
+    accelerates the bundle in place on first use. None (the default) is the plain fp32 path.
     """
     results = sweep(bundle, params, alphas=[params.alpha], init_image=init_image, x_T=x_T, progress=progress,
-                    attention=attention)
+                    attention=attention, fast=fast)
     return results[0]
 
 
@@ -209,6 +226,7 @@ def sweep(
     x_T: Tensor | None = None,
     progress: bool = False,
     attention: CrossAttentionCollector | None = None,
+    fast: FastOptions | None = None,
 ) -> list[GenerationResult]:
     """A grid of focus stages (local prompt × α) that share one layout stage.
 
@@ -227,7 +245,7 @@ def sweep(
     if not alphas:
         raise ValueError("a sweep needs at least one alpha")
 
-    prep, local = _prepare(bundle, params, focus_prompts, init_image, x_T)
+    prep, local = _prepare(bundle, params, focus_prompts, init_image, x_T, fast)
     n = len(prep.timesteps)
     cells = [(f, a) for f in focus_prompts for a in alphas]
     if not cells:
@@ -240,7 +258,7 @@ def sweep(
         focus = focus_conditioning(prep.global_emb.expand(len(cells), -1, -1), local_rows, alpha_t)
         stages = gbsd_stages(prep.global_emb, focus, n, params.layout)
         n_layout = layout_steps(n, params.layout)
-    latents, calls = _run(bundle, params, prep, stages, progress, attention)
+    latents, calls = _run(bundle, params, prep, stages, progress, attention, fast)
     images = bundle.decode_latents(latents)
     if len(images) == 1 and len(cells) > 1:
         # σ = 1: no focus stage ran, so nothing branched: every cell is the same global-prompt image.

@@ -23,13 +23,50 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-# A noise predictor: (x_t [B,4,h,w], t [B], context [B,77,D]) -> model output [B,4,h,w]. The UNet, or a compiled /
-# CUDA-graphed wrapper around it.
+# A noise predictor: (x_t [B,4,h,w], t [B], context [B,77,D]) -> model output [B,4,h,w]. Usually the UNet.
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+class Stepper(Protocol):
+    """Runs one classifier-free-guided DDIM step. `CFGStep` below is the plain one; gbsd_core/fast.py makes
+    compiled / CUDA-graphed ones with the same two methods."""
+
+    guidance_scale: float | None  # None: no classifier-free guidance
+    eta: float
+
+    def set_context(self, context: Tensor) -> None:
+        """The conditioning for the coming steps, [2B,77,D] = [uncond; cond] with CFG, else [B,77,D]. Called once
+        per stage, before its first step."""
+
+    def __call__(self, latents: Tensor, t: int, noise: Tensor | None) -> tuple[Tensor, Tensor]:
+        """x_t [B,4,h,w] at timestep t -> (x_prev, predicted x0); `noise` is the η-noise (None when η = 0)."""
+
+
+class CFGStep:
+    """The readable reference step: one batched UNet call on [x; x] with [uncond; cond], guidance, `scheduler.step`."""
+
+    def __init__(self, model: Denoiser, scheduler, guidance_scale: float | None, eta: float = 0.0) -> None:
+        self.model, self.scheduler, self.guidance_scale, self.eta = model, scheduler, guidance_scale, eta
+        self.context: Tensor | None = None
+
+    def set_context(self, context: Tensor) -> None:
+        self.context = context
+
+    def __call__(self, latents: Tensor, t: int, noise: Tensor | None) -> tuple[Tensor, Tensor]:
+        use_cfg = self.guidance_scale is not None
+        x_in = torch.cat([latents, latents]) if use_cfg else latents
+        t_in = torch.full((x_in.shape[0],), t, device=latents.device, dtype=torch.long)
+        out = self.model(x_in, t_in, self.context)
+        if use_cfg:
+            out_uncond, out_cond = out.chunk(2)
+            # Classifier-free guidance (Ho & Salimans 2022): move from the unconditional towards the conditional output.
+            out = out_uncond + self.guidance_scale * (out_cond - out_uncond)
+        return self.scheduler.step(out, t, latents, eta=self.eta, noise=noise)
 
 
 @dataclass(frozen=True)
@@ -110,14 +147,22 @@ def denoise(
     *,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
+    stepper: Stepper | None = None,
 ) -> Iterator[StepState]:
     """Run DDIM over `timesteps` with the conditioning each stage gives, yielding every step's state.
 
     latents: x_T (or the noised image for img2img), [B,4,h,w]. uncond: the negative-prompt embedding, [1 or B,77,D],
     the same in every stage; None disables classifier-free guidance (as does guidance_scale == 1).
+    stepper: runs each step (default `CFGStep(model, scheduler, …)`); a fast one from gbsd_core.fast must have been
+    made with the same guidance and η.
     """
     check_stages(stages, len(timesteps))
     use_cfg = uncond is not None and guidance_scale != 1.0
+    if stepper is None:
+        stepper = CFGStep(model, scheduler, guidance_scale if use_cfg else None, eta)
+    elif (stepper.guidance_scale, stepper.eta) != (guidance_scale if use_cfg else None, eta):
+        raise ValueError(f"stepper has guidance {stepper.guidance_scale}, η {stepper.eta}; this run wants "
+                         f"{guidance_scale if use_cfg else None}, {eta}")
     base_batch = latents.shape[0]  # batch before any branching: the η-noise is drawn at this size
     for stage in stages:
         # Branch when the stage brings K conditionings per incoming latent (sweeps): repeat each latent K times.
@@ -131,20 +176,11 @@ def denoise(
         batch = latents.shape[0]
         # The context is built once per stage, never per step: [uncond; cond] for one batched CFG evaluation.
         cond = stage.cond.to(latents.dtype)
-        context = torch.cat([uncond.to(latents.dtype).expand(batch, -1, -1), cond]) if use_cfg else cond
+        stepper.set_context(torch.cat([uncond.to(latents.dtype).expand(batch, -1, -1), cond]) if use_cfg else cond)
         for i in stage.steps:
             t = int(timesteps[i])
-            x_in = torch.cat([latents, latents]) if use_cfg else latents
-            t_in = torch.full((x_in.shape[0],), t, device=latents.device, dtype=torch.long)
-            out = model(x_in, t_in, context)
-            if use_cfg:
-                out_uncond, out_cond = out.chunk(2)
-                # Classifier-free guidance (Ho & Salimans 2022): move from the unconditional towards the conditional output.
-                out = out_uncond + guidance_scale * (out_cond - out_uncond)
-            noise = None
-            if eta > 0:
-                noise = _ddim_noise(latents, base_batch, generator)
-            latents, pred_x0 = scheduler.step(out, t, latents, eta=eta, noise=noise)
+            noise = _ddim_noise(latents, base_batch, generator) if eta > 0 else None
+            latents, pred_x0 = stepper(latents, t, noise)
             yield StepState(step=i, timestep=t, stage=stage.name, latents=latents, pred_x0=pred_x0)
 
 

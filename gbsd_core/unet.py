@@ -237,3 +237,14 @@ class UNetModel(nn.Module):
             site.module.probs_hook = hook
 
 
+
+    def set_context_kv(self, context: torch.Tensor | None) -> None:
+        """Precompute every cross-attention's K/V for `context` [B, 77, D] (None drops them); see
+        `CrossAttention.set_context_kv`. An inference fast path (gbsd_core/fast.py): call it at every context change,
+        i.e. once per GBSD stage, and pass the same tensor to forward()."""
+        dtype = self.out[2].weight.dtype
+        if context is not None and context.dtype != dtype:
+            # forward() would cast it to a new tensor, which the caches (keyed by tensor identity) would not accept
+            raise ValueError(f"pass the context in the UNet's dtype {dtype}, got {context.dtype}")
+        for site in self.attention_sites():
+            site.module.set_context_kv(context)

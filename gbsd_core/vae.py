@@ -25,6 +25,7 @@ project default) even when the UNet runs in fp16. GroupNorm always computes its 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -319,4 +320,12 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         # z: [B, embed_dim, h, w] (unscaled) -> [B, out_ch, 8h, 8w], computed and returned in the module's dtype
-        return self.decoder(self.post_quant_conv(z.to(self.dtype)))
+        x = self.decoder(self.post_quant_conv(z.to(self.dtype)))
+        if self.dtype in (torch.float16, torch.bfloat16) and not bool(torch.isfinite(x).all()):
+            # The SD decoder's activations can exceed fp16's range (65504) and come out inf/NaN. Do what diffusers'
+            # `upcast_vae` does: switch this VAE to fp32 for good (it is the safe default anyway) and decode again.
+            # The check costs one reduction and a device sync per decode, nothing next to the decoder itself.
+            warnings.warn(f"VAE decode overflowed in {self.dtype}; the VAE is upcast to float32 from now on")
+            self.float()
+            x = self.decoder(self.post_quant_conv(z.to(self.dtype)))
+        return x
