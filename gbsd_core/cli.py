@@ -246,7 +246,12 @@ def _device_dtype(args: argparse.Namespace):
     return device, dtype
 
 
-def _load(path: Path, family: str | None, device, dtype):
+def load_checkpoint(path: Path, family: str | None, device, dtype):
+    """`loading.load` for the commands: a rejected checkpoint becomes a one-line usage error (exit 2).
+
+    The eval/grid commands call it as `cli.load_checkpoint` (an attribute lookup at call time), so tests can replace
+    it for every command at once.
+    """
     from .loading import CheckpointError, load
 
     try:
@@ -326,7 +331,7 @@ def execute(p: Plan) -> None:
 
     from . import pipeline, pngmeta, weights
 
-    bundle = _load(p.model_path, p.family, p.device, p.dtype)
+    bundle = load_checkpoint(p.model_path, p.family, p.device, p.dtype)
     sha = weights.model_sha256(p.model_path, progress=p.progress)
     made_with = (p.png_meta or {}).get("model_sha256")
     if made_with and sha and made_with != sha:
@@ -400,7 +405,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         raise UsageError(f"{path}: no such file or folder")
     import torch
 
-    bundle = _load(path, args.family, "cpu", torch.float32)
+    bundle = load_checkpoint(path, args.family, "cpu", torch.float32)
     desc = bundle.describe()
     print(f"file: {path}")
     sha = weights.model_sha256(path, progress=True)

@@ -33,8 +33,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli import (EXIT_FAILURE, EXIT_USAGE, UsageError, _add_model_args, _device_dtype, _load, _Parser,
-                  _resolve_model, check_image, parse_size)
+from . import cli
+from .cli import (EXIT_FAILURE, EXIT_USAGE, UsageError, _add_model_args, _device_dtype, _Parser, _resolve_model,
+                  check_image, parse_size)
 from .evaltable import write_pair, write_summary, write_text_atomic
 
 DEFAULT_PAIRS = Path(__file__).with_name("data") / "pairs.jsonl"
@@ -374,7 +375,7 @@ def _run_eval(world: World, pairs: list[Pair], settings: Settings, out: Path, so
         + (f" on {world.size} processes" if world.size > 1 else ""))
     failures: list[str] = []
     if todo:
-        bundle = _load(model_path, family, device, dtype)
+        bundle = cli.load_checkpoint(model_path, family, device, dtype)
         _check_mask_sizes(todo, settings, bundle.family.resolution, source)
         done = 0
         for start in range(0, len(todo), world.size):  # one pair per rank per round

@@ -14,7 +14,8 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .cli import UsageError, _add_model_args, _device_dtype, _load, _resolve_model, check_image, parse_size
+from . import cli
+from .cli import UsageError, _add_model_args, _device_dtype, _resolve_model, check_image, parse_size
 from .evaltable import write_text_atomic
 
 
@@ -68,7 +69,7 @@ def run_grid(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     model_path, family = _resolve_model(args, None)
     device, dtype = _device_dtype(args)
-    bundle = _load(model_path, family, device, dtype)
+    bundle = cli.load_checkpoint(model_path, family, device, dtype)
 
     from . import pipeline
     from .attnmaps import CrossAttentionCollector, word_positions

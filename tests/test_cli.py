@@ -40,7 +40,7 @@ def no_load(monkeypatch):
     def boom(*a, **kw):
         raise _Loaded
 
-    monkeypatch.setattr(cli, "_load", boom)
+    monkeypatch.setattr(cli, "load_checkpoint", boom)
 
 
 @pytest.fixture
@@ -188,7 +188,7 @@ def test_default_weights_found_in_env_dir(tmp_path, monkeypatch, capsys, no_load
         seen.update(path=path, family=family)
         raise _Loaded
 
-    monkeypatch.setattr(cli, "_load", fake_load)
+    monkeypatch.setattr(cli, "load_checkpoint", fake_load)
     with pytest.raises(_Loaded):
         cli.main(["generate", "p", "-o", str(tmp_path / "o.png")])
     assert seen == {"path": tmp_path / "v1-5-pruned-emaonly.safetensors", "family": "sd1"}
