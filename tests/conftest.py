@@ -36,3 +36,26 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-weights") / "tiny-sd1.safetensors"
     save_single_file({"unet": unet, "vae": vae, "text_encoder": text}, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def responsive_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
+    """The tiny checkpoint, made to respond visibly to its conditioning.
+
+    A random tiny UNet barely listens to its context: the cross-attention value/output projections are small next to
+    the residual path. They are amplified so that switching the conditioning (GBSD's stage switch, a wrong context, a
+    precision loss) changes the image, and the attention maps have structure; the tiny random decoder squeezes every
+    pixel near mid-grey, so its output conv is amplified too. Tests that must be able to fail on such changes use this.
+    """
+    import torch
+
+    import gbsd_core
+    from gbsd_core.loading import save_single_file
+
+    b = gbsd_core.load(tiny_ckpt)
+    with torch.no_grad():
+        for name, p in b.unet.named_parameters():
+            if ".attn2.to_v." in name or ".attn2.to_out.0.weight" in name:
+                p.mul_(6.0)
+        b.vae.decoder.conv_out.weight.mul_(5.0)
+    return save_single_file(b, tmp_path_factory.mktemp("responsive") / "tiny-responsive.safetensors")

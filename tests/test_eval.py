@@ -20,7 +20,6 @@ import gbsd_core
 from gbsd_core import cli, pipeline
 from gbsd_core.attnmaps import CrossAttentionCollector, word_positions
 from gbsd_core.eval import DEFAULT_PAIRS, read_pairs
-from gbsd_core.loading import save_single_file
 from gbsd_core.pipeline import GenerationParams
 
 PAIRS = [
@@ -42,16 +41,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def amp_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
-    """The tiny checkpoint with amplified cross-attention and decoder output (as in test_pipeline.py), so that the
-    prompts steer the image and the attention maps have structure."""
-    b = gbsd_core.load(tiny_ckpt)
-    with torch.no_grad():
-        for name, p in b.unet.named_parameters():
-            if ".attn2.to_v." in name or ".attn2.to_out.0.weight" in name:
-                p.mul_(6.0)
-        b.vae.decoder.conv_out.weight.mul_(5.0)
-    return save_single_file(b, tmp_path_factory.mktemp("amp") / "tiny-amp.safetensors")
+def amp_ckpt(responsive_ckpt) -> Path:
+    """The tiny checkpoint whose prompts steer the image and whose attention maps have structure (conftest.py)."""
+    return responsive_ckpt
 
 
 @pytest.fixture(scope="module")
