@@ -55,6 +55,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
 
 
+def _add_speed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speed (gbsd_core.fast; the default is the plain fp32 path)")
+    g.add_argument("--fast", action="store_true",
+                   help="fast path in --dtype: channels-last, fused QKV, cross-attention K/V once per stage, "
+                        "Triton kernels on CUDA")
+    g.add_argument("--compile", choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile the whole CFG+DDIM step (implies --fast; first step compiles)")
+
+
 def _add_params_args(p: argparse.ArgumentParser, *, img2img: bool | None) -> None:
     """Generation flags; img2img: True = --init required, False = optional, None = no --init/--strength."""
     # Defaults are None so `--from-png` values are only overridden by flags the user actually gave.
@@ -83,16 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="text to image (GBSD when --focus is given)")
     _add_params_args(g, img2img=None)
     _add_model_args(g)
+    _add_speed_args(g)
     g.add_argument("-o", "--output", default="gbsd.png", help="output PNG (default gbsd.png)")
 
     i = sub.add_parser("img2img", help="image to image (SDEdit), GBSD when --focus is given")
     _add_params_args(i, img2img=True)
     _add_model_args(i)
+    _add_speed_args(i)
     i.add_argument("-o", "--output", default="gbsd.png", help="output PNG (default gbsd.png)")
 
     s = sub.add_parser("sweep", help="several focus prompts and/or α values sharing one layout stage")
     _add_params_args(s, img2img=False)
     _add_model_args(s)
+    _add_speed_args(s)
     s.add_argument("--alphas", metavar="A,B,...", help="comma-separated α values, e.g. 0,0.25,0.5")
     s.add_argument("--focus-stack", nargs="+", metavar="PROMPT", help="focus prompts, one image (row) each")
     s.add_argument("-o", "--output", default=".",
@@ -277,6 +289,7 @@ class Plan:
     focus_stack: tuple[str, ...] | None = None
     png_meta: dict | None = None
     progress: bool = True
+    fast: Any = None  # fast.FastOptions, or None for the plain path
 
 
 def plan(args: argparse.Namespace) -> Plan:
@@ -321,8 +334,13 @@ def plan(args: argparse.Namespace) -> Plan:
               "below σ = 0.7")
     model_path, family = _resolve_model(args, png_meta)
     device, dtype = _device_dtype(args)
+    fast = None
+    if args.fast or args.compile:
+        from .fast import FastOptions
+
+        fast = FastOptions(dtype=dtype, channels_last=True, fuse_qkv=True, cache_context_kv=True, compile=args.compile)
     return Plan(args.command, params, outputs, model_path, family, device, dtype, init_path, alphas, focus_stack,
-                png_meta, progress=not args.quiet)
+                png_meta, progress=not args.quiet, fast=fast)
 
 
 def execute(p: Plan) -> None:
@@ -344,9 +362,9 @@ def execute(p: Plan) -> None:
 
     if p.mode == "sweep":
         results = pipeline.sweep(bundle, p.params, alphas=p.alphas, focus_prompts=p.focus_stack,
-                                 init_image=init_image, progress=p.progress)
+                                 init_image=init_image, progress=p.progress, fast=p.fast)
     else:
-        results = [pipeline.generate(bundle, p.params, init_image=init_image, progress=p.progress)]
+        results = [pipeline.generate(bundle, p.params, init_image=init_image, progress=p.progress, fast=p.fast)]
     for result, out in zip(results, p.outputs, strict=True):
         record = pngmeta.ImageRecord(
             width=result.image.width, height=result.image.height, model_file=p.model_path.name, model_sha256=sha,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from gbsd_core import cli, pngmeta
@@ -117,6 +118,7 @@ BAD_INPUTS = [
     ("sweep-alpha-text", ["sweep", "p", "--focus", "f", "--alphas", "0,x"], "--alphas"),
     ("sweep-names-repeat", ["sweep", "p", "--focus-stack", "a", "b", "-o", "{tmp}/same.png"], "repeat"),
     ("sweep-bad-pattern", ["sweep", "p", "--focus-stack", "a", "-o", "{tmp}/{nope}.png"], "pattern"),
+    ("compile-mode-unknown", ["generate", "p", "--compile", "fastest"], "--compile"),
 ]
 
 
@@ -252,6 +254,25 @@ def test_generate_metadata_and_determinism(tiny_ckpt, tmp_path, capsys):
                               "steps": 3, "cfg": 5.0, "negative": "blurry", "seed": 7, "width": 64, "height": 64,
                               "strength": 0.75, "eta": 0.0}
     assert data["executed_steps"] == 3 and data["mode"] == "txt2img"
+
+
+def test_fast_flag_runs_the_fast_path_close_to_the_plain_one(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    from gbsd_core import pipeline
+
+    seen = []
+    real = pipeline.generate
+    monkeypatch.setattr(pipeline, "generate", lambda *a, **k: seen.append(k["fast"]) or real(*a, **k))
+    base = ["generate", "a bunny and a carrot", "--focus", "a carrot", "--weights", tiny_ckpt, *TINY]
+    plain, fast, bf16 = tmp_path / "plain.png", tmp_path / "fast.png", tmp_path / "bf16.png"
+    assert _run([*base, "-o", plain], capsys)[0] == 0
+    assert _run([*base, "--fast", "-o", fast], capsys)[0] == 0
+    assert _run([*base, "--fast", "--dtype", "bf16", "-o", bf16], capsys)[0] == 0
+    assert seen[0] is None
+    assert seen[1].fuse_qkv and seen[1].cache_context_kv and seen[1].channels_last and seen[1].compile is None
+    assert seen[2].dtype == torch.bfloat16
+    a, b = (np.asarray(Image.open(f), dtype=np.int16) for f in (plain, fast))
+    assert np.abs(a - b).max() <= 2  # fp32 fast path: same math, other summation order
+    assert _meta(fast)["parameters"] == _meta(plain)["parameters"]
 
 
 def test_from_png_round_trip_and_override(tiny_ckpt, tmp_path, capsys):
