@@ -51,7 +51,10 @@ class Preset:
 _FAST = dict(channels_last=True, fuse_qkv=True, cache_context_kv=True)  # triton=None: on by itself on CUDA
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("eager", "ours", None, doc="plain fp32-style path (modules cast to --dtype), SDPA attention"),
-    Preset("fast", "ours", dict(_FAST), doc="channels-last, fused QKV, cached cross-attn K/V, Triton on CUDA"),
+    Preset("fast", "ours", dict(_FAST), doc="channels-last, fused QKV, cached cross-attn K/V; oneDNN weight prepacking "
+                                           "on CPU, Triton on CUDA"),
+    Preset("fast-noprepack", "ours", dict(_FAST, cpu_prepack=False),
+           doc="fast without the CPU weight prepacking (to see what prepacking adds)"),
     Preset("fast+compile", "ours", dict(_FAST, compile="default"), compile="default",
            doc="fast + torch.compile(step) in the default mode"),
     Preset("fast+compile-max", "ours", dict(_FAST, compile="max-autotune"), compile="max-autotune",

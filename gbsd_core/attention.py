@@ -63,6 +63,7 @@ class CrossAttention(nn.Module):
         # Inference fast paths (gbsd_core/fast.py switches them on; all off by default, none is in the state dict):
         self.explicit_softmax = False  # attention as softmax(QK^T·scale)V in plain ops instead of SDPA
         self.register_buffer("qkv_weight", None, persistent=False)  # self-attention q|k|v stacked, see fuse_qkv()
+        self.qkv_linear = F.linear  # the stacked matmul; prepack.py swaps in a prepacked one for CPU
         # cross-attention: (context, K, V) with K, V [B, heads, Nk, dim_head] precomputed by set_context_kv()
         self.context_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -79,7 +80,7 @@ class CrossAttention(nn.Module):
         elif context is None and self.qkv_weight is not None:
             b, n, _ = x.shape
             # one [B, N, 3*inner] matmul, split as (q|k|v, heads, dim_head) -> 3 x [B, heads, N, dim_head] views
-            q, k, v = F.linear(x, self.qkv_weight).view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+            q, k, v = self.qkv_linear(x, self.qkv_weight).view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
         else:
             context = x if context is None else context
             q = self._split_heads(self.to_q(x))

@@ -25,6 +25,10 @@ What each option does and why it is safe:
 - `triton`: the fused GroupNorm+SiLU (ResBlock in_layers.0+1 and out_layers.0+1, the UNet's out.0+1) and GEGLU
   (ff.net.0) kernels of gbsd_core/kernels, by swapping those modules for subclasses with the same parameters (keys
   unchanged; the now-redundant SiLU slots become Identity). None = on when the UNet is on CUDA and triton imports.
+- `cpu_prepack`: conv (fp32/bf16) and linear (bf16) weights packed once into oneDNN's blocked layout instead of on
+  every call (prepack.py: the UNet's deep 1280-channel convs spend more time reordering their weight than computing).
+  None = on when the UNet is on CPU and PyTorch has the oneDNN ops. Keys unchanged; costs a second copy of the
+  packed weights in memory. Applied to the UNet and the VAE.
 - `compile`: torch.compile of the whole step function (UNet + guidance + DDIM), `fullgraph=True`.
 - `cuda_graphs`: capture the whole step in a CUDA graph with static buffers (see fast_step.py).
 
@@ -42,6 +46,7 @@ from torch import Tensor, nn
 from .attention import GEGLU, CrossAttention, FeedForward, GroupNorm32
 from .fast_step import FastStepper, cuda_graph_capture
 from .kernels import geglu, group_norm_silu, triton_available
+from .prepack import prepack_, prepack_available
 from .unet_blocks import ResBlock
 
 ATTENTION_BACKENDS = ("sdpa", "math", "flash", "efficient")
@@ -56,6 +61,7 @@ class FastOptions:
     fuse_qkv: bool = False                 # self-attention q/k/v as one matmul
     cache_context_kv: bool = False         # cross-attention K/V of the text context computed once per stage
     triton: bool | None = None             # fused GroupNorm+SiLU and GEGLU kernels; None = auto (CUDA only)
+    cpu_prepack: bool | None = None        # oneDNN-prepacked conv/linear weights; None = auto (CPU only)
     compile: str | None = None             # None | "default" | "reduce-overhead" | "max-autotune"
     cuda_graphs: bool = False              # capture a whole CFG + DDIM step; stage switch = copy into static buffers
     vae_dtype: torch.dtype | None = None   # None: fp32 VAE decode (fp16/bf16: upcast automatically on overflow)
@@ -142,6 +148,15 @@ def _use_triton(options: FastOptions, device: torch.device) -> bool:
     return options.triton
 
 
+def _use_prepack(options: FastOptions, device: torch.device) -> bool:
+    if options.cpu_prepack is None:
+        return device.type == "cpu" and prepack_available()
+    if options.cpu_prepack and (device.type != "cpu" or not prepack_available()):
+        raise ValueError(f"cpu_prepack=True needs the UNet on CPU and a PyTorch build with oneDNN (mkldnn); "
+                         f"the UNet is on {device}, mkldnn available: {torch.backends.mkldnn.is_available()}")
+    return options.cpu_prepack
+
+
 def accelerate(bundle, options: FastOptions) -> None:
     """Apply `options` to `bundle` in place (UNet dtype, layout, kernels, attention; VAE dtype). Irreversible."""
     unet = bundle.unet
@@ -154,6 +169,7 @@ def accelerate(bundle, options: FastOptions) -> None:
     if device.type != "cuda" and (options.cuda_graphs or options.attention == "efficient"):
         raise ValueError(f"cuda_graphs and attention='efficient' need the UNet on CUDA, it is on {device}")
     use_triton = _use_triton(options, device)
+    use_prepack = _use_prepack(options, device)
 
     unet.to(options.dtype)
     attentions = [m for m in unet.modules() if isinstance(m, CrossAttention)]
@@ -173,6 +189,9 @@ def accelerate(bundle, options: FastOptions) -> None:
         for site in unet.attention_sites(cross=False):
             site.module.fuse_qkv()
     bundle.vae.to(options.vae_dtype or torch.float32)
+    if use_prepack:  # after every cast and layout change (the packed copies would follow them anyway, see prepack.py)
+        prepack_(unet)
+        prepack_(bundle.vae)
     unet.fast_options = options
 
 

@@ -27,6 +27,7 @@ from gbsd_core.ddim import DDIMScheduler
 from gbsd_core.fast import FastOptions, KernelGroupNorm, accelerate, make_stepper
 from gbsd_core.fast_step import FastStepper, ddim_coefficients, eager_capture
 from gbsd_core.pipeline import GenerationParams, generate, sweep
+from gbsd_core.prepack import prepack_
 from gbsd_core.sampling import denoise, gbsd_stages
 from gbsd_core.unet import UNetConfig, UNetModel
 from gbsd_core.vae import AutoencoderKL, VAEConfig
@@ -361,10 +362,13 @@ def test_cuda_graphs_real(fresh, dtype):
 # ----------------------------------------------------------------------------------------------------- compile
 def test_torch_compile_cpu_matches_eager_without_recompiling_at_stage_switch():
     """torch.compile (inductor, CPU: needs the C++ compiler) of the whole step. One compile for a whole GBSD run:
-    the stage switch and every new timestep are tensor inputs. Tiny model, ~1 min of compile on 2 cores."""
+    the stage switch and every new timestep are tensor inputs. Tiny model, ~1 min of compile on 2 cores. The UNet is
+    prepacked as the CPU fast path makes it: eager runs the packed oneDNN kernels, the compiled step traces the plain
+    layers (prepack.py steps aside under compile), so this also checks the two agree."""
     import torch._dynamo
 
     unet = tiny_unet()
+    assert prepack_(unet) > 0
     eager = gbsd_run(unet, FastStepper(unet, None, 7.5, 0.0, cache_context_kv=True), n=4)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
