@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .report import add_ratios, environment, sweep_table, table, write
+from .interleave import run_interleaved
 from .run import PRESETS, Settings, run_config, run_sweep
 from .timing import Clock
 
@@ -38,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--configs", default="eager,fast,diffusers",
                     help=f"comma-separated from: {', '.join(PRESETS)} (or 'none': only --sweep)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"what to time, from: {', '.join(PARTS)}")
+    ap.add_argument("--interleave", action="store_true",
+                    help="time the step of all --configs round-robin in one pass (needs --parts step; see "
+                         "bench/interleave.py): ratios that hold while the machine's speed drifts")
     ap.add_argument("--repeat", type=int, default=5, help="timed calls per measurement (median reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls before them (the first is reported)")
     ap.add_argument("--loop-repeat", type=int, default=None, help="timed full loops (default: --repeat // 2, >= 1)")
@@ -65,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [p for p in args.parts.split(",") if p not in PARTS]
     if bad:
         ap.error(f"unknown part(s) {bad}; choose from {list(PARTS)}")
+    if args.interleave and args.parts != "step":
+        ap.error("--interleave times only the step part: pass --parts step")
     if args.sweep != "none" and args.sweep not in PRESETS:
         ap.error(f"--sweep must be 'none' or one of {list(PRESETS)}")
     if args.sweep != "none" and PRESETS[args.sweep].impl != "ours":
@@ -96,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
                      tiny=args.tiny, seed=args.seed,
                      compile_mode=args.compile_mode, parts=tuple(args.parts.split(",")),
                      vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None)
+        if args.interleave:
+            print(f"[bench] {','.join(args.config_list)} {dt} interleaved ...", file=sys.stderr, flush=True)
+            run_interleaved([PRESETS[n] for n in args.config_list], s, clock, out["results"], flush)
+            continue
         for name in args.config_list:
             print(f"[bench] {name} {dt} {args.arch}{' tiny' if args.tiny else ''} {size}px on {device} ...",
                   file=sys.stderr, flush=True)
@@ -123,7 +133,8 @@ def render(out: dict[str, Any]) -> str:
     size = out["results"][0]["size"] if out["results"] else "?"
     head = (f"{a['arch']}{' (tiny)' if a['tiny'] else ''}, {where}, torch {env['torch']}, diffusers "
             f"{env['diffusers']}, {size}px, {a['steps']} DDIM steps, CFG {a['cfg']}, batch {a['batch']}, "
-            f"load average {env['load_average']} -> {env.get('load_average_end')}, {env['date']}")
+            f"load average {env['load_average']} -> {env.get('load_average_end')}, {env['date']}"
+            + (", steps timed interleaved (round-robin over the configurations)" if a.get("interleave") else ""))
     parts = [head, "", table(out["results"])]
     if out.get("sweep"):
         parts += ["", sweep_table(out["sweep"])]

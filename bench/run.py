@@ -14,6 +14,7 @@ Per configuration, on identical weights (see models.py) and identical inputs (x_
 from __future__ import annotations
 
 import gc
+import itertools
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -133,7 +134,8 @@ def _free() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------- ours
-def run_ours(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], flush: Flush) -> None:
+def build_ours(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any]):
+    """(bundle, FastOptions or None): the seeded bundle, accelerated as the preset says."""
     t0 = time.perf_counter()
     bundle = build_bundle(s.arch, s.device, s.dtype, s.tiny, s.seed)
     rec["params"] = parameter_counts(bundle)
@@ -144,6 +146,32 @@ def run_ours(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], flu
         accelerate(bundle, opts)
     clock.sync()
     rec["build_s"] = time.perf_counter() - t0
+    return bundle, opts
+
+
+def ours_stepper(bundle, opts, s: Settings):
+    if opts is not None:
+        from gbsd_core.fast import make_stepper
+
+        return make_stepper(bundle, opts, s.cfg)
+    return CFGStep(bundle.unet, bundle.scheduler, s.cfg)
+
+
+def ours_step_call(stepper, uncond: torch.Tensor, cond: torch.Tensor, x_T: torch.Tensor, timesteps,
+                   s: Settings) -> Callable[[], torch.Tensor]:
+    """One CFG step per call, cycling through timesteps spread over the schedule."""
+    stepper.set_context(torch.cat([uncond, cond]))
+    ts = itertools.cycle([int(timesteps[i]) for i in _step_indices(len(timesteps), s.warmup + s.repeat)])
+    return lambda: stepper(x_T, next(ts), None)
+
+
+def ours_contexts(bundle, s: Settings, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    uncond, cond = (bundle.encode_prompt(p).to(s.device, dtype) for p in (NEGATIVE, PROMPT))
+    return uncond.expand(s.batch, -1, -1), cond.expand(s.batch, -1, -1)
+
+
+def run_ours(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], flush: Flush) -> None:
+    bundle, opts = build_ours(preset, s, clock, rec)
     clock.reset_peak()
     # The fast stepper keeps latents in fp32 and casts only the UNet input; the plain path runs in the UNet's dtype.
     lat_dtype = torch.float32 if opts is not None else s.dtype
@@ -152,24 +180,16 @@ def run_ours(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], flu
             t = clock.measure(lambda: [bundle.encode_prompt(p) for p in (NEGATIVE, PROMPT)], s.repeat, s.warmup)
             rec["text"] = t.as_dict()
             flush(rec)
-        uncond, cond = (bundle.encode_prompt(p).to(s.device, lat_dtype) for p in (NEGATIVE, PROMPT))
-        uncond, cond = uncond.expand(s.batch, -1, -1), cond.expand(s.batch, -1, -1)
+        uncond, cond = ours_contexts(bundle, s, lat_dtype)
         x_T = _inputs(s, lat_dtype)
         scheduler = bundle.scheduler
         timesteps = scheduler.timesteps(s.steps)
-        if opts is not None:
-            from gbsd_core.fast import make_stepper
-
-            stepper = make_stepper(bundle, opts, s.cfg)
-        else:
-            stepper = CFGStep(bundle.unet, scheduler, s.cfg)
+        stepper = ours_stepper(bundle, opts, s)
         latents = x_T  # what the VAE decodes when the loop is not run (the same values on both sides)
         try:
             if "step" in s.parts:
-                stepper.set_context(torch.cat([uncond, cond]))
-                ts = iter([int(timesteps[i]) for i in _step_indices(len(timesteps), s.warmup + s.repeat)] * 2)
-                t = clock.measure(lambda: stepper(x_T, next(ts), None), s.repeat, s.warmup)
-                rec["step"] = t.as_dict()
+                step = ours_step_call(stepper, uncond, cond, x_T, timesteps, s)
+                rec["step"] = clock.measure(step, s.repeat, s.warmup).as_dict()
                 flush(rec)
             if "loop" in s.parts:
                 stages = [Stage("global", range(len(timesteps)), cond)]
@@ -206,7 +226,8 @@ def run_ours(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], flu
 
 
 # ------------------------------------------------------------------------------------------------------ diffusers
-def run_diffusers(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], flush: Flush) -> None:
+def build_diffusers(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any]):
+    """The diffusers StableDiffusionPipeline on the seeded weights, compiled as the preset says."""
     from .reference import diffusers_sd_pipeline
 
     t0 = time.perf_counter()
@@ -224,6 +245,32 @@ def run_diffusers(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any]
     rec["compile_mode"] = mode or None
     clock.sync()
     rec["build_s"] = time.perf_counter() - t0
+    return pipe
+
+
+def diffusers_step_call(unet, sched, pe: torch.Tensor, npe: torch.Tensor, x_T: torch.Tensor,
+                        s: Settings) -> Callable[[], torch.Tensor]:
+    """One CFG step per call as StableDiffusionPipeline makes it, cycling through timesteps of the schedule."""
+    sched.set_timesteps(s.steps, device=s.device)
+    ctx = torch.cat([npe, pe])
+    # t as the pipeline passes it: a 0-d tensor from the schedule (a Python int would make a compiled UNet
+    # specialise on, and recompile for, every timestep)
+    ts = itertools.cycle([sched.timesteps[i] for i in _step_indices(len(sched.timesteps), s.warmup + s.repeat)])
+
+    def step() -> torch.Tensor:
+        t = next(ts)
+        # the call exactly as StableDiffusionPipeline makes it (other kwargs = another compiled graph)
+        out = unet(torch.cat([x_T, x_T]), t, encoder_hidden_states=ctx, timestep_cond=None,
+                        cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=False)[0]
+        out_uncond, out_cond = out.chunk(2)
+        out = out_uncond + s.cfg * (out_cond - out_uncond)
+        return sched.step(out, t, x_T).prev_sample
+
+    return step
+
+
+def run_diffusers(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], flush: Flush) -> None:
+    pipe = build_diffusers(preset, s, clock, rec)
     clock.reset_peak()
     h = w = s.size
     with torch.inference_mode():
@@ -234,23 +281,8 @@ def run_diffusers(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any]
             flush(rec)
         pe, npe = pipe.encode_prompt(PROMPT, s.device, s.batch, True, negative_prompt=NEGATIVE)
         x_T = _inputs(s, s.dtype)
-        sched = pipe.scheduler
-        sched.set_timesteps(s.steps, device=s.device)
         if "step" in s.parts:
-            ctx = torch.cat([npe, pe])
-            # t as the pipeline passes it: a 0-d tensor from the schedule (a Python int would make a compiled UNet
-            # specialise on, and recompile for, every timestep)
-            ts = iter([sched.timesteps[i] for i in _step_indices(len(sched.timesteps), s.warmup + s.repeat)] * 2)
-
-            def step() -> torch.Tensor:
-                t = next(ts)
-                # the call exactly as StableDiffusionPipeline makes it (other kwargs = another compiled graph)
-                out = pipe.unet(torch.cat([x_T, x_T]), t, encoder_hidden_states=ctx, timestep_cond=None,
-                                cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=False)[0]
-                out_uncond, out_cond = out.chunk(2)
-                out = out_uncond + s.cfg * (out_cond - out_uncond)
-                return sched.step(out, t, x_T).prev_sample
-
+            step = diffusers_step_call(pipe.unet, pipe.scheduler, pe, npe, x_T, s)
             rec["step"] = clock.measure(step, s.repeat, s.warmup).as_dict()
             flush(rec)
         latents = x_T  # what the VAE decodes when the loop is not run (the same values on both sides)
@@ -288,9 +320,8 @@ def _median(xs: list[float]) -> float | None:
     return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
 
 
-def run_config(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], flush: Flush) -> None:
-    """Fill `rec` with one configuration's settings and measurements (or the error that stopped it), calling
-    `flush(rec)` after every measurement so a run cut short keeps the parts it finished."""
+def describe(preset: Preset, s: Settings, rec: dict[str, Any]) -> bool:
+    """Fill `rec` with the configuration's settings; False (and rec["skipped"]) where it cannot run here."""
     opts = fast_options(preset, s)
     rec.update({
         "config": preset.name, "impl": preset.impl, "doc": preset.doc, "arch": s.arch, "tiny": s.tiny,
@@ -304,6 +335,14 @@ def run_config(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], f
     })
     if preset.cuda_only and s.device.type != "cuda":
         rec["skipped"] = "needs CUDA"
+        return False
+    return True
+
+
+def run_config(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], flush: Flush) -> None:
+    """Fill `rec` with one configuration's settings and measurements (or the error that stopped it), calling
+    `flush(rec)` after every measurement so a run cut short keeps the parts it finished."""
+    if not describe(preset, s, rec):
         return
 
     def flush_derived(r: dict[str, Any]) -> None:

@@ -71,6 +71,27 @@ def test_tiny_run_prints_table_and_writes_json(tmp_path, capsys):
     print(f"bench smoke test: {time.perf_counter() - t0:.1f}s")
 
 
+def test_interleaved_step_timing(tmp_path, capsys):
+    """--interleave: every configuration built first, then timed round-robin; same records and ratios as a plain run,
+    and a failing configuration (CUDA graphs on a CPU) is reported without stopping the others."""
+    out = tmp_path / "inter.json"
+    rc = main(["--tiny", "--device", "cpu", "--threads", "1", "--steps", "3", "--repeat", "3", "--parts", "step",
+               "--interleave", "--configs", "eager,fast,graphs,diffusers", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "interleaved" in printed
+    recs = {r["config"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(recs) == ["eager", "fast", "graphs", "diffusers"] and recs["graphs"]["skipped"] == "needs CUDA"
+    for name in ("eager", "fast", "diffusers"):
+        r = recs[name]
+        assert r["complete"] and r["step"]["interleaved"] and len(r["step"]["runs_s"]) == 3
+        assert r["step_ms"] == pytest.approx(sorted(r["step"]["runs_s"])[1] * 1e3) and r["warmup_s"] > 0
+        assert "text_ms" not in r and "loop_s" not in r
+    assert recs["fast"]["step_vs_diffusers"] == pytest.approx(recs["diffusers"]["step_ms"] / recs["fast"]["step_ms"])
+    with pytest.raises(SystemExit):
+        main(["--interleave", "--parts", "step,loop"])
+    assert "--parts step" in capsys.readouterr().err
+
+
 def test_cli_rejects_unknown_names(capsys):
     with pytest.raises(SystemExit):
         main(["--configs", "eager,warp-speed"])
