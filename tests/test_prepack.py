@@ -17,7 +17,7 @@ import gbsd_core
 import gbsd_core.fast as fast
 from gbsd_core.attention import CrossAttention
 from gbsd_core.fast import FastOptions, accelerate
-from gbsd_core.prepack import PackedConv2d, PackedLinear, prepack_, prepack_available
+from gbsd_core.prepack import LINEAR_DTYPES, PackedConv2d, PackedLinear, prepack_, prepack_available
 from gbsd_core.unet import UNetConfig, UNetModel
 
 from _util import rel_err
@@ -61,24 +61,27 @@ def test_packed_conv_matches_conv2d(spec, dtype, channels_last):
 
 @pytest.mark.parametrize("shape", [(300, 64), (2, 77, 64)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_packed_linear_bf16_matches_linear_fp32_keeps_plain(shape, bias):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_matches_linear(shape, bias, dtype):
+    if dtype not in LINEAR_DTYPES:
+        pytest.skip("fp32 linear packing needs MKL (x86 builds)")
     torch.manual_seed(0)
-    ref = nn.Linear(64, 96, bias=bias).bfloat16()
+    ref = nn.Linear(64, 96, bias=bias).to(dtype)
     packed = copy.deepcopy(ref)
     prepack_(packed)
-    x = torch.randn(shape).bfloat16()
+    x = torch.randn(shape).to(dtype)
     with torch.inference_mode():
         out = packed(x)
         exact = F.linear(x.double(), ref.weight.double(), None if ref.bias is None else ref.bias.double())
         err, err_plain = rel_err(out, exact), rel_err(ref(x), exact)
-    assert type(packed) is PackedLinear and packed.packer.key is not None
-    print(f"bf16 linear {shape} bias={bias}: packed {err:.2e}, F.linear {err_plain:.2e} vs fp64")
-    assert out.shape == (*shape[:-1], 96) and out.dtype == torch.bfloat16 and err <= max(2 * err_plain, 4e-3)
-    # fp32 linears stay on MKL's sgemm (as fast, measured): bit-identical to F.linear, nothing packed
-    ref32, packed32 = ref.float(), copy.deepcopy(ref).float()
-    prepack_(packed32)
-    with torch.inference_mode():
-        assert torch.equal(packed32(x.float()), ref32(x.float())) and packed32.packer.key is None
+        other = torch.randn(5, 64).to(dtype)  # another row count: packed again for it
+        err_other = rel_err(packed(other), F.linear(other.double(), ref.weight.double(),
+                                                    None if ref.bias is None else ref.bias.double()))
+    assert type(packed) is PackedLinear and packed.packer.key[0] == 5
+    print(f"{dtype} linear {shape} bias={bias}: packed {err:.2e}, F.linear {err_plain:.2e} vs fp64")
+    assert out.shape == (*shape[:-1], 96) and out.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else max(2 * err_plain, 4e-3)
+    assert err <= tol and err_other <= tol
 
 
 def test_packed_weight_follows_new_weights_and_input_shapes():
@@ -115,6 +118,12 @@ def test_plain_path_where_packing_does_not_apply():
     half, half_ref = copy.deepcopy(packed).half(), copy.deepcopy(ref).half()
     with torch.inference_mode():
         assert torch.equal(half(x.half()), half_ref(x.half())) and half.packer.key is None
+    lin, lin_ref = nn.Linear(16, 8).half(), nn.Linear(16, 8).half()
+    lin_ref.load_state_dict(lin.state_dict())
+    prepack_(lin)
+    with torch.inference_mode():
+        v = torch.randn(3, 16).half()
+        assert torch.equal(lin(v), lin_ref(v)) and lin.packer.key is None
 
 
 def test_packed_modules_copy_and_pickle_without_the_opaque_buffer():
@@ -161,7 +170,7 @@ def test_prepacked_unet_keeps_keys_and_matches_the_plain_unet(dtype):
     convs = [m for m in packed.modules() if isinstance(m, PackedConv2d)]
     assert all(m.packer.key is not None for m in convs)
     fused = [m.qkv_linear for m in packed.modules() if isinstance(m, CrossAttention) and m.qkv_weight is not None]
-    assert fused and all((q.key is not None) == (dtype == torch.bfloat16) for q in fused)
+    assert fused and all((q.key is not None) == (dtype in LINEAR_DTYPES) for q in fused)
     err, err_plain = rel_err(ours, exact), rel_err(theirs, exact)
     print(f"tiny UNet {dtype}: prepacked {err:.2e}, plain {err_plain:.2e} vs the fp32 plain UNet")
     assert err <= (1e-5 if dtype == torch.float32 else 1.25 * err_plain + 1e-3)
