@@ -59,7 +59,7 @@ def _add_speed_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speed (gbsd_core.fast; the default is the plain fp32 path)")
     g.add_argument("--fast", action="store_true",
                    help="fast path in --dtype: channels-last, fused QKV, cross-attention K/V once per stage, "
-                        "Triton kernels on CUDA")
+                        "weights prepacked for oneDNN on CPU, Triton kernels on CUDA")
     g.add_argument("--compile", choices=("default", "reduce-overhead", "max-autotune"),
                    help="torch.compile the whole CFG+DDIM step (implies --fast; first step compiles)")
 
