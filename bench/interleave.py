@@ -1,11 +1,11 @@
 """`python -m bench --interleave --parts step`: one CFG step of several configurations, timed round-robin.
 
-Why: a CPU shared with other machines' jobs, or one that changes its clock, drifts by 10-20 % over minutes (measured
-here: the same configuration timed 2.3 s in one run and 3.3 s in the next). Configurations timed one after another
-(the default) can gain or lose that much against each other. Interleaved, every configuration is built first, then
-call 1 of each is timed, then call 2 of each, and so on: all of them see the same drift, so their ratios hold even
-while the absolute times move. Only the step is timed this way, and every configuration stays in memory at once
-(each keeps only its UNet: the prompts are encoded first, the text encoder and VAE dropped).
+Why: a CPU shared with other machines' jobs, or one that changes its clock, drifts by 10-40 % within minutes
+(measured here: the same configuration timed 0.6 s per step in one run and 1.0 s in the next). Configurations timed
+one after another (the default) can gain or lose that much against each other. Interleaved, every configuration is
+built first, then call 1 of each is timed, then call 2 of each, and so on: all of them see the same drift, so their
+ratios hold even while the absolute times move. Only the step is timed this way, and every configuration stays in
+memory at once (each keeps only its UNet: the prompts are encoded first, the text encoder and VAE dropped).
 """
 from __future__ import annotations
 

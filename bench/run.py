@@ -261,7 +261,7 @@ def diffusers_step_call(unet, sched, pe: torch.Tensor, npe: torch.Tensor, x_T: t
         t = next(ts)
         # the call exactly as StableDiffusionPipeline makes it (other kwargs = another compiled graph)
         out = unet(torch.cat([x_T, x_T]), t, encoder_hidden_states=ctx, timestep_cond=None,
-                        cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=False)[0]
+                   cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=False)[0]
         out_uncond, out_cond = out.chunk(2)
         out = out_uncond + s.cfg * (out_cond - out_uncond)
         return sched.step(out, t, x_T).prev_sample

@@ -80,7 +80,8 @@ class CrossAttention(nn.Module):
         elif context is None and self.qkv_weight is not None:
             b, n, _ = x.shape
             # one [B, N, 3*inner] matmul, split as (q|k|v, heads, dim_head) -> 3 x [B, heads, N, dim_head] views
-            q, k, v = self.qkv_linear(x, self.qkv_weight).view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+            qkv = self.qkv_linear(x, self.qkv_weight)
+            q, k, v = qkv.view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
         else:
             context = x if context is None else context
             q = self._split_heads(self.to_q(x))

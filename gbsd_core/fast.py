@@ -25,8 +25,8 @@ What each option does and why it is safe:
 - `triton`: the fused GroupNorm+SiLU (ResBlock in_layers.0+1 and out_layers.0+1, the UNet's out.0+1) and GEGLU
   (ff.net.0) kernels of gbsd_core/kernels, by swapping those modules for subclasses with the same parameters (keys
   unchanged; the now-redundant SiLU slots become Identity). None = on when the UNet is on CUDA and triton imports.
-- `cpu_prepack`: conv and linear weights (fp32/bf16) packed once into oneDNN's blocked layout instead of on
-  every call (prepack.py: the UNet's deep 1280-channel convs spend more time reordering their weight than computing).
+- `cpu_prepack`: conv and linear weights (fp32/bf16) packed once into the layout oneDNN / MKL compute in, instead of
+  on every call (prepack.py: the UNet's deep 1280-channel convs spend more time reordering their weight than computing).
   None = on when the UNet is on CPU and PyTorch has the oneDNN ops. Keys unchanged; costs a second copy of the
   packed weights in memory. Applied to the UNet and the VAE.
 - `compile`: torch.compile of the whole step function (UNet + guidance + DDIM), `fullgraph=True`.
