@@ -58,7 +58,7 @@ open_clip.__version__, "transformers", transformers.__version__)'
 
   stamp "CUDA tests: kernels and fast path (75 s)"
   set +e
-  timeout 75 python3 -m pytest -q -m "not fullsize" tests/test_kernels.py tests/test_fast.py -rs > "$OUT/tests.log" 2>&1
+  timeout 75 python3 -m pytest -q -m "not fullsize" tests/fast -rs > "$OUT/tests.log" 2>&1
   echo "tests rc=$?"; tail -n 15 "$OUT/tests.log"
   set -e
 fi

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import torch
 
-from .run import (NEGATIVE, PROMPT, Preset, Settings, _derive, _free, _inputs, build_diffusers, build_ours,
-                  describe, diffusers_step_call, ours_contexts, ours_step_call, ours_stepper)
+from .run import (NEGATIVE, PROMPT, Preset, Settings, build_diffusers, build_ours, derive, describe, free_memory,
+                  make_inputs, diffusers_step_call, ours_contexts, ours_step_call, ours_stepper)
 from .timing import Clock
 
 
@@ -26,11 +26,11 @@ def _prepare(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any]) -> 
         lat_dtype = torch.float32 if opts is not None else s.dtype  # as run_ours: the fast stepper keeps fp32 latents
         uncond, cond = ours_contexts(bundle, s, lat_dtype)
         stepper = ours_stepper(bundle, opts, s)
-        call = ours_step_call(stepper, uncond, cond, _inputs(s, lat_dtype), bundle.scheduler.timesteps(s.steps), s)
+        call = ours_step_call(stepper, uncond, cond, make_inputs(s, lat_dtype), bundle.scheduler.timesteps(s.steps), s)
         return call, getattr(stepper, "close", lambda: None)
     pipe = build_diffusers(preset, s, clock, rec)
     pe, npe = pipe.encode_prompt(PROMPT, s.device, s.batch, True, negative_prompt=NEGATIVE)
-    return diffusers_step_call(pipe.unet, pipe.scheduler, pe, npe, _inputs(s, s.dtype), s), lambda: None
+    return diffusers_step_call(pipe.unet, pipe.scheduler, pe, npe, make_inputs(s, s.dtype), s), lambda: None
 
 
 def run_interleaved(presets: list[Preset], s: Settings, clock: Clock, records: list[dict[str, Any]],
@@ -52,7 +52,7 @@ def run_interleaved(presets: list[Preset], s: Settings, clock: Clock, records: l
                 live.append((rec, call, close))
             except Exception as e:  # a failing configuration must not stop the others
                 rec["error"] = f"{type(e).__name__}: {e}"[:2000]
-                _free()
+                free_memory()
             flush()
         for _ in range(s.repeat):
             for rec, call, _close in live:
@@ -62,5 +62,5 @@ def run_interleaved(presets: list[Preset], s: Settings, clock: Clock, records: l
         rec["step"]["median_s"] = statistics.median(rec["step"]["runs_s"])
         rec["peak_gb"] = clock.peak_memory_gb()
         rec["complete"] = True
-        _derive(rec, s)
+        derive(rec, s)
     flush()

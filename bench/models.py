@@ -16,7 +16,7 @@ from torch import nn
 from gbsd_core.clip_text import CLIPTextConfig, CLIPTextEncoder
 from gbsd_core.ddim import DDIMScheduler
 from gbsd_core.family import SD1, SD2_768_V, Family
-from gbsd_core.loading import SDBundle
+from gbsd_core.bundle import SDBundle
 from gbsd_core.openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
 from gbsd_core.tokenizer import Tokenizer
 from gbsd_core.unet import UNetConfig, UNetModel

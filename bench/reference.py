@@ -15,9 +15,17 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from gbsd_core.bundle import SDBundle
+    from gbsd_core.clip_text import CLIPTextEncoder
+    from gbsd_core.openclip_text import OpenCLIPTextEncoder
+    from gbsd_core.unet import UNetConfig, UNetModel
+    from gbsd_core.vae import AutoencoderKL
 
 DDIM_CONFIG = dict(  # CompVis DDIM in diffusers' terms (../shared/GUIDE.md §2)
     num_train_timesteps=1000,
@@ -39,7 +47,7 @@ def _take(ref: nn.Module, converted: dict[str, torch.Tensor], share: bool) -> nn
     return ref.eval()
 
 
-def diffusers_unet_config(cfg) -> dict:
+def diffusers_unet_config(cfg: UNetConfig) -> dict:
     """The UNet2DConditionModel config describing the same network (diffusers calls head counts attention_head_dim)."""
     attn = [2**lvl in cfg.attention_resolutions for lvl in range(len(cfg.channel_mult))]
     return dict(
@@ -58,7 +66,7 @@ def diffusers_unet_config(cfg) -> dict:
     )
 
 
-def diffusers_unet(ours, share: bool = False):
+def diffusers_unet(ours: UNetModel, share: bool = False) -> nn.Module:
     """A diffusers UNet2DConditionModel carrying our UNet's weights (on their device and dtype)."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
@@ -70,7 +78,7 @@ def diffusers_unet(ours, share: bool = False):
     return _take(ref, convert_ldm_unet_checkpoint(sd, config), share)
 
 
-def diffusers_vae(ours, share: bool = False):
+def diffusers_vae(ours: AutoencoderKL, share: bool = False) -> nn.Module:
     """A diffusers AutoencoderKL carrying our VAE's weights."""
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
@@ -118,7 +126,7 @@ def _fill_hf_clip(ref: nn.Module, converted: dict[str, torch.Tensor], share: boo
     return ref
 
 
-def transformers_clip(ours, share: bool = False, attn_implementation: str = "eager"):
+def transformers_clip(ours: CLIPTextEncoder, share: bool = False, attn_implementation: str = "eager") -> nn.Module:
     """A transformers CLIPTextModel carrying our SD1 text encoder's weights.
 
     attn_implementation "eager" (default) gives tests a reference that is not SDPA; the benchmark passes "sdpa",
@@ -132,7 +140,8 @@ def transformers_clip(ours, share: bool = False, attn_implementation: str = "eag
     return _fill_hf_clip(ref, convert_ldm_clip_checkpoint(sd), share)
 
 
-def transformers_openclip(ours, share: bool = False, attn_implementation: str = "eager"):
+def transformers_openclip(ours: OpenCLIPTextEncoder, share: bool = False,
+                          attn_implementation: str = "eager") -> nn.Module:
     """Our SD2 (OpenCLIP-H) text encoder as the 23-of-24-layer transformers CLIPTextModel diffusers' SD2 repos ship,
     through diffusers' own `convert_open_clip_checkpoint`."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
@@ -172,7 +181,7 @@ def clip_tokenizer(folder: Path, pad_token: str | None = None):
     return CLIPTokenizer.from_pretrained(str(write_clip_vocab(folder)), model_max_length=77, **extra)
 
 
-def diffusers_sd_pipeline(bundle, tmp: Path, share: bool = False, attn_implementation: str = "eager"):
+def diffusers_sd_pipeline(bundle: SDBundle, tmp: Path, share: bool = False, attn_implementation: str = "eager"):
     """A diffusers StableDiffusionPipeline assembled offline from twins of a loaded SD1 or SD2 bundle's modules."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 

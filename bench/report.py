@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from gbsd_core.loading import atomic_write
+
 from .timing import load_average
 
 COLUMNS = [  # (header, record key, format)
@@ -127,6 +129,5 @@ def write(path: str | None, obj: Any) -> None:
         return
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(obj if isinstance(obj, str) else json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, p)
+    text = obj if isinstance(obj, str) else json.dumps(obj, indent=1, default=str)
+    atomic_write(p, lambda tmp: tmp.write_text(text))

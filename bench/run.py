@@ -23,8 +23,10 @@ from typing import Any, Callable
 
 import torch
 
-from gbsd_core.pipeline import GenerationParams, generate, sweep
-from gbsd_core.sampling import CFGStep, Stage, denoise, layout_steps
+from gbsd_core.bundle import SDBundle
+from gbsd_core.fast import FastOptions, accelerate, make_stepper
+from gbsd_core.pipeline import GenerationParams, GenerationResult, generate, sweep
+from gbsd_core.sampling import CFGStep, Stage, Stepper, denoise, layout_steps
 
 from .models import build_bundle, parameter_counts
 from .timing import Clock
@@ -96,12 +98,10 @@ class Settings:
         return self.size // 8
 
 
-def fast_options(preset: Preset, s: Settings):
+def fast_options(preset: Preset, s: Settings) -> FastOptions | None:
     """The FastOptions a preset stands for, or None for the plain path."""
     if preset.fast is None:
         return None
-    from gbsd_core.fast import FastOptions
-
     kw = dict(preset.fast)
     if s.compile_mode and kw.get("compile"):
         kw["compile"] = s.compile_mode
@@ -115,7 +115,7 @@ def compile_mode(preset: Preset, s: Settings) -> str:
     return mode
 
 
-def _inputs(s: Settings, dtype: torch.dtype) -> torch.Tensor:
+def make_inputs(s: Settings, dtype: torch.dtype) -> torch.Tensor:
     """x_T from a CPU generator (same bits on every device), [B,4,h,w]."""
     g = torch.Generator("cpu").manual_seed(s.seed)
     return torch.randn(s.batch, 4, s.latent_hw, s.latent_hw, generator=g).to(s.device, dtype)
@@ -127,7 +127,7 @@ def _step_indices(n: int, k: int) -> list[int]:
     return [int(i) for i in torch.linspace(0, n - 1, max(k, 1)).round().long()]
 
 
-def _free() -> None:
+def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -141,31 +141,43 @@ def build_ours(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any]):
     rec["params"] = parameter_counts(bundle)
     opts = fast_options(preset, s)
     if opts is not None:
-        from gbsd_core.fast import accelerate
-
         accelerate(bundle, opts)
     clock.sync()
     rec["build_s"] = time.perf_counter() - t0
     return bundle, opts
 
 
-def ours_stepper(bundle, opts, s: Settings):
+def ours_stepper(bundle: SDBundle, opts: FastOptions | None, s: Settings) -> Stepper:
     if opts is not None:
-        from gbsd_core.fast import make_stepper
-
         return make_stepper(bundle, opts, s.cfg)
     return CFGStep(bundle.unet, bundle.scheduler, s.cfg)
 
 
-def ours_step_call(stepper, uncond: torch.Tensor, cond: torch.Tensor, x_T: torch.Tensor, timesteps,
-                   s: Settings) -> Callable[[], torch.Tensor]:
+def ours_generate(bundle: SDBundle, params: GenerationParams, opts: FastOptions | None) -> GenerationResult:
+    """`pipeline.generate` as a user runs it: the plain path, or through a fast stepper made for these parameters."""
+    if opts is None:
+        return generate(bundle, params)
+    with make_stepper(bundle, opts, params.cfg, params.eta) as step:
+        return generate(bundle, params, stepper=step)
+
+
+def ours_sweep(bundle: SDBundle, params: GenerationParams, alphas: list[float],
+               opts: FastOptions | None) -> list[GenerationResult]:
+    if opts is None:
+        return sweep(bundle, params, alphas=alphas)
+    with make_stepper(bundle, opts, params.cfg, params.eta) as step:
+        return sweep(bundle, params, alphas=alphas, stepper=step)
+
+
+def ours_step_call(stepper: Stepper, uncond: torch.Tensor, cond: torch.Tensor, x_T: torch.Tensor,
+                   timesteps: torch.Tensor, s: Settings) -> Callable[[], torch.Tensor]:
     """One CFG step per call, cycling through timesteps spread over the schedule."""
     stepper.set_context(torch.cat([uncond, cond]))
     ts = itertools.cycle([int(timesteps[i]) for i in _step_indices(len(timesteps), s.warmup + s.repeat)])
     return lambda: stepper(x_T, next(ts), None)
 
 
-def ours_contexts(bundle, s: Settings, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def ours_contexts(bundle: SDBundle, s: Settings, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     uncond, cond = (bundle.encode_prompt(p).to(s.device, dtype) for p in (NEGATIVE, PROMPT))
     return uncond.expand(s.batch, -1, -1), cond.expand(s.batch, -1, -1)
 
@@ -181,7 +193,7 @@ def run_ours(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], flu
             rec["text"] = t.as_dict()
             flush(rec)
         uncond, cond = ours_contexts(bundle, s, lat_dtype)
-        x_T = _inputs(s, lat_dtype)
+        x_T = make_inputs(s, lat_dtype)
         scheduler = bundle.scheduler
         timesteps = scheduler.timesteps(s.steps)
         stepper = ours_stepper(bundle, opts, s)
@@ -196,8 +208,7 @@ def run_ours(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], flu
 
                 def loop() -> torch.Tensor:
                     latents = x_T
-                    for state in denoise(bundle.unet, scheduler, x_T, timesteps, stages, uncond, s.cfg,
-                                         stepper=stepper):
+                    for state in denoise(stepper, x_T, timesteps, stages, uncond):
                         latents = state.latents
                     return latents
 
@@ -217,12 +228,12 @@ def run_ours(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], flu
     if "e2e" in s.parts and s.batch == 1:
         params = GenerationParams(PROMPT, negative=NEGATIVE, steps=s.steps, cfg=s.cfg, seed=s.seed,
                                   width=s.size, height=s.size)
-        t = clock.measure(lambda: generate(bundle, params, fast=opts), s.e2e_repeat, 1)
+        t = clock.measure(lambda: ours_generate(bundle, params, opts), s.e2e_repeat, 1)
         rec["e2e"] = t.as_dict()
         flush(rec)
     rec["peak_gb"] = clock.peak_memory_gb()
     del bundle
-    _free()
+    free_memory()
 
 
 # ------------------------------------------------------------------------------------------------------ diffusers
@@ -280,7 +291,7 @@ def run_diffusers(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any]
             rec["text"] = t.as_dict()
             flush(rec)
         pe, npe = pipe.encode_prompt(PROMPT, s.device, s.batch, True, negative_prompt=NEGATIVE)
-        x_T = _inputs(s, s.dtype)
+        x_T = make_inputs(s, s.dtype)
         if "step" in s.parts:
             step = diffusers_step_call(pipe.unet, pipe.scheduler, pe, npe, x_T, s)
             rec["step"] = clock.measure(step, s.repeat, s.warmup).as_dict()
@@ -309,7 +320,7 @@ def run_diffusers(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any]
             flush(rec)
     rec["peak_gb"] = clock.peak_memory_gb()
     del pipe
-    _free()
+    free_memory()
 
 
 def _median(xs: list[float]) -> float | None:
@@ -347,7 +358,7 @@ def run_config(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], f
 
     def flush_derived(r: dict[str, Any]) -> None:
         r["peak_gb"] = clock.peak_memory_gb()
-        _derive(r, s)
+        derive(r, s)
         flush(r)
 
     try:
@@ -356,11 +367,11 @@ def run_config(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], f
         rec["complete"] = True
     except Exception as e:  # a failing configuration must not lose the others' results
         rec["error"] = f"{type(e).__name__}: {e}"[:2000]
-        _free()
-    _derive(rec, s)
+        free_memory()
+    derive(rec, s)
 
 
-def _derive(rec: dict[str, Any], s: Settings) -> None:
+def derive(rec: dict[str, Any], s: Settings) -> None:
     if "step" in rec:
         rec["step_ms"] = rec["step"]["median_s"] * 1e3
         rec["warmup_s"] = rec["step"]["first_s"]
@@ -391,21 +402,21 @@ def run_sweep(preset: Preset, s: Settings, clock: Clock, k: int, layout: float, 
         params = GenerationParams(PROMPT, focus=FOCUS, layout=layout, negative=NEGATIVE, steps=steps, cfg=s.cfg,
                                   seed=s.seed, width=size, height=size)
         with torch.inference_mode():
-            generate(bundle, params, fast=opts)  # warm-up (compilation / capture at batch 1)
+            ours_generate(bundle, params, opts)  # warm-up (compilation / capture at batch 1)
             if opts is not None and (opts.compile or opts.cuda_graphs):
-                sweep(bundle, params, alphas=alphas, fast=opts)  # and at batch K (a new shape for both)
-            t_shared, results = clock.once(lambda: sweep(bundle, params, alphas=alphas, fast=opts))
+                ours_sweep(bundle, params, alphas, opts)  # and at batch K (a new shape for both)
+            t_shared, results = clock.once(lambda: ours_sweep(bundle, params, alphas, opts))
             rec["shared_s"] = t_shared
             rec["shared_unet_calls"] = results[0].unet_calls
             if independent == "measure":
                 times, calls = [], 0
                 for a in alphas:
-                    t, r = clock.once(lambda: generate(bundle, replace(params, alpha=a), fast=opts))
+                    t, r = clock.once(lambda: ours_generate(bundle, replace(params, alpha=a), opts))
                     times.append(t)
                     calls += r.unet_calls
                 rec["independent_s"], rec["independent_unet_calls"] = sum(times), calls
             else:  # K x one measured run: each independent run does the same work
-                t, r = clock.once(lambda: generate(bundle, replace(params, alpha=alphas[0]), fast=opts))
+                t, r = clock.once(lambda: ours_generate(bundle, replace(params, alpha=alphas[0]), opts))
                 rec["single_run_s"] = t
                 rec["independent_s"], rec["independent_unet_calls"] = k * t, k * r.unet_calls
         n_layout = layout_steps(steps, layout)
@@ -414,5 +425,5 @@ def run_sweep(preset: Preset, s: Settings, clock: Clock, k: int, layout: float, 
         del bundle
     except Exception as e:
         rec["error"] = f"{type(e).__name__}: {e}"[:2000]
-    _free()
+    free_memory()
     return rec

@@ -10,37 +10,17 @@ The VAE's single-head 1x1-conv attention is a different module and lives with th
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# probs_hook(module, probs): probs is [B, heads, Nq, Nk], softmax over the last axis (keys).
-ProbsHook = Callable[["CrossAttention", torch.Tensor], None]
-
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm with 32 groups whose statistics are always computed in fp32.
-
-    CompVis `GroupNorm32` casts the input to fp32 (`super().forward(x.float()).type(x.dtype)`); we also cast the affine
-    parameters, so a model converted wholesale with `.half()` still normalizes in fp32 (under autocast, which the
-    reference runs fp16 with, group_norm runs in fp32 too). eps: 1e-5 in ResBlocks, 1e-6 in SpatialTransformer.
-    """
-
-    def __init__(self, num_channels: int, eps: float = 1e-5) -> None:
-        super().__init__(32, num_channels, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+from .norm import GroupNorm32
 
 
 class CrossAttention(nn.Module):
     """Multi-head attention of `query` over `context` (itself when context is None: self-attention `attn1`).
 
-    Computed with `F.scaled_dot_product_attention` (fused kernels where available). When `probs_hook` is set, the
-    attention is computed explicitly as softmax(Q K^T * scale) V instead, and the hook receives the probabilities
-    [B, heads, Nq, Nk]; with no hook there is no extra work (one attribute check).
+    softmax(Q Kᵀ / √d) V with `F.scaled_dot_product_attention` (PyTorch picks a fused kernel where one applies).
 
     `upcast`: compute attention in fp32 and cast back. Stability's SD2 code does this for q·k and the softmax by default
     (`_ATTN_PRECISION = "fp32"`); the SD2 768-v model overflows fp16 without it.
@@ -54,107 +34,33 @@ class CrossAttention(nn.Module):
         self.dim_head = dim_head
         self.scale = dim_head**-0.5
         self.upcast = upcast
-        self.probs_hook: ProbsHook | None = None
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         # Index 1 is the reference's Dropout slot (kept so `to_out.0` keeps its index).
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(0.0))
-        # Inference fast paths (gbsd_core/fast.py switches them on; all off by default, none is in the state dict):
-        self.explicit_softmax = False  # attention as softmax(QK^T·scale)V in plain ops instead of SDPA
-        self.register_buffer("qkv_weight", None, persistent=False)  # self-attention q|k|v stacked, see fuse_qkv()
-        self.qkv_linear = F.linear  # the stacked matmul; prepack.py swaps in a prepacked one for CPU
-        # cross-attention: (context, K, V) with K, V [B, heads, Nk, dim_head] precomputed by set_context_kv()
-        self.context_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
-        # [B, N, heads*dim_head] -> [B, heads, N, dim_head]; the reference's 'b n (h d) -> (b h) n d' (heads outer).
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, N, heads*dim_head] -> [B, heads, N, dim_head]; the reference's 'b n (h d) -> (b h) n d' (heads outer)."""
         b, n, _ = t.shape
         return t.view(b, n, self.heads, self.dim_head).transpose(1, 2)
 
+    def merge_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, heads, N, dim_head] -> [B, N, heads*dim_head], the inverse of split_heads."""
+        b, _, n, _ = t.shape
+        return t.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         # x: [B, Nq, query_dim]; context: [B, Nk, context_dim] or None -> [B, Nq, query_dim]
-        if self.context_kv is not None:
-            k, v = self._cached_kv(context)
-            q = self._split_heads(self.to_q(x))
-        elif context is None and self.qkv_weight is not None:
-            b, n, _ = x.shape
-            # one [B, N, 3*inner] matmul, split as (q|k|v, heads, dim_head) -> 3 x [B, heads, N, dim_head] views
-            qkv = self.qkv_linear(x, self.qkv_weight)
-            q, k, v = qkv.view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
-        else:
-            context = x if context is None else context
-            q = self._split_heads(self.to_q(x))
-            k = self._split_heads(self.to_k(context))
-            v = self._split_heads(self.to_v(context))
+        context = x if context is None else context
+        q = self.split_heads(self.to_q(x))  # [B, heads, Nq, d]
+        k = self.split_heads(self.to_k(context))  # [B, heads, Nk, d]
+        v = self.split_heads(self.to_v(context))
         dtype = q.dtype
         if self.upcast:
             q, k, v = q.float(), k.float(), v.float()
-        if self.probs_hook is None and not self.explicit_softmax:
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        else:
-            probs = (q @ k.transpose(-1, -2) * self.scale).softmax(dim=-1)  # [B, heads, Nq, Nk]
-            if self.probs_hook is not None:
-                self.probs_hook(self, probs)
-            out = probs @ v
-        b, _, nq, _ = out.shape
-        out = out.transpose(1, 2).reshape(b, nq, self.heads * self.dim_head).to(dtype)
-        return self.to_out(out)
-
-    # ------------------------------------------------------------------ inference fast paths (fast.py)
-    def fuse_qkv(self) -> None:
-        """Self-attention only: compute q, k, v with one matmul against the stacked weight [3*inner, query_dim].
-
-        Costs no memory: the stacked weight is a non-persistent buffer and to_q/to_k/to_v.weight become Parameters
-        that are *views* into it, so state_dict() still yields the checkpoint's three keys, and load_state_dict()
-        (which copies into the parameters in place) updates the stacked weight too. Moving or casting the module
-        afterwards (.to()) gives the views their own storage; a load hook re-stacks on the next load_state_dict, but
-        do such moves before fusing (fast.accelerate does). Irreversible by design; inference only.
-        """
-        if self.to_k.in_features != self.to_q.in_features:
-            raise ValueError("fuse_qkv is for self-attention (attn1); cross-attention K/V come from the context")
-        if self.qkv_weight is None:
-            self.register_load_state_dict_post_hook(lambda module, _keys: module._stack_qkv())
-        self._stack_qkv()
-
-    def _stack_qkv(self) -> None:
-        with torch.no_grad():
-            stacked = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # [3*inner, query_dim]
-        self.qkv_weight = stacked  # a non-persistent buffer (registered in __init__): moves with .to(), no key
-        for i, lin in enumerate((self.to_q, self.to_k, self.to_v)):
-            lin.weight = nn.Parameter(stacked[i * lin.out_features:(i + 1) * lin.out_features], requires_grad=False)
-
-    @torch.no_grad()
-    def set_context_kv(self, context: torch.Tensor | None) -> None:
-        """Cross-attention only: precompute K and V of `context` [B, Nk, context_dim] (None: drop them).
-
-        The text context is fixed for a whole GBSD stage, so its K/V projections need not be recomputed every step.
-        While set, forward() must be called with this very tensor (checked in eager mode) and uses the cached K/V.
-        When the new K/V have the old shapes they are written in place, so a captured CUDA graph that reads them
-        sees the new stage's values (the stage switch is then a copy, not a re-capture).
-        """
-        if context is None:
-            self.context_kv = None
-            return
-        k = self._split_heads(self.to_k(context))
-        v = self._split_heads(self.to_v(context))
-        old = self.context_kv
-        if old is not None and old[1].shape == k.shape and old[1].dtype == k.dtype and old[1].device == k.device:
-            old[1].copy_(k)
-            old[2].copy_(v)
-            self.context_kv = (context, old[1], old[2])
-        else:
-            self.context_kv = (context, k.contiguous(), v.contiguous())
-
-    def _cached_kv(self, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        source, k, v = self.context_kv  # type: ignore[misc]
-        # A stale cache would silently condition on the previous stage's prompt; refuse instead. (Identity is what
-        # counts: the cache is set once per stage with the stage's context tensor. Skipped while torch.compile
-        # traces, where the check would only add guards.)
-        if not torch.compiler.is_compiling() and context is not source:
-            raise RuntimeError("cross-attention K/V are cached for another context tensor; call "
-                               "set_context_kv(context) (UNetModel.set_context_kv) when the context changes")
-        return k, v
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # [B, heads, Nq, d]
+        return self.to_out(self.merge_heads(out).to(dtype))
 
 
 class GEGLU(nn.Module):

@@ -1,4 +1,4 @@
-"""Checkpoint files in and out: reading, strict loading into our modules, the writer, and the `SDBundle`.
+"""Checkpoint files in and out: reading, strict loading into our modules (an `SDBundle`), and the writer.
 
 Our modules use the original checkpoint names (CompVis `LatentDiffusion`), so loading a single file is: read the
 tensors, drop a short commented allowlist of non-weight keys, split by prefix, infer each config from shapes, build
@@ -16,27 +16,22 @@ import json
 import os
 import pickle
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal, Mapping, Union
+import tempfile
+from typing import Callable, Literal, Mapping
 
 import torch
 from torch import nn
 
 from . import diffusers_layout
+from .bundle import COMPONENTS, SDBundle
 from .clip_text import CLIPTextConfig, CLIPTextEncoder
 from .ddim import DDIMScheduler
-from .family import Family, detect, family_by_name, text_encoder_kind
+from .family import Family, detect, family_by_name
 from .openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
 from .unet import UNetConfig, UNetModel
 from .vae import AutoencoderKL, VAEConfig
-
-if TYPE_CHECKING:  # the tokenizer pulls in open_clip's BPE tables; imported only when a bundle is built
-    from PIL import Image
-
-    from .tokenizer import Tokenizer
-
-TextEncoder = Union[CLIPTextEncoder, OpenCLIPTextEncoder]
 
 # Subtrees of a LatentDiffusion state dict: model (DiffusionWrapper).diffusion_model, first_stage_model, cond_stage_model.
 PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
@@ -253,7 +248,7 @@ def split_components(sd: Mapping[str, torch.Tensor], path: Path) -> dict[str, di
     return parts
 
 
-def _check_strict(name: str, module: nn.Module, sd: Mapping[str, torch.Tensor], path: Path) -> None:
+def check_strict(name: str, module: nn.Module, sd: Mapping[str, torch.Tensor], path: Path) -> None:
     """Raise CheckpointError naming missing / unexpected / mis-shaped keys (with the file's full names)."""
     expected = module.state_dict()
     prefix = PREFIXES[name]
@@ -283,7 +278,7 @@ def build_module(name: str, module_cls: type[nn.Module], config: object, sd: Map
     """
     with torch.device("meta"):
         module = module_cls(config)
-    _check_strict(name, module, sd, path)
+    check_strict(name, module, sd, path)
     converted = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for k, t in sd.items()}
     module.load_state_dict(converted, strict=True, assign=True)
     left = [k for k, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
@@ -303,83 +298,14 @@ def _infer(name: str, infer: Callable[[], object], path: Path) -> object:
         raise CheckpointError(f"{path}: cannot infer the {name} architecture: {e}") from e
 
 
-# ================================================================================================================
-# The bundle
-# ================================================================================================================
-@dataclass
-class SDBundle:
-    """A loaded Stable Diffusion: the three networks, tokenizer, scheduler and family."""
-
-    unet: UNetModel
-    vae: AutoencoderKL
-    text_encoder: TextEncoder
-    tokenizer: "Tokenizer"
-    scheduler: DDIMScheduler
-    family: Family
-    path: Path | None = None
-
-    @torch.no_grad()
-    def encode_prompt(self, prompts: list[str] | str, clip_skip: int = 1) -> torch.Tensor:
-        """prompts -> token embeddings [B, 77, D] (D = 768 for SD1, 1024 for SD2), in the text encoder's dtype."""
-        device = next(self.text_encoder.parameters()).device
-        tokens = self.tokenizer(prompts).to(device)  # [B, 77]
-        if isinstance(self.text_encoder, CLIPTextEncoder):
-            return self.text_encoder(tokens, clip_skip=clip_skip)
-        if clip_skip != 1:  # Stability's SD2 embedder is fixed at the penultimate layer; there is nothing to skip to
-            raise ValueError(f"clip_skip applies to SD1's CLIP text encoder only, got clip_skip={clip_skip} for "
-                             f"{self.family.name}")
-        return self.text_encoder(tokens)
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> list["Image.Image"]:
-        """Scaled latents [B, 4, h, w] -> B RGB images of 8h x 8w."""
-        from PIL import Image
-
-        z = latents.to(next(self.vae.parameters()).device) / self.vae.config.scale_factor
-        x = self.vae.decode(z).float()  # [B, 3, 8h, 8w] in about [-1, 1]
-        x = ((x + 1) / 2).clamp(0, 1)
-        # round() as diffusers' numpy_to_pil; CompVis' scripts truncate, at most 1/255 darker
-        arr = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(a, mode="RGB") for a in arr]
-
-    @torch.no_grad()
-    def encode_images(self, images: "list[Image.Image] | torch.Tensor", generator: torch.Generator | None = None,
-                      sample: bool = True) -> torch.Tensor:
-        """Images (PIL, or a [B, 3, H, W] tensor in [-1, 1]) -> scaled latents [B, 4, H/8, W/8].
-
-        sample=True draws from the posterior (CompVis img2img: `encode_first_stage(...)` then `get_first_stage_encoding`
-        samples); sample=False takes its mean.
-        """
-        if not isinstance(images, torch.Tensor):
-            import numpy as np
-
-            arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])  # [B, H, W, 3]
-            images = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
-        posterior = self.vae.encode(images.to(next(self.vae.parameters()).device))
-        z = posterior.sample(generator) if sample else posterior.mode()
-        return z * self.vae.config.scale_factor
-
-    def describe(self) -> dict:
-        """Family, sizes and dtype, for `gbsd info`."""
-        p = next(self.unet.parameters())
-        return {
-            "path": str(self.path) if self.path else None,
-            "family": self.family.name,
-            "prediction_type": self.family.prediction_type,
-            "resolution": self.family.resolution,
-            "dtype": str(p.dtype).removeprefix("torch."),
-            "device": str(p.device),
-            "parameters": {name: sum(t.numel() for t in getattr(self, name).parameters()) for name in PREFIXES},
-            "configs": {name: asdict(getattr(self, name).config) for name in PREFIXES},
-        }
-
-
 def load(path: str | os.PathLike, family: str | Family | None = None, dtype: torch.dtype = torch.float32,
-         device: str | torch.device = "cpu") -> SDBundle:
+         device: str | torch.device = "cpu", vae_dtype: torch.dtype = torch.float32) -> SDBundle:
     """Load a single-file checkpoint or a diffusers folder into an `SDBundle`.
 
     `family` ("sd1", "sd2-512", "sd2-768-v") overrides detection; it matters for SD2, whose 512-eps and 768-v files
-    have identical tensors (see family.detect for the hints used otherwise).
+    have identical tensors (see family.detect for the hints used otherwise). `dtype` is the UNet's and the text
+    encoder's; the VAE stays in `vae_dtype`, fp32 by default, because the SD decoder's activations overflow fp16
+    (diffusers' `force_upcast` for the same reason; GUIDE §1.11).
     """
     from .tokenizer import Tokenizer
 
@@ -408,7 +334,7 @@ def load(path: str | os.PathLike, family: str | Family | None = None, dtype: tor
                         lambda: OpenCLIPTextConfig.from_state_dict(parts["text_encoder"], penultimate=penultimate), path)
 
     unet = build_module("unet", UNetModel, unet_cfg, parts["unet"], dtype, device, path)
-    vae = build_module("vae", AutoencoderKL, vae_cfg, parts["vae"], dtype, device, path)
+    vae = build_module("vae", AutoencoderKL, vae_cfg, parts["vae"], vae_dtype, device, path)
     text_encoder = build_module("text_encoder", te_cls, te_cfg, parts["text_encoder"], dtype, device, path)
     return SDBundle(unet=unet, vae=vae, text_encoder=text_encoder,  # type: ignore[arg-type]
                     tokenizer=Tokenizer(pad_token_id=fam.pad_token_id),
@@ -431,7 +357,7 @@ def save_single_file(src: SDBundle | Mapping[str, nn.Module], path: str | os.Pat
     from safetensors.torch import save_file
 
     path = Path(path)
-    modules = {name: getattr(src, name) for name in PREFIXES} if isinstance(src, SDBundle) else dict(src)
+    modules = {name: getattr(src, name) for name in COMPONENTS} if isinstance(src, SDBundle) else dict(src)
     unknown = set(modules) - set(PREFIXES)
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}; expected a subset of {list(PREFIXES)}")
@@ -449,14 +375,32 @@ def save_single_file(src: SDBundle | Mapping[str, nn.Module], path: str | os.Pat
                 t = t.clone()
             tensors[PREFIXES[name] + key] = t.contiguous()
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    metadata = {"format": "pt"}
+    fam = family_by_name(family) if family is not None else getattr(src, "family", None)
+    if fam is not None:
+        metadata["prediction_type"] = fam.prediction_type
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Have `write(tmp)` write a temporary file beside `path`, then rename it into place.
+
+    The rename is atomic on one file system, so readers (a resumed run, a viewer) see the old file or the whole new
+    one, never half of one, and a crash or Ctrl-C mid-write leaves nothing under `path`. The data is flushed to
+    disk before the rename. Every file gbsd writes goes through here: checkpoints, PNGs, JSON and tables.
+    """
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        metadata = {"format": "pt"}
-        fam = family_by_name(family) if family is not None else getattr(src, "family", None)
-        if fam is not None:
-            metadata["prediction_type"] = fam.prediction_type
-        save_file(tensors, str(tmp), metadata=metadata)
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; our outputs are not secrets
         os.replace(tmp, path)
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
     return path

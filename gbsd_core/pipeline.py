@@ -4,8 +4,17 @@
     params = GenerationParams("a bunny and a carrot in a garden, bokeh", focus="a carrot", seed=1)
     generate(bundle, params).image.save("bokeh.png")
 
+`generate` is the whole algorithm in order: check the parameters, pick the size and the timesteps, embed the
+prompts, draw x_T (or encode the input image and noise it), build the GBSD stages, denoise, decode. `sweep` does the
+same set-up and differs only in its focus stage, which carries K conditioning rows (one per local prompt × α) so the
+layout stage is shared.
+
 Everything random comes from one CPU `torch.Generator` seeded with `params.seed` (x_T, the VAE sample for img2img,
-DDIM η-noise), so a seed gives the same image on any device.
+DDIM η-noise), so a seed gives the same image on any device. Latents are kept in fp32 whatever the UNet's dtype: the
+UNet casts its input, and the DDIM update runs in full precision.
+
+The step itself is a `Stepper` (sampling.py): by default the readable `CFGStep`; gbsd_core.fast makes faster ones
+(reduced precision, compiled, CUDA-graphed) that are passed in as `stepper=`.
 """
 from __future__ import annotations
 
@@ -17,11 +26,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .fast import FastOptions, make_stepper
-from .sampling import Stage, StepState, denoise, focus_conditioning, gbsd_stages, layout_steps
+from .sampling import CFGStep, Probe, Stage, Stepper, StepState, denoise, focus_conditioning, gbsd_stages, layout_steps
 
 if TYPE_CHECKING:
-    from .attnmaps import CrossAttentionCollector
+    from .bundle import SDBundle
 
 LAYOUT_WARN_BELOW = 0.7  # the paper: with σ < 0.7 the focus prompt starts re-arranging the scene ("objects mix")
 
@@ -74,7 +82,7 @@ class GenerationResult:
     unet_calls: int  # UNet evaluations per sample row (CFG's doubled batch counts once), summed over the whole run/sweep
 
 
-def resolve_size(bundle, params: GenerationParams, init_image: Image.Image | None = None) -> tuple[int, int]:
+def resolve_size(bundle: SDBundle, params: GenerationParams, init_image: Image.Image | None = None) -> tuple[int, int]:
     """(width, height): explicit, else the input image's size (img2img), else the family's native resolution."""
     if init_image is not None and params.width is None and params.height is None:
         w, h = init_image.size
@@ -97,127 +105,105 @@ def _image_to_tensor(image: Image.Image, size: tuple[int, int]) -> Tensor:
 
 
 @dataclass
-class _Prepared:
-    latents: Tensor
-    timesteps: Tensor
-    uncond: Tensor
-    global_emb: Tensor
+class _Start:
+    """What every run shares before its stages: the timesteps, the embeddings, x_T and the run's generator."""
+
+    timesteps: Tensor  # the executed DDIM timesteps, descending
+    uncond: Tensor  # E(negative prompt) [1,77,D]
+    global_emb: Tensor  # E(global prompt) [1,77,D]
+    local_embs: Tensor  # E(local prompt) per focus prompt [F,77,D]
+    latents: Tensor  # x_T, or the noised input image, [1,4,h,w] fp32
     generator: torch.Generator
-    size: tuple[int, int]
+    size: tuple[int, int]  # (width, height) of the image
 
 
-def _prepare(
-    bundle, params: GenerationParams, extra_prompts: Sequence[str], init_image: Image.Image | None, x_T: Tensor | None,
-    fast: FastOptions | None = None,
-) -> tuple[_Prepared, Tensor]:
-    """Shared set-up: validation, text embeddings (one text-encoder call), starting latents and the timesteps."""
+def _start(bundle: SDBundle, params: GenerationParams, local_prompts: Sequence[str],
+           init_image: Image.Image | None, x_T: Tensor | None) -> _Start:
+    """Validate, size, timesteps, embeddings (one text-encoder call per prompt), then x_T or the noised input."""
     params.validate()
-    size = resolve_size(bundle, params, init_image)
+    w, h = resolve_size(bundle, params, init_image)
     # The schedule first: a bad (steps, strength) pair fails here, before the text encoder runs.
     timesteps = bundle.scheduler.timesteps(params.steps, params.strength if init_image is not None else 1.0)
     generator = torch.Generator("cpu").manual_seed(params.seed)
-    device, dtype = _unet_device_dtype(bundle)
-    if fast is not None:
-        dtype = torch.float32  # the fast stepper keeps latents in fp32 and casts only the UNet's input
-    # Embeddings once per prompt, never per step. One text-encoder call per prompt rather than one batch: CPU matmul
-    # kernels may round differently at another batch size, and a prompt must embed to the same bits whichever run or
-    # sweep it is part of (σ = 1 is then bit-identical to plain SD). The cost is a few ms per prompt.
-    embs = torch.cat([bundle.encode_prompt(p) for p in (params.negative, params.prompt, *extra_prompts)]).to(device, dtype)
-    uncond, global_emb, extra = embs[:1], embs[1:2], embs[2:]
+    device = next(bundle.unet.parameters()).device
+    # One text-encoder call per prompt rather than one batch: CPU matmul kernels may round differently at another
+    # batch size, and a prompt must embed to the same bits whichever run or sweep it is part of (σ = 1 is then
+    # bit-identical to plain SD). The cost is a few ms per prompt.
+    embs = torch.cat([bundle.encode_prompt(p) for p in (params.negative, params.prompt, *local_prompts)])
+    embs = embs.to(device, torch.float32)
 
-    w, h = size
     latent_shape = (1, 4, h // 8, w // 8)
     if init_image is None:
         if x_T is None:
             x_T = torch.randn(latent_shape, generator=generator, dtype=torch.float32)
         elif tuple(x_T.shape) != latent_shape:
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {latent_shape} for a {w}x{h} image")
-        latents = x_T.to(device, dtype)
+        latents = x_T.to(device, torch.float32)
     else:
         # img2img (SDEdit): encode, then noise the clean latents to the first executed timestep.
-        x0 = bundle.encode_images(_image_to_tensor(init_image, size), generator=generator).to(device, dtype)
-        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device, dtype)
+        x0 = bundle.encode_images(_image_to_tensor(init_image, (w, h)), generator=generator).to(device, torch.float32)
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
         latents = bundle.scheduler.add_noise(x0, noise, int(timesteps[0]))
-    return _Prepared(latents, timesteps, uncond, global_emb, generator, size), extra
+    return _Start(timesteps, embs[:1], embs[1:2], embs[2:], latents, generator, (w, h))
 
 
-def _unet_device_dtype(bundle) -> tuple[torch.device, torch.dtype]:
-    p = next(bundle.unet.parameters())
-    return p.device, p.dtype
-
-
-class _CountingDenoiser:
-    """Wraps the UNet and counts evaluations per sample row (a CFG call on [2B] latents counts B)."""
-
-    def __init__(self, unet, cfg: bool):
-        self.unet, self.cfg, self.calls = unet, cfg, 0
-
-    def __call__(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        self.calls += x.shape[0] // 2 if self.cfg else x.shape[0]
-        return self.unet(x, t, context)
-
-
-def _run(bundle, params: GenerationParams, prep: _Prepared, stages: list[Stage], progress: bool,
-         attention: CrossAttentionCollector | None = None, fast: FastOptions | None = None) -> tuple[Tensor, int]:
-    use_cfg = params.cfg != 1.0
-    counter = _CountingDenoiser(bundle.unet, use_cfg)
-    if fast is not None and attention is not None:
-        raise ValueError("attention collection wraps the plain UNet call; it cannot be combined with fast=")
-    # The fast step calls the UNet inside compiled / graphed code, so its calls are counted per step instead.
-    stepper = None if fast is None else make_stepper(bundle, fast, params.cfg if use_cfg else None, params.eta)
-    # Attention collection wraps the denoiser only when asked for: otherwise the UNet runs untouched.
-    model = counter if attention is None else attention.wrap(counter, prep.timesteps, stages, use_cfg)
-    states: Iterator[StepState] = denoise(
-        model,
-        bundle.scheduler,
-        prep.latents,
-        prep.timesteps,
-        stages,
-        prep.uncond if use_cfg else None,
-        params.cfg,
-        eta=params.eta,
-        generator=prep.generator,
-        stepper=stepper,
-    )
+def _denoise(bundle: SDBundle, params: GenerationParams, start: _Start, stages: list[Stage], progress: bool,
+             probe: Probe | None, stepper: Stepper | None) -> tuple[Tensor, int]:
+    """Run the stages; returns the final latents and the UNet evaluations per sample row (counted from the states)."""
+    guidance = None if params.cfg == 1.0 else params.cfg
+    if stepper is None:
+        # A probe wraps the plain UNet call; otherwise the UNet runs untouched.
+        model = bundle.unet if probe is None else probe.wrap(bundle.unet, start.timesteps, stages, guidance is not None)
+        stepper = CFGStep(model, bundle.scheduler, guidance, params.eta)
+    elif probe is not None:
+        raise ValueError("a probe wraps the plain UNet call; it cannot be combined with stepper=")
+    elif (stepper.guidance_scale, stepper.eta) != (guidance, params.eta):
+        raise ValueError(f"the stepper runs guidance {stepper.guidance_scale}, η {stepper.eta}; these parameters ask "
+                         f"for {guidance}, {params.eta}")
+    states: Iterator[StepState] = denoise(stepper, start.latents, start.timesteps, stages, start.uncond,
+                                          generator=start.generator)
     if progress:
         from tqdm.auto import tqdm
 
-        states = tqdm(states, total=len(prep.timesteps), desc="denoise", unit="step")
-    latents, fast_calls = prep.latents, 0
-    try:
-        with torch.inference_mode():
-            for state in states:
-                latents = state.latents
-                fast_calls += latents.shape[0]
-    finally:
-        if stepper is not None:
-            stepper.close()
-    return latents, counter.calls if stepper is None else fast_calls
+        states = tqdm(states, total=len(start.timesteps), desc="denoise", unit="step")
+    latents, unet_calls = start.latents, 0
+    with torch.inference_mode():
+        for state in states:
+            latents = state.latents
+            unet_calls += latents.shape[0]  # one UNet evaluation per row (the CFG pair counts once)
+    return latents, unet_calls
 
 
 def generate(
-    bundle,
+    bundle: SDBundle,
     params: GenerationParams,
     *,
     init_image: Image.Image | None = None,
     x_T: Tensor | None = None,
     progress: bool = False,
-    attention: CrossAttentionCollector | None = None,
-    fast: FastOptions | None = None,
+    probe: Probe | None = None,
+    stepper: Stepper | None = None,
 ) -> GenerationResult:
     """One image: text-to-image, or image-to-image when `init_image` is given. GBSD when `params.focus` is set.
 
-    `attention`: a collector that records the focus-stage cross-attention maps (gbsd_core.attnmaps).
-    `fast`: run the steps through gbsd_core.fast (reduced precision, fused / compiled / CUDA-graphed step); this
-    accelerates the bundle in place on first use. None (the default) is the plain fp32 path.
+    `probe`: watches the UNet calls, e.g. gbsd_core.bokeh.attnmaps.CrossAttentionCollector (focus-stage maps).
+    `stepper`: runs each step (default: `CFGStep` with the bundle's UNet and scheduler); it must have been made with
+    `params.cfg` and `params.eta` (e.g. `gbsd_core.fast.make_stepper(bundle, options, params.cfg, params.eta)`).
     """
-    results = sweep(bundle, params, alphas=[params.alpha], init_image=init_image, x_T=x_T, progress=progress,
-                    attention=attention, fast=fast)
-    return results[0]
+    start = _start(bundle, params, [params.focus] if params.focus is not None else [], init_image, x_T)
+    n = len(start.timesteps)
+    if params.focus is None:
+        stages, n_layout = [Stage("global", range(n), start.global_emb)], n  # plain SD
+    else:
+        focus = focus_conditioning(start.global_emb, start.local_embs, params.alpha)
+        stages, n_layout = gbsd_stages(start.global_emb, focus, n, params.layout), layout_steps(n, params.layout)
+    latents, unet_calls = _denoise(bundle, params, start, stages, progress, probe, stepper)
+    image = bundle.decode_latents(latents)[0]
+    return GenerationResult(image, replace(params, width=start.size[0], height=start.size[1]), n, n_layout, unet_calls)
 
 
 def sweep(
-    bundle,
+    bundle: SDBundle,
     params: GenerationParams,
     *,
     alphas: Sequence[float] | None = None,
@@ -225,8 +211,8 @@ def sweep(
     init_image: Image.Image | None = None,
     x_T: Tensor | None = None,
     progress: bool = False,
-    attention: CrossAttentionCollector | None = None,
-    fast: FastOptions | None = None,
+    probe: Probe | None = None,
+    stepper: Stepper | None = None,
 ) -> list[GenerationResult]:
     """A grid of focus stages (local prompt × α) that share one layout stage.
 
@@ -236,35 +222,28 @@ def sweep(
     Results are ordered focus-prompt-major: [(f0, α0), (f0, α1), …, (f1, α0), …].
     """
     alphas = [params.alpha] if alphas is None else list(alphas)
-    if focus_prompts is None:
-        focus_prompts = [params.focus] if params.focus is not None else []
-    focus_prompts = list(focus_prompts)
-    for a in alphas:
-        if not 0.0 <= a <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {a}")
+    focus_prompts = list(focus_prompts) if focus_prompts is not None else [params.focus] if params.focus else []
     if not alphas:
         raise ValueError("a sweep needs at least one alpha")
-
-    prep, local = _prepare(bundle, params, focus_prompts, init_image, x_T, fast)
-    n = len(prep.timesteps)
+    if not focus_prompts:
+        raise ValueError("a sweep needs a focus prompt (params.focus or focus_prompts)")
     cells = [(f, a) for f in focus_prompts for a in alphas]
-    if not cells:
-        # Plain SD: one stage on the global prompt.
-        stages = [Stage("global", range(n), prep.global_emb)]
-        n_layout = n
-    else:
-        alpha_t = torch.tensor([a for _, a in cells])
-        local_rows = local.repeat_interleave(len(alphas), dim=0)  # one row per cell, focus-prompt-major
-        focus = focus_conditioning(prep.global_emb.expand(len(cells), -1, -1), local_rows, alpha_t)
-        stages = gbsd_stages(prep.global_emb, focus, n, params.layout)
-        n_layout = layout_steps(n, params.layout)
-    latents, calls = _run(bundle, params, prep, stages, progress, attention, fast)
+    for _, a in cells:
+        replace(params, alpha=a).validate()  # every cell's parameters are valid ones
+
+    start = _start(bundle, params, focus_prompts, init_image, x_T)
+    n = len(start.timesteps)
+    # The only difference from generate: K focus rows, one per cell, focus-prompt-major.
+    alpha_rows = torch.tensor([a for _, a in cells])
+    local_rows = start.local_embs.repeat_interleave(len(alphas), dim=0)
+    focus = focus_conditioning(start.global_emb.expand(len(cells), -1, -1), local_rows, alpha_rows)
+    stages = gbsd_stages(start.global_emb, focus, n, params.layout)
+    latents, unet_calls = _denoise(bundle, params, start, stages, progress, probe, stepper)
     images = bundle.decode_latents(latents)
     if len(images) == 1 and len(cells) > 1:
         # σ = 1: no focus stage ran, so nothing branched: every cell is the same global-prompt image.
         images = images * len(cells)
-    out = []
-    for (focus_prompt, a), image in zip(cells or [(None, params.alpha)], images):
-        cell_params = replace(params, focus=focus_prompt, alpha=a, width=prep.size[0], height=prep.size[1])
-        out.append(GenerationResult(image, cell_params, n, n_layout, calls))
-    return out
+    n_layout = layout_steps(n, params.layout)
+    return [GenerationResult(image, replace(params, focus=f, alpha=a, width=start.size[0], height=start.size[1]),
+                             n, n_layout, unet_calls)
+            for (f, a), image in zip(cells, images)]

@@ -23,21 +23,26 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .ddim import DDIMScheduler
 
 # A noise predictor: (x_t [B,4,h,w], t [B], context [B,77,D]) -> model output [B,4,h,w]. Usually the UNet.
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 class Stepper(Protocol):
-    """Runs one classifier-free-guided DDIM step. `CFGStep` below is the plain one; gbsd_core/fast.py makes
-    compiled / CUDA-graphed ones with the same two methods."""
+    """Runs one classifier-free-guided DDIM step, and owns the step's settings: the guidance scale and η.
 
-    guidance_scale: float | None  # None: no classifier-free guidance
-    eta: float
+    `CFGStep` below is the plain one; gbsd_core.fast makes compiled / CUDA-graphed ones with the same members.
+    """
+
+    guidance_scale: float | None  # None: no classifier-free guidance (one UNet row per latent)
+    eta: float  # DDIM η: 0 is deterministic; > 0 makes `denoise` draw fresh noise for every step
 
     def set_context(self, context: Tensor) -> None:
         """The conditioning for the coming steps, [2B,77,D] = [uncond; cond] with CFG, else [B,77,D]. Called once
@@ -48,10 +53,15 @@ class Stepper(Protocol):
 
 
 class CFGStep:
-    """The readable reference step: one batched UNet call on [x; x] with [uncond; cond], guidance, `scheduler.step`."""
+    """The readable reference step: one batched UNet call on [x; x] with [uncond; cond], guidance, `scheduler.step`.
 
-    def __init__(self, model: Denoiser, scheduler, guidance_scale: float | None, eta: float = 0.0) -> None:
-        self.model, self.scheduler, self.guidance_scale, self.eta = model, scheduler, guidance_scale, eta
+    guidance_scale None (or 1.0, which is the same image at half the cost) runs the model on the conditional rows only.
+    """
+
+    def __init__(self, model: Denoiser, scheduler: DDIMScheduler, guidance_scale: float | None,
+                 eta: float = 0.0) -> None:
+        self.model, self.scheduler, self.eta = model, scheduler, eta
+        self.guidance_scale = None if guidance_scale is None or guidance_scale == 1.0 else guidance_scale
         self.context: Tensor | None = None
 
     def set_context(self, context: Tensor) -> None:
@@ -67,6 +77,14 @@ class CFGStep:
             # Classifier-free guidance (Ho & Salimans 2022): move from the unconditional towards the conditional output.
             out = out_uncond + self.guidance_scale * (out_cond - out_uncond)
         return self.scheduler.step(out, t, latents, eta=self.eta, noise=noise)
+
+
+class Probe(Protocol):
+    """Watches the model calls of one run without changing them: `wrap` returns a denoiser that calls `model` and
+    records what it needs (gbsd_core.bokeh.attnmaps.CrossAttentionCollector reads the cross-attention this way).
+    `cfg`: the model is called on [uncond; cond] batches."""
+
+    def wrap(self, model: Denoiser, timesteps: Tensor, stages: Sequence[Stage], cfg: bool) -> Denoiser: ...
 
 
 @dataclass(frozen=True)
@@ -137,32 +155,24 @@ def check_stages(stages: Sequence[Stage], n: int) -> None:
 
 
 def denoise(
-    model: Denoiser,
-    scheduler,
+    stepper: Stepper,
     latents: Tensor,
     timesteps: Tensor,
     stages: Sequence[Stage],
-    uncond: Tensor | None,
-    guidance_scale: float,
+    uncond: Tensor | None = None,
     *,
-    eta: float = 0.0,
     generator: torch.Generator | None = None,
-    stepper: Stepper | None = None,
 ) -> Iterator[StepState]:
-    """Run DDIM over `timesteps` with the conditioning each stage gives, yielding every step's state.
+    """Run `stepper` over `timesteps` with the conditioning each stage gives, yielding every step's state.
 
-    latents: x_T (or the noised image for img2img), [B,4,h,w]. uncond: the negative-prompt embedding, [1 or B,77,D],
-    the same in every stage; None disables classifier-free guidance (as does guidance_scale == 1).
-    stepper: runs each step (default `CFGStep(model, scheduler, …)`); a fast one from gbsd_core.fast must have been
-    made with the same guidance and η.
+    latents: x_T (or the noised image for img2img), [B,4,h,w]. uncond: the negative-prompt embedding [1 or B,77,D],
+    the same in every stage; needed when the stepper guides (`stepper.guidance_scale` is not None). generator: the
+    source of the η-noise when `stepper.eta` > 0 (CPU by default, so a seed gives the same image on any device).
     """
     check_stages(stages, len(timesteps))
-    use_cfg = uncond is not None and guidance_scale != 1.0
-    if stepper is None:
-        stepper = CFGStep(model, scheduler, guidance_scale if use_cfg else None, eta)
-    elif (stepper.guidance_scale, stepper.eta) != (guidance_scale if use_cfg else None, eta):
-        raise ValueError(f"stepper has guidance {stepper.guidance_scale}, η {stepper.eta}; this run wants "
-                         f"{guidance_scale if use_cfg else None}, {eta}")
+    use_cfg = stepper.guidance_scale is not None
+    if use_cfg and uncond is None:
+        raise ValueError("the stepper guides (classifier-free guidance) but no unconditional embedding was given")
     base_batch = latents.shape[0]  # batch before any branching: the η-noise is drawn at this size
     for stage in stages:
         # Branch when the stage brings K conditionings per incoming latent (sweeps): repeat each latent K times.
@@ -179,7 +189,7 @@ def denoise(
         stepper.set_context(torch.cat([uncond.to(latents.dtype).expand(batch, -1, -1), cond]) if use_cfg else cond)
         for i in stage.steps:
             t = int(timesteps[i])
-            noise = _ddim_noise(latents, base_batch, generator) if eta > 0 else None
+            noise = _ddim_noise(latents, base_batch, generator) if stepper.eta > 0 else None
             latents, pred_x0 = stepper(latents, t, noise)
             yield StepState(step=i, timestep=t, stage=stage.name, latents=latents, pred_x0=pred_x0)
 

@@ -13,7 +13,8 @@ from typing import Iterator, Mapping, NamedTuple
 import torch
 from torch import nn
 
-from .attention import CrossAttention, GroupNorm32, ProbsHook, SpatialTransformer
+from .attention import CrossAttention, SpatialTransformer
+from .norm import GroupNorm32
 from .unet_blocks import Downsample, ResBlock, TimestepEmbedSequential, Upsample, timestep_embedding
 
 
@@ -229,22 +230,3 @@ class UNetModel(nn.Module):
             st = self.get_submodule(prefix)
             for j, block in enumerate(st.transformer_blocks):
                 yield AttentionSite(f"{prefix}.transformer_blocks.{j}.{which}", getattr(block, which), ds)
-
-    def set_cross_attention_hook(self, hook: ProbsHook | None) -> None:
-        """Install `hook(module, probs [B, heads, Nq, 77])` on every attn2 (None removes it). Pair modules with
-        names / ds via `attention_sites()`."""
-        for site in self.attention_sites():
-            site.module.probs_hook = hook
-
-
-
-    def set_context_kv(self, context: torch.Tensor | None) -> None:
-        """Precompute every cross-attention's K/V for `context` [B, 77, D] (None drops them); see
-        `CrossAttention.set_context_kv`. An inference fast path (gbsd_core/fast.py): call it at every context change,
-        i.e. once per GBSD stage, and pass the same tensor to forward()."""
-        dtype = self.out[2].weight.dtype
-        if context is not None and context.dtype != dtype:
-            # forward() would cast it to a new tensor, which the caches (keyed by tensor identity) would not accept
-            raise ValueError(f"pass the context in the UNet's dtype {dtype}, got {context.dtype}")
-        for site in self.attention_sites():
-            site.module.set_context_kv(context)

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import GroupNorm32, SpatialTransformer
+from .attention import SpatialTransformer
+from .norm import GroupNorm32
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -19,18 +19,20 @@ checkpoint's key names, so a real file's ``first_stage_model.*`` tensors load wi
 SD1 and SD2 share this VAE (ch 128, ch_mult 1,2,4,4, 2 res blocks, z 4): 248 keys, 83.65M parameters.
 
 Precision note (what diffusers calls ``force_upcast``): the SD1/SD2 VAE is usually run in fp32 because its
-activations grow large in the decoder; diffusers upcasts it for that reason. Everything here runs in whatever dtype the
-module's weights have (``encode``/``decode`` cast their input to it), so the caller chooses: keep the VAE in fp32 (the
-project default) even when the UNet runs in fp16. GroupNorm always computes its statistics in fp32.
+activations grow large in the decoder (past fp16's 65504); diffusers upcasts it for that reason. Everything here runs
+in whatever dtype the module's weights have (``encode``/``decode`` cast their input to it), so the caller chooses:
+``loading.load`` keeps the VAE in fp32 even when the UNet runs in fp16. GroupNorm always computes its statistics in
+fp32.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .norm import GroupNorm32
 
 
 @dataclass(frozen=True)
@@ -88,21 +90,9 @@ class VAEConfig:
         )
 
 
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm whose statistics and affine run in fp32 whatever the input dtype; result cast back.
-
-    In fp32 this is exactly ``nn.GroupNorm``. In fp16 the variance of large decoder activations loses precision.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # promote_types keeps fp64 in fp64 (a plain .float() would silently downcast it).
-        t = torch.promote_types(x.dtype, torch.float32)
-        return F.group_norm(x.to(t), self.num_groups, self.weight.to(t), self.bias.to(t), self.eps).to(x.dtype)
-
-
 def Normalize(channels: int) -> GroupNorm32:
     # CompVis `Normalize`: 32 groups, eps 1e-6 everywhere in the VAE (the UNet's ResBlocks use 1e-5).
-    return GroupNorm32(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+    return GroupNorm32(channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
@@ -320,12 +310,4 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         # z: [B, embed_dim, h, w] (unscaled) -> [B, out_ch, 8h, 8w], computed and returned in the module's dtype
-        x = self.decoder(self.post_quant_conv(z.to(self.dtype)))
-        if self.dtype in (torch.float16, torch.bfloat16) and not bool(torch.isfinite(x).all()):
-            # The SD decoder's activations can exceed fp16's range (65504) and come out inf/NaN. Do what diffusers'
-            # `upcast_vae` does: switch this VAE to fp32 for good (it is the safe default anyway) and decode again.
-            # The check costs one reduction and a device sync per decode, nothing next to the decoder itself.
-            warnings.warn(f"VAE decode overflowed in {self.dtype}; the VAE is upcast to float32 from now on")
-            self.float()
-            x = self.decoder(self.post_quant_conv(z.to(self.dtype)))
-        return x
+        return self.decoder(self.post_quant_conv(z.to(self.dtype)))

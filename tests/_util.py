@@ -8,6 +8,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 # CI puts a copy of shared/ beside the clone; sessions have it at the same place.
 LDM_KEYS = REPO.parent / "shared" / "fixtures" / "ldm_keys"
+# The golden key list of each family's original checkpoint, in LDM_KEYS.
+GOLDEN = {"sd1": "sd1_v1-inference.tsv", "sd2-512": "sd2_v2-inference.tsv", "sd2-768-v": "sd2_v2-inference-v.tsv"}
+# diffusers configs of SD1.5 (unet/, vae/, text_encoder/, ...), for diffusers' converters and from_single_file offline.
+CONFIGS = Path(__file__).resolve().parent / "configs" / "sd15"
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -29,3 +33,9 @@ def read_keys_tsv(path: Path) -> dict[str, tuple[tuple[int, ...], str, str | Non
         shape = tuple(int(s) for s in cols[1].split(",")) if cols[1] else ()
         out[cols[0]] = (shape, cols[2], cols[3] if len(cols) > 3 else None)
     return out
+
+
+def meta_state_dict(rows: dict) -> dict[str, torch.Tensor]:
+    """Meta tensors (no memory) of the shapes and dtypes of `read_keys_tsv` rows."""
+    dtypes = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32}
+    return {k: torch.empty(shape, dtype=dtypes[dtype], device="meta") for k, (shape, dtype, _) in rows.items()}

@@ -1,9 +1,14 @@
 """Shared pytest fixtures. (Plain helpers live in tests/_util.py.)"""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+# Test files live in folders that mirror the package (tests/fast/, tests/cli/, ...) and import the shared helpers
+# (_util, _reference) by name; pytest runs in importlib mode (pyproject.toml), which adds no folder to sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture(scope="session")

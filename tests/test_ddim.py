@@ -1,16 +1,14 @@
 """DDIM parity: ours vs diffusers' DDIMScheduler configured as CompVis runs DDIM, and vs a CompVis re-derivation."""
 from __future__ import annotations
 
+import diffusers  # noqa: E402  (test extra: a missing reference library must fail, not skip)
 import numpy as np
 import pytest
 import torch
-
-from gbsd_core.ddim import DDIMScheduler
-
 from _reference import DDIM_CONFIG
 from _util import rel_err
 
-import diffusers  # noqa: E402  (test extra: a missing reference library must fail, not skip)
+from gbsd_core.ddim import DDIMScheduler
 
 # Tolerances vs diffusers (rel_err = max|diff| / max|ref|, CPU float32). diffusers' ᾱ is a float32 cumprod, ours (and
 # CompVis') a float64 cumprod rounded to float32; they drift apart by up to ~1e-6 relative (printed below).

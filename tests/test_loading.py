@@ -6,92 +6,36 @@ loaded by us through the diffusers→original table, and must give the same outp
 """
 from __future__ import annotations
 
+import gc
+import json
 import os
-import warnings
+import resource
+import shutil
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from _tiny import TOL, assert_same_weights, bundle_modules, outputs, tiny_modules
+from _util import CONFIGS, GOLDEN, LDM_KEYS, meta_state_dict, read_keys_tsv, rel_err
 from safetensors.torch import load_file, save_file
 
-from _util import rel_err
 from gbsd_core import loading
+from gbsd_core.bundle import SDBundle
 from gbsd_core.clip_text import CLIPTextConfig, CLIPTextEncoder
-from gbsd_core.family import SD1, SD2_512, SD2_768_V, detect
-from gbsd_core.loading import CheckpointError, load, read_state_dict, save_single_file
+from gbsd_core.family import SD1, SD2_768_V
+from gbsd_core.loading import (
+    PREFIXES,
+    CheckpointError,
+    check_strict,
+    load,
+    read_state_dict,
+    save_single_file,
+    split_components,
+)
 from gbsd_core.openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
 from gbsd_core.unet import UNetConfig, UNetModel
 from gbsd_core.vae import AutoencoderKL, VAEConfig
-
-TOL = 1e-5
-# Tiny but complete: two levels, attention at level 0 and in the middle, 8 heads as SD1 (context 768 => 8 heads is
-# what UNetConfig.from_state_dict infers), one res block per level.
-TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,),
-                       num_heads=8, context_dim=768)
-TINY_UNET_SD2 = UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,),
-                           num_heads=-1, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
-TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
-TINY_CLIP = CLIPTextConfig(width=64, layers=2, heads=1)  # heads = width // 64 is what from_state_dict infers
-TINY_OPENCLIP = OpenCLIPTextConfig(width=128, layers=3, heads=2, embed_dim=32)
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Non-trivial values everywhere (biases, norm affines, zero-initialised output convs), scaled by fan-in so
-    activations stay O(1) through a deep net."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if p.ndim >= 2:
-                p.copy_(r / (p[0].numel() ** 0.5))
-            elif "norm" in name or ".ln_" in name or "layer_norm" in name:
-                p.copy_(1 + 0.1 * r if name.endswith("weight") else 0.1 * r)
-            else:
-                p.copy_(0.05 * r)
-    return module.eval()
-
-
-def tiny_modules(sd2: bool = False, seed: int = 0) -> dict[str, torch.nn.Module]:
-    return {
-        "unet": randomize_(UNetModel(TINY_UNET_SD2 if sd2 else TINY_UNET), seed),
-        "vae": randomize_(AutoencoderKL(TINY_VAE), seed + 1),
-        "text_encoder": randomize_(OpenCLIPTextEncoder(TINY_OPENCLIP) if sd2 else CLIPTextEncoder(TINY_CLIP), seed + 2),
-    }
-
-
-def tokens(n: int = 2) -> torch.Tensor:
-    g = torch.Generator().manual_seed(7)
-    t = torch.randint(1, 49406, (n, 77), generator=g)
-    t[:, 0], t[:, 12:] = 49406, 49407
-    return t
-
-
-@torch.no_grad()
-def outputs(modules: dict[str, torch.nn.Module], context_dim: int = 768) -> dict[str, torch.Tensor]:
-    """UNet noise prediction, VAE decode + encode mean, text embedding: everything a bundle uses."""
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    ctx = torch.randn(2, 77, context_dim, generator=g)
-    img = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
-    vae = modules["vae"]
-    return {
-        "unet": modules["unet"](x, torch.tensor([10, 900]), ctx),
-        "decode": vae.decode(x[:1]),
-        "encode": vae.encode(img).mean,
-        "text": modules["text_encoder"](tokens()),
-    }
-
-
-def bundle_modules(b: loading.SDBundle) -> dict[str, torch.nn.Module]:
-    return {"unet": b.unet, "vae": b.vae, "text_encoder": b.text_encoder}
-
-
-def assert_same_weights(a: dict[str, torch.nn.Module], b: dict[str, torch.nn.Module]) -> None:
-    for name in a:
-        sa, sb = a[name].state_dict(), b[name].state_dict()
-        assert sa.keys() == sb.keys(), name
-        for k in sa:
-            assert torch.equal(sa[k], sb[k]), f"{name}.{k}"
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +83,18 @@ def test_writer_replaces_atomically_and_converts_dtype(tmp_path: Path, sd1_modul
     assert next(b.unet.parameters()).dtype == torch.float32
     b16 = load(path, dtype=torch.float16)
     assert all(p.dtype == torch.float16 for p in b16.unet.parameters())
+
+
+def test_half_load_keeps_the_vae_in_fp32_with_the_files_weights(sd1_file: Path) -> None:
+    """dtype= is the UNet's and the text encoder's; the VAE stays fp32 (its decoder overflows fp16), with the file's
+    weights as they are -- not rounded through the half dtype first."""
+    full = load(sd1_file)
+    for dtype in (torch.float16, torch.bfloat16):
+        half = load(sd1_file, dtype=dtype)
+        assert next(half.unet.parameters()).dtype == dtype and next(half.text_encoder.parameters()).dtype == dtype
+        sd, ref = half.vae.state_dict(), full.vae.state_dict()
+        assert all(sd[k].dtype == torch.float32 and torch.equal(sd[k], ref[k]) for k in ref)
+    assert next(load(sd1_file, vae_dtype=torch.bfloat16).vae.parameters()).dtype == torch.bfloat16
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
@@ -279,35 +235,240 @@ def test_sd1_without_text_model_level(tmp_path: Path, sd1_file: Path, sd1_module
     assert_same_weights(sd1_modules, bundle_modules(load(_write(tmp_path / "flat.safetensors", sd))))
 
 
-# ------------------------------------------------------------------------------------------------ families
-SD1_KEYS = ["model.diffusion_model.out.2.weight", "cond_stage_model.transformer.text_model.final_layer_norm.weight"]
-SD2_KEYS = ["model.diffusion_model.out.2.weight", "cond_stage_model.model.ln_final.weight"]
+def test_written_sd2_v_file_remembers_its_family_whatever_its_name(tmp_path: Path) -> None:
+    mods = tiny_modules(sd2=True)
+    v_file = save_single_file(load(save_single_file(mods, tmp_path / "a-768-v.safetensors")),
+                              tmp_path / "renamed.safetensors")  # a bundle carries its family into the header
+    assert load(v_file).family is SD2_768_V
+    eps_file = save_single_file(mods, tmp_path / "plain.safetensors", family="sd2-512")
+    assert load(eps_file).family.name == "sd2-512"
+    assert load(eps_file, family="sd2-768-v").family is SD2_768_V  # an explicit family still wins
 
 
-def test_family_detection(tmp_path: Path) -> None:
-    f = tmp_path / "model.safetensors"
-    assert detect(SD1_KEYS, f) is SD1
-    with pytest.warns(UserWarning, match="family='sd2-768-v'"):
-        assert detect(SD2_KEYS, f) is SD2_512
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # every hint below decides without a warning
-        assert detect(SD2_KEYS, f, override="sd2-768-v") is SD2_768_V
-        assert detect(SD2_KEYS, f, prediction_type="v_prediction") is SD2_768_V
-        assert detect(SD2_KEYS, f, prediction_type="epsilon") is SD2_512
-        assert detect(SD2_KEYS, tmp_path / "v2-1_768-ema-pruned.safetensors") is SD2_768_V
-        assert detect(SD2_KEYS, tmp_path / "768-v-ema.ckpt") is SD2_768_V
-        assert detect(SD2_KEYS, tmp_path / "my-model-v.safetensors") is SD2_768_V
-        assert detect(SD2_KEYS, tmp_path / "v2-1_512-ema-pruned.safetensors") is SD2_512
-        assert detect(SD2_KEYS, tmp_path / "512-base-ema.safetensors") is SD2_512
-        # sidecar yaml beats the file name; the override beats everything
-        f2 = tmp_path / "sd21-512ish.safetensors"
-        f2.write_bytes(b"")
-        (tmp_path / "sd21-512ish.yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
-        assert detect(SD2_KEYS, f2) is SD2_768_V
-        assert detect(SD2_KEYS, f2, override="sd2-512") is SD2_512
-    with pytest.raises(ValueError, match="expects a clip text encoder"):
-        detect(SD2_KEYS, f, override="sd1")
-    assert (SD1.pad_token_id, SD2_512.pad_token_id, SD2_768_V.resolution) == (49407, 0, 768)
+def test_import_is_cheap() -> None:
+    """`import gbsd_core.loading` must not pull in open_clip (tokenizer), safetensors or the reference libraries."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gbsd_core.loading; "
+            "print(sorted(m for m in ('open_clip', 'safetensors', 'transformers', 'diffusers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out
+
+
+def meta_modules(family: str) -> dict[str, torch.nn.Module]:
+    sd1 = family == "sd1"
+    with torch.device("meta"):
+        return {
+            "unet": UNetModel(UNetConfig.sd1() if sd1 else UNetConfig.sd2()),
+            "vae": AutoencoderKL(VAEConfig()),
+            "text_encoder": CLIPTextEncoder(CLIPTextConfig()) if sd1 else OpenCLIPTextEncoder(OpenCLIPTextConfig()),
+        }
+
+
+def prefixed_rows(modules: dict[str, torch.nn.Module]) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {PREFIXES[name] + k: (tuple(t.shape), str(t.dtype).removeprefix("torch."))
+            for name, m in modules.items() for k, t in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", list(GOLDEN))
+def test_modules_match_golden_keys(family: str) -> None:
+    golden = read_keys_tsv(LDM_KEYS / GOLDEN[family])
+    ours = prefixed_rows(meta_modules(family))
+    required = {k for k, (_, _, opt) in golden.items() if opt is None}
+    missing = sorted(required - ours.keys())
+    extra = sorted(ours.keys() - golden.keys())
+    wrong = [(k, ours[k], golden[k][:2]) for k in ours.keys() & golden.keys() if ours[k] != golden[k][:2]]
+    print(f"{family}: {len(ours)} keys ours, {len(required)} required, {len(golden)} in the golden list")
+    assert not missing, f"{len(missing)} missing, e.g. {missing[:5]}"
+    assert not extra, f"{len(extra)} not in the golden list, e.g. {extra[:5]}"
+    assert not wrong, f"{len(wrong)} differ in shape/dtype, e.g. {wrong[:5]}"
+    optional_present = sorted(k for k in ours if golden[k][2] is not None)
+    assert not optional_present, optional_present  # position_ids / schedule buffers are not ours to have
+
+
+@pytest.mark.parametrize("family", list(GOLDEN))
+@pytest.mark.parametrize("with_ema", [False, True], ids=["", "ema"])
+def test_golden_file_passes_strict_loading(family: str, with_ema: bool) -> None:
+    """A file with exactly the reference key set (optional rows included, plus model_ema.* for full training files)
+    splits cleanly, its configs are inferred as the family's, and the strict check accepts it."""
+    rows = read_keys_tsv(LDM_KEYS / GOLDEN[family])
+    if with_ema:
+        rows.update(read_keys_tsv(LDM_KEYS / GOLDEN[family].replace(".tsv", ".model_ema.tsv")))
+    parts = split_components(meta_state_dict(rows), Path(GOLDEN[family]))
+    sd1 = family == "sd1"
+    assert UNetConfig.from_state_dict(parts["unet"]) == (UNetConfig.sd1() if sd1 else UNetConfig.sd2())
+    assert VAEConfig.from_state_dict(parts["vae"]) == VAEConfig()
+    te_cfg = (CLIPTextConfig.from_state_dict(parts["text_encoder"]) if sd1
+              else OpenCLIPTextConfig.from_state_dict(parts["text_encoder"]))
+    assert te_cfg == (CLIPTextConfig() if sd1 else OpenCLIPTextConfig())
+    for name, module in meta_modules(family).items():
+        check_strict(name, module, parts[name], Path(GOLDEN[family]))
+
+
+# ------------------------------------------------------------------------------------------ full size (-m fullsize)
+# A random SD1.5-shaped checkpoint written by our writer must load (1) in gbsd and (2) in diffusers'
+# `StableDiffusionPipeline.from_single_file` (offline, with the local config folder tests/configs/sd15), giving the
+# same UNet / VAE / text outputs; and (3) the diffusers `save_pretrained` folder of that pipeline must load in gbsd to
+# the very same weights and outputs. 16x16 latents keep it cheap; everything is file-backed (mmap), so RAM stays low.
+PROMPTS = ["a photograph of an astronaut riding a horse", ""]
+
+
+def _fill_(p: torch.Tensor, pool: torch.Tensor, g: torch.Generator) -> None:
+    """Copy N(0, 1) values from a shared pool, starting at a random offset (wrapping around). Drawing 1.07 G
+    normals takes ~20 s on two cores; copying from a 16 M pool takes ~2 s and still gives every tensor its own
+    values, which is all a parity test needs."""
+    flat, i = p.view(-1), 0
+    off = int(torch.randint(0, pool.numel(), (1,), generator=g))
+    while i < flat.numel():
+        take = min(flat.numel() - i, pool.numel() - off)
+        flat[i:i + take] = pool[off:off + take]
+        i, off = i + take, 0
+
+
+def _random_sd15(path: Path, seed: int = 0) -> None:
+    """Build on meta, allocate uninitialised, fill with seeded fan-in-scaled noise, write, free."""
+    with torch.device("meta"):
+        modules = {"unet": UNetModel(UNetConfig.sd1()), "vae": AutoencoderKL(VAEConfig()),
+                   "text_encoder": CLIPTextEncoder(CLIPTextConfig())}
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randn(1 << 24, generator=g)
+    with torch.no_grad():
+        for name in modules:
+            modules[name] = modules[name].to_empty(device="cpu")
+            for pname, p in modules[name].named_parameters():
+                _fill_(p, pool, g)
+                if p.ndim >= 2:
+                    p.mul_(p[0].numel() ** -0.5)
+                elif "norm" in pname:
+                    p.mul_(0.1).add_(1.0) if pname.endswith("weight") else p.mul_(0.1)
+                else:
+                    p.mul_(0.05)
+    save_single_file(modules, path)
+    del modules, p, pool
+    gc.collect()
+
+
+def _rss() -> str:
+    """Anonymous (heap) and file-backed (mmap'ed checkpoint pages, reclaimable) resident memory."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    gb = {k: int(status.get(k, "0 kB").split()[0]) / 1e6 for k in ("RssAnon", "RssFile")}
+    return f"RSS anon {gb['RssAnon']:.1f} GB, file-backed {gb['RssFile']:.1f} GB"
+
+
+def _tokenizer_files(folder: Path) -> None:
+    """vocab.json / merges.txt for a transformers CLIPTokenizer, from the BPE table open_clip ships."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    bpe = SimpleTokenizer()
+    tok = folder / "tokenizer"
+    tok.mkdir()
+    # open_clip names the special tokens <start_of_text>/<end_of_text>; HF's CLIP vocab uses <|startoftext|>/...
+    vocab = {{"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}.get(k, k): v
+             for k, v in bpe.encoder.items()}
+    assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
+    (tok / "vocab.json").write_text(json.dumps(vocab))
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    (tok / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    (tok / "tokenizer_config.json").write_text(json.dumps({
+        "model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "do_lower_case": True}))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("fullsize")
+    t0 = time.perf_counter()
+    _random_sd15(root / "sd15-random.safetensors")
+    config = root / "config"
+    shutil.copytree(CONFIGS, config)
+    _tokenizer_files(config)
+    print(f"\nwrote random SD1.5 checkpoint in {time.perf_counter() - t0:.1f} s; {_rss()}")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "latents": torch.randn(2, 4, 16, 16, generator=g),
+        "t": torch.tensor([981, 21]),
+        "context": torch.randn(2, 77, 768, generator=g),
+        "image": torch.rand(1, 3, 128, 128, generator=g) * 2 - 1,
+    }
+
+
+@torch.no_grad()
+def _ours(b: SDBundle, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {
+        "unet": b.unet(x["latents"], x["t"], x["context"]),
+        "vae.decode": b.vae.decode(x["latents"][:1]),
+        "vae.encode": b.vae.encode(x["image"]).mean,
+        "text": b.encode_prompt(PROMPTS),
+    }
+
+
+@torch.no_grad()
+def _theirs(pipe, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    emb, _ = pipe.encode_prompt(PROMPTS, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return {
+        "unet": pipe.unet(x["latents"], x["t"], encoder_hidden_states=x["context"]).sample,
+        "vae.decode": pipe.vae.decode(x["latents"][:1]).sample,
+        "vae.encode": pipe.vae.encode(x["image"]).latent_dist.mean,
+        "text": emb,
+    }
+
+
+def _compare(tag: str, ours: dict, theirs: dict) -> None:
+    for k in theirs:
+        err = rel_err(ours[k], theirs[k])
+        print(f"{tag} {k}: rel_err {err:.2e}")
+        assert ours[k].shape == theirs[k].shape and err <= TOL, f"{tag} {k}"
+
+
+@pytest.mark.fullsize
+def test_fullsize_single_file_and_diffusers_folder(work: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    path = work / "sd15-random.safetensors"
+    x = _inputs()
+    t0 = time.perf_counter()
+    ours = load(path)
+    assert ours.family.name == "sd1"
+    out_ours = _ours(ours, x)
+    tokenizer = ours.tokenizer
+    del ours  # keep one model mapped at a time (peak RAM)
+    gc.collect()
+    print(f"gbsd load + forward: {time.perf_counter() - t0:.1f} s; {_rss()}")
+
+    t0 = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(path), config=str(work / "config"), local_files_only=True, safety_checker=None,
+        requires_safety_checker=False)
+    # the tokenizers agree on ordinary text, so this also checks our Tokenizer against CLIPTokenizer
+    assert torch.equal(tokenizer(PROMPTS), pipe.tokenizer(PROMPTS, padding="max_length", max_length=77,
+                                                          truncation=True, return_tensors="pt").input_ids)
+    out_theirs = _theirs(pipe, x)
+    print(f"diffusers from_single_file + forward: {time.perf_counter() - t0:.1f} s; {_rss()}")
+    _compare("single file: gbsd vs diffusers", out_ours, out_theirs)
+
+    t0 = time.perf_counter()
+    folder = work / "diffusers"
+    pipe.save_pretrained(folder)
+    del pipe
+    gc.collect()
+    from_folder = load(folder)
+    assert from_folder.family.name == "sd1"
+    _compare("diffusers folder: gbsd vs diffusers", _ours(from_folder, x), out_theirs)
+    # and bit for bit the weights of the single file (both sides are file-backed maps: no RAM spent)
+    original = read_state_dict(path)
+    for name, prefix in PREFIXES.items():
+        sd = getattr(from_folder, name).state_dict()
+        assert {prefix + k for k in sd} == {k for k in original if k.startswith(prefix)}, name
+        different = [k for k, t in sd.items() if not torch.equal(t, original[prefix + k])]
+        assert not different, f"{name}: {len(different)} tensors differ after the diffusers round trip: {different[:3]}"
+    print(f"save_pretrained + gbsd folder load + forward: {time.perf_counter() - t0:.1f} s; {_rss()}")
+    print(f"peak RSS (incl. file-backed pages): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB")
 
 
 def test_sd2_single_file_family_from_name(tmp_path: Path) -> None:
@@ -324,150 +485,3 @@ def test_sd2_single_file_family_from_name(tmp_path: Path) -> None:
         b.encode_prompt("a cat", clip_skip=2)
     with pytest.raises(CheckpointError, match="expects a clip text encoder"):
         load(path, family="sd1")
-
-
-def test_written_sd2_v_file_remembers_its_family_whatever_its_name(tmp_path: Path) -> None:
-    mods = tiny_modules(sd2=True)
-    v_file = save_single_file(load(save_single_file(mods, tmp_path / "a-768-v.safetensors")),
-                              tmp_path / "renamed.safetensors")  # a bundle carries its family into the header
-    assert load(v_file).family is SD2_768_V
-    eps_file = save_single_file(mods, tmp_path / "plain.safetensors", family="sd2-512")
-    assert load(eps_file).family.name == "sd2-512"
-    assert load(eps_file, family="sd2-768-v").family is SD2_768_V  # an explicit family still wins
-
-
-def test_bundle_image_helpers(sd1_file: Path) -> None:
-    b = load(sd1_file)
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 4, 4, 4, generator=g)
-    images = b.decode_latents(latents)
-    assert len(images) == 2 and images[0].size == (8, 8)  # tiny VAE: 2 levels, factor 2 and images[0].mode == "RGB"
-    ref = ((b.vae.decode(latents / 0.18215) + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0) * 255
-    import numpy as np
-
-    assert np.abs(np.asarray(images[0], dtype=np.float32) - ref.numpy()).max() <= 0.5 + 1e-3
-    z = b.encode_images(images, sample=False)
-    assert z.shape == (2, 4, 4, 4)
-    x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images])).permute(0, 3, 1, 2)
-    assert torch.allclose(z, b.vae.encode(x / 127.5 - 1).mean * 0.18215)
-    z1 = b.encode_images(images, generator=torch.Generator().manual_seed(1))
-    z2 = b.encode_images(images, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(z1, z2) and not torch.equal(z1, z)
-
-
-# ------------------------------------------------------------------------------------------------ diffusers folders
-def _diffusers_models(sd2: bool):
-    from diffusers import AutoencoderKL as DAutoencoderKL
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig as HFCLIPTextConfig
-    from transformers import CLIPTextModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(64, 128) if sd2 else (32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=1024 if sd2 else 768,
-        # diffusers' misnomer: attention_head_dim is the head *count* (SD1: 8; SD2: channels // 64 per level)
-        attention_head_dim=(1, 2) if sd2 else 8,
-        use_linear_projection=sd2, norm_num_groups=32,
-    )
-    vae = DAutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
-    )
-    text = CLIPTextModel(HFCLIPTextConfig(
-        vocab_size=49408, hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, hidden_act="gelu" if sd2 else "quick_gelu",
-    ))
-    return {"unet": randomize_(unet, 10), "vae": randomize_(vae, 11), "text_encoder": randomize_(text, 12)}
-
-
-def _save_diffusers_folder(models: dict, folder: Path, prediction_type: str) -> Path:
-    from diffusers import DDIMScheduler
-
-    for name, m in models.items():
-        m.save_pretrained(folder / name)
-    DDIMScheduler(prediction_type=prediction_type).save_pretrained(folder / "scheduler")
-    return folder
-
-
-@torch.no_grad()
-def _compare_with_diffusers(b: loading.SDBundle, ref: dict, context_dim: int) -> None:
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    ctx = torch.randn(2, 77, context_dim, generator=g)
-    img = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
-    t = torch.tensor([10, 900])
-    pairs = {
-        "unet": (b.unet(x, t, ctx), ref["unet"](x, t, encoder_hidden_states=ctx).sample),
-        "vae.decode": (b.vae.decode(x[:1]), ref["vae"].decode(x[:1]).sample),
-        "vae.encode": (b.vae.encode(img).mean, ref["vae"].encode(img).latent_dist.mean),
-        "text": (b.text_encoder(tokens()), ref["text_encoder"](tokens()).last_hidden_state),
-    }
-    for name, (ours, theirs) in pairs.items():
-        err = rel_err(ours, theirs)
-        print(f"diffusers folder {b.family.name} {name}: rel_err {err:.1e}")
-        assert ours.shape == theirs.shape and err <= TOL, name
-
-
-@pytest.mark.parametrize("sd2", [False, True], ids=["sd1", "sd2-v"])
-def test_diffusers_folder_matches_diffusers(tmp_path: Path, sd2: bool) -> None:
-    ref = _diffusers_models(sd2)
-    folder = _save_diffusers_folder(ref, tmp_path / "pipe", "v_prediction" if sd2 else "epsilon")
-    b = load(folder)
-    assert b.family is (SD2_768_V if sd2 else SD1)
-    if sd2:  # the 2-layer HF tower already ends where SD2 reads: all of it runs, no projection
-        assert isinstance(b.text_encoder, OpenCLIPTextEncoder)
-        assert not b.text_encoder.config.penultimate and not b.text_encoder.config.has_projection
-        with pytest.raises(ValueError, match="cannot represent it"):
-            save_single_file(b, tmp_path / "x.safetensors")
-    _compare_with_diffusers(b, ref, 1024 if sd2 else 768)
-
-
-def test_diffusers_folder_variants(tmp_path: Path) -> None:
-    """Old-diffusers VAE attention names (query/key/value/proj_attn), fp16 file names, .bin files, a text encoder
-    saved with the `text_model.` level (transformers < 5): all load to the same weights."""
-    ref = _diffusers_models(sd2=False)
-    folder = _save_diffusers_folder(ref, tmp_path / "pipe", "epsilon")
-    base = read_state_dict(folder)
-
-    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    vae_file = folder / "vae" / "diffusion_pytorch_model.safetensors"
-    vae_sd = load_file(str(vae_file))
-    renamed = {}
-    for k, v in vae_sd.items():
-        for new, legacy in old.items():
-            k = k.replace(f".attentions.0.{new}.", f".attentions.0.{legacy}.")
-        renamed[k] = v
-    assert sum(".query." in k for k in renamed) == 4  # encoder + decoder, weight + bias
-    vae_file.unlink()
-    save_file(renamed, str(folder / "vae" / "diffusion_pytorch_model.fp16.safetensors"))
-
-    te_file = folder / "text_encoder" / "model.safetensors"
-    te_sd = load_file(str(te_file))
-    te_file.unlink()
-    torch.save({"text_model." + k: v for k, v in te_sd.items()}, folder / "text_encoder" / "pytorch_model.bin")
-
-    variant = read_state_dict(folder)
-    assert base.keys() == variant.keys()
-    for k in base:
-        assert torch.equal(base[k], variant[k]), k
-    _compare_with_diffusers(load(folder), ref, 768)
-
-
-def test_diffusers_folder_missing_part(tmp_path: Path) -> None:
-    (tmp_path / "unet").mkdir()
-    with pytest.raises(CheckpointError, match="no unet/ weights"):
-        load(tmp_path)
-
-
-def test_import_is_cheap() -> None:
-    """`import gbsd_core.loading` must not pull in open_clip (tokenizer), safetensors or the reference libraries."""
-    import subprocess
-    import sys
-
-    code = ("import sys, gbsd_core.loading; "
-            "print(sorted(m for m in ('open_clip', 'safetensors', 'transformers', 'diffusers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "[]", out

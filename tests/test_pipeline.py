@@ -4,13 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _reference import diffusers_sd_pipeline
 from PIL import Image
 
 import gbsd_core
 from gbsd_core.pipeline import GenerationParams, generate, sweep
 from gbsd_core.sampling import layout_steps
-
-from _reference import diffusers_sd_pipeline
 
 PROMPT, FOCUS = "a bunny and a carrot in a garden, bokeh", "a carrot"
 SIZE = dict(width=64, height=64)

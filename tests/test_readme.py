@@ -36,6 +36,6 @@ def test_python_snippets_run(tiny_ckpt, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
-    assert (tmp_path / "bokeh.png").exists()
+    assert (tmp_path / "bokeh.png").exists() and (tmp_path / "fast.png").exists()
     assert sorted(p.name for p in tmp_path.glob("alpha_*.png")) == ["alpha_0.25.png", "alpha_0.5.png", "alpha_0.75.png"]
     assert namespace["image"].size == (64, 64)

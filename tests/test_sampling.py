@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gbsd_core.ddim import DDIMScheduler
-from gbsd_core.sampling import Stage, check_stages, denoise, focus_conditioning, gbsd_stages, layout_steps
+from gbsd_core.sampling import CFGStep, Stage, check_stages, denoise, focus_conditioning, gbsd_stages, layout_steps
 
 
 class RecordingModel:
@@ -82,7 +82,7 @@ def test_every_step_uses_the_conditioning_the_schedule_says(steps, sigma, streng
     alpha = 0.5
     focus = focus_conditioning(g, loc, alpha)
     model = RecordingModel()
-    states = list(denoise(model, sched, torch.randn(1, 4, 2, 2), timesteps, gbsd_stages(g, focus, n, sigma), u, 7.5))
+    states = list(denoise(CFGStep(model, sched, 7.5), torch.randn(1, 4, 2, 2), timesteps, gbsd_stages(g, focus, n, sigma), u))
     n_layout = layout_steps(n, sigma)
     assert [s.step for s in states] == list(range(n))
     assert [s.timestep for s in states] == [int(t) for t in timesteps] == model.timesteps
@@ -104,7 +104,7 @@ def test_context_tensor_is_built_once_per_stage():
         seen.append(context.data_ptr())
         return model_call(x, t, context)
 
-    list(denoise(spy, sched, torch.randn(1, 4, 2, 2), timesteps, gbsd_stages(_emb(1), _emb(2), 6, 0.5), _emb(0), 3.0))
+    list(denoise(CFGStep(spy, sched, 3.0), torch.randn(1, 4, 2, 2), timesteps, gbsd_stages(_emb(1), _emb(2), 6, 0.5), _emb(0)))
     assert len(set(seen[:3])) == 1 and len(set(seen[3:])) == 1 and seen[0] != seen[3]
 
 
@@ -117,12 +117,12 @@ def test_branching_stage_equals_independent_runs_and_counts_evaluations():
     x_T = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(0))
     focus_rows = torch.cat([focus_conditioning(g, loc, 0.4) for loc in locals_])
     model = RecordingModel()
-    branched = list(denoise(model, sched, x_T, timesteps, gbsd_stages(g, focus_rows, n, sigma), u, 5.0))
+    branched = list(denoise(CFGStep(model, sched, 5.0), x_T, timesteps, gbsd_stages(g, focus_rows, n, sigma), u))
     calls = sum(c.shape[0] // 2 for c in model.contexts)
     n_layout = layout_steps(n, sigma)
     assert calls == n_layout + len(locals_) * (n - n_layout)
     for k, row in enumerate(focus_rows):
-        single = list(denoise(RecordingModel(), sched, x_T, timesteps, gbsd_stages(g, row[None], n, sigma), u, 5.0))
+        single = list(denoise(CFGStep(RecordingModel(), sched, 5.0), x_T, timesteps, gbsd_stages(g, row[None], n, sigma), u))
         torch.testing.assert_close(branched[-1].latents[k : k + 1], single[-1].latents, rtol=1e-6, atol=1e-6)
 
 
@@ -134,11 +134,11 @@ def test_eta_noise_is_shared_across_branches():
     rows = torch.cat([_emb(-1.0), _emb(1.0)])
     x_T = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(1))
     gen = torch.Generator().manual_seed(5)
-    branched = list(denoise(RecordingModel(), sched, x_T, timesteps, gbsd_stages(g, rows, n, 0.5), u, 2.0, eta=1.0, generator=gen))
+    branched = list(denoise(CFGStep(RecordingModel(), sched, 2.0, 1.0), x_T, timesteps, gbsd_stages(g, rows, n, 0.5), u, generator=gen))
     for k in range(2):
         gen = torch.Generator().manual_seed(5)
         single = list(
-            denoise(RecordingModel(), sched, x_T, timesteps, gbsd_stages(g, rows[k : k + 1], n, 0.5), u, 2.0, eta=1.0, generator=gen)
+            denoise(CFGStep(RecordingModel(), sched, 2.0, 1.0), x_T, timesteps, gbsd_stages(g, rows[k : k + 1], n, 0.5), u, generator=gen)
         )
         torch.testing.assert_close(branched[-1].latents[k : k + 1], single[-1].latents, rtol=1e-6, atol=1e-6)
 
@@ -146,7 +146,7 @@ def test_eta_noise_is_shared_across_branches():
 def test_guidance_scale_one_runs_without_the_unconditional_batch():
     sched = DDIMScheduler()
     model = RecordingModel()
-    list(denoise(model, sched, torch.randn(1, 4, 2, 2), sched.timesteps(3), [Stage("g", range(3), _emb(1))], _emb(0), 1.0))
+    list(denoise(CFGStep(model, sched, 1.0), torch.randn(1, 4, 2, 2), sched.timesteps(3), [Stage("g", range(3), _emb(1))], _emb(0)))
     assert all(c.shape[0] == 1 for c in model.contexts)
 
 
@@ -154,4 +154,4 @@ def test_mismatched_branch_is_refused():
     sched = DDIMScheduler()
     stages = [Stage("a", range(2), torch.cat([_emb(0)] * 2)), Stage("b", range(2, 3), torch.cat([_emb(1)] * 3))]
     with pytest.raises(ValueError, match="3 conditionings for 2 latents"):
-        list(denoise(RecordingModel(), sched, torch.randn(1, 4, 2, 2), sched.timesteps(3), stages, None, 1.0))
+        list(denoise(CFGStep(RecordingModel(), sched, 1.0), torch.randn(1, 4, 2, 2), sched.timesteps(3), stages, None))

@@ -5,13 +5,12 @@ import subprocess
 import sys
 import warnings
 
+import open_clip.tokenizer as open_clip_tokenizer  # a test extra: if missing, fail (never skip)
 import pytest
 import torch
-
 from _reference import clip_tokenizer
-from gbsd_core.tokenizer import Tokenizer
 
-import open_clip.tokenizer as open_clip_tokenizer  # a test extra: if missing, fail (never skip)
+from gbsd_core.tokenizer import Tokenizer
 
 LONG_PROMPT = (
     "a breathtaking ultra detailed photograph of an old lighthouse on a rocky cliff at sunset, dramatic clouds, "

@@ -9,9 +9,9 @@ import gc
 
 import pytest
 import torch
-
 from _reference import diffusers_vae
 from _util import LDM_KEYS, read_keys_tsv, rel_err
+
 from gbsd_core.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 
 TINY = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4)

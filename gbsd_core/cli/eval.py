@@ -1,0 +1,352 @@
+"""Bokeh evaluation: is the focused object sharper with GBSD than with plain SD, and sharper than its background?
+
+    gbsd eval                                   # the 28 shipped prompt pairs (gbsd_core/cli/data/pairs.jsonl)
+    gbsd eval my_pairs.jsonl -o eval_out/ --alpha 0.5 --layout 0.8 --steps 50
+    gbsd eval pairs.jsonl --init-dir eval_out/ -o eval_i2i/            # image to image: GBSD vs its input
+    torchrun --nproc_per_node 8 -m gbsd_core.cli.eval pairs.jsonl -o eval_out/   # one model copy per GPU
+
+The pairs file's format is pairs.py's. Per pair, text to image: the baseline is plain SD on the global prompt and GBSD the two-stage run,
+both from the same seed (the same x_T). Image to image: GBSD runs on the input image and the input is the baseline.
+Both images are scored on ONE mask: the given mask or box, else the GBSD run's cross-attention map of the focus
+words (gbsd_core/bokeh/attnmaps.py), Otsu-thresholded. Target = inside the mask, background = outside.
+`gbsd grid` (grid.py) draws α × σ contact sheets.
+
+Output folder: run.json (settings), pairs/<id>/ (the images, mask.png, overlay.png, heatmap_*.png, record.json),
+results.csv and results.json (one row per image), table.md (means over pairs in the form of the paper's Table 1).
+A pair whose record.json exists is skipped when the command is run again (resume); the settings must match.
+
+Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK in the environment) pairs are dealt out round by round, one per rank;
+each round's results are gathered on rank 0, which writes every file, so an interrupted run still resumes. The
+backend is NCCL when CUDA is available (rank r on cuda:LOCAL_RANK), else gloo.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import common
+from .common import (EXIT_FAILURE, Parser, UsageError, checked, parse_or_exit, parse_size, run_main,
+                     write_text_atomic)
+from .evaltable import write_pair, write_summary
+from .pairs import DEFAULT_PAIRS, Pair, read_pairs
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ..bundle import SDBundle
+    from ..pipeline import GenerationParams
+
+# -------------------------------------------------------------------------------------------- one pair's run
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything besides the pair that decides the numbers; a resumed run must have the same."""
+
+    model: str
+    alpha: float = 0.5
+    layout: float = 0.8
+    steps: int = 50
+    cfg: float = 7.5
+    negative: str = ""
+    width: int | None = None
+    height: int | None = None
+    strength: float = 0.75
+
+    def params(self, pair: Pair, focus: str | None) -> GenerationParams:
+        from ..pipeline import GenerationParams
+
+        return GenerationParams(pair.prompt, focus=focus, alpha=self.alpha, layout=self.layout, steps=self.steps,
+                                cfg=self.cfg, negative=self.negative, seed=pair.seed, width=self.width,
+                                height=self.height, strength=self.strength)
+
+
+@dataclass
+class PairResult:
+    """What a rank sends to rank 0: the record (JSON-able) and the pictures to write."""
+
+    record: dict[str, Any]
+    images: dict[str, Image.Image]  # "sd" or "input", and "gbsd"
+    mask: np.ndarray  # bool [H, W]
+
+
+def _open_init(pair: Pair) -> Image.Image:
+    from PIL import Image
+
+    with Image.open(pair.init) as im:
+        image = im.convert("RGB")
+    return image
+
+
+def output_size(pair: Pair, settings: Settings, resolution: int) -> tuple[int, int]:
+    """(W, H) of the pair's images: --size, else the input image's size (img2img), else the family's native size."""
+    if settings.width is not None:
+        return settings.width, settings.height
+    if pair.init is not None:
+        from PIL import Image
+
+        with Image.open(pair.init) as im:
+            return im.size
+    return resolution, resolution
+
+
+def evaluate_pair(bundle: SDBundle, pair: Pair, settings: Settings, progress: bool = False) -> PairResult:
+    """Generate the pair's images, find the target mask and measure both images on it."""
+    from PIL import Image
+
+    from .. import pipeline
+    from ..bokeh.attnmaps import CrossAttentionCollector, word_positions
+    from ..bokeh.masks import box_to_mask, load_mask
+    from ..bokeh.metrics import SharpnessReport, to_gray
+
+    init = _open_init(pair) if pair.init is not None else None
+    collector = None
+    if pair.mask is None and pair.box is None:
+        collector = CrossAttentionCollector(bundle.unet, word_positions(bundle.tokenizer(pair.focus)))
+    gbsd = pipeline.generate(bundle, settings.params(pair, pair.focus), init_image=init, probe=collector,
+                             progress=progress).image
+    if init is None:
+        baseline_name = "sd"
+        baseline = pipeline.generate(bundle, settings.params(pair, None), progress=progress).image
+    else:
+        # The pipeline resizes the input the same way when --size differs from it.
+        baseline_name = "input"
+        baseline = init if init.size == gbsd.size else init.resize(gbsd.size, Image.Resampling.LANCZOS)
+    size = (gbsd.height, gbsd.width)
+    if pair.mask is not None:
+        mask, source = load_mask(pair.mask, size), "file"
+    elif pair.box is not None:
+        mask, source = box_to_mask(pair.box, size), "box"
+    else:
+        mask, source = collector.mask(0, size), "attention"
+    metrics = {}
+    for name, image in ((baseline_name, baseline), ("gbsd", gbsd)):
+        report = SharpnessReport.measure(to_gray(image), mask)
+        metrics[name] = {"target": asdict(report.target), "background": asdict(report.background)}
+    record = {**pair.key(), "line": pair.line, "mode": "txt2img" if init is None else "img2img",
+              "baseline": baseline_name, "mask_source": source, "mask_fraction": float(mask.mean()),
+              "size": [gbsd.width, gbsd.height], "metrics": metrics}
+    return PairResult(record, {baseline_name: baseline, "gbsd": gbsd}, mask)
+
+
+# ------------------------------------------------------------------------------------------------ processes
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+
+def init_world(device: torch.device) -> tuple[World, torch.device]:
+    """(World, device): torchrun's env vars -> a process group (NCCL on CUDA, else gloo); else one process."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return World(), device
+    import torch
+    import torch.distributed as dist
+
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        if device.index is None:  # one GPU per process
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)  # the object collectives of NCCL go through the current device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World(rank, size), device
+
+
+def _broadcast(world: World, obj: Any) -> Any:
+    if world.size == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(world: World, obj: Any) -> list[Any]:
+    """Every rank's object on rank 0 (in rank order); other ranks get []."""
+    if world.size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world.size if world.rank == 0 else []
+    dist.gather_object(obj, out if world.rank == 0 else None, dst=0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- gbsd eval
+
+
+def _pending(out: Path, pairs: list[Pair], settings: Settings) -> list[str]:
+    """Rank 0: check/create the output folder and list the pairs without a matching finished record."""
+    run_file, current = out / "run.json", asdict(settings)
+    if run_file.is_file():
+        previous = json.loads(run_file.read_text())
+        diff = [f"{k}: {previous.get(k)!r} there, {v!r} now" for k, v in current.items() if previous.get(k) != v]
+        if diff:
+            raise UsageError(f"{out} holds a run with other settings ({'; '.join(diff)}); use another --output")
+    (out / "pairs").mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_file, json.dumps(current, indent=1))
+    pending = []
+    for p in pairs:
+        rec = out / "pairs" / p.id / "record.json"
+        if rec.is_file():
+            r = json.loads(rec.read_text())
+            if all(r.get(k) == v for k, v in p.key().items()):
+                continue
+        pending.append(p.id)
+    return pending
+
+
+def _check_mask_sizes(pairs: list[Pair], settings: Settings, resolution: int, source: Path) -> None:
+    from PIL import Image
+
+    from ..bokeh.masks import box_to_mask
+
+    for p in pairs:
+        w, h = output_size(p, settings, resolution)
+        if p.mask is not None:
+            with Image.open(p.mask) as im:
+                if im.size != (w, h):
+                    raise UsageError(f"{source} line {p.line}: mask {p.mask} is {im.width}x{im.height} (W x H) "
+                                     f"but the images are {w}x{h}")
+        if p.box is not None:
+            try:
+                box_to_mask(p.box, (h, w))
+            except ValueError as e:
+                raise UsageError(f"{source} line {p.line}: {e}") from None
+        if p.init is not None and settings.width is None and (w % 8 or h % 8):
+            raise UsageError(f"{source} line {p.line}: input image {p.init} is {w}x{h}, not multiples of 8; "
+                             "pass --size WxH")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    source = Path(args.pairs) if args.pairs else DEFAULT_PAIRS
+    init_dir = Path(args.init_dir) if args.init_dir else None
+    if init_dir is not None and not init_dir.is_dir():
+        raise UsageError(f"--init-dir {init_dir}: no such folder")
+    pairs = read_pairs(source, init_dir)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise UsageError(f"--limit must be >= 1, got {args.limit}")
+        pairs = pairs[: args.limit]
+    width, height = parse_size(args.size) if args.size else (None, None)
+    model_path, family = common.resolve_model(args, None)
+    settings = Settings(model_path.name, args.alpha, args.layout, args.steps, args.cfg, args.negative, width, height,
+                        args.strength)
+    checked(settings.params(pairs[0], pairs[0].focus))
+    if any(p.init for p in pairs) and int(settings.steps * settings.strength) < 1:
+        raise UsageError(f"--strength {settings.strength} with --steps {settings.steps} leaves no denoising step")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {out}: exists and is not a folder")
+    if not out.parent.is_dir():
+        raise UsageError(f"-o {out}: parent folder {out.parent} does not exist")
+    device, dtype = common.device_dtype(args)
+
+    world, device = init_world(device)
+    try:
+        return _run_eval(world, pairs, settings, out, source, model_path, family, device, dtype, not args.quiet)
+    finally:
+        if world.size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run_eval(world: World, pairs: list[Pair], settings: Settings, out: Path, source: Path, model_path: Path,
+              family: str | None, device: torch.device, dtype: torch.dtype, progress: bool) -> int:
+    pending, error = [], None
+    if world.rank == 0:
+        try:
+            pending = _pending(out, pairs, settings)
+        except UsageError as e:
+            error = str(e)
+    pending, error = _broadcast(world, (pending, error))
+    if error:
+        raise UsageError(error)
+    todo = [p for p in pairs if p.id in set(pending)]
+    say = (lambda msg: print(msg, file=sys.stderr)) if world.rank == 0 else (lambda msg: None)
+    say(f"{len(pairs) - len(todo)} of {len(pairs)} pairs already done in {out}; {len(todo)} to run"
+        + (f" on {world.size} processes" if world.size > 1 else ""))
+    failures: list[str] = []
+    if todo:
+        bundle = common.load_checkpoint(model_path, family, device, dtype)
+        _check_mask_sizes(todo, settings, bundle.family.resolution, source)
+        done = 0
+        for start in range(0, len(todo), world.size):  # one pair per rank per round
+            index = start + world.rank
+            payload: PairResult | str | None = None
+            if index < len(todo):
+                try:
+                    payload = evaluate_pair(bundle, todo[index], settings, progress and world.size == 1)
+                except Exception as e:  # one bad pair must not stop the others (or hang the other ranks)
+                    payload = f"pair {todo[index].id} (line {todo[index].line}): {type(e).__name__}: {e}"
+            for rank, r in enumerate(_gather(world, payload)):
+                if isinstance(r, str):
+                    failures.append(r)
+                    say(f"gbsd eval: error: {r}")
+                elif r is not None:
+                    write_pair(out, r)
+                    done += 1
+                    m = r.record["metrics"]
+                    say(f"[{done}/{len(todo)}] {r.record['id']}: target VoL {r.record['baseline']} "
+                        f"{m[r.record['baseline']]['target']['laplacian_var']:.2f} -> GBSD "
+                        f"{m['gbsd']['target']['laplacian_var']:.2f} (mask {r.record['mask_fraction']:.0%})"
+                        + (f" [rank {rank}]" if world.size > 1 else ""))
+    if world.rank == 0:
+        print(write_summary(out, pairs, settings))
+        say(f"wrote {out / 'table.md'}, {out / 'results.csv'}, {out / 'results.json'}")
+        if failures:
+            say(f"gbsd eval: {len(failures)} pair(s) failed; run the command again to retry them")
+    return EXIT_FAILURE if failures else 0
+
+
+# -------------------------------------------------------------------------------------------------- arguments
+
+
+def add_eval_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="score GBSD vs plain SD on prompt pairs (bokeh sharpness table)")
+    add_eval_arguments(p)
+    p.set_defaults(run=run_eval)
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pairs", nargs="?", help=f"JSONL of prompt pairs (default: the shipped {DEFAULT_PAIRS.name})")
+    p.add_argument("-o", "--output", default="eval_out", help="output folder, resumed if it exists (eval_out)")
+    p.add_argument("--alpha", type=float, default=0.5, help="GBSD focus-stage mix α (0.5)")
+    p.add_argument("--layout", type=float, default=0.8, help="GBSD σ, fraction of steps in the layout stage (0.8)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (50)")
+    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (7.5)")
+    p.add_argument("--negative", default="", help="negative prompt ('')")
+    p.add_argument("--size", metavar="WxH", help="image size (family default, or the input image's)")
+    p.add_argument("--init-dir", metavar="DIR", help="image to image: inputs DIR/<id>.png, or DIR/pairs/<id>/sd.png "
+                                                     "of an earlier eval")
+    p.add_argument("--strength", type=float, default=0.75, help="img2img: fraction of the schedule re-run (0.75)")
+    p.add_argument("--limit", type=int, help="only the first N pairs")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    common.add_model_args(p)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m gbsd_core.cli.eval` (and torchrun … -m gbsd_core.cli.eval): the same as `gbsd eval`."""
+    parser = Parser(prog="python -m gbsd_core.cli.eval", description=__doc__.split("\n\n")[0],
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_eval_arguments(parser)
+    args = parse_or_exit(parser, argv)
+    if isinstance(args, int):
+        return args
+    return run_main(parser.prog, run_eval, args, "interrupted; finished pairs are kept, run again to resume")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

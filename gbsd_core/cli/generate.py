@@ -1,0 +1,240 @@
+"""`gbsd generate`, `gbsd img2img` and `gbsd sweep`: validate everything (`plan`), then load and run (`execute`).
+
+    gbsd generate "a bunny and a carrot in a garden, bokeh" --focus "a carrot" --seed 1 -o bokeh.png
+    gbsd img2img "a watercolor garden" --init photo.png --strength 0.6 -o out.png
+    gbsd sweep "a bunny and a carrot, bokeh" --focus-stack "a carrot" "a bunny" --alphas 0,0.5,1 -o sweeps/
+    gbsd generate --from-png bokeh.png --seed 2 -o again.png     # every other parameter from bokeh.png
+
+`sweep -o` is either an existing directory (files are named with the default pattern inside it) or a file-name
+pattern with the fields {index}, {alpha}, {focus} (a file-name-safe slug of the focus prompt) and {seed}, e.g.
+`-o "out/{focus}_{alpha:.2f}.png"`. Every result must get a distinct name; that is checked before anything runs.
+Output PNGs are written atomically and carry A1111 `parameters` + `gbsd` JSON metadata (pngmeta.py).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import common
+from .common import UsageError, check_image, check_output, checked, parse_floats, parse_size, slug, warn
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..fast import FastOptions
+    from ..pipeline import GenerationParams
+
+SWEEP_PATTERN = "sweep_{index:02d}_{focus}_a{alpha:g}.png"
+
+
+# ------------------------------------------------------------------------------------------------- arguments
+
+
+def add_speed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speed (gbsd_core.fast; the default is the plain fp32 path)")
+    g.add_argument("--fast", action="store_true",
+                   help="fast path in --dtype: channels-last, fused QKV, cross-attention K/V once per stage, "
+                        "weights prepacked for oneDNN on CPU, Triton kernels on CUDA")
+    g.add_argument("--compile", choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile the whole CFG+DDIM step (implies --fast; first step compiles)")
+
+
+def add_params_args(p: argparse.ArgumentParser, *, img2img: bool | None) -> None:
+    """Generation flags; img2img: True = --init required, False = optional, None = no --init/--strength."""
+    # Defaults are None so `--from-png` values are only overridden by flags the user actually gave.
+    p.add_argument("prompt", nargs="?", help="the global prompt (optional with --from-png)")
+    p.add_argument("--focus", help="GBSD local prompt: the object kept in focus (omit for plain SD)")
+    p.add_argument("--alpha", type=float, help="focus-stage mix α·E(prompt) + (1-α)·E(focus), in [0,1] (0.5)")
+    p.add_argument("--layout", type=float, help="σ: fraction of steps in the layout stage, in [0,1] (0.8)")
+    p.add_argument("--steps", type=int, help="DDIM steps (50)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (7.5)")
+    p.add_argument("--negative", help="negative prompt ('')")
+    p.add_argument("--seed", type=int, help="noise seed (0)")
+    p.add_argument("--size", metavar="WxH", help="image size, multiples of 8 (family default, or the input's size)")
+    p.add_argument("--eta", type=float, help="DDIM η (0 = deterministic)")
+    if img2img is not None:
+        p.add_argument("--init", metavar="IMAGE", required=img2img,
+                       help="input image for img2img" + ("" if img2img else " (makes the sweep an img2img sweep)"))
+        p.add_argument("--strength", type=float, help="img2img: fraction of the schedule re-run, in (0,1] (0.75)")
+    p.add_argument("--from-png", metavar="FILE", help="take all parameters from an earlier PNG; flags override")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def add_generate_commands(sub: argparse._SubParsersAction) -> None:
+    for name, help_, img2img in (("generate", "text to image (GBSD when --focus is given)", None),
+                                 ("img2img", "image to image (SDEdit), GBSD when --focus is given", True),
+                                 ("sweep", "several focus prompts and/or α values sharing one layout stage", False)):
+        p = sub.add_parser(name, help=help_)
+        add_params_args(p, img2img=img2img)
+        common.add_model_args(p)
+        add_speed_args(p)
+        if name == "sweep":
+            p.add_argument("--alphas", metavar="A,B,...", help="comma-separated α values, e.g. 0,0.25,0.5")
+            p.add_argument("--focus-stack", nargs="+", metavar="PROMPT", help="focus prompts, one image (row) each")
+            p.add_argument("-o", "--output", default=".",
+                           help=f"directory (files named {SWEEP_PATTERN} inside) or a pattern using "
+                                "{index} {alpha} {focus} {seed} (default: current directory)")
+        else:
+            p.add_argument("-o", "--output", default="gbsd.png", help="output PNG (default gbsd.png)")
+        p.set_defaults(run=cmd_generate)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def sweep_outputs(output: str, cells: Sequence[tuple[str | None, float]], seed: int) -> list[Path]:
+    """One distinct .png path per (focus, α) cell, in the pipeline's (focus-major) result order."""
+    pattern = str(Path(output) / SWEEP_PATTERN) if Path(output).is_dir() else output
+    try:
+        paths = [Path(pattern.format(index=i, alpha=a, focus=slug(f), seed=seed)) for i, (f, a) in enumerate(cells)]
+    except (KeyError, IndexError, ValueError) as e:
+        raise UsageError(f"-o {output}: bad pattern ({e}); fields are {{index}} {{alpha}} {{focus}} {{seed}}") from None
+    if len(set(paths)) != len(paths):
+        raise UsageError(f"-o {output}: names repeat across the {len(paths)} sweep images; add {{index}} to it")
+    for p in paths:
+        check_output(p)
+    return paths
+
+
+def params_from_args(args: argparse.Namespace, base: dict[str, Any]) -> GenerationParams:
+    """The run's parameters: the PNG's (`base`), overridden by every flag the user gave."""
+    from ..pipeline import GenerationParams
+
+    values = dict(base)
+    if args.prompt is not None:
+        values["prompt"] = args.prompt
+    if values.get("prompt") is None:
+        raise UsageError("a prompt is required (positional PROMPT, or --from-png FILE)")
+    for field in ("focus", "alpha", "layout", "steps", "cfg", "negative", "seed", "eta", "strength"):
+        v = getattr(args, field, None)
+        if v is not None:
+            values[field] = v
+    if args.size is not None:
+        values["width"], values["height"] = parse_size(args.size)
+    known = {f.name for f in dataclasses.fields(GenerationParams)}
+    return checked(GenerationParams(**{k: v for k, v in values.items() if k in known}))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A fully validated generation request: everything `execute` needs, found before any weights are read."""
+
+    mode: str  # generate | img2img | sweep
+    params: GenerationParams
+    outputs: tuple[Path, ...]  # one per result, in the pipeline's result order
+    model_path: Path
+    family: str | None
+    device: torch.device
+    dtype: torch.dtype
+    init_path: str | None = None
+    alphas: tuple[float, ...] | None = None
+    focus_stack: tuple[str, ...] | None = None
+    png_meta: dict[str, Any] | None = None
+    progress: bool = True
+    fast: FastOptions | None = None  # None: the plain path
+
+
+def plan(args: argparse.Namespace) -> Plan:
+    """Validate a generate/img2img/sweep command line; raises UsageError. Reads no weights."""
+    from . import pngmeta
+
+    png_meta = None
+    if args.from_png is not None:
+        check_image(args.from_png, "--from-png")
+        try:
+            png_meta = pngmeta.read_metadata(args.from_png)
+        except ValueError as e:
+            raise UsageError(f"--from-png {e}") from None
+    params = params_from_args(args, png_meta["params"] if png_meta else {})
+
+    init_path = getattr(args, "init", None)
+    if init_path is not None:
+        w, h = check_image(init_path, "--init")
+        if args.size is None and params.width is None and (w % 8 or h % 8):
+            raise UsageError(f"--init {init_path} is {w}x{h}, not multiples of 8; pass --size WxH to resize it")
+        if int(params.steps * params.strength) < 1:  # CompVis img2img runs int(strength * steps) steps
+            raise UsageError(f"--strength {params.strength} with --steps {params.steps} leaves no denoising step")
+
+    alphas = focus_stack = None
+    if args.command == "sweep":
+        alphas = parse_floats(args.alphas, "--alphas") if args.alphas is not None else None
+        focus_stack = tuple(args.focus_stack) if args.focus_stack else None
+        if alphas is None and not focus_stack:
+            raise UsageError("sweep needs --alphas and/or --focus-stack")
+        if focus_stack is None and params.focus is None:
+            raise UsageError("sweep --alphas needs a focus prompt: --focus PROMPT or --focus-stack PROMPT ...")
+        cells = [(f, a) for f in (focus_stack or [params.focus]) for a in (alphas or [params.alpha])]
+        outputs = tuple(sweep_outputs(args.output, cells, params.seed))
+    else:
+        outputs = (Path(args.output),)
+        check_output(outputs[0])
+
+    from ..pipeline import LAYOUT_WARN_BELOW
+
+    if (params.focus is not None or focus_stack) and params.layout < LAYOUT_WARN_BELOW:
+        warn(f"--layout {params.layout} < {LAYOUT_WARN_BELOW}: the GBSD paper reports objects start to mix "
+             "below σ = 0.7")
+    model_path, family = common.resolve_model(args, png_meta)
+    device, dtype = common.device_dtype(args)
+    fast = None
+    if args.fast or args.compile:
+        from ..fast import FastOptions
+
+        fast = FastOptions(dtype=dtype, channels_last=True, fuse_qkv=True, cache_context_kv=True, compile=args.compile)
+    return Plan(args.command, params, outputs, model_path, family, device, dtype, init_path, alphas, focus_stack,
+                png_meta, progress=not args.quiet, fast=fast)
+
+
+# -------------------------------------------------------------------------------------------------- running
+
+
+def execute(p: Plan) -> None:
+    """Load the weights, run the pipeline, write the PNGs (atomically) and print their paths."""
+    from PIL import Image
+
+    from .. import pipeline
+    from . import pngmeta, weights
+
+    bundle = common.load_checkpoint(p.model_path, p.family, p.device, p.dtype)
+    sha = weights.model_sha256(p.model_path, progress=p.progress)
+    made_with = (p.png_meta or {}).get("model_sha256")
+    if made_with and sha and made_with != sha:
+        warn(f"--from-png image was made with model sha256 {made_with[:10]}, "
+             f"this is {sha[:10]} ({p.model_path.name}): the image will differ")
+    init_image = Image.open(p.init_path).convert("RGB") if p.init_path is not None else None
+    if init_image is not None:
+        executed = len(bundle.scheduler.timesteps(p.params.steps, p.params.strength))
+        print(f"img2img: strength {p.params.strength} runs {executed} of {p.params.steps} steps", file=sys.stderr)
+
+    stepper = None
+    if p.fast is not None:
+        from ..fast import make_stepper
+
+        stepper = make_stepper(bundle, p.fast, p.params.cfg, p.params.eta)
+    try:
+        if p.mode == "sweep":
+            results = pipeline.sweep(bundle, p.params, alphas=p.alphas, focus_prompts=p.focus_stack,
+                                     init_image=init_image, progress=p.progress, stepper=stepper)
+        else:
+            results = [pipeline.generate(bundle, p.params, init_image=init_image, progress=p.progress,
+                                         stepper=stepper)]
+    finally:
+        if stepper is not None:
+            stepper.close()
+    for result, out in zip(results, p.outputs, strict=True):
+        record = pngmeta.ImageRecord(
+            width=result.image.width, height=result.image.height, model_file=p.model_path.name, model_sha256=sha,
+            img2img=init_image is not None, executed_steps=result.executed_steps,
+            layout_steps=result.layout_steps if result.params.focus is not None else None,
+        )
+        pngmeta.save_png_atomic(result.image, out, pngmeta.pnginfo(result.params, record))
+        print(out)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    execute(plan(args))  # plan() raises UsageError (exit 2) before any weights are read
+    return 0

@@ -1,0 +1,128 @@
+"""`gbsd grid`: an α (rows) × σ (columns) contact sheet of GBSD images, each cell captioned with the variance of the
+Laplacian of its target and background ("T 95.5 / B 12.1"), plus the same sheet with the target masks overlaid and
+as local-sharpness heat maps (one colour scale for every cell).
+
+One `sweep` per σ: the α values share its layout stage, so a column costs n_layout + K·(n − n_layout) UNet calls.
+Each cell's target is its own focus-word attention mask (gbsd_core/bokeh/attnmaps.py) unless --mask or --box gives
+one.
+
+    gbsd grid "a bunny and a carrot on grass" --focus "a carrot" --alphas 0,0.5,1 --layouts 0.7,0.8,0.9 -o grid/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+from . import common
+from .common import UsageError, check_image, checked, parse_floats, parse_size, write_text_atomic
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+MIN_CELL = 160  # pixels: smaller images (test models) are enlarged on the sheet so the captions fit under them
+
+
+def _enlarge(image: Image.Image) -> Image.Image:
+    """Nearest-neighbour enlargement by a whole factor (pixels stay pixels) for images narrower than MIN_CELL."""
+    k = -(-MIN_CELL // image.width)
+    return image if k <= 1 else image.resize((image.width * k, image.height * k), resample=0)  # 0 = NEAREST
+
+
+def run_grid(args: argparse.Namespace) -> int:
+    """α (rows) × σ (columns) contact sheet, one `sweep` per σ (the α values share its layout stage)."""
+    alphas, layouts = parse_floats(args.alphas, "--alphas"), parse_floats(args.layouts, "--layouts")
+    if args.mask and args.box:
+        raise UsageError("give --mask or --box, not both")
+    box = None
+    if args.box:
+        try:
+            box = tuple(float(v) for v in args.box.split(","))
+        except ValueError:
+            box = ()
+        if len(box) != 4:
+            raise UsageError(f"--box {args.box!r}: expected x0,y0,x1,y1")
+    if args.mask:
+        check_image(args.mask, "--mask")
+    if 1.0 in layouts and not (args.mask or box):
+        raise UsageError("σ = 1 has no focus stage, hence no attention mask: drop it from --layouts or give --mask/--box")
+    width, height = parse_size(args.size) if args.size else (None, None)
+    out = Path(args.output)
+    if not out.parent.is_dir() or (out.exists() and not out.is_dir()):
+        raise UsageError(f"-o {out}: must be a folder whose parent exists")
+    from ..pipeline import GenerationParams
+
+    base = checked(GenerationParams(args.prompt, focus=args.focus, steps=args.steps, cfg=args.cfg,
+                                    negative=args.negative, seed=args.seed, width=width, height=height))
+    model_path, family = common.resolve_model(args, None)
+    device, dtype = common.device_dtype(args)
+    bundle = common.load_checkpoint(model_path, family, device, dtype)
+
+    from .. import pipeline
+    from ..bokeh.attnmaps import CrossAttentionCollector, word_positions
+    from ..bokeh.masks import box_to_mask, load_mask
+    from ..bokeh.metrics import SharpnessReport, local_variance_of_laplacian, to_gray
+    from ..bokeh.pictures import contact_sheet, overlay_mask, sharpness_heatmap
+
+    positions = word_positions(bundle.tokenizer(args.focus))
+    images = [[None] * len(layouts) for _ in alphas]
+    masks, reports = [row[:] for row in images], [row[:] for row in images]
+    for j, sigma in enumerate(layouts):
+        collector = None if (args.mask or box) else CrossAttentionCollector(bundle.unet, positions)
+        results = pipeline.sweep(bundle, replace(base, layout=sigma), alphas=alphas, probe=collector,
+                                 progress=not args.quiet)
+        for i, r in enumerate(results):
+            size = (r.image.height, r.image.width)
+            try:
+                mask = (load_mask(args.mask, size) if args.mask else box_to_mask(box, size) if box
+                        else collector.mask(i, size))
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            images[i][j], masks[i][j] = r.image, mask
+            reports[i][j] = SharpnessReport.measure(to_gray(r.image), mask)
+    out.mkdir(exist_ok=True)
+    # ASCII labels: Pillow's default font has no Greek letters.
+    rows, cols = [f"alpha {a:g}" for a in alphas], [f"sigma {s:g}" for s in layouts]
+    captions = [[rep.caption() for rep in row] for row in reports]
+    vmax = max(float(local_variance_of_laplacian(to_gray(im)).max()) for row in images for im in row)
+    pictures = {
+        "grid.png": images,
+        "grid_overlay.png": [[overlay_mask(im, m) for im, m in zip(ri, rm)] for ri, rm in zip(images, masks)],
+        "grid_heatmap.png": [[sharpness_heatmap(im, vmax=max(vmax, 1.0)) for im in row] for row in images],
+    }
+    sheets = {name: contact_sheet([[_enlarge(im) for im in row] for row in cells], rows, cols, captions)
+              for name, cells in pictures.items()}
+    from .pngmeta import save_png_atomic
+
+    for name, sheet in sheets.items():
+        save_png_atomic(sheet, out / name)
+        print(out / name)
+    cells = [{"alpha": a, "layout": s, "mask_fraction": float(masks[i][j].mean()),
+              "target": asdict(reports[i][j].target), "background": asdict(reports[i][j].background)}
+             for i, a in enumerate(alphas) for j, s in enumerate(layouts)]
+    write_text_atomic(out / "grid.json", json.dumps({"prompt": args.prompt, "focus": args.focus, "seed": args.seed,
+                                               "model": model_path.name, "cells": cells}, indent=1))
+    return 0
+
+
+def add_grid_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("grid", help="α × σ contact sheet with target/background sharpness")
+    p.add_argument("prompt", help="the global prompt")
+    p.add_argument("--focus", required=True, help="the local prompt (the object kept sharp)")
+    p.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="rows: α values (0,0.25,0.5,0.75,1)")
+    p.add_argument("--layouts", default="0.7,0.8,0.9", help="columns: σ values (0.7,0.8,0.9)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (50)")
+    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (7.5)")
+    p.add_argument("--negative", default="", help="negative prompt ('')")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (0)")
+    p.add_argument("--size", metavar="WxH", help="image size (family default)")
+    p.add_argument("--mask", metavar="PNG", help="target mask for every cell (default: each cell's attention mask)")
+    p.add_argument("--box", metavar="X0,Y0,X1,Y1", help="target box for every cell, in pixels")
+    p.add_argument("-o", "--output", default="grid", help="output folder (grid)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    common.add_model_args(p)
+    p.set_defaults(run=run_grid)

@@ -1,0 +1,74 @@
+"""`gbsd download` (fetch a registry checkpoint, sha256-checked) and `gbsd info` (what a checkpoint holds).
+
+    gbsd download                 # list the registry and what is present
+    gbsd download sd15            # into $GBSD_WEIGHTS or ./weights
+    gbsd info weights/v1-5-pruned-emaonly.safetensors
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import common
+from .common import EXIT_FAILURE, UsageError
+
+
+def add_model_file_commands(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser("download", help="fetch a registry checkpoint into $GBSD_WEIGHTS or ./weights")
+    d.add_argument("name", nargs="?", help="sd15, sd21-base or sd21 (omit to list them)")
+    d.add_argument("--dir", help="target folder (default $GBSD_WEIGHTS or ./weights)")
+    d.add_argument("--repo", help="fetch the file from this Hub repo instead (a mirror; the sha256 is still checked)")
+    d.set_defaults(run=cmd_download)
+
+    n = sub.add_parser("info", help="family, parameter counts and dtype of a checkpoint")
+    n.add_argument("checkpoint", help="checkpoint file or diffusers folder")
+    n.add_argument("--family", help="force the model family (sd1, sd2-512, sd2-768-v)")
+    n.set_defaults(run=cmd_info)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from . import weights
+
+    directory = Path(args.dir) if args.dir else weights.weights_dir()
+    if args.name is None:
+        for e in weights.REGISTRY.values():
+            state = "present" if (directory / e.filename).exists() else "missing"
+            print(f"{e.name:10s} {e.family:10s} {e.size / 2**30:5.1f} GiB  {state:8s} {e.description}")
+        return 0
+    if args.name not in weights.REGISTRY:
+        raise UsageError(f"unknown model {args.name!r}; known: {', '.join(weights.REGISTRY)}")
+    try:
+        path = weights.download(args.name, directory, repo_id=args.repo)
+    except weights.WeightsError as e:
+        print(f"gbsd: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(path)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import weights
+
+    path = Path(args.checkpoint)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file or folder")
+    bundle = common.load_checkpoint(path, args.family, "cpu", torch.float32)
+    desc = bundle.describe()
+    print(f"file: {path}")
+    sha = weights.model_sha256(path, progress=True)
+    if sha:
+        print(f"sha256: {sha}  (model hash {sha[:10]})")
+    print_tree(desc)
+    return 0
+
+
+def print_tree(d: dict, indent: str = "") -> None:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            print(f"{indent}{k}:")
+            print_tree(v, indent + "  ")
+        else:
+            print(f"{indent}{k}: {f'{v:,}' if isinstance(v, int) and not isinstance(v, bool) else v}")

@@ -1,0 +1,227 @@
+"""PNG metadata: what made this image, in two forms, and reading it back for `gbsd generate --from-png`.
+
+Two text chunks are written:
+
+* `parameters` -- the A1111 "infotext" convention that image viewers, Civitai and A1111's "PNG Info" tab read::
+
+      <prompt>
+      Negative prompt: <negative>                        (line omitted when the negative prompt is empty)
+      Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 0, Size: 512x512, Model hash: 6ce0161689, Model: v1-5-...,
+      Denoising strength: 0.75, GBSD focus: "a carrot, small", GBSD alpha: 0.5, GBSD layout: 0.8, ...
+
+  The last line is `key: value` pairs joined by ", "; a value containing ',', ':' or a newline is written as a
+  JSON string (A1111's `quote()` rule), so it survives the split. "Model hash" is the first 10 hex digits of the
+  file's sha256 (A1111's current hash). GBSD's own keys are prefixed "GBSD " so they cannot clash with A1111's.
+
+* `gbsd` -- machine-readable JSON with every `GenerationParams` field exactly (floats via JSON's shortest
+  round-trip repr), the model file name and its full sha256. `read_params` prefers it; the infotext parser is the
+  fallback for images whose JSON chunk was stripped, or that came from elsewhere.
+
+PIL writes a chunk as iTXt (UTF-8) instead of tEXt (Latin-1) when the text needs it, so any prompt round-trips.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+if TYPE_CHECKING:  # pipeline imports torch; keep this module importable without it
+    from ..pipeline import GenerationParams
+
+JSON_KEY = "gbsd"
+INFOTEXT_KEY = "parameters"
+FORMAT_VERSION = 1
+SAMPLER_NAME = "DDIM"  # the only sampler: CompVis DDIM (gbsd_core/ddim.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+    """Everything the metadata says about one image, besides the parameters themselves."""
+
+    width: int
+    height: int
+    model_file: str | None = None  # file (or diffusers folder) name, no directory
+    model_sha256: str | None = None
+    img2img: bool = False
+    executed_steps: int | None = None
+    layout_steps: int | None = None
+
+
+# --------------------------------------------------------------------------------------------------- writing
+
+
+def _num(x: float) -> str:
+    # repr() is the shortest string that parses back to the same float: 0.1 -> "0.1", 7.5 -> "7.5".
+    return repr(float(x))
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    if "," in text or ":" in text or "\n" in text or text.startswith('"'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def model_label(model_file: str) -> str:
+    """A1111's "Model" value: the checkpoint file name without its extension (a folder name stays as is)."""
+    p = Path(model_file)
+    return p.stem if p.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin") else p.name
+
+
+def infotext(params: GenerationParams, record: ImageRecord) -> str:
+    """The A1111-style `parameters` text for one image (see module docstring)."""
+    fields: list[tuple[str, Any]] = [
+        ("Steps", params.steps),
+        ("Sampler", SAMPLER_NAME),
+        ("CFG scale", _num(params.cfg)),
+        ("Seed", params.seed),
+        ("Size", f"{record.width}x{record.height}"),
+    ]
+    if record.model_sha256:
+        fields.append(("Model hash", record.model_sha256[:10]))
+    if record.model_file:
+        fields.append(("Model", model_label(record.model_file)))
+    if record.img2img:
+        fields.append(("Denoising strength", _num(params.strength)))
+    if params.eta != 0.0:
+        fields.append(("Eta DDIM", _num(params.eta)))  # A1111 writes this key only when eta is not its default 0
+    if params.focus is not None:
+        fields += [("GBSD focus", params.focus), ("GBSD alpha", _num(params.alpha)), ("GBSD layout", _num(params.layout))]
+        if record.layout_steps is not None:
+            fields.append(("GBSD layout steps", record.layout_steps))
+    if record.executed_steps is not None:
+        fields.append(("GBSD executed steps", record.executed_steps))
+    text = params.prompt
+    if params.negative:
+        text += f"\nNegative prompt: {params.negative}"
+    return text + "\n" + ", ".join(f"{k}: {_quote(v)}" for k, v in fields)
+
+
+def json_text(params: GenerationParams, record: ImageRecord) -> str:
+    """The machine-readable `gbsd` chunk: all GenerationParams fields plus the record."""
+    payload = {
+        "version": FORMAT_VERSION,
+        "params": dataclasses.asdict(params),
+        "mode": "img2img" if record.img2img else "txt2img",
+        "size": [record.width, record.height],
+        "model": {"file": record.model_file, "sha256": record.model_sha256},
+        "executed_steps": record.executed_steps,
+        "layout_steps": record.layout_steps,
+    }
+    return json.dumps(payload, ensure_ascii=True, sort_keys=True)
+
+
+def pnginfo(params: GenerationParams, record: ImageRecord) -> PngInfo:
+    info = PngInfo()
+    info.add_text(INFOTEXT_KEY, infotext(params, record))
+    info.add_text(JSON_KEY, json_text(params, record))
+    return info
+
+
+def save_png_atomic(image: Image.Image, path: str | os.PathLike, info: PngInfo | None = None) -> None:
+    """Write a PNG so that `path` is either the old file or the complete new one, never a partial write."""
+    from ..loading import atomic_write
+
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+# --------------------------------------------------------------------------------------------------- reading
+
+# One `key: value` pair of the infotext's last line: value is a JSON string or runs to the next comma.
+_PAIR = re.compile(r'\s*([A-Za-z][A-Za-z0-9 _/\-]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_infotext(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Parse A1111 infotext into (GenerationParams field values, other facts: size, model, ...).
+
+    Keys this program does not know (other samplers' fields, hires fix, ...) are ignored.
+    """
+    lines = text.strip("\n").split("\n")
+    last = lines[-1] if lines else ""
+    pairs: dict[str, str] = {}
+    if len(_PAIR.findall(last)) >= 3:  # A1111's heuristic: a real parameter line has several pairs
+        lines = lines[:-1]
+        for key, raw in _PAIR.findall(last):
+            raw = raw.strip()
+            if raw.startswith('"') and raw.endswith('"') and len(raw) >= 2:
+                try:
+                    raw = json.loads(raw)
+                except ValueError:
+                    pass
+            pairs[key.strip()] = raw
+    prompt_lines: list[str] = []
+    negative_lines: list[str] | None = None
+    for line in lines:
+        if negative_lines is None and line.startswith("Negative prompt:"):
+            negative_lines = [line[len("Negative prompt:"):].strip()]
+        elif negative_lines is not None:
+            negative_lines.append(line)
+        else:
+            prompt_lines.append(line)
+
+    params: dict[str, Any] = {"prompt": "\n".join(prompt_lines), "negative": "\n".join(negative_lines or [])}
+    extra: dict[str, Any] = {}
+    conv = {"Steps": ("steps", int), "CFG scale": ("cfg", float), "Seed": ("seed", int),
+            "Denoising strength": ("strength", float), "Eta DDIM": ("eta", float), "GBSD focus": ("focus", str),
+            "GBSD alpha": ("alpha", float), "GBSD layout": ("layout", float)}
+    for key, (field, kind) in conv.items():
+        if key in pairs:
+            try:
+                params[field] = kind(pairs[key])
+            except ValueError:
+                raise ValueError(f"unreadable {key!r} value {pairs[key]!r} in PNG parameters") from None
+    if "Size" in pairs:
+        m = re.fullmatch(r"(\d+)x(\d+)", pairs["Size"])
+        if not m:
+            raise ValueError(f"unreadable 'Size' value {pairs['Size']!r} in PNG parameters")
+        params["width"], params["height"] = int(m.group(1)), int(m.group(2))
+    extra["img2img"] = "Denoising strength" in pairs
+    extra["model_hash"] = pairs.get("Model hash")
+    extra["model"] = pairs.get("Model")
+    for key, name in (("GBSD executed steps", "executed_steps"), ("GBSD layout steps", "layout_steps")):
+        if key in pairs:
+            extra[name] = int(pairs[key])
+    return params, extra
+
+
+def read_metadata(png_path: str | os.PathLike) -> dict[str, Any]:
+    """{"params": {field: value}, "source": "json"|"infotext", plus model/size facts} from a PNG's text chunks.
+
+    Raises ValueError when the file carries neither chunk (or they are unreadable), OSError when it cannot be read.
+    """
+    with Image.open(png_path) as im:
+        texts = dict(getattr(im, "text", {}) or {})
+    if JSON_KEY in texts:
+        try:
+            data = json.loads(texts[JSON_KEY])
+            if not isinstance(data.get("params"), dict):
+                raise ValueError("no 'params' object")
+        except (ValueError, AttributeError) as e:
+            raise ValueError(f"{png_path}: broken '{JSON_KEY}' metadata chunk ({e})") from None
+        model = data.get("model") or {}
+        return {"source": "json", "params": data["params"], "model_file": model.get("file"),
+                "model_sha256": model.get("sha256"), "img2img": data.get("mode") == "img2img"}
+    if INFOTEXT_KEY in texts:
+        params, extra = parse_infotext(texts[INFOTEXT_KEY])
+        return {"source": "infotext", "params": params, "model_file": extra["model"],
+                "model_hash": extra["model_hash"], "img2img": extra["img2img"]}
+    raise ValueError(f"{png_path}: no generation parameters in this PNG (no '{JSON_KEY}' or '{INFOTEXT_KEY}' chunk)")
+
+
+def params_from_dict(values: dict[str, Any]) -> GenerationParams:
+    """Build GenerationParams from stored values, ignoring keys a newer/older version may have added."""
+    from ..pipeline import GenerationParams
+
+    known = {f.name for f in dataclasses.fields(GenerationParams)}
+    return GenerationParams(**{k: v for k, v in values.items() if k in known})
+
+
+def read_params(png_path: str | os.PathLike) -> GenerationParams:
+    """The GenerationParams an image was made with (JSON chunk preferred, A1111 text as fallback)."""
+    return params_from_dict(read_metadata(png_path)["params"])

@@ -1,0 +1,76 @@
+"""Helpers of the fast-path tests (tests/fast/): tiny UNets, a GBSD run through a stepper, fast generate/sweep."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from _util import rel_err
+
+from gbsd_core.ddim import DDIMScheduler
+from gbsd_core.fast import make_stepper
+from gbsd_core.fast.attention import swap_attention
+from gbsd_core.pipeline import generate, sweep
+from gbsd_core.sampling import CFGStep, denoise, gbsd_stages
+from gbsd_core.unet import UNetConfig, UNetModel
+
+PROMPT, FOCUS = "a bunny and a carrot in a garden, bokeh", "a carrot"
+
+SIZE = dict(width=64, height=64)
+
+CUDA = torch.cuda.is_available()
+
+
+def tiny_unet(seed: int = 0, context_dim: int = 48) -> UNetModel:
+    torch.manual_seed(seed)
+    unet = UNetModel(UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2, 1),
+                                num_heads=-1, num_head_channels=32, context_dim=context_dim)).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return unet
+
+
+def fast_unet(seed: int = 0) -> UNetModel:
+    """tiny_unet with the fast attention swapped in (what accelerate does first)."""
+    unet = tiny_unet(seed)
+    swap_attention(unet)
+    return unet
+
+
+def gbsd_run(unet, stepper=None, n=6, sigma=0.5, rows=1, seed=0):
+    """Latents after every step of a GBSD run (stage switch at round(σn)); `rows` > 1 branches the focus stage."""
+    g = torch.Generator().manual_seed(seed)
+    d = unet.config.context_dim
+    glob, loc, unc = (torch.randn(1, 77, d, generator=g) for _ in range(3))
+    focus = loc.repeat(rows, 1, 1) * torch.linspace(0.5, 1.5, rows).view(-1, 1, 1)
+    sched = DDIMScheduler()
+    ts = sched.timesteps(n)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    if stepper is not None:
+        stepper.scheduler = sched
+    with torch.inference_mode():
+        step = stepper if stepper is not None else CFGStep(unet, sched, 7.5)
+        return [s.latents for s in denoise(step, x, ts, gbsd_stages(glob, focus, n, sigma), unc)]
+
+
+def fast_generate(bundle, params, opts):
+    """generate() through a fast stepper made for the params, as the CLI runs it."""
+    with make_stepper(bundle, opts, params.cfg, params.eta) as step:
+        return generate(bundle, params, stepper=step)
+
+
+def fast_sweep(bundle, params, opts, **kw):
+    with make_stepper(bundle, opts, params.cfg, params.eta) as step:
+        return sweep(bundle, params, stepper=step, **kw)
+
+
+def max_rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    assert len(a) == len(b)
+    return max(rel_err(x, y) for x, y in zip(a, b))
+
+
+def psnr(a, b) -> float:
+    a, b = (np.asarray(im, dtype=np.float64) for im in (a, b))
+    mse = ((a - b) ** 2).mean()
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)

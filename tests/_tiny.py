@@ -1,0 +1,85 @@
+"""Tiny but complete SD1/SD2 modules with non-trivial random weights, and the outputs a bundle uses (loading tests)."""
+from __future__ import annotations
+
+import torch
+
+from gbsd_core.bundle import SDBundle
+from gbsd_core.clip_text import CLIPTextConfig, CLIPTextEncoder
+from gbsd_core.openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
+from gbsd_core.unet import UNetConfig, UNetModel
+from gbsd_core.vae import AutoencoderKL, VAEConfig
+
+TOL = 1e-5
+
+# Tiny but complete: two levels, attention at level 0 and in the middle, 8 heads as SD1 (context 768 => 8 heads is
+# what UNetConfig.from_state_dict infers), one res block per level.
+TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,),
+                       num_heads=8, context_dim=768)
+
+TINY_UNET_SD2 = UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,),
+                           num_heads=-1, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
+
+TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
+
+TINY_CLIP = CLIPTextConfig(width=64, layers=2, heads=1)  # heads = width // 64 is what from_state_dict infers
+
+TINY_OPENCLIP = OpenCLIPTextConfig(width=128, layers=3, heads=2, embed_dim=32)
+
+
+def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Non-trivial values everywhere (biases, norm affines, zero-initialised output convs), scaled by fan-in so
+    activations stay O(1) through a deep net."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if p.ndim >= 2:
+                p.copy_(r / (p[0].numel() ** 0.5))
+            elif "norm" in name or ".ln_" in name or "layer_norm" in name:
+                p.copy_(1 + 0.1 * r if name.endswith("weight") else 0.1 * r)
+            else:
+                p.copy_(0.05 * r)
+    return module.eval()
+
+
+def tiny_modules(sd2: bool = False, seed: int = 0) -> dict[str, torch.nn.Module]:
+    return {
+        "unet": randomize_(UNetModel(TINY_UNET_SD2 if sd2 else TINY_UNET), seed),
+        "vae": randomize_(AutoencoderKL(TINY_VAE), seed + 1),
+        "text_encoder": randomize_(OpenCLIPTextEncoder(TINY_OPENCLIP) if sd2 else CLIPTextEncoder(TINY_CLIP), seed + 2),
+    }
+
+
+def tokens(n: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    t = torch.randint(1, 49406, (n, 77), generator=g)
+    t[:, 0], t[:, 12:] = 49406, 49407
+    return t
+
+
+@torch.no_grad()
+def outputs(modules: dict[str, torch.nn.Module], context_dim: int = 768) -> dict[str, torch.Tensor]:
+    """UNet noise prediction, VAE decode + encode mean, text embedding: everything a bundle uses."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 77, context_dim, generator=g)
+    img = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    vae = modules["vae"]
+    return {
+        "unet": modules["unet"](x, torch.tensor([10, 900]), ctx),
+        "decode": vae.decode(x[:1]),
+        "encode": vae.encode(img).mean,
+        "text": modules["text_encoder"](tokens()),
+    }
+
+
+def bundle_modules(b: SDBundle) -> dict[str, torch.nn.Module]:
+    return {"unet": b.unet, "vae": b.vae, "text_encoder": b.text_encoder}
+
+
+def assert_same_weights(a: dict[str, torch.nn.Module], b: dict[str, torch.nn.Module]) -> None:
+    for name in a:
+        sa, sb = a[name].state_dict(), b[name].state_dict()
+        assert sa.keys() == sb.keys(), name
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"{name}.{k}"

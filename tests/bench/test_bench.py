@@ -1,0 +1,99 @@
+"""Smoke test of the benchmark harness (`python -m bench`) at tiny size: it runs ours and the diffusers baseline,
+prints the table, writes the JSON with every field, and counts the GBSD sweep's UNet evaluations right."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+import pytest
+from _util import REPO
+
+if str(REPO) not in sys.path:  # `pytest` (not `python -m pytest`) does not put the repo root on sys.path
+    sys.path.insert(0, str(REPO))
+
+from bench.__main__ import main  # noqa: E402
+
+MEASURED = ("text_ms", "step_ms", "loop_it_s", "loop_s", "vae_ms", "e2e_s", "peak_gb", "warmup_s", "build_s")
+
+
+def test_tiny_run_prints_table_and_writes_json(tmp_path, capsys):
+    t0 = time.perf_counter()
+    out = tmp_path / "bench.json"
+    md = tmp_path / "bench.md"
+    steps, k, sigma = 5, 3, 0.8
+    rc = main(["--tiny", "--device", "cpu", "--threads", "1", "--steps", str(steps), "--repeat", "1",
+               "--configs", "eager,fast,graphs,diffusers", "--sweep", "eager", "--sweep-k", str(k),
+               "--sweep-layout", str(sigma), "--json", str(out), "--markdown", str(md)])
+    printed = capsys.readouterr().out
+    print(printed)
+    assert rc == 0
+
+    data = json.loads(out.read_text())
+    env = data["environment"]
+    for key in ("date", "torch", "cpu", "torch_threads", "load_average", "diffusers"):
+        assert key in env, key
+    assert env["torch_threads"] == 1  # one thread: an oversubscribed CI box stalls OpenMP barriers
+
+    recs = {r["config"]: r for r in data["results"]}
+    assert list(recs) == ["eager", "fast", "graphs", "diffusers"]
+    assert recs["graphs"]["skipped"] == "needs CUDA"  # CUDA graphs are CUDA only
+    for name in ("eager", "fast", "diffusers"):
+        r = recs[name]
+        assert "error" not in r, r.get("error")
+        assert (r["impl"], r["device"], r["dtype"], r["size"], r["steps"], r["batch"]) == (
+            "diffusers" if name == "diffusers" else "ours", "cpu", "float32", 64, steps, 1)
+        for key in MEASURED:
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (name, key, r.get(key))
+        assert r["loop_it_s"] == pytest.approx(steps / r["loop_s"])
+        assert r["params"]["unet"] > 0
+    assert recs["fast"]["fast_options"]["fuse_qkv"] is True and recs["eager"]["fast_options"] is None
+    # Ratios against the same run's diffusers baseline.
+    assert recs["eager"]["step_vs_diffusers"] == pytest.approx(recs["diffusers"]["step_ms"] / recs["eager"]["step_ms"])
+    assert recs["diffusers"]["loop_vs_diffusers"] == pytest.approx(1.0)
+
+    # The sweep: n_layout = round(σ·n) shared steps at batch 1, then K branches for the rest (counted by the
+    # pipeline's own UNet-call counter) vs K·n for independent runs.
+    sw = data["sweep"]
+    assert "error" not in sw, sw.get("error")
+    n_layout = 4  # round(0.8 · 5)
+    assert sw["shared_unet_calls"] == n_layout + k * (steps - n_layout) == 7
+    assert sw["independent_unet_calls"] == k * steps
+    assert sw["shared_s"] > 0 and sw["independent_s"] > 0
+
+    # The printed table has a row per configuration, and the markdown file holds the same table.
+    for name in recs:
+        assert f"| {name} |" in printed
+    assert "loop it/s" in printed and "GBSD sweep" in printed
+    assert md.read_text().strip() == printed.strip()
+    print(f"bench smoke test: {time.perf_counter() - t0:.1f}s")
+
+
+def test_interleaved_step_timing(tmp_path, capsys):
+    """--interleave: every configuration built first, then timed round-robin; same records and ratios as a plain run,
+    and a failing configuration (CUDA graphs on a CPU) is reported without stopping the others."""
+    out = tmp_path / "inter.json"
+    rc = main(["--tiny", "--device", "cpu", "--threads", "1", "--steps", "3", "--repeat", "3", "--parts", "step",
+               "--interleave", "--configs", "eager,fast,graphs,diffusers", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "interleaved" in printed
+    recs = {r["config"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(recs) == ["eager", "fast", "graphs", "diffusers"] and recs["graphs"]["skipped"] == "needs CUDA"
+    for name in ("eager", "fast", "diffusers"):
+        r = recs[name]
+        assert r["complete"] and r["step"]["interleaved"] and len(r["step"]["runs_s"]) == 3
+        assert r["step_ms"] == pytest.approx(sorted(r["step"]["runs_s"])[1] * 1e3) and r["warmup_s"] > 0
+        assert "text_ms" not in r and "loop_s" not in r
+    assert recs["fast"]["step_vs_diffusers"] == pytest.approx(recs["diffusers"]["step_ms"] / recs["fast"]["step_ms"])
+    with pytest.raises(SystemExit):
+        main(["--interleave", "--parts", "step,loop"])
+    assert "--parts step" in capsys.readouterr().err
+
+
+def test_cli_rejects_unknown_names(capsys):
+    with pytest.raises(SystemExit):
+        main(["--configs", "eager,warp-speed"])
+    assert "warp-speed" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--sweep", "diffusers"])  # GBSD is ours only

@@ -1,0 +1,152 @@
+"""PNG metadata: A1111 infotext format, the JSON chunk, round trips and atomic writes (no model needed)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gbsd_core.cli import pngmeta
+from gbsd_core.pipeline import GenerationParams
+
+# A parameter line as A1111 writes it (typed by hand from a real A1111 image's "PNG Info", not produced by us).
+A1111_TEXT = (
+    "a photo of a cat, masterpiece\n"
+    "ugly, blurry\n"  # A1111 prompts may span lines
+    "Negative prompt: lowres, bad anatomy\n"
+    "extra fingers\n"
+    "Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1234567890, Size: 512x768, Model hash: 6ce0161689, "
+    'Model: v1-5-pruned-emaonly, Denoising strength: 0.6, Lora hashes: "add_detail: 7c6bad76eb54", Version: v1.6.0'
+)
+
+
+def _params(**kw) -> GenerationParams:
+    base = dict(prompt="a bunny and a carrot, bokeh", focus="a carrot", alpha=0.3, layout=0.75, steps=4, cfg=6.5,
+                negative="blurry", seed=42, width=64, height=48, strength=0.6, eta=0.0)
+    base.update(kw)
+    return GenerationParams(**base)
+
+
+def _record(**kw) -> pngmeta.ImageRecord:
+    base = dict(width=64, height=48, model_file="tiny-sd1.safetensors", model_sha256="ab" * 32, img2img=False,
+                executed_steps=4, layout_steps=3)
+    base.update(kw)
+    return pngmeta.ImageRecord(**base)
+
+
+def test_infotext_matches_a1111_layout():
+    text = pngmeta.infotext(_params(), _record())
+    print(text)
+    # Expected string written from the A1111 format description (prompt line, "Negative prompt:" line, k: v line).
+    assert text == (
+        "a bunny and a carrot, bokeh\n"
+        "Negative prompt: blurry\n"
+        "Steps: 4, Sampler: DDIM, CFG scale: 6.5, Seed: 42, Size: 64x48, Model hash: ababababab, Model: tiny-sd1, "
+        "GBSD focus: a carrot, GBSD alpha: 0.3, GBSD layout: 0.75, GBSD layout steps: 3, GBSD executed steps: 4"
+    )
+
+
+def test_infotext_img2img_and_plain_sd():
+    t = pngmeta.infotext(_params(focus=None, negative="", eta=0.5), _record(img2img=True, layout_steps=None))
+    lines = t.split("\n")
+    assert len(lines) == 2 and "Negative prompt" not in t  # A1111 drops the line for an empty negative prompt
+    assert "Denoising strength: 0.6" in lines[1] and "Eta DDIM: 0.5" in lines[1]
+    assert "GBSD focus" not in t and "GBSD alpha" not in t
+
+
+def test_parse_real_a1111_text():
+    params, extra = pngmeta.parse_infotext(A1111_TEXT)
+    assert params["prompt"] == "a photo of a cat, masterpiece\nugly, blurry"
+    assert params["negative"] == "lowres, bad anatomy\nextra fingers"
+    assert params["steps"] == 20 and params["cfg"] == 7.0 and params["seed"] == 1234567890
+    assert (params["width"], params["height"]) == (512, 768) and params["strength"] == 0.6
+    assert extra == {"img2img": True, "model_hash": "6ce0161689", "model": "v1-5-pruned-emaonly"}
+    assert "focus" not in params  # not a GBSD image: GenerationParams defaults apply
+
+
+@pytest.mark.parametrize("focus", ["a carrot", 'a "red", shiny: carrot\nwith leaves', None])
+def test_infotext_round_trip(focus):
+    p = _params(focus=focus, prompt="line one, with: colon\nline two", negative="neg: a, b", eta=0.25, cfg=7.1)
+    parsed, extra = pngmeta.parse_infotext(pngmeta.infotext(p, _record(img2img=True)))
+    got = pngmeta.params_from_dict(parsed)
+    if focus is None:  # α and σ mean nothing without a focus prompt: not written, read back as defaults
+        p = dataclasses.replace(p, alpha=0.5, layout=0.8)
+    assert got == p
+    assert extra["model_hash"] == "ab" * 5 and extra["model"] == "tiny-sd1" and extra["img2img"]
+    assert extra["executed_steps"] == 4
+
+
+def _png(tmp_path: Path, params: GenerationParams, record: pngmeta.ImageRecord, name: str = "x.png") -> Path:
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (record.height, record.width, 3), dtype=np.uint8))
+    out = tmp_path / name
+    pngmeta.save_png_atomic(img, out, pngmeta.pnginfo(params, record))
+    return out
+
+
+def test_png_round_trip_json_exact(tmp_path):
+    p = _params(prompt="ünïcödé 🐰 prompt", cfg=0.1 + 0.2)  # non-Latin-1 text and a float with a long repr
+    out = _png(tmp_path, p, _record())
+    # An independent reader (PIL) sees both chunks; the JSON one is plain JSON with every field.
+    with Image.open(out) as im:
+        texts = dict(im.text)
+    data = json.loads(texts["gbsd"])
+    assert data["params"] == dataclasses.asdict(p)
+    assert data["model"] == {"file": "tiny-sd1.safetensors", "sha256": "ab" * 32}
+    assert texts["parameters"].startswith("ünïcödé 🐰 prompt\n")
+    assert pngmeta.read_params(out) == p
+    meta = pngmeta.read_metadata(out)
+    assert meta["source"] == "json" and meta["model_sha256"] == "ab" * 32
+
+
+def test_read_params_falls_back_to_infotext(tmp_path):
+    p = _params()
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    info = pngmeta.PngInfo()
+    info.add_text("parameters", pngmeta.infotext(p, _record()))  # JSON chunk stripped
+    img.save(tmp_path / "a.png", pnginfo=info)
+    assert pngmeta.read_metadata(tmp_path / "a.png")["source"] == "infotext"
+    # txt2img text carries no "Denoising strength", so strength reads back as the default
+    assert pngmeta.read_params(tmp_path / "a.png") == dataclasses.replace(p, strength=0.75)
+
+
+def test_read_params_errors(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    with pytest.raises(ValueError, match="no generation parameters"):
+        pngmeta.read_params(tmp_path / "plain.png")
+    info = pngmeta.PngInfo()
+    info.add_text("gbsd", "{not json")
+    Image.new("RGB", (8, 8)).save(tmp_path / "broken.png", pnginfo=info)
+    with pytest.raises(ValueError, match="broken 'gbsd'"):
+        pngmeta.read_params(tmp_path / "broken.png")
+
+
+def test_unknown_json_fields_ignored(tmp_path):
+    info = pngmeta.PngInfo()
+    info.add_text("gbsd", json.dumps({"version": 9, "params": {"prompt": "p", "steps": 3, "future_knob": 1}}))
+    Image.new("RGB", (8, 8)).save(tmp_path / "f.png", pnginfo=info)
+    assert pngmeta.read_params(tmp_path / "f.png") == GenerationParams(prompt="p", steps=3)
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    class Boom(Exception):
+        pass
+
+    class BadImage:
+        def save(self, path, **kw):
+            Path(path).write_bytes(b"\x89PNG half")
+            raise Boom
+
+    target = tmp_path / "out.png"
+    target.write_bytes(b"old")
+    with pytest.raises(Boom):
+        pngmeta.save_png_atomic(BadImage(), target)
+    assert target.read_bytes() == b"old"  # old file untouched
+    assert sorted(os.listdir(tmp_path)) == ["out.png"]  # temp file removed
+    out = _png(tmp_path, _params(), _record(), name="out.png")
+    assert out.stat().st_mode & 0o777 == 0o644 and sorted(os.listdir(tmp_path)) == ["out.png"]

@@ -1,0 +1,79 @@
+"""FastCrossAttention (gbsd_core/fast/attention.py): fused QKV, the per-stage cross-attention K/V cache and the
+explicit softmax, each exact against the plain attention in fp32."""
+from __future__ import annotations
+
+import pytest
+import torch
+from _fast import fast_unet, tiny_unet
+from _util import rel_err
+
+from gbsd_core.fast.attention import FastCrossAttention, set_context_kv
+
+
+# ----------------------------------------------------------------------------------------------------- fused QKV
+def test_fused_qkv_is_exact_keeps_keys_and_shares_memory():
+    unet, fused = tiny_unet(), fast_unet()
+    for site in fused.attention_sites(cross=False):
+        site.module.fuse_qkv()
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 48)
+    with torch.no_grad():
+        err = rel_err(fused(x, t, c), unet(x, t, c))
+    print(f"fused QKV vs unfused: rel err {err:.2e}")
+    assert err <= 1e-5
+    sd, sd_fused = unet.state_dict(), fused.state_dict()
+    assert list(sd) == list(sd_fused) and all(torch.equal(sd[k], sd_fused[k]) for k in sd)
+    attn = next(fused.attention_sites(cross=False)).module
+    assert attn.qkv_weight is not None
+    for lin in (attn.to_q, attn.to_k, attn.to_v):  # views into the stacked weight: no extra memory
+        assert lin.weight.untyped_storage().data_ptr() == attn.qkv_weight.untyped_storage().data_ptr()
+    # Loading other weights (in place, through the views) must reach the fused matmul too.
+    other = tiny_unet(seed=1)
+    fused.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        err = rel_err(fused(x, t, c), other(x, t, c))
+    print(f"fused QKV after load_state_dict: rel err {err:.2e}")
+    assert err <= 1e-5
+    with pytest.raises(ValueError, match="self-attention"):
+        next(fused.attention_sites()).module.fuse_qkv()
+
+
+# ----------------------------------------------------------------------------------------------------- K/V cache
+def test_context_kv_cache_is_exact_refuses_other_contexts_and_updates_in_place():
+    unet = fast_unet()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    c1, c2 = torch.randn(2, 77, 48), torch.randn(2, 77, 48)
+    with torch.no_grad():
+        ref1, ref2 = unet(x, t, c1), unet(x, t, c2)
+        set_context_kv(unet, c1)
+        err1 = rel_err(unet(x, t, c1), ref1)
+        with pytest.raises(RuntimeError, match="cached for another context"):
+            unet(x, t, c2)
+        site = next(unet.attention_sites()).module
+        k_before = site.context_kv[1].data_ptr()
+        set_context_kv(unet, c2)  # same shapes: written in place (what a captured CUDA graph relies on)
+        assert site.context_kv[1].data_ptr() == k_before
+        err2 = rel_err(unet(x, t, c2), ref2)
+        set_context_kv(unet, None)
+        assert torch.equal(unet(x, t, c1), ref1)
+    print(f"K/V cache vs recomputed: rel err {err1:.2e}, after in-place update {err2:.2e}")
+    assert err1 <= 1e-5 and err2 <= 1e-5
+    with pytest.raises(ValueError, match="dtype"):
+        set_context_kv(unet, c1.double())
+
+
+# ----------------------------------------------------------------------------------------------------- attention
+def test_attention_backends_match_sdpa():
+    unet = fast_unet()
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 48)
+    with torch.no_grad():
+        ref = unet(x, t, c)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # PyTorch has a CPU flash kernel too
+            err_flash = rel_err(unet(x, t, c), ref)
+        for m in unet.modules():
+            if isinstance(m, FastCrossAttention):
+                m.explicit_softmax = True
+        err_math = rel_err(unet(x, t, c), ref)
+    print(f"attention vs SDPA auto: explicit softmax {err_math:.2e}, flash {err_flash:.2e}")
+    assert err_math <= 1e-5 and err_flash <= 1e-5
