@@ -42,6 +42,40 @@ import math
 import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+NUM_TRAIN_TIMESTEPS = 1000  # T of every SD1/SD2 schedule (`timesteps: 1000` in v1-inference.yaml / v2-inference.yaml)
+
+
+def executed_steps(num_inference_steps: int, strength: float = 1.0,
+                   num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> int:
+    """How many steps of an n-step schedule run at `strength`: int(n * strength) (CompVis img2img `t_enc`).
+
+    The one definition of which (n, strength) pairs a schedule can run; `DDIMScheduler.timesteps` and the input
+    checks of every entry point (gbsd_core/params.py, the CLI) call it, so they cannot disagree. Raises ValueError:
+    n must be an int in [1, T]; strength in (0, 1]; at least one step must run; and n = T only with strength < 1
+    (its first timestep would be T itself, past the end of ᾱ: see the module docstring).
+    """
+    n, T = num_inference_steps, num_train_timesteps
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise ValueError(f"num_inference_steps must be an int, got {n!r}")
+    if not 1 <= n <= T:
+        raise ValueError(f"num_inference_steps must be in [1, {T}], got {n}")
+    if not 0.0 < strength <= 1.0:  # also False for NaN
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    n_run = int(n * strength)
+    if n_run == 0:
+        raise ValueError(
+            f"strength {strength} with {n} steps runs int({n} * {strength}) = 0 steps; "
+            f"use strength >= {1.0 / n:.4g} or more steps"
+        )
+    # CompVis adds 1 to every DDIM timestep, so an n-step schedule starts at (n - 1) * (T // n) + 1.
+    if n_run == n and (n - 1) * (T // n) + 1 >= T:
+        # Only n = T gets here. CompVis and diffusers build the same schedule and then fail with an IndexError at
+        # the first step; we say so up front.
+        raise ValueError(
+            f"{n} steps start at t={(n - 1) * (T // n) + 1}, outside the trained timesteps 0..{T - 1} (DDIM timesteps "
+            f"are offset by +1); use at most {T - 1} steps, or strength < 1"
+        )
+    return n_run
 
 
 class DDIMScheduler:
@@ -54,7 +88,7 @@ class DDIMScheduler:
     def __init__(
         self,
         prediction_type: str = "epsilon",
-        num_train_timesteps: int = 1000,
+        num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
         linear_start: float = 0.00085,
         linear_end: float = 0.012,
     ) -> None:
@@ -80,28 +114,10 @@ class DDIMScheduler:
         The input latent is noised to the first returned timestep with `add_noise`.
         """
         n, T = num_inference_steps, self.num_train_timesteps
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise ValueError(f"num_inference_steps must be an int, got {n!r}")
-        if not 1 <= n <= T:
-            raise ValueError(f"num_inference_steps must be in [1, {T}], got {n}")
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
-        n_run = int(n * strength)
-        if n_run == 0:
-            raise ValueError(
-                f"strength {strength} with {n} steps runs int({n} * {strength}) = 0 steps; "
-                f"use strength >= {1.0 / n:.4g} or more steps"
-            )
+        n_run = executed_steps(n, strength, T)
         # CompVis adds 1 to every DDIM timestep (make_ddim_timesteps), so the last step is t = 1.
         full = torch.arange(n - 1, -1, -1, dtype=torch.long) * (T // n) + 1  # [n], descending
         run = full[n - n_run:]
-        if int(run[0]) >= T:
-            # Only n = T gets here: its first timestep is T itself, past the end of ᾱ. CompVis and diffusers build the
-            # same schedule and then fail with an IndexError at the first step; we say so up front.
-            raise ValueError(
-                f"{n} steps start at t={int(run[0])}, outside the trained timesteps 0..{T - 1} (DDIM timesteps are "
-                f"offset by +1); use at most {T - 1} steps, or strength < 1"
-            )
         self.num_inference_steps = n
         return run
 

@@ -14,6 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+# The largest image side a family is asked to render, as a multiple of its native side. SD composes well up to
+# about twice its training size and repeats objects beyond that; 4x (16x the pixels) leaves room for that while
+# refusing sizes whose activations would need tens of GB (the UNet's memory grows with the pixel count, its
+# self-attention's compute with its square).
+MAX_SIZE_FACTOR = 4
+
 
 @dataclass(frozen=True)
 class Family:
@@ -22,6 +28,11 @@ class Family:
     resolution: int  # the image side the model was trained at (pixels)
     pad_token_id: int  # SD1's HF CLIPTokenizer pads with the end token 49407; open_clip's tokenizer pads with 0
     text_encoder: Literal["clip", "openclip"]
+
+    @property
+    def max_size(self) -> int:
+        """The largest width or height (pixels) gbsd renders with this family: MAX_SIZE_FACTOR x `resolution`."""
+        return MAX_SIZE_FACTOR * self.resolution
 
 
 SD1 = Family("sd1", "epsilon", 512, 49407, "clip")
@@ -38,6 +49,8 @@ def family_by_name(name: str | Family) -> Family:
     """`Family` for a name such as "sd1", "sd2-512", "sd2-768-v" (or a Family, returned as is)."""
     if isinstance(name, Family):
         return name
+    if not isinstance(name, str):
+        raise ValueError(f"a model family is a name such as 'sd1', got {name!r}")
     key = _ALIASES.get(name.lower(), name.lower())
     for fam in FAMILIES:
         if fam.name == key:
@@ -88,7 +101,13 @@ def detect(keys: "list[str] | set[str]", path: Path, override: str | Family | No
         if kind is not None and fam.text_encoder != kind:
             raise ValueError(f"family={fam.name!r} expects a {fam.text_encoder} text encoder but {path} holds a {kind} one")
         return fam
+    if prediction_type is not None and prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"{path}: prediction_type {prediction_type!r} is not one gbsd samples (epsilon, v_prediction); "
+                         "pass the family (--family) to load it anyway")
     if kind == "clip":
+        if prediction_type == "v_prediction":  # no SD1 family predicts v: sampling it as epsilon gives noise
+            raise ValueError(f"{path}: says prediction_type v_prediction, but its CLIP text encoder makes it SD1, "
+                             "which predicts epsilon; gbsd has no SD1 v-prediction family")
         return SD1
     if kind is None:
         raise ValueError(f"{path}: no text encoder under cond_stage_model.transformer. or cond_stage_model.model.")
