@@ -50,8 +50,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def one_line(text: str) -> str:
-    return re.sub(r"\s*\n\s*", " ", str(text)).strip()
+def one_line(text: object) -> str:
+    """A message as one printable line: line breaks become spaces, other control characters (a NUL in a file name,
+    a lone surrogate from undecodable bytes) their escapes."""
+    text = re.sub(r"\s*\n\s*", " ", str(text)).strip()
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def run_main(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace,

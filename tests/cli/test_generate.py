@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _broken import UNET, Workshop
 from _cli import TINY, Loaded, bomb_png, broken_zlib_png, meta_png, noise_png, png_texts, run_cli
 from PIL import Image
 
@@ -195,6 +197,10 @@ BAD_INPUTS = [
                         "{no-weights}"], "model"),
     ("info-model-dotdot", ["generate", "--from-png", INFO(A1111 + ", Model: .."), "{no-weights}"], "model"),
     ("info-model-path", ["generate", "--from-png", INFO(A1111 + ", Model: ../../etc/x"), "{no-weights}"], "model"),
+    # --- 4. weights files: what they are, before they are opened; parts that do not fit, before they load
+    ("weights-fifo", ["generate", "p", "--weights", "{fifo-weights}"], "named pipe"),
+    ("weights-nul", ["generate", "p", "--weights", "a\0b.safetensors"], "weights"),
+    ("weights-9-channel-unet", ["generate", "p", "--weights", "{unet9}"], "9-channel"),
     # --- 9. small ones
     ("device-meta", ["generate", "p", "--device", "meta"], "--device"),
     ("device-mps", ["generate", "p", "--device", "mps"], "--device"),
@@ -212,6 +218,7 @@ def _crafted(work: Path, ckpt: Path, dummy: Path) -> dict[str, str]:
     cut = work / "cut.png"
     cut.write_bytes(img.read_bytes()[:300])
     os.mkfifo(work / "pipe.png")
+    os.mkfifo(work / "pipe.safetensors")
     good = meta_png(work / "good.png", {"version": 1, "params": {"prompt": "p"}})
     meta = json.dumps({"version": 1, "params": {"prompt": "p"}})
     return {"{tmp}": str(work), "{img60}": str(noise_png(work / "in60.png", size=(60, 64))), "{img}": str(img),
@@ -219,7 +226,9 @@ def _crafted(work: Path, ckpt: Path, dummy: Path) -> dict[str, str]:
             "{zlib-meta}": str(broken_zlib_png(work / "zlibm.png", texts={"gbsd": meta})),
             "{bomb}": str(bomb_png(work / "bomb.png")), "{big}": str(bomb_png(work / "big.png", side=12000)),
             "{zlib}": str(broken_zlib_png(work / "zlib.png")), "{cut}": str(cut), "{fifo}": str(work / "pipe.png"),
-            "{good-meta}": str(good), "{img2064}": str(noise_png(work / "wide.png", size=(2064, 8)))}
+            "{good-meta}": str(good), "{img2064}": str(noise_png(work / "wide.png", size=(2064, 8))),
+            "{fifo-weights}": str(work / "pipe.safetensors"),
+            "{unet9}": str(Workshop(work, work).single("unet9.safetensors", unet=replace(UNET, in_channels=9)))}
 
 
 def _snapshot(d: Path) -> dict[str, bytes]:
