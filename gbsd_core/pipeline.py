@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .sampling import (CFGStep, Probe, Stage, Stepper, StepState, Watcher, blend_embeddings, denoise, focus_conditioning,
-                       gbsd_stages, layout_steps)
+from .sampling import (CFGStep, Probe, Stage, Stepper, StepState, Watcher, blend_embeddings, denoise,
+                       focus_conditioning, gbsd_stages, layout_steps)
 
 if TYPE_CHECKING:
     from .bundle import SDBundle

@@ -14,7 +14,6 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..loading import atomic_write
-
 from .metrics import local_variance_of_laplacian, to_gray
 
 PAD = 4  # pixels around every cell and label

@@ -50,7 +50,8 @@ LATENT_SCALE = 8  # pixels per latent position (the VAE's downsampling)
 
 def latent_rgb_preview(latents: Tensor) -> list[Image.Image]:
     """Approximate images from scaled latents [B, 4, h, w] without the VAE: rgb = Σ_c latent_c · F[c], then
-    (rgb + 1) / 2 clamped to [0, 1], rounded to 8 bits and enlarged 8× (bilinear) to the image size."""
+    (rgb + 1) / 2 clamped to [0, 1], rounded to 8 bits and enlarged 8× (nearest: one colour per 8×8 block, which
+    is all the projection knows) to the image size."""
     if latents.ndim != 4 or latents.shape[1] != len(SD_LATENT_RGB_FACTORS):
         raise ValueError(f"expected latents [B, 4, h, w], got shape {tuple(latents.shape)}")
     factors = torch.tensor(SD_LATENT_RGB_FACTORS, dtype=torch.float32)  # [4, 3]
@@ -58,7 +59,7 @@ def latent_rgb_preview(latents: Tensor) -> list[Image.Image]:
     arr = (((rgb + 1) / 2).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     h, w = latents.shape[-2:]
     size = (w * LATENT_SCALE, h * LATENT_SCALE)
-    return [Image.fromarray(a, mode="RGB").resize(size, Image.Resampling.BILINEAR) for a in arr]
+    return [Image.fromarray(a, mode="RGB").resize(size, Image.Resampling.NEAREST) for a in arr]
 
 
 def _kept(n: int, every: int, starts: Sequence[int]) -> list[int]:

@@ -66,7 +66,8 @@ class RackPlan:
 
 
 def rack_outputs(output: str, frames: int) -> tuple[Path, Path, tuple[Path, ...]]:
-    """(animation, sheet, frame PNGs) for `-o`, all checked writable; raises UsageError."""
+    """(animation, sheet, frame PNGs) for `-o`, all checked writable (check_output probes the folder); raises
+    UsageError."""
     from ..bokeh.pictures import ANIMATION_FORMATS
 
     animation = Path(output)
@@ -74,6 +75,8 @@ def rack_outputs(output: str, frames: int) -> tuple[Path, Path, tuple[Path, ...]
         raise UsageError(f"-o {output}: the animation must be a {' or '.join(ANIMATION_FORMATS)} file")
     if animation.is_dir():
         raise UsageError(f"-o {output}: is a directory, expected a {animation.suffix} file name")
+    if not animation.parent.is_dir():
+        raise UsageError(f"-o {output}: output directory {animation.parent} does not exist")
     stem = animation.with_suffix("")
     sheet = Path(f"{stem}_sheet.png")
     frame_paths = tuple(Path(f"{stem}_{k:02d}.png") for k in range(frames))
@@ -88,17 +91,18 @@ def plan_rack(args: argparse.Namespace) -> RackPlan:
     from ..pipeline import LAYOUT_WARN_BELOW
 
     png_meta = read_from_png(args.from_png)
+    base = png_meta["params"] if png_meta else {}
     stored = ((png_meta or {}).get("json") or {}).get("rack") or {}
-    params = params_from_args(args, png_meta["params"] if png_meta else {})
-    params = replace(params, focus_mix=0.0)  # each frame gets its own mix
     frames = args.frames if args.frames is not None else stored.get("frames", DEFAULT_FRAMES)
     if isinstance(frames, bool) or not isinstance(frames, int) or not 2 <= frames <= MAX_FRAMES:
         raise UsageError(f"--frames must be an integer in [2, {MAX_FRAMES}], got {frames!r}")
-    for flag, prompt, which in (("--from", params.focus, "first"), ("--to", params.focus_to, "last")):
+    for flag, field, which in (("--from", "focus", "first"), ("--to", "focus_to", "last")):
+        prompt = getattr(args, field) if getattr(args, field) is not None else base.get(field)
         if prompt is None:
             raise UsageError(f"rack needs {flag} PROMPT, the object in focus in the {which} frame")
-        if not prompt.strip():
+        if not isinstance(prompt, str) or not prompt.strip():
             raise UsageError(f"{flag} is empty: name an object in the scene")
+    params = replace(params_from_args(args, base), focus_mix=0.0)  # each frame gets its own mix
     if same_prompt(params.focus, params.focus_to):
         raise UsageError(f"--from and --to are the same prompt ({params.focus!r}): nothing to pull focus between")
     try:
