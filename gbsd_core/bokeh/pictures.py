@@ -166,8 +166,9 @@ def _draw_lines(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], text:
 
 def captioned(images: Sequence[Image.Image], captions: Sequence[str], marks: Collection[int] = (),
               font_size: int = 12) -> list[Image.Image]:
-    """Each image above its caption (lines split at "\\n", centred), all on ONE cell size -- the largest image and
-    the most caption lines -- so the cells tile into a sheet or play as an animation without jumping.
+    """Each image above its caption (lines split at "\\n", centred), all on ONE cell size -- the largest image or
+    the widest caption line, the most caption lines -- so the cells tile into a sheet or play as an animation
+    without jumping.
 
     Cells whose index is in `marks` get a MARK-red bar down their left edge and a red caption: the trace uses it
     for the first frame of a new stage (the GBSD boundary).
@@ -179,8 +180,10 @@ def captioned(images: Sequence[Image.Image], captions: Sequence[str], marks: Col
     _, top, _, bottom = measure.textbbox((0, 0), "Ag|", font=font)
     line_h = bottom - top + 2  # one line's height, from the font rather than from each text (no jumping)
     n_lines = max(len(c.split("\n")) for c in captions)
-    img_w, img_h = max(im.width for im in images), max(im.height for im in images)
-    width, height = MARK_WIDTH + img_w + MARK_WIDTH, img_h + 2 * PAD + n_lines * line_h
+    text_w = max(_text_size(measure, line, font)[0] for c in captions for line in c.split("\n"))
+    inner_w = max(max(im.width for im in images), text_w + 2 * PAD)  # between the two MARK_WIDTH margins
+    img_h = max(im.height for im in images)
+    width, height = MARK_WIDTH + inner_w + MARK_WIDTH, img_h + 2 * PAD + n_lines * line_h
     cells = []
     for i, (im, text) in enumerate(zip(images, captions)):
         cell = Image.new("RGB", (width, height), BACKGROUND)
@@ -188,8 +191,9 @@ def captioned(images: Sequence[Image.Image], captions: Sequence[str], marks: Col
         marked = i in marks
         if marked:
             draw.rectangle((0, 0, MARK_WIDTH - 1, height - 1), fill=MARK)
-        cell.paste(im.convert("RGB"), (MARK_WIDTH + (img_w - im.width) // 2, (img_h - im.height) // 2))
-        _draw_lines(draw, (MARK_WIDTH, img_h, MARK_WIDTH + img_w, height), text, font, line_h, MARK if marked else INK)
+        cell.paste(im.convert("RGB"), (MARK_WIDTH + (inner_w - im.width) // 2, (img_h - im.height) // 2))
+        _draw_lines(draw, (MARK_WIDTH, img_h, MARK_WIDTH + inner_w, height), text, font, line_h,
+                    MARK if marked else INK)
         cells.append(cell)
     return cells
 

@@ -119,13 +119,15 @@ def test_fit_cell_enlarges_small_frames_by_whole_factors_and_shrinks_large_ones(
 
 
 def test_captioned_cells_share_one_size_and_marks_paint_a_bar():
-    ims = [_solid((30, 200, 30), (24, 16)), _solid((30, 30, 200), (20, 12))]
+    ims = [_solid((30, 200, 30), (96, 16)), _solid((30, 30, 200), (80, 12))]
     cells = captioned(ims, ["one line", "two\nlines"], marks={1})
     assert len({c.size for c in cells}) == 1
     w, h = cells[0].size
-    assert w == 24 + 2 * MARK_WIDTH and h > 16 + 2 * 12  # room for two caption lines under the largest image
+    assert w == 96 + 2 * MARK_WIDTH and h > 16 + 2 * 12  # room for two caption lines under the largest image
     one_line = captioned(ims[:1], ["one line"])[0]
     assert one_line.size[1] < h
+    wide = captioned(ims[:1], ["a caption line much wider than the ninety-six pixels of the image"])[0]
+    assert wide.width > 250  # the cell grows to its widest caption line instead of cutting it
     for i, cell in enumerate(cells):
         arr = np.asarray(cell)
         bar = np.all(arr[:, :MARK_WIDTH] == np.array(MARK, dtype=np.uint8), axis=-1)
