@@ -46,14 +46,8 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the whole CFG+DDIM step (implies --fast; first step compiles)")
 
 
-def add_params_args(p: argparse.ArgumentParser, *, img2img: bool | None) -> None:
-    """Generation flags; img2img: True = --init required, False = optional, None = no --init/--strength."""
-    # Defaults are None so `--from-png` values are only overridden by flags the user actually gave.
-    p.add_argument("prompt", nargs="?", help="the global prompt (optional with --from-png)")
-    p.add_argument("--focus", help="GBSD local prompt: the object kept in focus (omit for plain SD)")
-    p.add_argument("--focus-to", metavar="PROMPT", help="a second local prompt: the focus stage uses "
-                   "(1-m)·E(focus) + m·E(focus-to), m = --focus-mix (what a `gbsd rack` frame records)")
-    p.add_argument("--focus-mix", type=float, metavar="M", help="m in [0,1] for --focus-to (0)")
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The flags of every GBSD run besides its prompts (generate, img2img, sweep, rack); defaults None (see below)."""
     p.add_argument("--alpha", type=float, help="focus-stage mix α·E(prompt) + (1-α)·E(focus), in [0,1] (0.5)")
     p.add_argument("--layout", type=float, help="σ: fraction of steps in the layout stage, in [0,1] (0.8)")
     p.add_argument("--steps", type=int, help="DDIM steps (50)")
@@ -62,6 +56,17 @@ def add_params_args(p: argparse.ArgumentParser, *, img2img: bool | None) -> None
     p.add_argument("--seed", type=int, help="noise seed (0)")
     p.add_argument("--size", metavar="WxH", help="image size, multiples of 8 (family default, or the input's size)")
     p.add_argument("--eta", type=float, help="DDIM η (0 = deterministic)")
+
+
+def add_params_args(p: argparse.ArgumentParser, *, img2img: bool | None) -> None:
+    """Generation flags; img2img: True = --init required, False = optional, None = no --init/--strength."""
+    # Defaults are None so `--from-png` values are only overridden by flags the user actually gave.
+    p.add_argument("prompt", nargs="?", help="the global prompt (optional with --from-png)")
+    p.add_argument("--focus", help="GBSD local prompt: the object kept in focus (omit for plain SD)")
+    p.add_argument("--focus-to", metavar="PROMPT", help="a second local prompt: the focus stage uses "
+                   "(1-m)·E(focus) + m·E(focus-to), m = --focus-mix (what a `gbsd rack` frame records)")
+    p.add_argument("--focus-mix", type=float, metavar="M", help="m in [0,1] for --focus-to (0)")
+    add_run_args(p)
     if img2img is not None:
         p.add_argument("--init", metavar="IMAGE", required=img2img,
                        help="input image for img2img" + ("" if img2img else " (makes the sweep an img2img sweep)"))

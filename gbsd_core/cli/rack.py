@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import common
 from .common import UsageError, check_output, warn
-from .generate import params_from_args, read_from_png
+from .generate import add_run_args, params_from_args, read_from_png
 
 if TYPE_CHECKING:
     import torch
@@ -35,14 +35,7 @@ def add_rack_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from", dest="focus", metavar="PROMPT", help="the object in focus in the first frame")
     p.add_argument("--to", dest="focus_to", metavar="PROMPT", help="the object in focus in the last frame")
     p.add_argument("--frames", type=int, help=f"number of frames K, 2 to 64 ({DEFAULT_FRAMES})")
-    p.add_argument("--alpha", type=float, help="focus-stage mix α·E(prompt) + (1-α)·E(local), in [0,1) (0.5)")
-    p.add_argument("--layout", type=float, help="σ: fraction of steps in the shared layout stage, in [0,1) (0.8)")
-    p.add_argument("--steps", type=int, help="DDIM steps (50)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (7.5)")
-    p.add_argument("--negative", help="negative prompt ('')")
-    p.add_argument("--seed", type=int, help="noise seed (0)")
-    p.add_argument("--size", metavar="WxH", help="image size, multiples of 8 (family default)")
-    p.add_argument("--eta", type=float, help="DDIM η (0 = deterministic)")
+    add_run_args(p)  # --alpha (here < 1), --layout (here < 1: σ = 1 has no focus stage), --steps, --cfg, ...
     p.add_argument("--from-png", metavar="FILE", help="take the parameters from a rack frame or sheet; flags override")
     p.add_argument("-o", "--output", default="rack.webp",
                    help="the animation, .webp or .gif (rack.webp); NAME_sheet.png and NAME_00.png … go beside it")

@@ -10,12 +10,11 @@ weights are read. The sheet carries the image's PNG metadata, so `--from-png` on
 from __future__ import annotations
 
 import argparse
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .common import UsageError
+from .common import UsageError, check_writable
 
 if TYPE_CHECKING:
     from ..bokeh.trace import Tracer
@@ -51,11 +50,7 @@ def _check_dir(d: Path) -> None:
     parent = d if d.is_dir() else d.parent
     if not parent.is_dir():
         raise UsageError(f"--trace {d}: folder {parent} does not exist")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise UsageError(f"--trace {d}: folder {parent} is not writable ({e.strerror})") from None
+    check_writable(parent, f"--trace {d}")
 
 
 def plan_trace(args: argparse.Namespace, output: Path) -> TracePlan | None:
