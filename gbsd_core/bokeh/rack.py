@@ -32,7 +32,8 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
-from ..pipeline import GenerationParams, GenerationResult, sweep
+from .. import pipeline
+from ..pipeline import GenerationParams, GenerationResult
 from ..sampling import Denoiser, Probe, Stage
 from .attnmaps import CrossAttentionCollector, word_positions
 from .metrics import SharpnessReport, to_gray
@@ -149,8 +150,9 @@ def rack_focus(bundle: SDBundle, params: GenerationParams, frames: int = 12, *, 
     start, end = params.focus, params.focus_to
     collectors = _collectors(bundle, [start, end]) if masks else {}
     probe = _Probes(list(collectors.values())) if collectors else None
-    results = sweep(bundle, replace(params, focus_mix=0.0), mixes=rack_mixes(frames), x_T=x_T, probe=probe,
-                    progress=progress)
+    # pipeline.sweep looked up at call time (not bound at import), so a test can watch the call
+    results = pipeline.sweep(bundle, replace(params, focus_mix=0.0), mixes=rack_mixes(frames), x_T=x_T, probe=probe,
+                             progress=progress)
     found: dict[str, np.ndarray] = {}
     size = (results[0].image.height, results[0].image.width)
     for prompt, row in ((start, 0), (end, frames - 1)):  # the pure end frames: E(from) alone, E(to) alone
