@@ -141,8 +141,8 @@ def focus_conditioning(global_emb: Tensor, local_emb: Tensor, alpha: float | Ten
 def blend_embeddings(from_emb: Tensor, to_emb: Tensor, mix: float | Tensor) -> Tensor:
     """(1−m)·E(from) + m·E(to) on token embeddings [B,77,D]: a local prompt part way between two (rack focus).
 
-    m may be a [K] tensor (one row per value). Written out rather than as torch.lerp so that m = 0 and m = 1 give
-    E(from) and E(to) exactly, and a row comes out the same bits whether it is computed alone or in a batch.
+    m may be a [K] tensor (one row per value). m = 0 and m = 1 give E(from) and E(to) exactly, and being element-wise
+    a row comes out the same bits whether it is computed alone (generate) or in a batch (sweep).
     """
     mix = torch.as_tensor(mix, dtype=from_emb.dtype, device=from_emb.device).reshape(-1, 1, 1)
     return (1.0 - mix) * from_emb + mix * to_emb
