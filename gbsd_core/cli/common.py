@@ -119,10 +119,19 @@ def check_image(path: str, flag: str) -> tuple[int, int]:
         raise UsageError(f"{flag} {path}: not a readable image ({e.__class__.__name__})") from None
 
 
-def check_output(path: Path, flag: str = "-o") -> None:
-    """The output's folder must exist and accept a new file (probed, since os.access lies for root)."""
+def check_writable(folder: Path, label: str) -> None:
+    """`folder` accepts a new file: probed by making one, since os.access lies for root. UsageError otherwise."""
     import tempfile
 
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UsageError(f"{label}: output directory {folder} is not writable ({e.strerror})") from None
+
+
+def check_output(path: Path, flag: str = "-o") -> None:
+    """The output's folder must exist and accept a new file (probed, since os.access lies for root)."""
     if path.suffix.lower() != ".png":
         raise UsageError(f"{flag} {path}: output must be a .png file (metadata is stored in PNG text chunks)")
     if path.is_dir():
@@ -130,11 +139,7 @@ def check_output(path: Path, flag: str = "-o") -> None:
     parent = path.parent
     if not parent.is_dir():
         raise UsageError(f"{flag} {path}: output directory {parent} does not exist")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise UsageError(f"{flag} {path}: output directory {parent} is not writable ({e.strerror})") from None
+    check_writable(parent, f"{flag} {path}")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

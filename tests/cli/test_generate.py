@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from _cli import TINY, Loaded, noise_png, png_texts, pngs, run_cli
+from _cli import TINY, Loaded, everything, noise_png, png_texts, run_cli
 from PIL import Image
 
 from gbsd_core.cli import pngmeta
@@ -52,6 +52,39 @@ BAD_INPUTS = [
     ("sweep-names-repeat", ["sweep", "p", "--focus-stack", "a", "b", "-o", "{tmp}/same.png"], "repeat"),
     ("sweep-bad-pattern", ["sweep", "p", "--focus-stack", "a", "-o", "{tmp}/{nope}.png"], "pattern"),
     ("compile-mode-unknown", ["generate", "p", "--compile", "fastest"], "--compile"),
+    # the rack-frame fields
+    ("focus-to-no-focus", ["generate", "p", "--focus-to", "b"], "focus_to needs a focus"),
+    ("focus-mix-no-to", ["generate", "p", "--focus", "f", "--focus-mix", "0.5"], "needs focus_to"),
+    ("focus-mix-range", ["generate", "p", "--focus", "f", "--focus-to", "g", "--focus-mix", "1.5"], "focus_mix"),
+    # --trace (the x̂0 filmstrip)
+    ("trace-not-writable", ["generate", "p", "--trace", "/proc/gbsd-trace"], "not writable"),
+    ("trace-existing-not-writable", ["generate", "p", "--trace", "/proc"], "not writable"),
+    ("trace-is-a-file", ["generate", "p", "--trace", "{txt}"], "is a file"),
+    ("trace-parent-missing", ["generate", "p", "--trace", "{tmp}/no/such/trace"], "does not exist"),
+    ("trace-every-zero", ["generate", "p", "--trace", "{tmp}/tr", "--trace-every", "0"], "--trace-every"),
+    ("trace-every-text", ["generate", "p", "--trace", "{tmp}/tr", "--trace-every", "two"], "--trace-every"),
+    ("trace-every-alone", ["generate", "p", "--trace-every", "2"], "needs --trace"),
+    ("trace-preview-alone", ["generate", "p", "--trace-preview", "linear"], "needs --trace"),
+    ("trace-preview-unknown", ["generate", "p", "--trace", "{tmp}/tr", "--trace-preview", "taesd"], "--trace-preview"),
+    ("trace-img2img-bad-init", ["img2img", "p", "--init", "{txt}", "--trace", "{tmp}/tr"], "not a readable image"),
+    ("trace-not-for-sweep", ["sweep", "p", "--focus", "f", "--alphas", "0", "--trace", "{tmp}/tr"], "--trace"),
+    # gbsd rack
+    ("rack-frames-one", ["rack", "p", "--from", "a", "--to", "b", "--frames", "1"], "--frames"),
+    ("rack-frames-many", ["rack", "p", "--from", "a", "--to", "b", "--frames", "65"], "--frames"),
+    ("rack-same-prompt", ["rack", "p", "--from", "a bunny", "--to", "A  Bunny"], "same prompt"),
+    ("rack-no-to", ["rack", "p", "--from", "a bunny"], "--to"),
+    ("rack-no-from", ["rack", "p", "--to", "a carrot"], "--from"),
+    ("rack-empty-from", ["rack", "p", "--from", " ", "--to", "a carrot"], "--from is empty"),
+    ("rack-no-prompt", ["rack", "--from", "a", "--to", "b"], "prompt is required"),
+    ("rack-layout-one", ["rack", "p", "--from", "a", "--to", "b", "--layout", "1"], "no focus stage"),
+    ("rack-alpha-one", ["rack", "p", "--from", "a", "--to", "b", "--alpha", "1"], "alpha 1"),
+    ("rack-alpha-range", ["rack", "p", "--from", "a", "--to", "b", "--alpha", "2"], "alpha"),
+    ("rack-steps-zero", ["rack", "p", "--from", "a", "--to", "b", "--steps", "0"], "steps"),
+    ("rack-out-not-animation", ["rack", "p", "--from", "a", "--to", "b", "-o", "{tmp}/r.png"], ".webp or .gif"),
+    ("rack-out-dir-missing", ["rack", "p", "--from", "a", "--to", "b", "-o", "{tmp}/no/r.webp"], "does not exist"),
+    ("rack-out-not-writable", ["rack", "p", "--from", "a", "--to", "b", "-o", "/proc/r.webp"], "not writable"),
+    ("rack-out-is-dir", ["rack", "p", "--from", "a", "--to", "b", "-o", "{tmp}/sub.webp"], "is a directory"),
+    ("rack-from-png-no-meta", ["rack", "--from-png", "{img}", "--to", "b"], "no generation parameters"),
 ]
 
 
@@ -61,6 +94,7 @@ def test_bad_input_exits_2_before_loading(case, tmp_path, capsys, monkeypatch, n
     work = tmp_path / "work"
     work.mkdir()
     (work / "sub.png").mkdir()
+    (work / "sub.webp").mkdir()
     img = noise_png(work / "in.png")
     img60 = noise_png(work / "in60.png", size=(60, 64))
     txt = work / "notes.png"
@@ -76,18 +110,18 @@ def test_bad_input_exits_2_before_loading(case, tmp_path, capsys, monkeypatch, n
     if "--weights" not in argv and name != "weights-default-absent":
         argv += ["--weights", str(dummy_weights)]
     if "-o" not in argv and argv[0] != "sweep":
-        argv += ["-o", str(work / "out.png")]
+        argv += ["-o", str(work / ("rack.webp" if argv[0] == "rack" else "out.png"))]
     if argv[0] == "sweep" and "-o" not in argv:
         argv += ["-o", str(work)]
     monkeypatch.setenv("GBSD_WEIGHTS", str(tmp_path / "empty-weights"))
     monkeypatch.chdir(work)
-    before = pngs(work)
+    before = everything(work)
     code, out, err = run_cli(argv, capsys)
     print(f"{name}: {err.strip()}")
     assert code == 2
     assert needle in err
     assert err.count("\n") == 1  # one line
-    assert pngs(work) == before  # no output file
+    assert everything(work) == before  # no output file, no animation, no trace folder
     assert not [p for p in os.listdir(work) if p.endswith(".tmp")]
 
 
@@ -134,7 +168,7 @@ def test_generate_metadata_and_determinism(tiny_ckpt, tmp_path, capsys):
     assert data["model"] == {"file": "tiny-sd1.safetensors", "sha256": sha}
     assert data["params"] == {"prompt": "a bunny and a carrot", "focus": "a carrot", "alpha": 0.25, "layout": 0.75,
                               "steps": 3, "cfg": 5.0, "negative": "blurry", "seed": 7, "width": 64, "height": 64,
-                              "strength": 0.75, "eta": 0.0}
+                              "strength": 0.75, "eta": 0.0, "focus_to": None, "focus_mix": 0.0}
     assert data["executed_steps"] == 3 and data["mode"] == "txt2img"
 
 
