@@ -121,7 +121,18 @@ FIELDS: Mapping[str, Field] = MappingProxyType({
     "strength": Field(float, 0.0, 1.0, lo_open=True),
     # η = 1 is DDPM's posterior variance; beyond it the DDIM update's noise term can exceed the whole variance
     "eta": Field(float, 0.0, 1.0),
+    # rack focus (gbsd_core/bokeh/rack.py): the local embedding (1 − m)·E(focus) + m·E(focus_to), m = focus_mix
+    "focus_to": Field(str, optional=True, nonblank=True),
+    "focus_mix": Field(float, 0.0, 1.0),
 })
+
+
+def check_together(p: GenerationParams) -> None:
+    """The rules that tie fields to each other (each field's own rule is FIELDS')."""
+    if p.focus_to is not None and p.focus is None:
+        raise ValueError("focus_to needs a focus prompt to move from (focus)")
+    if p.focus_mix != 0.0 and p.focus_to is None:
+        raise ValueError(f"focus_mix {p.focus_mix} needs focus_to, the prompt to move the focus towards")
 
 
 def check_field(name: str, value: Any) -> Any:
@@ -146,15 +157,21 @@ class GenerationParams:
     height: int | None = None
     strength: float = 0.75  # img2img only: fraction of the schedule that is re-run
     eta: float = 0.0
+    # Rack focus (gbsd_core/bokeh/rack.py): the focus stage's local embedding is (1−m)·E(focus) + m·E(focus_to),
+    # m = focus_mix, instead of E(focus). None / 0 = the plain GBSD local prompt.
+    focus_to: str | None = None
+    focus_mix: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             object.__setattr__(self, f.name, check_field(f.name, getattr(self, f.name)))
+        check_together(self)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field (construction already checked them: this re-checks)."""
         for f in fields(self):
             check_field(f.name, getattr(self, f.name))
+        check_together(self)
 
 
 # ------------------------------------------------------------------------------------------ what the model says

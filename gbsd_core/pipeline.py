@@ -28,7 +28,8 @@ from PIL import Image
 from torch import Tensor
 
 from .params import GenerationParams, image_size
-from .sampling import CFGStep, Probe, Stage, Stepper, StepState, denoise, focus_conditioning, gbsd_stages, layout_steps
+from .sampling import (CFGStep, Probe, Stage, Stepper, StepState, Watcher, blend_embeddings, denoise,
+                       focus_conditioning, gbsd_stages, layout_steps)
 
 if TYPE_CHECKING:
     from .bundle import SDBundle
@@ -119,7 +120,7 @@ def _start(bundle: SDBundle, params: GenerationParams, local_prompts: Sequence[s
 
 
 def _denoise(bundle: SDBundle, params: GenerationParams, start: _Start, stages: list[Stage], progress: bool,
-             probe: Probe | None, stepper: Stepper | None) -> tuple[Tensor, int]:
+             probe: Probe | None, stepper: Stepper | None, watch: Watcher | None = None) -> tuple[Tensor, int]:
     """Run the stages; returns the final latents and the UNet evaluations per sample row (counted from the states)."""
     guidance = None if params.cfg == 1.0 else params.cfg
     if stepper is None:
@@ -133,6 +134,8 @@ def _denoise(bundle: SDBundle, params: GenerationParams, start: _Start, stages: 
                          f"for {guidance}, {params.eta}")
     states: Iterator[StepState] = denoise(stepper, start.latents, start.timesteps, stages, start.uncond,
                                           generator=start.generator)
+    if watch is not None:
+        states = watch.watch(states, start.timesteps, stages)
     if progress:
         from tqdm.auto import tqdm
 
@@ -154,21 +157,27 @@ def generate(
     progress: bool = False,
     probe: Probe | None = None,
     stepper: Stepper | None = None,
+    watch: Watcher | None = None,
 ) -> GenerationResult:
     """One image: text-to-image, or image-to-image when `init_image` is given. GBSD when `params.focus` is set.
 
     `probe`: watches the UNet calls, e.g. gbsd_core.bokeh.attnmaps.CrossAttentionCollector (focus-stage maps).
     `stepper`: runs each step (default: `CFGStep` with the bundle's UNet and scheduler); it must have been made with
     `params.cfg` and `params.eta` (e.g. `gbsd_core.fast.make_stepper(bundle, options, params.cfg, params.eta)`).
+    `watch`: sees every step's state on the way, e.g. gbsd_core.bokeh.trace.Tracer (the x̂_0 filmstrip).
     """
-    start = _start(bundle, params, [params.focus] if params.focus is not None else [], init_image, x_T)
+    local_prompts = [p for p in (params.focus, params.focus_to) if p is not None]
+    start = _start(bundle, params, local_prompts, init_image, x_T)
     n = len(start.timesteps)
     if params.focus is None:
         stages, n_layout = [Stage("global", range(n), start.global_emb)], n  # plain SD
     else:
-        focus = focus_conditioning(start.global_emb, start.local_embs, params.alpha)
+        local = start.local_embs[:1]
+        if params.focus_to is not None:
+            local = blend_embeddings(local, start.local_embs[1:], params.focus_mix)
+        focus = focus_conditioning(start.global_emb, local, params.alpha)
         stages, n_layout = gbsd_stages(start.global_emb, focus, n, params.layout), layout_steps(n, params.layout)
-    latents, unet_calls = _denoise(bundle, params, start, stages, progress, probe, stepper)
+    latents, unet_calls = _denoise(bundle, params, start, stages, progress, probe, stepper, watch)
     image = bundle.decode_latents(latents)[0]
     return GenerationResult(image, replace(params, width=start.size[0], height=start.size[1]), n, n_layout, unet_calls)
 
@@ -179,36 +188,46 @@ def sweep(
     *,
     alphas: Sequence[float] | None = None,
     focus_prompts: Sequence[str] | None = None,
+    mixes: Sequence[float] | None = None,
     init_image: Image.Image | None = None,
     x_T: Tensor | None = None,
     progress: bool = False,
     probe: Probe | None = None,
     stepper: Stepper | None = None,
 ) -> list[GenerationResult]:
-    """A grid of focus stages (local prompt × α) that share one layout stage.
+    """A grid of focus stages (local prompt × α × focus mix) that share one layout stage.
 
-    The layout stage runs once at batch 1; the focus stage then runs all K = len(focus_prompts)·len(alphas) branches
-    as one batch, so the UNet is evaluated n_layout + K·(n − n_layout) times instead of K·n. With the same seed every
-    result equals an independent `generate` call (the branches see the same x_T and the same η-noise).
-    Results are ordered focus-prompt-major: [(f0, α0), (f0, α1), …, (f1, α0), …].
+    The layout stage runs once at batch 1; the focus stage then runs all K = len(focus_prompts)·len(alphas)·len(mixes)
+    branches as one batch, so the UNet is evaluated n_layout + K·(n − n_layout) times instead of K·n. With the same
+    seed every result equals an independent `generate` call (the branches see the same x_T and the same η-noise).
+    `mixes` (needs `params.focus_to`): focus_mix values m, each branch's local embedding (1−m)·E(f) + m·E(focus_to)
+    (a rack focus, gbsd_core/bokeh/rack.py); default [params.focus_mix].
+    Results are ordered focus-prompt-major, then α, then mix: [(f0, α0, m0), (f0, α0, m1), …, (f0, α1, m0), …].
     """
-    for name, given in (("alphas", alphas), ("focus_prompts", focus_prompts)):
+    for name, given in (("alphas", alphas), ("focus_prompts", focus_prompts), ("mixes", mixes)):
         if given is not None and (isinstance(given, (str, bytes)) or not isinstance(given, Sequence)):
             raise ValueError(f"{name} must be a list, got {type(given).__name__}")
     alphas = [params.alpha] if alphas is None else list(alphas)
     focus_prompts = list(focus_prompts) if focus_prompts is not None else [params.focus] if params.focus else []
+    mixes = [params.focus_mix] if mixes is None else list(mixes)
     if not alphas:
         raise ValueError("a sweep needs at least one alpha")
     if not focus_prompts:
         raise ValueError("a sweep needs a focus prompt (params.focus or focus_prompts)")
-    # Every cell's parameters are valid ones (GenerationParams checks the type and range of each α and focus).
-    cells = [(c.focus, c.alpha) for c in (replace(params, focus=f, alpha=a) for f in focus_prompts for a in alphas)]
+    if not mixes:
+        raise ValueError("a sweep needs at least one focus mix")
+    # Every cell's parameters are valid ones (GenerationParams checks the type and range of each α, focus and mix).
+    cells = [(c.focus, c.alpha, c.focus_mix) for c in (replace(params, focus=f, alpha=a, focus_mix=m)
+                                                        for f in focus_prompts for a in alphas for m in mixes)]
 
-    start = _start(bundle, params, focus_prompts, init_image, x_T)
+    to_prompt = [params.focus_to] if params.focus_to is not None else []
+    start = _start(bundle, params, [*focus_prompts, *to_prompt], init_image, x_T)
     n = len(start.timesteps)
     # The only difference from generate: K focus rows, one per cell, focus-prompt-major.
-    alpha_rows = torch.tensor([a for _, a in cells])
-    local_rows = start.local_embs.repeat_interleave(len(alphas), dim=0)
+    alpha_rows = torch.tensor([a for _, a, _ in cells])
+    local_rows = start.local_embs[:len(focus_prompts)].repeat_interleave(len(alphas) * len(mixes), dim=0)
+    if params.focus_to is not None:
+        local_rows = blend_embeddings(local_rows, start.local_embs[-1:], torch.tensor([m for *_, m in cells]))
     focus = focus_conditioning(start.global_emb.expand(len(cells), -1, -1), local_rows, alpha_rows)
     stages = gbsd_stages(start.global_emb, focus, n, params.layout)
     latents, unet_calls = _denoise(bundle, params, start, stages, progress, probe, stepper)
@@ -217,6 +236,6 @@ def sweep(
         # σ = 1: no focus stage ran, so nothing branched: every cell is the same global-prompt image.
         images = images * len(cells)
     n_layout = layout_steps(n, params.layout)
-    return [GenerationResult(image, replace(params, focus=f, alpha=a, width=start.size[0], height=start.size[1]),
-                             n, n_layout, unet_calls)
-            for (f, a), image in zip(cells, images)]
+    return [GenerationResult(image, replace(params, focus=f, alpha=a, focus_mix=m, width=start.size[0],
+                                            height=start.size[1]), n, n_layout, unet_calls)
+            for (f, a, m), image in zip(cells, images)]

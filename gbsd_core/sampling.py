@@ -87,6 +87,15 @@ class Probe(Protocol):
     def wrap(self, model: Denoiser, timesteps: Tensor, stages: Sequence[Stage], cfg: bool) -> Denoiser: ...
 
 
+class Watcher(Protocol):
+    """Looks at the states of one run as they pass, without changing them (previews, traces): `watch` takes the
+    run's state iterator and yields the very same states on, in order, like a progress bar wrapping it.
+    gbsd_core.bokeh.trace.Tracer decodes x̂_0 of chosen steps this way."""
+
+    def watch(self, states: Iterator[StepState], timesteps: Tensor,
+              stages: Sequence[Stage]) -> Iterator[StepState]: ...
+
+
 @dataclass(frozen=True)
 class Stage:
     """A run of consecutive executed steps that share one conditioning.
@@ -109,6 +118,7 @@ class StepState:
     stage: str  # name of the stage the step belongs to
     latents: Tensor  # x_{t_prev} after the step, [B,4,h,w]
     pred_x0: Tensor  # the model's estimate x̂_0 at this step, [B,4,h,w]
+    sigma: float | None = None  # noise level σ of σ-based samplers (k-diffusion); None for DDIM, which steps by t
 
 
 def layout_steps(n: int, layout: float) -> int:
@@ -126,6 +136,16 @@ def focus_conditioning(global_emb: Tensor, local_emb: Tensor, alpha: float | Ten
     """α·E(global) + (1−α)·E(local) on token embeddings [B,77,D]; α may be a [K] tensor (broadcast over rows)."""
     alpha = torch.as_tensor(alpha, dtype=global_emb.dtype, device=global_emb.device).reshape(-1, 1, 1)
     return alpha * global_emb + (1.0 - alpha) * local_emb
+
+
+def blend_embeddings(from_emb: Tensor, to_emb: Tensor, mix: float | Tensor) -> Tensor:
+    """(1−m)·E(from) + m·E(to) on token embeddings [B,77,D]: a local prompt part way between two (rack focus).
+
+    m may be a [K] tensor (one row per value). m = 0 and m = 1 give E(from) and E(to) exactly, and being element-wise
+    a row comes out the same bits whether it is computed alone (generate) or in a batch (sweep).
+    """
+    mix = torch.as_tensor(mix, dtype=from_emb.dtype, device=from_emb.device).reshape(-1, 1, 1)
+    return (1.0 - mix) * from_emb + mix * to_emb
 
 
 def gbsd_stages(global_emb: Tensor, focus_emb: Tensor, n: int, layout: float) -> list[Stage]:

@@ -30,8 +30,9 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def pngs(d: Path) -> list[str]:
-    return sorted(p.name for p in d.rglob("*.png"))
+def everything(d: Path) -> list[str]:
+    """Every file and folder under `d`, relative: what a refused command must leave exactly as it was."""
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
 
 
 def noise_png(path: Path, size=(64, 64), seed=0) -> Path:

@@ -193,7 +193,7 @@ def test_bad_tensors_and_images_are_refused(bundle, bad, match):
 @pytest.mark.parametrize("bad, match", [
     (dict(alphas=[0.5, "x"]), "alpha"), (dict(alphas=[0.5, NAN]), "alpha"), (dict(alphas="0.5"), "alphas"),
     (dict(focus_prompts=["a", 3]), "focus"), (dict(focus_prompts="a carrot"), "focus_prompts"),
-    (dict(focus_prompts=["a", ""]), "focus"),
+    (dict(focus_prompts=["a", ""]), "focus"), (dict(mixes=0.5), "mixes"), (dict(mixes=[0.0, 2.0]), "focus_mix"),
 ])
 def test_bad_sweeps_are_refused(bundle, bad, match):
     with pytest.raises(ValueError, match=match):
@@ -283,3 +283,48 @@ def test_every_field_has_one_rule():
     assert sampler.check("sampler", "euler") == "euler"
     with pytest.raises(ValueError, match="sampler must be one of ddim, euler, got 'dpm' "):
         sampler.check("sampler", "dpm")
+
+
+# ------------------------------------------------------------------------------ focus_to / focus_mix (rack focus)
+
+
+def test_focus_mix_moves_the_local_embedding_between_two_prompts(bundle):
+    base = dict(steps=6, layout=0.5, seed=3, **SIZE)
+    plain_from = pixels(generate(bundle, GenerationParams(PROMPT, focus="a bunny", **base)))
+    plain_to = pixels(generate(bundle, GenerationParams(PROMPT, focus=FOCUS, **base)))
+    mixed = {m: pixels(generate(bundle, GenerationParams(PROMPT, focus="a bunny", focus_to=FOCUS, focus_mix=m, **base)))
+             for m in (0.0, 0.5, 1.0)}
+    assert np.array_equal(mixed[0.0], plain_from)  # m = 0 is E(focus) exactly
+    assert np.array_equal(mixed[1.0], plain_to)  # m = 1 is E(focus_to) exactly
+    assert not np.array_equal(mixed[0.5], plain_from) and not np.array_equal(mixed[0.5], plain_to)
+
+
+def test_sweep_over_mixes_shares_the_layout_and_equals_independent_runs(bundle):
+    params = GenerationParams(PROMPT, focus="a bunny", focus_to=FOCUS, layout=0.5, steps=6, seed=5, **SIZE)
+    results = sweep(bundle, params, alphas=[0.25, 0.75], mixes=[0.0, 0.5, 1.0])
+    assert [(r.params.alpha, r.params.focus_mix) for r in results] == [
+        (0.25, 0.0), (0.25, 0.5), (0.25, 1.0), (0.75, 0.0), (0.75, 0.5), (0.75, 1.0)]  # focus, then α, then mix
+    assert results[0].unet_calls == 3 + 6 * 3  # n_layout + K·n_focus
+    for r in results:
+        assert np.abs(pixels(r) - pixels(generate(bundle, r.params))).max() <= 1
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(focus_to="a carrot"), "focus_to needs a focus"),
+    (dict(focus="a bunny", focus_to=3), "focus_to must be text"),
+    (dict(focus="a bunny", focus_to=""), "focus_to must not be blank"),
+    (dict(focus="a bunny", focus_to="a carrot", focus_mix=1.5), "focus_mix must be a number in"),
+    (dict(focus="a bunny", focus_to="a carrot", focus_mix=float("nan")), "focus_mix must be a finite number in"),
+    (dict(focus="a bunny", focus_to="a carrot", focus_mix="0.5"), "focus_mix must be a number in"),
+    (dict(focus="a bunny", focus_mix=0.5), "needs focus_to"),
+])
+def test_bad_focus_to_and_mix_fail_before_any_compute(bad, match):
+    class NoBundle:  # any attribute access would mean compute started
+        def __getattr__(self, name):
+            raise AssertionError(f"touched bundle.{name} before validating")
+
+    with pytest.raises(ValueError, match=match):
+        generate(NoBundle(), GenerationParams(PROMPT, **bad))
+    if "focus" in bad:  # (a sweep without a focus prompt stops earlier, on that)
+        with pytest.raises(ValueError, match=match):
+            sweep(NoBundle(), GenerationParams(PROMPT, **bad), alphas=[0.5])

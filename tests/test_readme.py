@@ -39,3 +39,13 @@ def test_python_snippets_run(tiny_ckpt, tmp_path, monkeypatch):
     assert (tmp_path / "bokeh.png").exists() and (tmp_path / "fast.png").exists()
     assert sorted(p.name for p in tmp_path.glob("alpha_*.png")) == ["alpha_0.25.png", "alpha_0.5.png", "alpha_0.75.png"]
     assert namespace["image"].size == (64, 64)
+    for name in ("trace.png", "trace.webp", "rack.webp", "rack_sheet.png"):  # the trace and rack snippet
+        assert (tmp_path / name).exists(), name
+    assert len(namespace["rack"].frames) == 12
+
+
+def test_readme_pictures_exist_and_are_small():
+    for name in re.findall(r"\]\((docs/[^)]+)\)", README):
+        path = REPO / name
+        assert path.is_file(), name
+        assert path.stat().st_size < 40_000, name  # a few tens of KB at most

@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from gbsd_core.ddim import DDIMScheduler
-from gbsd_core.sampling import CFGStep, Stage, check_stages, denoise, focus_conditioning, gbsd_stages, layout_steps
+from gbsd_core.sampling import (
+    CFGStep,
+    Stage,
+    blend_embeddings,
+    check_stages,
+    denoise,
+    focus_conditioning,
+    gbsd_stages,
+    layout_steps,
+)
 
 
 class RecordingModel:
@@ -155,3 +164,20 @@ def test_mismatched_branch_is_refused():
     stages = [Stage("a", range(2), torch.cat([_emb(0)] * 2)), Stage("b", range(2, 3), torch.cat([_emb(1)] * 3))]
     with pytest.raises(ValueError, match="3 conditionings for 2 latents"):
         list(denoise(CFGStep(RecordingModel(), sched, 1.0), torch.randn(1, 4, 2, 2), sched.timesteps(3), stages, None))
+
+
+def test_blend_embeddings_is_exact_at_the_ends_and_the_same_bits_alone_or_batched():
+    a, b = torch.randn(1, 77, 8), torch.randn(1, 77, 8)
+    assert torch.equal(blend_embeddings(a, b, 0.0), a) and torch.equal(blend_embeddings(a, b, 1.0), b)
+    torch.testing.assert_close(blend_embeddings(a, b, 0.25), 0.75 * a + 0.25 * b)
+    mixes = [0.0, 1 / 3, 2 / 3, 1.0]
+    rows = blend_embeddings(a.expand(4, -1, -1), b, torch.tensor(mixes))  # a rack's K rows at once
+    for k, m in enumerate(mixes):
+        assert torch.equal(rows[k:k + 1], blend_embeddings(a, b, m))  # bit for bit: frames equal their own runs
+
+
+def test_step_states_carry_no_sigma_for_ddim():
+    sched = DDIMScheduler()
+    states = list(denoise(CFGStep(RecordingModel(), sched, 2.0), torch.randn(1, 4, 2, 2), sched.timesteps(3),
+                          [Stage("g", range(3), _emb(1))], _emb(0)))
+    assert [s.sigma for s in states] == [None, None, None]  # DDIM steps by timestep; σ-based samplers set it

@@ -1,17 +1,28 @@
-"""Pictures for judging bokeh by eye: a labelled contact sheet, a mask overlay, and a local-sharpness heatmap.
+"""Pictures for judging bokeh by eye: a labelled contact sheet, a mask overlay, a local-sharpness heatmap, and the
+captioned frame strips and animations of traces and rack focuses.
 
 Pillow and numpy only (no matplotlib). Masks are numpy bool arrays [H, W], as in ``gbsd_core.bokeh.masks``.
 """
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Collection, Sequence
+from pathlib import Path
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..loading import atomic_write
 from .metrics import local_variance_of_laplacian, to_gray
 
 PAD = 4  # pixels around every cell and label
 BACKGROUND = (255, 255, 255)
 INK = (0, 0, 0)
+MARK = (220, 30, 30)  # the marker of a frame where a new stage begins (trace filmstrips)
+MARK_WIDTH = 4  # pixels: the marker bar down a marked frame's left edge
+CELL_MIN, CELL_MAX = 160, 256  # frame widths on strips: tiny test images are enlarged, 512² ones shrunk
+ANIMATION_FORMATS = {".webp": "WEBP", ".gif": "GIF"}
 
 # Colour ramp for the heatmap, position -> RGB: black, purple, red, yellow, white. Its luma rises at every control
 # point (0, 45, 102, 193, 255) and is linear in between, so "brighter" always means "sharper", also in grayscale.
@@ -127,3 +138,102 @@ def sharpness_heatmap(image: Image.Image, window: int = 16, vmax: float | None =
     h, w = gray.shape
     full = np.repeat(np.repeat(colours, window, axis=0), window, axis=1)[:h, :w]
     return Image.fromarray(np.ascontiguousarray(full))
+
+
+# ------------------------------------------------------------------------------------ frame strips and animations
+
+
+def fit_cell(image: Image.Image, lo: int = CELL_MIN, hi: int = CELL_MAX) -> Image.Image:
+    """A frame at a width a strip can show: narrower than `lo`, enlarged by a whole factor with nearest-neighbour
+    (pixels stay pixels); wider than `hi`, shrunk to `hi` (Lanczos); otherwise unchanged."""
+    if image.width < lo:
+        k = -(-lo // image.width)
+        return image.resize((image.width * k, image.height * k), Image.Resampling.NEAREST)
+    if image.width > hi:
+        return image.resize((hi, max(1, round(image.height * hi / image.width))), Image.Resampling.LANCZOS)
+    return image
+
+
+def _draw_lines(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], text: str, font: Font,
+                line_h: int, fill: tuple[int, int, int]) -> None:
+    """Each line of `text` centred horizontally in `box`, `line_h` pixels apart, from the box's top + PAD."""
+    for i, line in enumerate(text.split("\n")):
+        if line:
+            left, _, right, _ = draw.textbbox((0, 0), line, font=font)
+            x = box[0] + (box[2] - box[0] - (right - left)) // 2 - left
+            draw.text((x, box[1] + PAD + i * line_h), line, fill=fill, font=font)
+
+
+def captioned(images: Sequence[Image.Image], captions: Sequence[str], marks: Collection[int] = (),
+              font_size: int = 12) -> list[Image.Image]:
+    """Each image above its caption (lines split at "\\n", centred), all on ONE cell size -- the largest image or
+    the widest caption line, the most caption lines -- so the cells tile into a sheet or play as an animation
+    without jumping.
+
+    Cells whose index is in `marks` get a MARK-red bar down their left edge and a red caption: the trace uses it
+    for the first frame of a new stage (the GBSD boundary).
+    """
+    if len(images) != len(captions) or not images:
+        raise ValueError(f"need one caption per image and at least one image, got {len(images)} and {len(captions)}")
+    font = ImageFont.load_default(size=font_size)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    _, top, _, bottom = measure.textbbox((0, 0), "Ag|", font=font)
+    line_h = bottom - top + 2  # one line's height, from the font rather than from each text (no jumping)
+    n_lines = max(len(c.split("\n")) for c in captions)
+    text_w = max(_text_size(measure, line, font)[0] for c in captions for line in c.split("\n"))
+    inner_w = max(max(im.width for im in images), text_w + 2 * PAD)  # between the two MARK_WIDTH margins
+    img_h = max(im.height for im in images)
+    width, height = MARK_WIDTH + inner_w + MARK_WIDTH, img_h + 2 * PAD + n_lines * line_h
+    cells = []
+    for i, (im, text) in enumerate(zip(images, captions)):
+        cell = Image.new("RGB", (width, height), BACKGROUND)
+        draw = ImageDraw.Draw(cell)
+        marked = i in marks
+        if marked:
+            draw.rectangle((0, 0, MARK_WIDTH - 1, height - 1), fill=MARK)
+        cell.paste(im.convert("RGB"), (MARK_WIDTH + (inner_w - im.width) // 2, (img_h - im.height) // 2))
+        _draw_lines(draw, (MARK_WIDTH, img_h, MARK_WIDTH + inner_w, height), text, font, line_h,
+                    MARK if marked else INK)
+        cells.append(cell)
+    return cells
+
+
+def tile(cells: Sequence[Image.Image], columns: int | None = None) -> Image.Image:
+    """Equal-size cells left to right, then top to bottom, `columns` per row (default: at most 8, rows balanced),
+    PAD pixels apart on white."""
+    if not cells:
+        raise ValueError("tile needs at least one cell")
+    if len({c.size for c in cells}) != 1:
+        raise ValueError(f"cells must share one size, got {sorted({c.size for c in cells})}")
+    if columns is None:
+        columns = math.ceil(len(cells) / math.ceil(len(cells) / 8))
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    rows = math.ceil(len(cells) / columns)
+    w, h = cells[0].size
+    sheet = Image.new("RGB", (PAD + columns * (w + PAD), PAD + rows * (h + PAD)), BACKGROUND)
+    for i, cell in enumerate(cells):
+        r, c = divmod(i, columns)
+        sheet.paste(cell, (PAD + c * (w + PAD), PAD + r * (h + PAD)))
+    return sheet
+
+
+def save_animation(frames: Sequence[Image.Image], path: str | os.PathLike, duration_ms: int = 250) -> Path:
+    """A looping animation of equal-size frames: animated WebP (.webp, lossy quality 90) or GIF (.gif, 256 colours
+    per frame), Pillow's own writers, written atomically (`loading.atomic_write`)."""
+    path = Path(path)
+    fmt = ANIMATION_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: an animation must be {' or '.join(ANIMATION_FORMATS)}")
+    if not frames or len({f.size for f in frames}) != 1:
+        raise ValueError("an animation needs at least one frame, all of one size")
+    rgb = [f.convert("RGB") for f in frames]
+
+    def write(tmp: Path) -> None:
+        if fmt == "WEBP":
+            rgb[0].save(tmp, format=fmt, save_all=True, append_images=rgb[1:], duration=duration_ms, loop=0,
+                        quality=90)
+        else:
+            rgb[0].save(tmp, format=fmt, save_all=True, append_images=rgb[1:], duration=duration_ms, loop=0)
+
+    return atomic_write(path, write)

@@ -2,5 +2,5 @@
 
 main.py dispatches; common.py holds what every command shares (the usage-error contract, argument groups, input
 checks, the model resolver). It is the only wing that may import the other wings (fast/ for --fast, bokeh/ for
-eval and grid); the core imports none of it.
+eval, grid, rack and --trace); the core imports none of it.
 """

@@ -212,16 +212,17 @@ def check_image(path: str | os.PathLike, flag: str) -> tuple[int, int]:
         return image.size
 
 
-def _probe_folder(folder: Path, name: str, what: str) -> None:
-    """Can a file named like `name` (and its temporary twin, see loading.temp_beside) be created in `folder`?"""
+def check_writable(folder: Path, label: str, name: str = "probe") -> None:
+    """`folder` accepts a new file named like `name`, and its temporary twin (loading.temp_beside, what the atomic
+    writer makes): probed by making one, since os.access lies for root. UsageError (after `label`) otherwise."""
     from ..loading import temp_beside
 
     try:
         temp_beside(folder / name).unlink()
     except OSError as e:
         if e.errno == errno.ENAMETOOLONG:
-            raise UsageError(f"{what}: file name too long for the file system ({len(os.fsencode(name))} bytes)") from None
-        raise UsageError(f"{what}: output directory {folder} is not writable ({e.strerror})") from None
+            raise UsageError(f"{label}: file name too long for the file system ({len(os.fsencode(name))} bytes)") from None
+        raise UsageError(f"{label}: output directory {folder} is not writable ({e.strerror})") from None
 
 
 def shown(path: Path | str) -> str:
@@ -231,23 +232,25 @@ def shown(path: Path | str) -> str:
     return str(path if len(name) <= 60 else path.parent / f"{name[:30]}...{name[-20:]}")
 
 
-def check_output(path: Path, flag: str = "-o") -> None:
-    """The output's folder must exist and accept a new file (probed, since os.access lies for root)."""
+def check_output(path: Path, flag: str = "-o", suffixes: tuple[str, ...] = (".png",)) -> None:
+    """An output file: one of `suffixes` (PNG: its metadata goes into PNG text chunks), not a folder, in a folder
+    that exists and accepts it under its name (probed, since os.access lies for root)."""
     what = f"{flag} {shown(path)}"
     if "\0" in str(path):
         raise UsageError(f"{flag} {str(path)!r}: contains a NUL character")
-    if path.suffix.lower() != ".png":
-        raise UsageError(f"{what}: output must be a .png file (metadata is stored in PNG text chunks)")
+    if path.suffix.lower() not in suffixes:
+        raise UsageError(f"{what}: output must be a {' or '.join(suffixes)} file"
+                         + (" (metadata is stored in PNG text chunks)" if suffixes == (".png",) else ""))
     try:
         if path.is_dir():
-            raise UsageError(f"{what}: is a directory, expected a .png file name")
+            raise UsageError(f"{what}: is a directory, expected a {path.suffix} file name")
         parent = path.parent
         if not parent.is_dir():
             state = "is not a directory" if parent.exists() else "does not exist"
             raise UsageError(f"{what}: output directory {parent} {state}")
     except OSError as e:
         raise UsageError(f"{what}: {'file name too long' if e.errno == errno.ENAMETOOLONG else e.strerror}") from None
-    _probe_folder(parent, path.name, what)
+    check_writable(parent, what, path.name)
 
 
 def check_output_dir(path: Path, flag: str = "-o") -> None:
@@ -258,8 +261,8 @@ def check_output_dir(path: Path, flag: str = "-o") -> None:
     try:
         if path.exists():
             if not path.is_dir():
-                raise UsageError(f"{what}: exists and is not a folder")
-            _probe_folder(path, "probe.json", what)
+                raise UsageError(f"{what}: {'is a file' if path.is_file() else 'exists'}, not a folder")
+            check_writable(path, what)
             return
         if not path.parent.is_dir():
             raise UsageError(f"{what}: parent folder {path.parent} does not exist")
@@ -267,7 +270,7 @@ def check_output_dir(path: Path, flag: str = "-o") -> None:
             raise UsageError(f"{what}: folder name too long for the file system ({len(os.fsencode(path.name))} bytes)")
     except OSError as e:
         raise UsageError(f"{what}: {'name too long' if e.errno == errno.ENAMETOOLONG else e.strerror}") from None
-    _probe_folder(path.parent, path.name, what)
+    check_writable(path.parent, what, path.name)
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -4,11 +4,13 @@
     gbsd img2img "a watercolor garden" --init photo.png --strength 0.6 -o out.png
     gbsd sweep "a bunny and a carrot, bokeh" --focus-stack "a carrot" "a bunny" --alphas 0,0.5,1 -o sweeps/
     gbsd generate --from-png bokeh.png --seed 2 -o again.png     # every other parameter from bokeh.png
+    gbsd generate "a bunny and a carrot, bokeh" --focus "a carrot" --trace trace/ -o bokeh.png   # + x̂0 filmstrip
 
 `sweep -o` is either an existing directory (files are named with the default pattern inside it) or a file-name
 pattern with the fields {index}, {alpha}, {focus} (a file-name-safe slug of the focus prompt) and {seed}, e.g.
 `-o "out/{focus}_{alpha:.2f}.png"`. Every result must get a distinct name; that is checked before anything runs.
 Output PNGs are written atomically and carry A1111 `parameters` + `gbsd` JSON metadata (pngmeta.py).
+`--trace DIR` (generate, img2img) is trace.py's: the filmstrip of x̂0 is written beside the image.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import common
+from . import trace as trace_cli
 from .common import (
     UsageError,
     check_not_inputs,
@@ -56,11 +59,8 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the whole CFG+DDIM step (implies --fast; first step compiles)")
 
 
-def add_params_args(p: argparse.ArgumentParser, *, img2img: bool | None) -> None:
-    """Generation flags; img2img: True = --init required, False = optional, None = no --init/--strength."""
-    # Defaults are None so `--from-png` values are only overridden by flags the user actually gave.
-    p.add_argument("prompt", nargs="?", help="the global prompt (optional with --from-png)")
-    p.add_argument("--focus", help="GBSD local prompt: the object kept in focus (omit for plain SD)")
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The flags of every GBSD run besides its prompts (generate, img2img, sweep, rack); defaults None (see below)."""
     p.add_argument("--alpha", type=float, help="focus-stage mix α·E(prompt) + (1-α)·E(focus), in [0,1] (0.5)")
     p.add_argument("--layout", type=float, help="σ: fraction of steps in the layout stage, in [0,1] (0.8)")
     p.add_argument("--steps", type=int, help="DDIM steps (50)")
@@ -69,6 +69,17 @@ def add_params_args(p: argparse.ArgumentParser, *, img2img: bool | None) -> None
     p.add_argument("--seed", type=int, help="noise seed (0)")
     p.add_argument("--size", metavar="WxH", help="image size, multiples of 8 (family default, or the input's size)")
     p.add_argument("--eta", type=float, help="DDIM η (0 = deterministic)")
+
+
+def add_params_args(p: argparse.ArgumentParser, *, img2img: bool | None) -> None:
+    """Generation flags; img2img: True = --init required, False = optional, None = no --init/--strength."""
+    # Defaults are None so `--from-png` values are only overridden by flags the user actually gave.
+    p.add_argument("prompt", nargs="?", help="the global prompt (optional with --from-png)")
+    p.add_argument("--focus", help="GBSD local prompt: the object kept in focus (omit for plain SD)")
+    p.add_argument("--focus-to", metavar="PROMPT", help="a second local prompt: the focus stage uses "
+                   "(1-m)·E(focus) + m·E(focus-to), m = --focus-mix (what a `gbsd rack` frame records)")
+    p.add_argument("--focus-mix", type=float, metavar="M", help="m in [0,1] for --focus-to (0)")
+    add_run_args(p)
     if img2img is not None:
         p.add_argument("--init", metavar="IMAGE", required=img2img,
                        help="input image for img2img" + ("" if img2img else " (makes the sweep an img2img sweep)"))
@@ -93,6 +104,7 @@ def add_generate_commands(sub: argparse._SubParsersAction) -> None:
                                 "{index} {alpha} {focus} {seed} (default: current directory)")
         else:
             p.add_argument("-o", "--output", default="gbsd.png", help="output PNG (default gbsd.png)")
+            trace_cli.add_trace_args(p)
         p.set_defaults(run=cmd_generate)
 
 
@@ -121,8 +133,8 @@ def params_from_args(args: argparse.Namespace, base: dict[str, Any]) -> Generati
 
     values = {k: v for k, v in base.items() if k in FIELDS}  # a newer version's extra keys are ignored
     from_png = set(values)
-    flags = {field: getattr(args, field, None) for field in ("prompt", "focus", "alpha", "layout", "steps", "cfg",
-                                                              "negative", "seed", "eta", "strength")}
+    # Every field a command has a flag for (the flags' dest names are the field names; size is --size).
+    flags = {field: getattr(args, field, None) for field in FIELDS if field not in ("width", "height")}
     if args.size is not None:
         flags["width"], flags["height"] = parse_size(args.size)
     for field, v in flags.items():
@@ -134,7 +146,8 @@ def params_from_args(args: argparse.Namespace, base: dict[str, Any]) -> Generati
     for field, v in values.items():
         with usage_errors(f"--from-png {args.from_png}: " if field in from_png else ""):
             check_field(field, v)
-    return GenerationParams(**values)
+    with usage_errors(f"--from-png {args.from_png}: " if from_png else ""):  # the rules that tie fields together
+        return GenerationParams(**values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +167,19 @@ class Plan:
     png_meta: dict[str, Any] | None = None
     progress: bool = True
     fast: FastOptions | None = None  # None: the plain path
+    trace: trace_cli.TracePlan | None = None  # --trace DIR: the x̂0 filmstrip beside the image
+
+
+def read_from_png(path: str | None) -> dict[str, Any] | None:
+    """The metadata of `--from-png FILE` (pngmeta.read_metadata of the image decoded whole), None without the flag;
+    raises UsageError."""
+    from . import pngmeta
+
+    if path is None:
+        return None
+    png = read_image(path, "--from-png")
+    with usage_errors(f"--from-png {path}: "):
+        return pngmeta.read_metadata(png)
 
 
 def plan(args: argparse.Namespace) -> Plan:
@@ -161,13 +187,8 @@ def plan(args: argparse.Namespace) -> Plan:
     header and configs only (`common.inspect_checkpoint`), for the checks that need the model's facts."""
     from ..ddim import executed_steps
     from ..params import image_size
-    from . import pngmeta
 
-    png_meta = None
-    if args.from_png is not None:
-        png = read_image(args.from_png, "--from-png")
-        with usage_errors(f"--from-png {args.from_png}: "):
-            png_meta = pngmeta.read_metadata(png)
+    png_meta = read_from_png(args.from_png)
     params = params_from_args(args, png_meta["params"] if png_meta else {})
 
     init_path = getattr(args, "init", None)
@@ -191,7 +212,9 @@ def plan(args: argparse.Namespace) -> Plan:
     else:
         outputs = (Path(args.output),)
         check_output(outputs[0])
-    check_not_inputs(outputs, {"--init": init_path, "--from-png": args.from_png})
+    trace = trace_cli.plan_trace(args, outputs[0]) if args.command != "sweep" else None
+    written = (*outputs, *((trace.sheet, trace.animation) if trace is not None else ()))
+    check_not_inputs(written, {"--init": init_path, "--from-png": args.from_png})
 
     from ..pipeline import LAYOUT_WARN_BELOW
 
@@ -213,7 +236,7 @@ def plan(args: argparse.Namespace) -> Plan:
 
         fast = FastOptions(dtype=dtype, channels_last=True, fuse_qkv=True, cache_context_kv=True, compile=args.compile)
     return Plan(args.command, params, outputs, model_path, checkpoint, device, dtype, init_image, alphas, focus_stack,
-                png_meta, progress=not args.quiet, fast=fast)
+                png_meta, progress=not args.quiet, fast=fast, trace=trace)
 
 
 # -------------------------------------------------------------------------------------------------- running
@@ -235,7 +258,7 @@ def execute(p: Plan) -> None:
         executed = len(bundle.scheduler.timesteps(p.params.steps, p.params.strength))
         print(f"img2img: strength {p.params.strength} runs {executed} of {p.params.steps} steps", file=sys.stderr)
 
-    stepper = None
+    stepper, tracer = None, trace_cli.make_tracer(p.trace, bundle) if p.trace is not None else None
     if p.fast is not None:
         from ..fast import make_stepper
 
@@ -246,7 +269,7 @@ def execute(p: Plan) -> None:
                                      init_image=init_image, progress=p.progress, stepper=stepper)
         else:
             results = [pipeline.generate(bundle, p.params, init_image=init_image, progress=p.progress,
-                                         stepper=stepper)]
+                                         stepper=stepper, watch=tracer)]
     finally:
         if stepper is not None:
             stepper.close()
@@ -258,6 +281,9 @@ def execute(p: Plan) -> None:
         )
         pngmeta.save_png_atomic(result.image, out, pngmeta.pnginfo(result.params, record))
         print(out)
+        if tracer is not None:
+            for path in trace_cli.write_trace(p.trace, tracer, result.params, record):
+                print(path)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

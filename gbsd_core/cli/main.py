@@ -3,6 +3,7 @@
     gbsd generate | img2img | sweep      generate.py     text/image to image, GBSD sweeps
     gbsd eval                            eval.py         GBSD vs plain SD sharpness table (pairs.py reads the pairs)
     gbsd grid                            grid.py         α × σ contact sheets
+    gbsd rack                            rack.py         rack focus: pull focus between two objects (trace.py: --trace)
     gbsd download | info                 model_files.py  registry downloads (weights.py), checkpoint facts
 
 Imports of torch and the model code happen inside the commands, so `gbsd --help` is instant. The error contract
@@ -21,6 +22,7 @@ def build_parser() -> Parser:
     from .generate import add_generate_commands
     from .grid import add_grid_command
     from .model_files import add_model_file_commands
+    from .rack import add_rack_command
 
     parser = Parser(prog="gbsd", description="Generative Bokeh with Stage Diffusion on Stable Diffusion 1.x/2.x.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -28,6 +30,7 @@ def build_parser() -> Parser:
     add_model_file_commands(sub)
     add_eval_command(sub)
     add_grid_command(sub)
+    add_rack_command(sub)
     return parser
 
 

@@ -93,6 +93,8 @@ def infotext(params: GenerationParams, record: ImageRecord) -> str:
         fields.append(("Eta DDIM", _num(params.eta)))  # A1111 writes this key only when eta is not its default 0
     if params.focus is not None:
         fields += [("GBSD focus", params.focus), ("GBSD alpha", _num(params.alpha)), ("GBSD layout", _num(params.layout))]
+        if params.focus_to is not None:  # a rack-focus frame: the local embedding part way to a second prompt
+            fields += [("GBSD focus to", params.focus_to), ("GBSD focus mix", _num(params.focus_mix))]
         if record.layout_steps is not None:
             fields.append(("GBSD layout steps", record.layout_steps))
     if record.executed_steps is not None:
@@ -103,8 +105,9 @@ def infotext(params: GenerationParams, record: ImageRecord) -> str:
     return text + "\n" + ", ".join(f"{k}: {_quote(v)}" for k, v in fields)
 
 
-def json_text(params: GenerationParams, record: ImageRecord) -> str:
-    """The machine-readable `gbsd` chunk: all GenerationParams fields plus the record."""
+def json_text(params: GenerationParams, record: ImageRecord, extra: dict[str, Any] | None = None) -> str:
+    """The machine-readable `gbsd` chunk: all GenerationParams fields plus the record, plus `extra`'s entries (e.g.
+    "trace" or "rack": what else the picture shows; readers ignore keys they do not know)."""
     payload = {
         "version": FORMAT_VERSION,
         "params": dataclasses.asdict(params),
@@ -114,13 +117,17 @@ def json_text(params: GenerationParams, record: ImageRecord) -> str:
         "executed_steps": record.executed_steps,
         "layout_steps": record.layout_steps,
     }
+    clash = sorted(set(extra or {}) & set(payload))
+    if clash:
+        raise ValueError(f"extra metadata may not replace the standard entries {clash}")
+    payload.update(extra or {})
     return json.dumps(payload, ensure_ascii=True, sort_keys=True)
 
 
-def pnginfo(params: GenerationParams, record: ImageRecord) -> PngInfo:
+def pnginfo(params: GenerationParams, record: ImageRecord, extra: dict[str, Any] | None = None) -> PngInfo:
     info = PngInfo()
     info.add_text(INFOTEXT_KEY, infotext(params, record))
-    info.add_text(JSON_KEY, json_text(params, record))
+    info.add_text(JSON_KEY, json_text(params, record, extra))
     return info
 
 
@@ -169,7 +176,8 @@ def parse_infotext(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
     extra: dict[str, Any] = {}
     conv = {"Steps": ("steps", int), "CFG scale": ("cfg", float), "Seed": ("seed", int),
             "Denoising strength": ("strength", float), "Eta DDIM": ("eta", float), "GBSD focus": ("focus", str),
-            "GBSD alpha": ("alpha", float), "GBSD layout": ("layout", float)}
+            "GBSD alpha": ("alpha", float), "GBSD layout": ("layout", float),
+            "GBSD focus to": ("focus_to", str), "GBSD focus mix": ("focus_mix", float)}
     for key, (field, kind) in conv.items():
         if key in pairs:
             try:
@@ -203,7 +211,8 @@ def _optional(obj: dict, key: str, what: str) -> Any:
 def read_metadata(png: str | os.PathLike | Image.Image) -> dict[str, Any]:
     """{"params": {field: value}, "source": "json"|"infotext", plus model/size facts} from a PNG's text chunks (a
     path, or an image already opened). The parameters' values are checked by GenerationParams, not here; the rest of
-    the structure is checked here: a PNG is anyone's file.
+    the structure is checked here: a PNG is anyone's file. From the JSON chunk also "json", the whole chunk (its
+    "trace" / "rack" entries, when the PNG has them; their readers check what they take from them).
 
     Raises ValueError when the file carries neither chunk (or they are unreadable), OSError when it cannot be read.
     """
@@ -228,7 +237,7 @@ def read_metadata(png: str | os.PathLike | Image.Image) -> dict[str, Any]:
         if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
             raise ValueError(f"broken '{JSON_KEY}' metadata chunk (model sha256 {sha!r:.80} is not 64 hex digits)")
         return {"source": "json", "params": data["params"], "model_file": _optional(model, "file", "model file"),
-                "model_sha256": sha, "img2img": _optional(data, "mode", "mode") == "img2img"}
+                "model_sha256": sha, "img2img": _optional(data, "mode", "mode") == "img2img", "json": data}
     if INFOTEXT_KEY in texts:
         params, extra = parse_infotext(texts[INFOTEXT_KEY])
         return {"source": "infotext", "params": params, "model_file": extra["model"],

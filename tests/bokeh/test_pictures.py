@@ -6,7 +6,19 @@ import pytest
 from PIL import Image
 
 from gbsd_core.bokeh.metrics import to_gray
-from gbsd_core.bokeh.pictures import colour_ramp, contact_sheet, overlay_mask, sharpness_heatmap
+from gbsd_core.bokeh.pictures import (
+    MARK,
+    MARK_WIDTH,
+    PAD,
+    captioned,
+    colour_ramp,
+    contact_sheet,
+    fit_cell,
+    overlay_mask,
+    save_animation,
+    sharpness_heatmap,
+    tile,
+)
 
 
 def _solid(colour: tuple[int, int, int], size=(24, 16)) -> Image.Image:
@@ -92,3 +104,68 @@ def test_heatmap_is_hotter_on_the_sharp_half(size):
     # A common scale: with vmax far above this image's sharpest tile the whole map gets darker.
     dim = to_gray(sharpness_heatmap(Image.fromarray(arr), window=8, vmax=1e12))
     assert dim[:, : w // 2 - 8].mean() < sharp_half
+
+
+# ------------------------------------------------------------------------------ frame strips (traces, rack focus)
+
+
+def test_fit_cell_enlarges_small_frames_by_whole_factors_and_shrinks_large_ones():
+    small = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    big = fit_cell(small)
+    assert big.size == (192, 192)  # 3x: the first whole factor reaching 160
+    assert np.array_equal(np.asarray(big)[::3, ::3], np.asarray(small))  # nearest: pixels stay pixels
+    assert fit_cell(Image.new("RGB", (512, 384))).size == (256, 192)
+    assert fit_cell(Image.new("RGB", (200, 100))).size == (200, 100)
+
+
+def test_captioned_cells_share_one_size_and_marks_paint_a_bar():
+    ims = [_solid((30, 200, 30), (96, 16)), _solid((30, 30, 200), (80, 12))]
+    cells = captioned(ims, ["one line", "two\nlines"], marks={1})
+    assert len({c.size for c in cells}) == 1
+    w, h = cells[0].size
+    assert w == 96 + 2 * MARK_WIDTH and h > 16 + 2 * 12  # room for two caption lines under the largest image
+    one_line = captioned(ims[:1], ["one line"])[0]
+    assert one_line.size[1] < h
+    wide = captioned(ims[:1], ["a caption line much wider than the ninety-six pixels of the image"])[0]
+    assert wide.width > 250  # the cell grows to its widest caption line instead of cutting it
+    for i, cell in enumerate(cells):
+        arr = np.asarray(cell)
+        bar = np.all(arr[:, :MARK_WIDTH] == np.array(MARK, dtype=np.uint8), axis=-1)
+        assert bar.all() if i == 1 else not bar.any()
+        colour = np.array(ims[i].getpixel((0, 0)), dtype=np.uint8)
+        assert np.all(arr == colour, axis=-1).sum() == ims[i].width * ims[i].height  # pasted whole, uncovered
+        caption = arr[16:, MARK_WIDTH:].astype(np.int16)  # below the largest image
+        black = caption.sum(axis=-1) < 150
+        red = (caption[..., 0] > 150) & (caption[..., 1] < 100) & (caption[..., 2] < 100)
+        assert (black.any() and not red.any()) if i == 0 else (red.any() and not black.any())  # marked: red text
+    with pytest.raises(ValueError, match="caption"):
+        captioned(ims, ["only one"])
+
+
+def test_tile_places_cells_in_rows():
+    cells = [_solid((10 * i, 100, 100), (10, 8)) for i in range(10)]
+    sheet = tile(cells)  # at most 8 per row, rows balanced: 2 rows of 5
+    assert sheet.size == (PAD + 5 * (10 + PAD), PAD + 2 * (8 + PAD))
+    arr = np.asarray(sheet)
+    for i in range(10):
+        r, c = divmod(i, 5)
+        x, y = PAD + c * (10 + PAD), PAD + r * (8 + PAD)
+        assert np.all(arr[y:y + 8, x:x + 10] == np.array((10 * i, 100, 100), dtype=np.uint8))
+    assert tile(cells, columns=3).size == (PAD + 3 * (10 + PAD), PAD + 4 * (8 + PAD))
+    with pytest.raises(ValueError, match="one size"):
+        tile([_solid((1, 2, 3), (10, 8)), _solid((1, 2, 3), (8, 8))])
+
+
+@pytest.mark.parametrize("name", ["a.webp", "a.gif"])
+def test_animation_round_trip(tmp_path, name):
+    colours = [(250, 20, 20), (20, 250, 20), (20, 20, 250)]
+    save_animation([_solid(c, (32, 24)) for c in colours], tmp_path / name, duration_ms=120)
+    with Image.open(tmp_path / name) as im:
+        assert im.n_frames == 3 and im.size == (32, 24) and im.info.get("loop") == 0
+        for i, c in enumerate(colours):
+            im.seek(i)
+            got = np.asarray(im.convert("RGB"), dtype=np.int16)[12, 16]
+            assert np.abs(got - np.array(c)).max() <= 12  # lossy WebP / 256-colour GIF: close, not exact
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left
+    with pytest.raises(ValueError, match="one size"):
+        save_animation([_solid((1, 2, 3), (8, 8)), _solid((1, 2, 3), (16, 8))], tmp_path / "b.webp")

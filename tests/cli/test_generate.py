@@ -207,6 +207,52 @@ BAD_INPUTS = [
     ("device-empty", ["generate", "p", "--device", ""], "--device"),
     ("device-unknown", ["generate", "p", "--device", "quantum"], "--device"),
     ("device-cuda-index", ["generate", "p", "--device", "cuda:99"], "--device"),
+    # the rack-frame fields
+    ("focus-to-no-focus", ["generate", "p", "--focus-to", "b"], "focus_to needs a focus"),
+    ("focus-mix-no-to", ["generate", "p", "--focus", "f", "--focus-mix", "0.5"], "needs focus_to"),
+    ("focus-mix-range", ["generate", "p", "--focus", "f", "--focus-to", "g", "--focus-mix", "1.5"], "focus_mix"),
+    # --trace (the x̂0 filmstrip)
+    ("trace-not-writable", ["generate", "p", "--trace", "/proc/gbsd-trace"], "not writable"),
+    ("trace-existing-not-writable", ["generate", "p", "--trace", "/proc"], "not writable"),
+    ("trace-is-a-file", ["generate", "p", "--trace", "{txt}"], "is a file"),
+    ("trace-parent-missing", ["generate", "p", "--trace", "{tmp}/no/such/trace"], "does not exist"),
+    ("trace-every-zero", ["generate", "p", "--trace", "{tmp}/tr", "--trace-every", "0"], "--trace-every"),
+    ("trace-every-text", ["generate", "p", "--trace", "{tmp}/tr", "--trace-every", "two"], "--trace-every"),
+    ("trace-every-alone", ["generate", "p", "--trace-every", "2"], "needs --trace"),
+    ("trace-preview-alone", ["generate", "p", "--trace-preview", "linear"], "needs --trace"),
+    ("trace-preview-unknown", ["generate", "p", "--trace", "{tmp}/tr", "--trace-preview", "taesd"], "--trace-preview"),
+    ("trace-img2img-bad-init", ["img2img", "p", "--init", "{txt}", "--trace", "{tmp}/tr"], "not a readable image"),
+    ("trace-not-for-sweep", ["sweep", "p", "--focus", "f", "--alphas", "0", "--trace", "{tmp}/tr"], "--trace"),
+    # gbsd rack
+    ("rack-frames-one", ["rack", "p", "--from", "a", "--to", "b", "--frames", "1"], "--frames"),
+    ("rack-frames-many", ["rack", "p", "--from", "a", "--to", "b", "--frames", "65"], "--frames"),
+    ("rack-same-prompt", ["rack", "p", "--from", "a bunny", "--to", "A  Bunny"], "same prompt"),
+    ("rack-no-to", ["rack", "p", "--from", "a bunny"], "--to"),
+    ("rack-no-from", ["rack", "p", "--to", "a carrot"], "--from"),
+    ("rack-empty-from", ["rack", "p", "--from", " ", "--to", "a carrot"], "--from is empty"),
+    ("rack-no-prompt", ["rack", "--from", "a", "--to", "b"], "prompt is required"),
+    ("rack-layout-one", ["rack", "p", "--from", "a", "--to", "b", "--layout", "1"], "no focus stage"),
+    ("rack-alpha-one", ["rack", "p", "--from", "a", "--to", "b", "--alpha", "1"], "alpha 1"),
+    ("rack-alpha-range", ["rack", "p", "--from", "a", "--to", "b", "--alpha", "2"], "alpha"),
+    ("rack-steps-zero", ["rack", "p", "--from", "a", "--to", "b", "--steps", "0"], "steps"),
+    ("rack-out-not-animation", ["rack", "p", "--from", "a", "--to", "b", "-o", "{tmp}/r.png"], ".webp or .gif"),
+    ("rack-out-dir-missing", ["rack", "p", "--from", "a", "--to", "b", "-o", "{tmp}/no/r.webp"], "does not exist"),
+    ("rack-out-not-writable", ["rack", "p", "--from", "a", "--to", "b", "-o", "/proc/r.webp"], "not writable"),
+    ("rack-out-is-dir", ["rack", "p", "--from", "a", "--to", "b", "-o", "{tmp}/sub.webp"], "is a directory"),
+    ("rack-from-png-no-meta", ["rack", "--from-png", "{img}", "--to", "b"], "no generation parameters"),
+    ("focus-to-blank", ["generate", "p", "--focus", "f", "--focus-to", " "], "focus_to must not be blank"),
+    ("focus-mix-nan", ["generate", "p", "--focus", "f", "--focus-to", "g", "--focus-mix", "nan"], "focus_mix"),
+    ("png-focus-to-list", ["generate", "--from-png", M(focus="f", focus_to=["g"])], "focus_to must be text"),
+    ("rack-frames-from-png-str", ["rack", "--from-png", RAW({"params": {"prompt": "p", "focus": "a",
+                                                                      "focus_to": "b"}, "rack": {"frames": "12"}})],
+     "--frames"),
+    ("rack-from-png-bomb", ["rack", "--from-png", "{bomb-meta}", "--to", "b"], "pixels"),
+    ("rack-cfg-nan", ["rack", "p", "--from", "a", "--to", "b", "--cfg", "nan"], "cfg"),
+    ("rack-out-too-long", ["rack", "p", "--from", "a", "--to", "b", "-o", "{tmp}/" + "r" * 290 + ".webp"], "too long"),
+    ("rack-size-not-8", ["rack", "p", "--from", "a", "--to", "b", "--size", "60x64", "--weights", "{ckpt}"],
+     "multiple of 8"),
+    ("rack-device-meta", ["rack", "p", "--from", "a", "--to", "b", "--device", "meta"], "--device"),
+    ("trace-dir-name-too-long", ["generate", "p", "--trace", "{tmp}/" + "t" * 300], "too long"),
 ]
 
 
@@ -231,8 +277,9 @@ def _crafted(work: Path, ckpt: Path, dummy: Path) -> dict[str, str]:
             "{unet9}": str(Workshop(work, work).single("unet9.safetensors", unet=replace(UNET, in_channels=9)))}
 
 
-def _snapshot(d: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(d)): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+def _snapshot(d: Path) -> dict[str, bytes | None]:
+    """Every entry under `d` (folders and pipes too), with the bytes of the regular files."""
+    return {str(p.relative_to(d)): p.read_bytes() if p.is_file() else None for p in d.rglob("*")}
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
@@ -241,6 +288,7 @@ def test_bad_input_exits_2_before_loading(case, tmp_path, capsys, monkeypatch, n
     work = tmp_path / "work"
     work.mkdir()
     (work / "sub.png").mkdir()
+    (work / "sub.webp").mkdir()
     subs = _crafted(work, tiny_ckpt, dummy_weights)
 
     def sub(a: str) -> str:
@@ -257,7 +305,7 @@ def test_bad_input_exits_2_before_loading(case, tmp_path, capsys, monkeypatch, n
     if "--weights" not in argv and weights:
         argv += ["--weights", str(dummy_weights)]
     if "-o" not in argv:
-        argv += ["-o", str(work if argv[0] == "sweep" else work / "out.png")]
+        argv += ["-o", str(work if argv[0] == "sweep" else work / ("rack.webp" if argv[0] == "rack" else "out.png"))]
     weights_dir = tmp_path / "weights"  # what a PNG's model field may name: only files in here
     weights_dir.mkdir()
     monkeypatch.setenv("GBSD_WEIGHTS", str(weights_dir))
@@ -269,7 +317,7 @@ def test_bad_input_exits_2_before_loading(case, tmp_path, capsys, monkeypatch, n
     assert needle in err
     assert err.count("\n") == 1  # one line
     assert "Traceback" not in err
-    assert _snapshot(tmp_path) == before  # nothing written, nothing overwritten
+    assert _snapshot(tmp_path) == before  # nothing written or overwritten: no output, animation, trace folder, .tmp
 
 
 def test_layout_warning_then_load(tmp_path, capsys, no_load, tiny_ckpt):
@@ -368,7 +416,7 @@ def test_generate_metadata_and_determinism(tiny_ckpt, tmp_path, capsys):
     assert data["model"] == {"file": "tiny-sd1.safetensors", "sha256": sha}
     assert data["params"] == {"prompt": "a bunny and a carrot", "focus": "a carrot", "alpha": 0.25, "layout": 0.75,
                               "steps": 3, "cfg": 5.0, "negative": "blurry", "seed": 7, "width": 64, "height": 64,
-                              "strength": 0.75, "eta": 0.0}
+                              "strength": 0.75, "eta": 0.0, "focus_to": None, "focus_mix": 0.0}
     assert data["executed_steps"] == 3 and data["mode"] == "txt2img"
 
 

@@ -188,3 +188,25 @@ def test_read_params_refuses_bad_infotext(line, match, tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png", pnginfo=info)
     with pytest.raises(ValueError, match=match):
         pngmeta.read_params(tmp_path / "x.png")
+
+
+def test_rack_frame_fields_round_trip_through_both_chunks(tmp_path):
+    p = _params(focus="a bunny", focus_to="a carrot, small", focus_mix=1 / 3)
+    text = pngmeta.infotext(p, _record())
+    assert 'GBSD focus to: "a carrot, small", GBSD focus mix: 0.3333333333333333' in text
+    parsed, _ = pngmeta.parse_infotext(text)
+    assert pngmeta.params_from_dict(parsed) == dataclasses.replace(p, strength=0.75)  # txt2img: no strength
+    assert "GBSD focus to" not in pngmeta.infotext(_params(), _record())  # only rack frames carry it
+    out = _png(tmp_path, p, _record())
+    assert pngmeta.read_params(out) == p  # the JSON chunk: exact
+
+
+def test_extra_entries_are_written_and_read_back(tmp_path):
+    img = Image.new("RGB", (8, 8))
+    extra = {"trace": {"steps": [0, 3, 5], "every": 3}}
+    pngmeta.save_png_atomic(img, tmp_path / "s.png", pngmeta.pnginfo(_params(), _record(), extra))
+    meta = pngmeta.read_metadata(tmp_path / "s.png")
+    assert meta["json"]["trace"] == {"steps": [0, 3, 5], "every": 3}
+    assert pngmeta.read_params(tmp_path / "s.png") == _params()  # the extra entry does not disturb the params
+    with pytest.raises(ValueError, match="standard entries"):
+        pngmeta.json_text(_params(), _record(), {"params": {}})

@@ -1,0 +1,63 @@
+"""`gbsd rack` end to end on the tiny model that listens to its context: the files it writes, their metadata, and
+`--from-png` on a frame (generate) or the sheet (rack) reproducing them. (Bad input: test_generate.py's table.)"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from _cli import png_texts, run_cli
+from PIL import Image
+
+from gbsd_core import pipeline
+from gbsd_core.cli import pngmeta
+
+RACK = ["rack", "a bunny and a carrot in a garden, bokeh", "--from", "a bunny", "--to", "a carrot", "--frames", "4",
+        "--steps", "6", "--layout", "0.5", "--seed", "1", "--size", "64x64", "-q"]
+
+
+def px(path) -> np.ndarray:
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+def test_rack_writes_animation_sheet_and_frames(amp_ckpt, tmp_path, capsys, monkeypatch):
+    calls = []
+    real = pipeline.sweep
+    monkeypatch.setattr(pipeline, "sweep", lambda *a, **k: calls.append(k["mixes"]) or real(*a, **k))
+    code, out, err = run_cli([*RACK, "--weights", amp_ckpt, "-o", tmp_path / "rack.webp"], capsys)
+    assert code == 0, err
+    assert calls == [[0.0, 1 / 3, 2 / 3, 1.0]]  # one batched sweep over the four mixes
+    names = ["rack_00.png", "rack_01.png", "rack_02.png", "rack_03.png", "rack_sheet.png", "rack.webp"]
+    assert out.split() == [str(tmp_path / n) for n in names]
+    assert sorted(os.listdir(tmp_path)) == sorted(names)
+    with Image.open(tmp_path / "rack.webp") as im:
+        assert im.n_frames == 4 and im.size == (64, 64)
+    for k in range(4):
+        p = pngmeta.read_params(tmp_path / f"rack_{k:02d}.png")
+        assert (p.focus, p.focus_to, p.focus_mix, p.layout) == ("a bunny", "a carrot", k / 3, 0.5)
+        assert json.loads(png_texts(tmp_path / f"rack_{k:02d}.png")["gbsd"])["rack"] == {"frame": k, "frames": 4}
+    sheet = json.loads(png_texts(tmp_path / "rack_sheet.png")["gbsd"])
+    assert sheet["params"]["focus_mix"] == 0.0 and sheet["rack"]["mixes"] == [0.0, 1 / 3, 2 / 3, 1.0]
+    assert set(sheet["rack"]["mask_fraction"]) == {"a bunny", "a carrot"}
+    assert all(set(s) == {"a bunny", "a carrot"} for s in sheet["rack"]["sharpness"])
+    assert not np.array_equal(px(tmp_path / "rack_00.png"), px(tmp_path / "rack_03.png"))
+
+
+def test_from_png_reproduces_a_frame_and_the_whole_rack(amp_ckpt, tmp_path, capsys):
+    assert run_cli([*RACK, "--weights", amp_ckpt, "-o", tmp_path / "rack.gif"], capsys)[0] == 0
+    for k in (1, 3):  # generate --from-png on a frame: that frame alone (batch 1 vs the rack's batch: ≤ 1/255)
+        again = tmp_path / f"again_{k}.png"
+        code, _, err = run_cli(["generate", "--from-png", tmp_path / f"rack_{k:02d}.png", "--weights", amp_ckpt,
+                                "-q", "-o", again], capsys)
+        assert code == 0, err
+        assert np.abs(px(again) - px(tmp_path / f"rack_{k:02d}.png")).max() <= 1
+        assert pngmeta.read_params(again) == pngmeta.read_params(tmp_path / f"rack_{k:02d}.png")
+    # rack --from-png on the sheet: the same rack (frames count from the sheet's "rack" entry).
+    (tmp_path / "re").mkdir()
+    code, _, err = run_cli(["rack", "--from-png", tmp_path / "rack_sheet.png", "--weights", amp_ckpt, "-q",
+                            "-o", tmp_path / "re" / "r.webp"], capsys)
+    assert code == 0, err
+    for k in range(4):
+        assert np.array_equal(px(tmp_path / "re" / f"r_{k:02d}.png"), px(tmp_path / f"rack_{k:02d}.png"))
+    with Image.open(tmp_path / "rack.gif") as im:
+        assert im.n_frames == 4
