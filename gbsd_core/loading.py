@@ -16,10 +16,10 @@ import json
 import os
 import pickle
 import re
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-import tempfile
-from typing import Callable, Literal, Mapping
+from typing import Callable, Iterable, Literal, Mapping
 
 import torch
 from torch import nn
@@ -30,11 +30,14 @@ from .clip_text import CLIPTextConfig, CLIPTextEncoder
 from .ddim import DDIMScheduler
 from .family import Family, detect, family_by_name
 from .openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
+from .sdxl_conditioner import SDXLConditioner, SDXLConditionerConfig
 from .unet import UNetConfig, UNetModel
 from .vae import AutoencoderKL, VAEConfig
 
 # Subtrees of a LatentDiffusion state dict: model (DiffusionWrapper).diffusion_model, first_stage_model, cond_stage_model.
 PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
+# sgm's DiffusionEngine (SDXL) has the same UNet and VAE subtrees and its text towers in a GeneralConditioner.
+SDXL_PREFIXES = {**PREFIXES, "text_encoder": "conditioner."}
 
 # --- What a file may carry beyond the three networks' weights, and why it is safe to drop. ----------------------
 # ddpm.py LatentDiffusion.register_schedule(): the DDPM schedule as 12 persistent [1000] buffers. They are a pure
@@ -48,18 +51,28 @@ SCHEDULE_BUFFERS = frozenset({
 # Training-only terms of ddpm.py: `logvar` (a parameter only with learn_logvar) and `lvlb_weights` (non-persistent,
 # but some re-saved files have it).
 TRAINING_KEYS = frozenset({"logvar", "lvlb_weights"})
+# sgm's DiscreteDenoiser keeps the schedule as a persistent buffer, the sigmas sqrt((1 - ᾱ)/ᾱ) of the same linear
+# schedule; the released SDXL files lack it, training checkpoints saved from the engine have it.
+SGM_SCHEDULE_BUFFERS = frozenset({"denoiser.sigmas"})
 
 
 def droppable(key: str) -> bool:
     """True for keys that hold no weights of the three networks (see the comments above each rule)."""
-    if key in SCHEDULE_BUFFERS or key in TRAINING_KEYS:
+    if key in SCHEDULE_BUFFERS or key in TRAINING_KEYS or key in SGM_SCHEDULE_BUFFERS:
         return True
     # The EMA copy of the UNet in full training files (use_ema: True; "v1-5-pruned"). Like A1111 we load `model.*`;
     # "-emaonly" files already hold the EMA weights there.
     if key.startswith("model_ema."):
         return True
-    # arange(77) buffer that transformers < 4.31 saved with CLIPTextModel (fixtures/ldm_keys/README.md).
-    return key.startswith("cond_stage_model.") and key.endswith("embeddings.position_ids")
+    # arange(77) buffer that transformers < 4.31 saved with CLIPTextModel (fixtures/ldm_keys/README.md); SDXL's CLIP-L
+    # is the same model under conditioner.embedders.0.
+    return key.startswith(("cond_stage_model.", "conditioner.")) and key.endswith("embeddings.position_ids")
+
+
+def prefixes_of(keys: Iterable[str]) -> dict[str, str]:
+    """The subtree prefixes of a single-file checkpoint: LatentDiffusion's, or sgm's (SDXL) when it has a
+    `conditioner.`."""
+    return SDXL_PREFIXES if any(k.startswith(SDXL_PREFIXES["text_encoder"]) for k in keys) else PREFIXES
 
 
 class CheckpointError(ValueError):
@@ -212,46 +225,49 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 # ================================================================================================================
 # Strict loading
 # ================================================================================================================
-def split_components(sd: Mapping[str, torch.Tensor], path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """{"unet": ..., "vae": ..., "text_encoder": ...} with prefixes stripped; allowlisted keys dropped; anything else
-    outside the three subtrees, or a missing subtree, raises CheckpointError."""
-    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in PREFIXES}
+def split_components(sd: Mapping[str, torch.Tensor], path: Path,
+                     prefixes: Mapping[str, str] = PREFIXES) -> dict[str, dict[str, torch.Tensor]]:
+    """{"unet": ..., "vae": ..., "text_encoder": ...} with `prefixes` stripped (SDXL: SDXL_PREFIXES); allowlisted keys
+    dropped; anything else outside the three subtrees, or a missing subtree, raises CheckpointError."""
+    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in prefixes}
     unexpected = []
     for key, tensor in sd.items():
         if droppable(key):
             continue
-        for name, prefix in PREFIXES.items():
+        for name, prefix in prefixes.items():
             if key.startswith(prefix):
                 parts[name][key[len(prefix):]] = tensor
                 break
         else:
             unexpected.append(key)
     if not any(parts.values()):
-        raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint: no keys under {', '.join(PREFIXES.values())} "
+        raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint: no keys under {', '.join(prefixes.values())} "
                               f"(it has {len(sd)} keys, e.g. {_key_list(list(sd), 3)})")
     for name, part in parts.items():
         if not part:
-            raise CheckpointError(f"{path}: has no {name} weights (no keys under {PREFIXES[name]}); gbsd needs a "
+            raise CheckpointError(f"{path}: has no {name} weights (no keys under {prefixes[name]}); gbsd needs a "
                                   "full checkpoint with UNet, VAE and text encoder")
     if unexpected:
         raise CheckpointError(f"{path}: {len(unexpected)} unexpected keys outside the UNet/VAE/text encoder: "
                               f"{_key_list(unexpected)}")
     # Some SD1 files were saved from a CLIPTextModel without the `text_model.` level (transformers >= 5 does that
-    # too); real files and our module have it.
+    # too); real files and our module have it. (SDXL: the same under embedders.0.)
+    clip = "embedders.0.transformer." if prefixes["text_encoder"] == SDXL_PREFIXES["text_encoder"] else "transformer."
     te = parts["text_encoder"]
-    if any(k.startswith("transformer.") and not k.startswith("transformer.text_model.") for k in te):
+    if any(k.startswith(clip) and not k.startswith(clip + "text_model.") for k in te):
         parts["text_encoder"] = {
-            ("transformer.text_model." + k[len("transformer."):]
-             if k.startswith("transformer.") and not k.startswith("transformer.text_model.") else k): t
+            (clip + "text_model." + k[len(clip):] if k.startswith(clip) and not k.startswith(clip + "text_model.")
+             else k): t
             for k, t in te.items()
         }
     return parts
 
 
-def check_strict(name: str, module: nn.Module, sd: Mapping[str, torch.Tensor], path: Path) -> None:
+def check_strict(name: str, module: nn.Module, sd: Mapping[str, torch.Tensor], path: Path,
+                 prefixes: Mapping[str, str] = PREFIXES) -> None:
     """Raise CheckpointError naming missing / unexpected / mis-shaped keys (with the file's full names)."""
     expected = module.state_dict()
-    prefix = PREFIXES[name]
+    prefix = prefixes[name]
     missing = [prefix + k for k in expected if k not in sd]
     unexpected = [prefix + k for k in sd if k not in expected]
     shapes = [f"{prefix}{k}: file {list(t.shape)} vs model {list(expected[k].shape)}"
@@ -270,7 +286,8 @@ def check_strict(name: str, module: nn.Module, sd: Mapping[str, torch.Tensor], p
 
 
 def build_module(name: str, module_cls: type[nn.Module], config: object, sd: Mapping[str, torch.Tensor],
-                 dtype: torch.dtype, device: str | torch.device, path: Path) -> nn.Module:
+                 dtype: torch.dtype, device: str | torch.device, path: Path,
+                 prefixes: Mapping[str, str] = PREFIXES) -> nn.Module:
     """Build `module_cls(config)` on the meta device and load `sd` into it strictly, converted to dtype/device.
 
     `assign=True` makes the loaded tensors the parameters themselves: no random init, no second copy. Non-float
@@ -278,7 +295,7 @@ def build_module(name: str, module_cls: type[nn.Module], config: object, sd: Map
     """
     with torch.device("meta"):
         module = module_cls(config)
-    check_strict(name, module, sd, path)
+    check_strict(name, module, sd, path, prefixes)
     converted = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for k, t in sd.items()}
     module.load_state_dict(converted, strict=True, assign=True)
     left = [k for k, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
@@ -287,13 +304,13 @@ def build_module(name: str, module_cls: type[nn.Module], config: object, sd: Map
     return module.eval().requires_grad_(False)
 
 
-def _infer(name: str, infer: Callable[[], object], path: Path) -> object:
+def _infer(name: str, infer: Callable[[], object], path: Path, prefixes: Mapping[str, str] = PREFIXES) -> object:
     """Run a `Config.from_state_dict` call, turning its complaints into CheckpointErrors that name the file."""
     try:
         return infer()
     except KeyError as e:
         raise CheckpointError(f"{path}: cannot infer the {name} architecture, missing key "
-                              f"{PREFIXES[name]}{e.args[0]}") from e
+                              f"{prefixes[name]}{e.args[0]}") from e
     except (ValueError, IndexError) as e:
         raise CheckpointError(f"{path}: cannot infer the {name} architecture: {e}") from e
 
@@ -302,40 +319,47 @@ def load(path: str | os.PathLike, family: str | Family | None = None, dtype: tor
          device: str | torch.device = "cpu", vae_dtype: torch.dtype = torch.float32) -> SDBundle:
     """Load a single-file checkpoint or a diffusers folder into an `SDBundle`.
 
-    `family` ("sd1", "sd2-512", "sd2-768-v") overrides detection; it matters for SD2, whose 512-eps and 768-v files
-    have identical tensors (see family.detect for the hints used otherwise). `dtype` is the UNet's and the text
-    encoder's; the VAE stays in `vae_dtype`, fp32 by default, because the SD decoder's activations overflow fp16
-    (diffusers' `force_upcast` for the same reason; GUIDE §1.11).
+    `family` ("sd1", "sd2-512", "sd2-768-v", "sdxl-base", "sdxl-refiner") overrides detection; it matters for SD2,
+    whose 512-eps and 768-v files have identical tensors (see family.detect for the hints used otherwise). `dtype` is
+    the UNet's and the text encoder's; the VAE stays in `vae_dtype`, fp32 by default, because the SD decoder's
+    activations overflow fp16 (diffusers' `force_upcast` for the same reason; GUIDE §1.11).
     """
     from .tokenizer import Tokenizer
 
     path = Path(path)
     raw = read_checkpoint(path)
-    parts = split_components(raw.state_dict, path)
+    prefixes = prefixes_of(raw.state_dict)
+    parts = split_components(raw.state_dict, path, prefixes)
     try:
         fam = detect(raw.state_dict.keys(), path, override=family, prediction_type=raw.prediction_type)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
 
-    unet_cfg = _infer("unet", lambda: UNetConfig.from_state_dict(parts["unet"]), path)
+    unet_cfg = _infer("unet", lambda: UNetConfig.from_state_dict(parts["unet"]), path, prefixes)
     if fam.prediction_type == "v_prediction":
         # Stability's 768-v model overflows fp16 in attention softmax; diffusers' sd2-1 config sets
         # upcast_attention=True for the same reason. No effect in fp32.
         unet_cfg = replace(unet_cfg, upcast_attention=True)
-    vae_cfg = _infer("vae", lambda: VAEConfig.from_state_dict(parts["vae"]), path)
+    vae_cfg = _infer("vae", lambda: VAEConfig.from_state_dict(parts["vae"]), path, prefixes)
+    vae_cfg = replace(vae_cfg, scale_factor=fam.vae_scale_factor)  # not stored in checkpoints: the family's
+    te_cfg: object
     if fam.text_encoder == "clip":
         te_cls: type[nn.Module] = CLIPTextEncoder
         te_cfg = _infer("text_encoder", lambda: CLIPTextConfig.from_state_dict(parts["text_encoder"]), path)
-    else:
+    elif fam.text_encoder == "openclip":
         te_cls = OpenCLIPTextEncoder
         # A diffusers folder's 23-layer tower already ends at the penultimate block, so all of it runs.
         penultimate = raw.layout != "diffusers"
         te_cfg = _infer("text_encoder",
                         lambda: OpenCLIPTextConfig.from_state_dict(parts["text_encoder"], penultimate=penultimate), path)
+    else:  # SDXL base or refiner: sgm's conditioner
+        te_cls = SDXLConditioner
+        te_cfg = _infer("text_encoder", lambda: SDXLConditionerConfig.from_state_dict(parts["text_encoder"]), path,
+                        prefixes)
 
-    unet = build_module("unet", UNetModel, unet_cfg, parts["unet"], dtype, device, path)
-    vae = build_module("vae", AutoencoderKL, vae_cfg, parts["vae"], vae_dtype, device, path)
-    text_encoder = build_module("text_encoder", te_cls, te_cfg, parts["text_encoder"], dtype, device, path)
+    unet = build_module("unet", UNetModel, unet_cfg, parts["unet"], dtype, device, path, prefixes)
+    vae = build_module("vae", AutoencoderKL, vae_cfg, parts["vae"], vae_dtype, device, path, prefixes)
+    text_encoder = build_module("text_encoder", te_cls, te_cfg, parts["text_encoder"], dtype, device, path, prefixes)
     return SDBundle(unet=unet, vae=vae, text_encoder=text_encoder,  # type: ignore[arg-type]
                     tokenizer=Tokenizer(pad_token_id=fam.pad_token_id),
                     scheduler=DDIMScheduler(prediction_type=fam.prediction_type), family=fam, path=path)
@@ -347,7 +371,8 @@ def load(path: str | os.PathLike, family: str | Family | None = None, dtype: tor
 def save_single_file(src: SDBundle | Mapping[str, nn.Module], path: str | os.PathLike,
                      dtype: torch.dtype | None = None, family: str | Family | None = None) -> Path:
     """Write an original-layout single-file .safetensors (`model.diffusion_model.*`, `first_stage_model.*`,
-    `cond_stage_model.*`) from a bundle or a {"unet"/"vae"/"text_encoder": module} mapping (any subset).
+    `cond_stage_model.*`; SDXL: `conditioner.*`) from a bundle or a {"unet"/"vae"/"text_encoder": module} mapping
+    (any subset).
 
     Written to a temporary file in the same folder and renamed into place, so a crash never leaves half a file.
     `dtype` converts floating tensors (e.g. torch.float16 for a half-size file). The family's prediction type (from
@@ -362,6 +387,7 @@ def save_single_file(src: SDBundle | Mapping[str, nn.Module], path: str | os.Pat
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}; expected a subset of {list(PREFIXES)}")
     te = modules.get("text_encoder")
+    prefixes = SDXL_PREFIXES if isinstance(te, SDXLConditioner) else PREFIXES
     if isinstance(te, OpenCLIPTextEncoder) and not te.config.penultimate:
         raise ValueError("this OpenCLIP text encoder came from a diffusers folder (23 layers, last layer dropped); "
                          "the original SD2 layout has 24 layers and cannot represent it")
@@ -373,7 +399,7 @@ def save_single_file(src: SDBundle | Mapping[str, nn.Module], path: str | os.Pat
             # safetensors refuses views into a larger storage (e.g. from torch.load'ed files): give those their own.
             if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
                 t = t.clone()
-            tensors[PREFIXES[name] + key] = t.contiguous()
+            tensors[prefixes[name] + key] = t.contiguous()
 
     metadata = {"format": "pt"}
     fam = family_by_name(family) if family is not None else getattr(src, "family", None)
