@@ -50,7 +50,12 @@ def _take(ref: nn.Module, converted: dict[str, torch.Tensor], share: bool) -> nn
 def diffusers_unet_config(cfg: UNetConfig) -> dict:
     """The UNet2DConditionModel config describing the same network (diffusers calls head counts attention_head_dim)."""
     attn = [2**lvl in cfg.attention_resolutions for lvl in range(len(cfg.channel_mult))]
+    # SDXL's label embedding on y = [pooled text ; 256-wide size embeddings] is diffusers' "text_time" embedding
+    sdxl = {} if cfg.adm_in_channels is None else dict(
+        addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=cfg.adm_in_channels)
     return dict(
+        **sdxl,
         sample_size=8,
         in_channels=cfg.in_channels,
         out_channels=cfg.out_channels,

@@ -1,5 +1,6 @@
 """`SDBundle`: a loaded Stable Diffusion -- the three networks, tokenizer, scheduler and family -- and the three
-conversions every pipeline needs: prompt -> text embeddings, latents -> images, images -> latents.
+conversions every pipeline needs: prompt -> text embeddings (the UNet's conditioning), latents -> images, images ->
+latents.
 
 Made by `loading.load` from a checkpoint; tests and the bench assemble one from modules they build themselves.
 `check_parts_fit` is the loader's check that the three parts work together (each checkpoint part is read alone, so
@@ -19,6 +20,8 @@ from .ddim import DDIMScheduler
 from .family import Family
 from .openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
 from .params import ModelLimits
+from .sampling import Conditioning
+from .sdxl_conditioner import SDXLConditioner, SDXLConditionerConfig, micro_embedding
 from .tokenizer import CONTEXT_LENGTH, EOT_TOKEN_ID
 from .unet import UNetConfig, UNetModel
 from .vae import AutoencoderKL, VAEConfig
@@ -28,16 +31,24 @@ if TYPE_CHECKING:  # the tokenizer's BPE tables (open_clip) load on first use; P
 
     from .tokenizer import Tokenizer
 
-TextEncoder = Union[CLIPTextEncoder, OpenCLIPTextEncoder]
+TextEncoder = Union[CLIPTextEncoder, OpenCLIPTextEncoder, SDXLConditioner]
 
-# The three networks of a LatentDiffusion checkpoint, by their attribute names here.
+# The three networks of a LatentDiffusion checkpoint, by their attribute names here. (SDXL's text_encoder is sgm's
+# conditioner with both text towers.)
 COMPONENTS = ("unet", "vae", "text_encoder")
 
 
-def check_parts_fit(unet: UNetConfig, vae: VAEConfig, text: CLIPTextConfig | OpenCLIPTextConfig) -> None:
+TextConfig = Union[CLIPTextConfig, OpenCLIPTextConfig, SDXLConditionerConfig]
+
+
+def check_parts_fit(unet: UNetConfig, vae: VAEConfig, text: TextConfig) -> None:
     """Raise ValueError naming the part that disagrees, if the three networks cannot run together with gbsd's
     tokenizer: latents flow VAE -> UNet -> VAE, the text encoder's tokens [B, 77] -> context [B, 77, width] feeds the
-    UNet's cross-attention, images are RGB."""
+    UNet's cross-attention (SDXL: its towers' widths side by side, and the vector y its label embedding), images are
+    RGB."""
+    towers = ([t for t in (text.clip, text.openclip) if t is not None] if isinstance(text, SDXLConditionerConfig)
+              else [text])
+    width = sum(t.width for t in towers)
     problems = []
     if (vae.in_channels, vae.out_ch) != (3, 3):
         problems.append(f"the vae reads {vae.in_channels}-channel and writes {vae.out_ch}-channel images, not RGB")
@@ -47,14 +58,19 @@ def check_parts_fit(unet: UNetConfig, vae: VAEConfig, text: CLIPTextConfig | Ope
                         "latents")
     elif unet.out_channels != vae.embed_dim:
         problems.append(f"the unet predicts {unet.out_channels} channels but the vae's latents have {vae.embed_dim}")
-    if unet.context_dim != text.width:
+    if unet.context_dim != width:
         problems.append(f"the unet's cross-attention reads {unet.context_dim}-wide context but the text encoder "
-                        f"makes {text.width}-wide embeddings")
-    if text.context_length < CONTEXT_LENGTH:
-        problems.append(f"the text encoder has {text.context_length} positions but prompts are {CONTEXT_LENGTH} "
-                        "tokens")
-    if text.vocab_size <= EOT_TOKEN_ID:
-        problems.append(f"the text encoder has {text.vocab_size} token embeddings but CLIP's tokenizer emits token ids "
+                        f"makes {width}-wide embeddings")
+    vector = text.vector_dim if isinstance(text, SDXLConditionerConfig) else None
+    if unet.adm_in_channels != vector:  # SDXL's pooled text + size embeddings, the UNet's label_emb input
+        takes = f"a {unet.adm_in_channels}-wide vector y" if unet.adm_in_channels else "no vector y"
+        gives = f"a {vector}-wide one" if vector else "none"
+        problems.append(f"the unet takes {takes} but the text encoder gives {gives}")
+    positions, vocab = min(t.context_length for t in towers), min(t.vocab_size for t in towers)
+    if positions < CONTEXT_LENGTH:
+        problems.append(f"the text encoder has {positions} positions but prompts are {CONTEXT_LENGTH} tokens")
+    if vocab <= EOT_TOKEN_ID:
+        problems.append(f"the text encoder has {vocab} token embeddings but CLIP's tokenizer emits token ids "
                         f"up to {EOT_TOKEN_ID}")
     if problems:
         raise ValueError("the parts do not fit together: " + "; ".join(problems))
@@ -85,23 +101,45 @@ class SDBundle:
         return model_limits(self.vae.config, self.family, self.native_size)
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str] | str, clip_skip: int = 1) -> torch.Tensor:
-        """prompts -> token embeddings [B, 77, D] (D = 768 for SD1, 1024 for SD2), in the text encoder's dtype."""
+    def encode_prompt(self, prompts: list[str] | str, clip_skip: int = 1) -> torch.Tensor | Conditioning:
+        """prompts -> token embeddings [B, 77, D] (D = 768 for SD1, 1024 for SD2), in the text encoder's dtype.
+
+        SDXL: `Conditioning(context, pooled)`, the context [B, 77, 2048] (refiner: 1280) and the pooled text
+        embedding [B, 1280]; `conditioning` adds the size embeddings the UNet also needs.
+        """
         device = next(self.text_encoder.parameters()).device
-        tokens = self.tokenizer(prompts).to(device)  # [B, 77]
         if isinstance(self.text_encoder, CLIPTextEncoder):
-            return self.text_encoder(tokens, clip_skip=clip_skip)
-        if clip_skip != 1:  # Stability's SD2 embedder is fixed at the penultimate layer; there is nothing to skip to
+            return self.text_encoder(self.tokenizer(prompts).to(device), clip_skip=clip_skip)  # tokens [B, 77]
+        if clip_skip != 1:  # Stability's SD2/SDXL embedders are fixed at the penultimate layer
             raise ValueError(f"clip_skip applies to SD1's CLIP text encoder only, got clip_skip={clip_skip} for "
                              f"{self.family.name}")
-        return self.text_encoder(tokens)
+        if isinstance(self.text_encoder, SDXLConditioner):
+            tokens = [self.tokenizer(prompts, pad_token_id=pad).to(device) for pad in self.text_encoder.pad_token_ids]
+            return Conditioning(*self.text_encoder(tokens))
+        return self.text_encoder(self.tokenizer(prompts).to(device))
+
+    @torch.no_grad()
+    def conditioning(self, prompt: str, size: tuple[int, int], negative: bool = False) -> Conditioning:
+        """What the UNet is conditioned on for one prompt (one row) when making an image of size (width, height).
+
+        SD1/SD2: the token embeddings. SDXL: the context and the pooled embedding, plus the micro-conditioning for
+        that size (original = target = the image's size, no crop; refiner: aesthetic score 6, or 2.5 for the negative
+        prompt). SDXL base's empty negative prompt is zeros, not E("") (`Family.force_zeros_for_empty_prompt`).
+        """
+        text = self.encode_prompt(prompt)
+        if not isinstance(self.text_encoder, SDXLConditioner):
+            return Conditioning(text)
+        if negative and prompt == "" and self.family.force_zeros_for_empty_prompt:
+            text = text.map(torch.zeros_like)
+        values = torch.tensor([self.text_encoder.micro_values(size, negative)], device=text.context.device)
+        return text._replace(micro=micro_embedding(values))
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
         """Scaled latents [B, C, h, w] -> B RGB images of fh x fw (C = 4 and f = 8 for SD's VAE, see `limits`)."""
         from PIL import Image
 
-        z = latents.to(next(self.vae.parameters()).device) / self.vae.config.scale_factor
+        z = latents.to(next(self.vae.parameters()).device) / self.vae.config.scale_factor  # 0.18215; SDXL 0.13025
         x = self.vae.decode(z).float()  # [B, 3, fh, fw] in about [-1, 1]
         x = ((x + 1) / 2).clamp(0, 1)
         # round() as diffusers' numpy_to_pil; CompVis' scripts truncate, at most 1/255 darker

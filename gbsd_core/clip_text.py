@@ -1,4 +1,5 @@
-"""SD1 text encoder: OpenAI CLIP ViT-L/14 text transformer (checkpoint subtree `cond_stage_model.`).
+"""SD1 text encoder: OpenAI CLIP ViT-L/14 text transformer (checkpoint subtree `cond_stage_model.`; in SDXL base,
+`conditioner.embedders.0.`, read at another layer: `hidden_states`).
 
 CompVis' `FrozenCLIPEmbedder` (ldm/modules/encoders/modules.py) wraps a HuggingFace `CLIPTextModel` as
 `self.transformer` and returns `outputs.last_hidden_state`, i.e. the last layer's output after
@@ -169,6 +170,23 @@ class CLIPTextEncoder(nn.Module):
             else:
                 nn.init.normal_(p, std=0.02)
 
+    def hidden_states(self, tokens: torch.Tensor, layers: int | None = None) -> list[torch.Tensor]:
+        """[embeddings, output of layer 1, ..., of layer `layers` (default: all)], each [B, L, width]: HF's
+        `hidden_states`, so none of them has been through `final_layer_norm`.
+
+        SDXL's CLIP-L embedder (sgm FrozenCLIPEmbedder, `layer: hidden, layer_idx: 11`) takes hidden_states[11] of the
+        12 layers, the penultimate layer's output, un-normalised (see sdxl_conditioner.py).
+        """
+        tm = self.transformer.text_model
+        n_layers = len(tm.encoder.layers)
+        layers = n_layers if layers is None else layers
+        if not 0 <= layers <= n_layers:
+            raise ValueError(f"layers must be in [0, {n_layers}], got {layers}")
+        states = [tm.embeddings(tokens)]
+        for layer in tm.encoder.layers[:layers]:
+            states.append(layer(states[-1]))
+        return states
+
     def forward(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         """tokens [B, L<=77] long -> [B, L, width].
 
@@ -180,7 +198,4 @@ class CLIPTextEncoder(nn.Module):
         n_layers = len(tm.encoder.layers)
         if not 1 <= clip_skip <= n_layers:
             raise ValueError(f"clip_skip must be in [1, {n_layers}], got {clip_skip}")
-        x = tm.embeddings(tokens)
-        for layer in tm.encoder.layers[: n_layers - (clip_skip - 1)]:
-            x = layer(x)
-        return tm.final_layer_norm(x)
+        return tm.final_layer_norm(self.hidden_states(tokens, n_layers - (clip_skip - 1))[-1])

@@ -355,7 +355,7 @@ def unet_config(cfg: Mapping[str, Any]) -> UNetConfig:
         num_heads=num_heads, num_head_channels=num_head_channels,
         context_dim=_int(cfg, "cross_attention_dim", 1280),
         use_linear_in_transformer=_flag(cfg, "use_linear_projection", False),
-        transformer_depth=_same("transformer_layers_per_block", tuple(depths[i] for i in used)),
+        transformer_depth=depths,  # per level (the mid block takes the last level's, as in diffusers)
         upcast_attention=_flag(cfg, "upcast_attention", False),
     )
 

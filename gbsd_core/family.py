@@ -1,10 +1,11 @@
 """Model families: the facts about a checkpoint that its tensor names and shapes do not fully carry.
 
 SD1 and SD2 are told apart by their text encoder keys (`cond_stage_model.transformer.*` is the OpenAI CLIP of
-CompVis' FrozenCLIPEmbedder, `cond_stage_model.model.*` the OpenCLIP of Stability's FrozenOpenCLIPEmbedder). The two
-SD2 families, 512 eps-prediction and 768 v-prediction, have *identical* keys and shapes
-(fixtures/ldm_keys/sd2_v2-inference*.tsv), so that choice rests on hints outside the tensors; `detect` takes them in a
-fixed order and warns when it has to guess.
+CompVis' FrozenCLIPEmbedder, `cond_stage_model.model.*` the OpenCLIP of Stability's FrozenOpenCLIPEmbedder), SDXL by
+sgm's conditioner (`conditioner.embedders.0.transformer.*` + `.1.model.*`: base, CLIP-L and OpenCLIP bigG;
+`conditioner.embedders.0.model.*` alone: the refiner). The two SD2 families, 512 eps-prediction and 768
+v-prediction, have *identical* keys and shapes (fixtures/ldm_keys/sd2_v2-inference*.tsv), so that choice rests on
+hints outside the tensors; `detect` takes them in a fixed order and warns when it has to guess.
 """
 from __future__ import annotations
 
@@ -20,14 +21,25 @@ from typing import Literal
 # self-attention's compute with its square).
 MAX_SIZE_FACTOR = 4
 
+TextEncoderKind = Literal["clip", "openclip", "sdxl-clip+openclip", "sdxl-openclip"]
+
 
 @dataclass(frozen=True)
 class Family:
-    name: str  # "sd1" | "sd2-512" | "sd2-768-v"
+    name: str  # "sd1" | "sd2-512" | "sd2-768-v" | "sdxl-base" | "sdxl-refiner"
     prediction_type: Literal["epsilon", "v_prediction"]
     resolution: int  # the image side the model was trained at (pixels)
-    pad_token_id: int  # SD1's HF CLIPTokenizer pads with the end token 49407; open_clip's tokenizer pads with 0
-    text_encoder: Literal["clip", "openclip"]
+    # SD1's HF CLIPTokenizer pads with the end token 49407; open_clip's tokenizer pads with 0. (SDXL base has one of
+    # each: its conditioner pads each tower's tokens its own way, see SDXLConditioner.pad_token_ids.)
+    pad_token_id: int
+    # cond_stage_model.transformer (SD1), cond_stage_model.model (SD2); SDXL's conditioner.embedders: CLIP-L + bigG
+    # (base) or bigG alone (refiner)
+    text_encoder: TextEncoderKind
+    vae_scale_factor: float = 0.18215  # LatentDiffusion.scale_factor / sgm's scale_factor (SDXL: 0.13025)
+    # The unconditional embedding for an empty negative prompt is zeros (context and pooled), not E(""): sgm's
+    # sampling scripts for SDXL base (force_uc_zero_embeddings=["txt"]), diffusers' force_zeros_for_empty_prompt.
+    # The refiner is an sgm "legacy" model there: it encodes the negative prompt.
+    force_zeros_for_empty_prompt: bool = False
 
     @property
     def max_size(self) -> int:
@@ -38,11 +50,15 @@ class Family:
 SD1 = Family("sd1", "epsilon", 512, 49407, "clip")
 SD2_512 = Family("sd2-512", "epsilon", 512, 0, "openclip")  # v2-inference.yaml
 SD2_768_V = Family("sd2-768-v", "v_prediction", 768, 0, "openclip")  # v2-inference-v.yaml
-FAMILIES: tuple[Family, ...] = (SD1, SD2_512, SD2_768_V)
+# generative-models configs/inference/sd_xl_base.yaml, sd_xl_refiner.yaml
+SDXL_BASE = Family("sdxl-base", "epsilon", 1024, 49407, "sdxl-clip+openclip", vae_scale_factor=0.13025,
+                   force_zeros_for_empty_prompt=True)
+SDXL_REFINER = Family("sdxl-refiner", "epsilon", 1024, 0, "sdxl-openclip", vae_scale_factor=0.13025)
+FAMILIES: tuple[Family, ...] = (SD1, SD2_512, SD2_768_V, SDXL_BASE, SDXL_REFINER)
 
 # Aliases a user may type for `family=`; the canonical names are the Family.name values.
 _ALIASES = {"sd15": "sd1", "sd1.5": "sd1", "sd2": "sd2-512", "sd2-base": "sd2-512", "sd2-v": "sd2-768-v",
-            "sd2-768": "sd2-768-v"}
+            "sd2-768": "sd2-768-v", "sdxl": "sdxl-base", "sdxl-1.0": "sdxl-base"}
 
 
 def family_by_name(name: str | Family) -> Family:
@@ -58,12 +74,16 @@ def family_by_name(name: str | Family) -> Family:
     raise ValueError(f"unknown model family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
 
 
-def text_encoder_kind(keys: "list[str] | set[str]") -> Literal["clip", "openclip"] | None:
-    """Which text encoder a state dict (original names, prefixes kept) holds, or None if neither."""
+def text_encoder_kind(keys: list[str] | set[str]) -> TextEncoderKind | None:
+    """Which text encoder a state dict (original names, prefixes kept) holds, or None if none is recognised."""
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
         return "clip"
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         return "openclip"
+    if any(k.startswith("conditioner.embedders.0.transformer.") for k in keys):
+        return "sdxl-clip+openclip"
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        return "sdxl-openclip"
     return None
 
 
@@ -88,7 +108,7 @@ def _filename_hint(path: Path) -> str | None:
     return None
 
 
-def detect(keys: "list[str] | set[str]", path: Path, override: str | Family | None = None,
+def detect(keys: list[str] | set[str], path: Path, override: str | Family | None = None,
            prediction_type: str | None = None) -> Family:
     """The family of a checkpoint whose (original-layout) keys are `keys`.
 
@@ -104,13 +124,15 @@ def detect(keys: "list[str] | set[str]", path: Path, override: str | Family | No
     if prediction_type is not None and prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"{path}: prediction_type {prediction_type!r} is not one gbsd samples (epsilon, v_prediction); "
                          "pass the family (--family) to load it anyway")
-    if kind == "clip":
-        if prediction_type == "v_prediction":  # no SD1 family predicts v: sampling it as epsilon gives noise
-            raise ValueError(f"{path}: says prediction_type v_prediction, but its CLIP text encoder makes it SD1, "
-                             "which predicts epsilon; gbsd has no SD1 v-prediction family")
-        return SD1
+    only = {"clip": SD1, "sdxl-clip+openclip": SDXL_BASE, "sdxl-openclip": SDXL_REFINER}.get(kind)
+    if only is not None:  # one family per text encoder: a file that says otherwise would be sampled wrongly (noise)
+        if prediction_type is not None and prediction_type != only.prediction_type:
+            raise ValueError(f"{path}: says prediction_type {prediction_type}, but its text encoder makes it "
+                             f"{only.name}, which predicts {only.prediction_type}; gbsd has no such family")
+        return only
     if kind is None:
-        raise ValueError(f"{path}: no text encoder under cond_stage_model.transformer. or cond_stage_model.model.")
+        raise ValueError(f"{path}: no text encoder under cond_stage_model.transformer., cond_stage_model.model. or "
+                         "conditioner.embedders.0.")
 
     if prediction_type is not None:
         return SD2_768_V if prediction_type == "v_prediction" else SD2_512

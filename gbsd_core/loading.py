@@ -22,7 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Literal, Mapping
+from typing import Callable, Iterable, Literal, Mapping
 
 import torch
 from torch import nn
@@ -34,13 +34,23 @@ from .ddim import DDIMScheduler
 from .family import Family, detect, family_by_name
 from .openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
 from .params import ModelLimits
-from .readers import (CheckpointError, check_regular_file, check_weights, key_list, read_json_object,
-                      read_safetensors, read_weights_file)
+from .readers import (
+    CheckpointError,
+    check_regular_file,
+    check_weights,
+    key_list,
+    read_json_object,
+    read_safetensors,
+    read_weights_file,
+)
+from .sdxl_conditioner import SDXLConditioner, SDXLConditionerConfig
 from .unet import UNetConfig, UNetModel
 from .vae import AutoencoderKL, VAEConfig
 
 # Subtrees of a LatentDiffusion state dict: model (DiffusionWrapper).diffusion_model, first_stage_model, cond_stage_model.
 PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
+# sgm's DiffusionEngine (SDXL) has the same UNet and VAE subtrees and its text towers in a GeneralConditioner.
+SDXL_PREFIXES = {**PREFIXES, "text_encoder": "conditioner."}
 
 # --- What a file may carry beyond the three networks' weights, and why it is safe to drop. ----------------------
 # ddpm.py LatentDiffusion.register_schedule(): the DDPM schedule as 12 persistent [1000] buffers. They are a pure
@@ -54,18 +64,28 @@ SCHEDULE_BUFFERS = frozenset({
 # Training-only terms of ddpm.py: `logvar` (a parameter only with learn_logvar) and `lvlb_weights` (non-persistent,
 # but some re-saved files have it).
 TRAINING_KEYS = frozenset({"logvar", "lvlb_weights"})
+# sgm's DiscreteDenoiser keeps the schedule as a persistent buffer, the sigmas sqrt((1 - ᾱ)/ᾱ) of the same linear
+# schedule; the released SDXL files lack it, training checkpoints saved from the engine have it.
+SGM_SCHEDULE_BUFFERS = frozenset({"denoiser.sigmas"})
 
 
 def droppable(key: str) -> bool:
     """True for keys that hold no weights of the three networks (see the comments above each rule)."""
-    if key in SCHEDULE_BUFFERS or key in TRAINING_KEYS:
+    if key in SCHEDULE_BUFFERS or key in TRAINING_KEYS or key in SGM_SCHEDULE_BUFFERS:
         return True
     # The EMA copy of the UNet in full training files (use_ema: True; "v1-5-pruned"). Like A1111 we load `model.*`;
     # "-emaonly" files already hold the EMA weights there.
     if key.startswith("model_ema."):
         return True
-    # arange(77) buffer that transformers < 4.31 saved with CLIPTextModel (fixtures/ldm_keys/README.md).
-    return key.startswith("cond_stage_model.") and key.endswith("embeddings.position_ids")
+    # arange(77) buffer that transformers < 4.31 saved with CLIPTextModel (fixtures/ldm_keys/README.md); SDXL's CLIP-L
+    # is the same model under conditioner.embedders.0.
+    return key.startswith(("cond_stage_model.", "conditioner.")) and key.endswith("embeddings.position_ids")
+
+
+def prefixes_of(keys: Iterable[str]) -> dict[str, str]:
+    """The subtree prefixes of a single-file checkpoint: LatentDiffusion's, or sgm's (SDXL) when it has a
+    `conditioner.`."""
+    return SDXL_PREFIXES if any(k.startswith(SDXL_PREFIXES["text_encoder"]) for k in keys) else PREFIXES
 
 
 # ================================================================================================================
@@ -149,46 +169,49 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 # ================================================================================================================
 # Strict loading
 # ================================================================================================================
-def split_components(sd: Mapping[str, torch.Tensor], path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """{"unet": ..., "vae": ..., "text_encoder": ...} with prefixes stripped; allowlisted keys dropped; anything else
-    outside the three subtrees, or a missing subtree, raises CheckpointError."""
-    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in PREFIXES}
+def split_components(sd: Mapping[str, torch.Tensor], path: Path,
+                     prefixes: Mapping[str, str] = PREFIXES) -> dict[str, dict[str, torch.Tensor]]:
+    """{"unet": ..., "vae": ..., "text_encoder": ...} with `prefixes` stripped (SDXL: SDXL_PREFIXES); allowlisted keys
+    dropped; anything else outside the three subtrees, or a missing subtree, raises CheckpointError."""
+    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in prefixes}
     unexpected = []
     for key, tensor in sd.items():
         if droppable(key):
             continue
-        for name, prefix in PREFIXES.items():
+        for name, prefix in prefixes.items():
             if key.startswith(prefix):
                 parts[name][key[len(prefix):]] = tensor
                 break
         else:
             unexpected.append(key)
     if not any(parts.values()):
-        raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint: no keys under {', '.join(PREFIXES.values())} "
+        raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint: no keys under {', '.join(prefixes.values())} "
                               f"(it has {len(sd)} keys, e.g. {key_list(list(sd), 3)})")
     for name, part in parts.items():
         if not part:
-            raise CheckpointError(f"{path}: has no {name} weights (no keys under {PREFIXES[name]}); gbsd needs a "
+            raise CheckpointError(f"{path}: has no {name} weights (no keys under {prefixes[name]}); gbsd needs a "
                                   "full checkpoint with UNet, VAE and text encoder")
     if unexpected:
         raise CheckpointError(f"{path}: {len(unexpected)} unexpected keys outside the UNet/VAE/text encoder: "
                               f"{key_list(unexpected)}")
     # Some SD1 files were saved from a CLIPTextModel without the `text_model.` level (transformers >= 5 does that
-    # too); real files and our module have it.
+    # too); real files and our module have it. (SDXL: the same under embedders.0.)
+    clip = "embedders.0.transformer." if prefixes["text_encoder"] == SDXL_PREFIXES["text_encoder"] else "transformer."
     te = parts["text_encoder"]
-    if any(k.startswith("transformer.") and not k.startswith("transformer.text_model.") for k in te):
+    if any(k.startswith(clip) and not k.startswith(clip + "text_model.") for k in te):
         parts["text_encoder"] = {
-            ("transformer.text_model." + k[len("transformer."):]
-             if k.startswith("transformer.") and not k.startswith("transformer.text_model.") else k): t
+            (clip + "text_model." + k[len(clip):] if k.startswith(clip) and not k.startswith(clip + "text_model.")
+             else k): t
             for k, t in te.items()
         }
     return parts
 
 
-def check_strict(name: str, module: nn.Module, sd: Mapping[str, torch.Tensor], path: Path) -> None:
+def check_strict(name: str, module: nn.Module, sd: Mapping[str, torch.Tensor], path: Path,
+                 prefixes: Mapping[str, str] = PREFIXES) -> None:
     """Raise CheckpointError naming missing / unexpected / mis-shaped keys (with the file's full names)."""
     expected = module.state_dict()
-    prefix = PREFIXES[name]
+    prefix = prefixes[name]
     missing = [prefix + k for k in expected if k not in sd]
     unexpected = [prefix + k for k in sd if k not in expected]
     shapes = [f"{prefix}{k}: file {list(t.shape)} vs model {list(expected[k].shape)}"
@@ -217,7 +240,7 @@ def _meta_module(name: str, module_cls: type[nn.Module], config: object, path: P
 
 
 def _check_finite(name: str, sd: Mapping[str, torch.Tensor], converted: Mapping[str, torch.Tensor],
-                  dtype: torch.dtype, path: Path) -> None:
+                  dtype: torch.dtype, path: Path, prefixes: Mapping[str, str]) -> None:
     """Refuse NaN / inf, naming the tensors; values the conversion to `dtype` overflowed are told apart. One pass of
     torch.isfinite per tensor: the cost of reading the weights once."""
     bad = []
@@ -226,11 +249,11 @@ def _check_finite(name: str, sd: Mapping[str, torch.Tensor], converted: Mapping[
             continue
         src = sd[k]
         if bool(torch.isfinite(src).all()):
-            bad.append(f"{PREFIXES[name]}{k}: {int((~torch.isfinite(t)).sum())} values overflow "
+            bad.append(f"{prefixes[name]}{k}: {int((~torch.isfinite(t)).sum())} values overflow "
                        f"{str(dtype).removeprefix('torch.')} (largest |x| = {float(src.abs().max()):.3g}); "
                        "load it in float32 or bfloat16")
         else:
-            bad.append(f"{PREFIXES[name]}{k} holds {int(torch.isnan(src).sum())} NaN and "
+            bad.append(f"{prefixes[name]}{k} holds {int(torch.isnan(src).sum())} NaN and "
                        f"{int(torch.isinf(src).sum())} inf values")
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} tensors are not finite: " + "; ".join(bad[:5])
@@ -238,16 +261,17 @@ def _check_finite(name: str, sd: Mapping[str, torch.Tensor], converted: Mapping[
 
 
 def build_module(name: str, module_cls: type[nn.Module], config: object, sd: Mapping[str, torch.Tensor],
-                 dtype: torch.dtype, device: str | torch.device, path: Path) -> nn.Module:
+                 dtype: torch.dtype, device: str | torch.device, path: Path,
+                 prefixes: Mapping[str, str] = PREFIXES) -> nn.Module:
     """Build `module_cls(config)` on the meta device and load `sd` into it strictly, converted to dtype/device.
 
     `assign=True` makes the loaded tensors the parameters themselves: no random init, no second copy. Every tensor
     must be finite after the conversion (a NaN in a weight gives black images, an fp16 overflow the same).
     """
     module = _meta_module(name, module_cls, config, path)
-    check_strict(name, module, sd, path)
+    check_strict(name, module, sd, path, prefixes)
     converted = {k: t.to(device=device, dtype=dtype) for k, t in sd.items()}
-    _check_finite(name, sd, converted, dtype, path)
+    _check_finite(name, sd, converted, dtype, path, prefixes)
     module.load_state_dict(converted, strict=True, assign=True)
     left = [k for k, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left:  # a buffer created in __init__ and not saved: components must compute such things in forward
@@ -255,13 +279,13 @@ def build_module(name: str, module_cls: type[nn.Module], config: object, sd: Map
     return module.eval().requires_grad_(False)
 
 
-def _infer(name: str, infer: Callable[[], object], path: Path) -> object:
+def _infer(name: str, infer: Callable[[], object], path: Path, prefixes: Mapping[str, str] = PREFIXES) -> object:
     """Run a `Config.from_state_dict` call, turning its complaints into CheckpointErrors that name the file."""
     try:
         return infer()
     except KeyError as e:
         raise CheckpointError(f"{path}: cannot infer the {name} architecture, missing key "
-                              f"{PREFIXES[name]}{e.args[0]}") from e
+                              f"{prefixes[name]}{e.args[0]}") from e
     except (ValueError, IndexError, ZeroDivisionError) as e:
         raise CheckpointError(f"{path}: cannot infer the {name} architecture: {e}") from e
 
@@ -271,6 +295,8 @@ def _module_class(name: str, config: object) -> type[nn.Module]:
         return UNetModel
     if name == "vae":
         return AutoencoderKL
+    if isinstance(config, SDXLConditionerConfig):
+        return SDXLConditioner
     return CLIPTextEncoder if isinstance(config, CLIPTextConfig) else OpenCLIPTextEncoder
 
 
@@ -282,11 +308,39 @@ class Checkpoint:
     path: Path
     family: Family
     parts: Mapping[str, Mapping[str, torch.Tensor]]  # "unet"/"vae"/"text_encoder": original names, prefix stripped
-    configs: Mapping[str, object]  # the same keys: UNetConfig, VAEConfig, CLIPTextConfig | OpenCLIPTextConfig
+    configs: Mapping[str, object]  # the same keys: UNetConfig, VAEConfig, and the text encoder's config
     native_size: int | None = None  # a diffusers folder's own default size; None: the family's
+    prefixes: Mapping[str, str] = field(default_factory=lambda: dict(PREFIXES))  # SDXL: SDXL_PREFIXES
 
     def limits(self) -> ModelLimits:
         return model_limits(self.configs["vae"], self.family, self.native_size)  # type: ignore[arg-type]
+
+
+def _configs(raw: RawCheckpoint, parts: Mapping[str, Mapping[str, torch.Tensor]], fam: Family, path: Path,
+             prefixes: Mapping[str, str]) -> dict[str, object]:
+    """Each part's config: a diffusers folder's config.json translated, else inferred from the tensors' shapes."""
+    unet_cfg = raw.configs.get("unet") or _infer("unet", lambda: UNetConfig.from_state_dict(parts["unet"]), path,
+                                                 prefixes)
+    if fam.prediction_type == "v_prediction":
+        # Stability's 768-v model overflows fp16 in attention softmax; diffusers' sd2-1 config sets
+        # upcast_attention=True for the same reason. No effect in fp32.
+        unet_cfg = replace(unet_cfg, upcast_attention=True)
+    vae_cfg = raw.configs.get("vae")
+    if vae_cfg is None:  # a diffusers VAE config says its scaling factor; a single file does not: the family's
+        vae_cfg = _infer("vae", lambda: VAEConfig.from_state_dict(parts["vae"]), path, prefixes)
+        vae_cfg = replace(vae_cfg, scale_factor=fam.vae_scale_factor)
+    te_cfg = raw.configs.get("text_encoder")
+    if te_cfg is None and fam.text_encoder == "clip":
+        te_cfg = _infer("text_encoder", lambda: CLIPTextConfig.from_state_dict(parts["text_encoder"]), path)
+    elif te_cfg is None and fam.text_encoder == "openclip":
+        # A diffusers folder's 23-layer tower already ends at the penultimate block, so all of it runs.
+        penultimate = raw.layout != "diffusers"
+        te_cfg = _infer("text_encoder",
+                        lambda: OpenCLIPTextConfig.from_state_dict(parts["text_encoder"], penultimate=penultimate), path)
+    elif te_cfg is None:  # SDXL base or refiner: sgm's conditioner
+        te_cfg = _infer("text_encoder", lambda: SDXLConditionerConfig.from_state_dict(parts["text_encoder"]), path,
+                        prefixes)
+    return {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": te_cfg}
 
 
 def inspect_checkpoint(path: str | os.PathLike, family: str | Family | None = None) -> Checkpoint:
@@ -295,36 +349,22 @@ def inspect_checkpoint(path: str | os.PathLike, family: str | Family | None = No
     and the parts against each other. Raises CheckpointError (FileNotFoundError for a missing path)."""
     path = Path(path)
     raw = read_checkpoint(path)
-    parts = split_components(raw.state_dict, path)
+    prefixes = prefixes_of(raw.state_dict)
+    parts = split_components(raw.state_dict, path, prefixes)
     for name, part in parts.items():
-        check_weights(part, path, PREFIXES[name])
+        check_weights(part, path, prefixes[name])
     try:
         fam = detect(raw.state_dict.keys(), path, override=family, prediction_type=raw.prediction_type)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
-
-    unet_cfg = raw.configs.get("unet") or _infer("unet", lambda: UNetConfig.from_state_dict(parts["unet"]), path)
-    if fam.prediction_type == "v_prediction":
-        # Stability's 768-v model overflows fp16 in attention softmax; diffusers' sd2-1 config sets
-        # upcast_attention=True for the same reason. No effect in fp32.
-        unet_cfg = replace(unet_cfg, upcast_attention=True)
-    vae_cfg = raw.configs.get("vae") or _infer("vae", lambda: VAEConfig.from_state_dict(parts["vae"]), path)
-    te_cfg = raw.configs.get("text_encoder")
-    if te_cfg is None and fam.text_encoder == "clip":
-        te_cfg = _infer("text_encoder", lambda: CLIPTextConfig.from_state_dict(parts["text_encoder"]), path)
-    elif te_cfg is None:
-        # A diffusers folder's 23-layer tower already ends at the penultimate block, so all of it runs.
-        penultimate = raw.layout != "diffusers"
-        te_cfg = _infer("text_encoder",
-                        lambda: OpenCLIPTextConfig.from_state_dict(parts["text_encoder"], penultimate=penultimate), path)
-    configs = {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": te_cfg}
+    configs = _configs(raw, parts, fam, path, prefixes)
     try:
-        check_parts_fit(unet_cfg, vae_cfg, te_cfg)  # type: ignore[arg-type]
+        check_parts_fit(configs["unet"], configs["vae"], configs["text_encoder"])  # type: ignore[arg-type]
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     for name, cfg in configs.items():
-        check_strict(name, _meta_module(name, _module_class(name, cfg), cfg, path), parts[name], path)
-    return Checkpoint(path, fam, parts, configs, raw.native_size)
+        check_strict(name, _meta_module(name, _module_class(name, cfg), cfg, path), parts[name], path, prefixes)
+    return Checkpoint(path, fam, parts, configs, raw.native_size, prefixes)
 
 
 def build(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -334,7 +374,7 @@ def build(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device: st
 
     c = checkpoint
     modules = {name: build_module(name, _module_class(name, cfg), cfg, c.parts[name],
-                                  vae_dtype if name == "vae" else dtype, device, c.path)
+                                  vae_dtype if name == "vae" else dtype, device, c.path, c.prefixes)
                for name, cfg in c.configs.items()}
     return SDBundle(**modules, tokenizer=Tokenizer(pad_token_id=c.family.pad_token_id),  # type: ignore[arg-type]
                     scheduler=DDIMScheduler(prediction_type=c.family.prediction_type), family=c.family, path=c.path,
@@ -345,10 +385,10 @@ def load(path: str | os.PathLike, family: str | Family | None = None, dtype: tor
          device: str | torch.device = "cpu", vae_dtype: torch.dtype = torch.float32) -> SDBundle:
     """Load a single-file checkpoint or a diffusers folder into an `SDBundle` (`inspect_checkpoint`, then `build`).
 
-    `family` ("sd1", "sd2-512", "sd2-768-v") overrides detection; it matters for SD2, whose 512-eps and 768-v files
-    have identical tensors (see family.detect for the hints used otherwise). `dtype` is the UNet's and the text
-    encoder's; the VAE stays in `vae_dtype`, fp32 by default, because the SD decoder's activations overflow fp16
-    (diffusers' `force_upcast` for the same reason; GUIDE §1.11).
+    `family` ("sd1", "sd2-512", "sd2-768-v", "sdxl-base", "sdxl-refiner") overrides detection; it matters for SD2,
+    whose 512-eps and 768-v files have identical tensors (see family.detect for the hints used otherwise). `dtype` is
+    the UNet's and the text encoder's; the VAE stays in `vae_dtype`, fp32 by default, because the SD decoder's
+    activations overflow fp16 (diffusers' `force_upcast` for the same reason; GUIDE §1.11).
     """
     return build(inspect_checkpoint(path, family), dtype, device, vae_dtype)
 
@@ -359,7 +399,8 @@ def load(path: str | os.PathLike, family: str | Family | None = None, dtype: tor
 def save_single_file(src: SDBundle | Mapping[str, nn.Module], path: str | os.PathLike,
                      dtype: torch.dtype | None = None, family: str | Family | None = None) -> Path:
     """Write an original-layout single-file .safetensors (`model.diffusion_model.*`, `first_stage_model.*`,
-    `cond_stage_model.*`) from a bundle or a {"unet"/"vae"/"text_encoder": module} mapping (any subset).
+    `cond_stage_model.*`; SDXL: `conditioner.*`) from a bundle or a {"unet"/"vae"/"text_encoder": module} mapping
+    (any subset).
 
     Written to a temporary file in the same folder and renamed into place, so a crash never leaves half a file.
     `dtype` converts floating tensors (e.g. torch.float16 for a half-size file). The family's prediction type (from
@@ -374,6 +415,7 @@ def save_single_file(src: SDBundle | Mapping[str, nn.Module], path: str | os.Pat
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}; expected a subset of {list(PREFIXES)}")
     te = modules.get("text_encoder")
+    prefixes = SDXL_PREFIXES if isinstance(te, SDXLConditioner) else PREFIXES
     if isinstance(te, OpenCLIPTextEncoder) and not te.config.penultimate:
         raise ValueError("this OpenCLIP text encoder came from a diffusers folder (23 layers, last layer dropped); "
                          "the original SD2 layout has 24 layers and cannot represent it")
@@ -385,7 +427,7 @@ def save_single_file(src: SDBundle | Mapping[str, nn.Module], path: str | os.Pat
             # safetensors refuses views into a larger storage (e.g. from torch.load'ed files): give those their own.
             if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
                 t = t.clone()
-            tensors[PREFIXES[name] + key] = t.contiguous()
+            tensors[prefixes[name] + key] = t.contiguous()
 
     metadata = {"format": "pt"}
     fam = family_by_name(family) if family is not None else getattr(src, "family", None)

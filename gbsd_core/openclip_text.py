@@ -1,4 +1,6 @@
-"""SD2 text encoder: OpenCLIP ViT-H/14 text tower (checkpoint subtree `cond_stage_model.`).
+"""SD2 text encoder: OpenCLIP ViT-H/14 text tower (checkpoint subtree `cond_stage_model.`). SDXL's OpenCLIP
+ViT-bigG/14 (`conditioner.embedders.1.`, the refiner's `.0.`) is the same tower at another size, read at the
+penultimate block without `ln_final` plus a pooled vector (`hidden_states`, `pool`; see sdxl_conditioner.py).
 
 Stability's `FrozenOpenCLIPEmbedder` (stablediffusion, ldm/modules/encoders/modules.py) keeps the whole open_clip
 `CLIP` model as `self.model`, deletes `model.visual`, and with `layer="penultimate"` encodes text as
@@ -161,11 +163,32 @@ class OpenCLIPTextEncoder(nn.Module):
             else:
                 nn.init.normal_(p, std=0.02)
 
+    def hidden_states(self, tokens: torch.Tensor, layers: int | None = None) -> list[torch.Tensor]:
+        """[embeddings, output of block 1, ..., of block `layers` (default: all)], each [B, L, width], none through
+        `ln_final` (the order of HF's `hidden_states`). SDXL's context is the penultimate one, un-normalised."""
+        m = self.model
+        blocks = m.transformer.resblocks
+        layers = len(blocks) if layers is None else layers
+        if not 0 <= layers <= len(blocks):
+            raise ValueError(f"layers must be in [0, {len(blocks)}], got {layers}")
+        states = [m.token_embedding(tokens) + m.positional_embedding[: tokens.shape[1]]]
+        for block in blocks[:layers]:
+            states.append(block(states[-1]))
+        return states
+
+    def pool(self, last: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The text embedding open_clip's `encode_text` computes, SDXL's "pooled" vector: `ln_final` of the last
+        block's output at each row's end token, times `text_projection` (x @ P). [B, L, width] -> [B, embed_dim].
+
+        The end token 49407 is the largest id of a row (open_clip pads with 0), so `argmax` finds it, as in
+        open_clip and sgm's FrozenOpenCLIPEmbedder2.pool.
+        """
+        if not self.config.has_projection:
+            raise ValueError("this OpenCLIP tower has no text_projection to pool with")
+        end = last[torch.arange(last.shape[0]), tokens.argmax(dim=-1)]  # [B, width]
+        return self.model.ln_final(end) @ self.model.text_projection
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, L<=77] long -> [B, L, width]: penultimate (or last, see config) block, then ln_final."""
-        m = self.model
-        x = m.token_embedding(tokens) + m.positional_embedding[: tokens.shape[1]]
-        blocks = m.transformer.resblocks
-        for block in blocks[: len(blocks) - 1] if self.config.penultimate else blocks:
-            x = block(x)
-        return m.ln_final(x)
+        n = len(self.model.transformer.resblocks)
+        return self.model.ln_final(self.hidden_states(tokens, n - 1 if self.config.penultimate else n)[-1])

@@ -28,8 +28,21 @@ from PIL import Image
 from torch import Tensor
 
 from .params import GenerationParams, image_size
-from .sampling import (CFGStep, Probe, Stage, Stepper, StepState, Watcher, blend_embeddings, denoise,
-                       focus_conditioning, gbsd_stages, layout_steps)
+from .sampling import (
+    CFGStep,
+    Conditioning,
+    Probe,
+    Stage,
+    Stepper,
+    StepState,
+    Watcher,
+    blend_embeddings,
+    cat_conditioning,
+    denoise,
+    focus_conditioning,
+    gbsd_stages,
+    layout_steps,
+)
 
 if TYPE_CHECKING:
     from .bundle import SDBundle
@@ -78,9 +91,10 @@ class _Start:
     """What every run shares before its stages: the timesteps, the embeddings, x_T and the run's generator."""
 
     timesteps: Tensor  # the executed DDIM timesteps, descending
-    uncond: Tensor  # E(negative prompt) [1,77,D]
-    global_emb: Tensor  # E(global prompt) [1,77,D]
-    local_embs: Tensor  # E(local prompt) per focus prompt [F,77,D]
+    # Conditionings (sampling.Conditioning): the token embeddings E(·) [rows,77,D], for SDXL with pooled + sizes
+    uncond: Conditioning  # E(negative prompt), 1 row
+    global_emb: Conditioning  # E(global prompt), 1 row
+    local_embs: Conditioning | None  # E(local prompt), one row per focus prompt (F); None without one
     latents: Tensor  # x_T, or the noised input image, [1,C,h,w] fp32 (C = 4, h = H/8 for SD)
     generator: torch.Generator
     size: tuple[int, int]  # (width, height) of the image
@@ -100,9 +114,10 @@ def _start(bundle: SDBundle, params: GenerationParams, local_prompts: Sequence[s
     device = next(bundle.unet.parameters()).device
     # One text-encoder call per prompt rather than one batch: CPU matmul kernels may round differently at another
     # batch size, and a prompt must embed to the same bits whichever run or sweep it is part of (σ = 1 is then
-    # bit-identical to plain SD). The cost is a few ms per prompt.
-    embs = torch.cat([bundle.encode_prompt(p) for p in (params.negative, params.prompt, *local_prompts)])
-    embs = embs.to(device, torch.float32)
+    # bit-identical to plain SD). The cost is a few ms per prompt. (SDXL: each also carries the size embeddings.)
+    conds = [bundle.conditioning(p, (w, h), negative=i == 0).map(lambda t: t.to(device, torch.float32))
+             for i, p in enumerate((params.negative, params.prompt, *local_prompts))]
+    local_embs = cat_conditioning(conds[2:]) if local_prompts else None
 
     latent_shape = limits.latent_shape(w, h)
     if init_image is None:
@@ -116,7 +131,7 @@ def _start(bundle: SDBundle, params: GenerationParams, local_prompts: Sequence[s
         x0 = bundle.encode_images(_image_to_tensor(init_image, (w, h)), generator=generator).to(device, torch.float32)
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
         latents = bundle.scheduler.add_noise(x0, noise, int(timesteps[0]))
-    return _Start(timesteps, embs[:1], embs[1:2], embs[2:], latents, generator, (w, h))
+    return _Start(timesteps, conds[0], conds[1], local_embs, latents, generator, (w, h))
 
 
 def _denoise(bundle: SDBundle, params: GenerationParams, start: _Start, stages: list[Stage], progress: bool,
@@ -172,9 +187,9 @@ def generate(
     if params.focus is None:
         stages, n_layout = [Stage("global", range(n), start.global_emb)], n  # plain SD
     else:
-        local = start.local_embs[:1]
+        local = start.local_embs.map(lambda t: t[:1])
         if params.focus_to is not None:
-            local = blend_embeddings(local, start.local_embs[1:], params.focus_mix)
+            local = blend_embeddings(local, start.local_embs.map(lambda t: t[1:]), params.focus_mix)
         focus = focus_conditioning(start.global_emb, local, params.alpha)
         stages, n_layout = gbsd_stages(start.global_emb, focus, n, params.layout), layout_steps(n, params.layout)
     latents, unet_calls = _denoise(bundle, params, start, stages, progress, probe, stepper, watch)
@@ -225,10 +240,13 @@ def sweep(
     n = len(start.timesteps)
     # The only difference from generate: K focus rows, one per cell, focus-prompt-major.
     alpha_rows = torch.tensor([a for _, a, _ in cells])
-    local_rows = start.local_embs[:len(focus_prompts)].repeat_interleave(len(alphas) * len(mixes), dim=0)
+    per_prompt = len(alphas) * len(mixes)
+    local_rows = start.local_embs.map(lambda t: t[:len(focus_prompts)].repeat_interleave(per_prompt, dim=0))
     if params.focus_to is not None:
-        local_rows = blend_embeddings(local_rows, start.local_embs[-1:], torch.tensor([m for *_, m in cells]))
-    focus = focus_conditioning(start.global_emb.expand(len(cells), -1, -1), local_rows, alpha_rows)
+        to_row = start.local_embs.map(lambda t: t[-1:])
+        local_rows = blend_embeddings(local_rows, to_row, torch.tensor([m for *_, m in cells]))
+    global_rows = start.global_emb.map(lambda t: t.expand(len(cells), *t.shape[1:]))
+    focus = focus_conditioning(global_rows, local_rows, alpha_rows)
     stages = gbsd_stages(start.global_emb, focus, n, params.layout)
     latents, unet_calls = _denoise(bundle, params, start, stages, progress, probe, stepper)
     images = bundle.decode_latents(latents)

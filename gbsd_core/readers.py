@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import stat
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any

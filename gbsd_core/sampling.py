@@ -7,7 +7,8 @@ GBSD (Generative Bokeh with Stage Diffusion, arXiv 2306.08251) splits the n exec
 
 with n_layout = round(σ·n). Nothing else changes: same noise, same scheduler, same unconditional embedding for
 classifier-free guidance in both stages. The interpolation is on the 77×d CLIP token embeddings, never on noise
-predictions.
+predictions. SDXL's UNet also takes a vector y = [pooled text embedding ; size embeddings] (`Conditioning`): the
+focus stage mixes the pooled embedding the same way and keeps the size embeddings as they are.
 
 The schedule is plain data (a list of `Stage`), so other schedules (three stages, ramps) are a list away. A stage
 whose conditioning has K times the batch of the incoming latents *branches* them: each latent is repeated K times.
@@ -23,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -31,8 +32,42 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .ddim import DDIMScheduler
 
-# A noise predictor: (x_t [B,4,h,w], t [B], context [B,77,D]) -> model output [B,4,h,w]. Usually the UNet.
-Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
+# A noise predictor: (x_t [B,4,h,w], t [B], context [B,77,D]) -> model output [B,4,h,w]; SDXL's also takes the
+# vector y [B,adm] as a fourth argument. Usually the UNet.
+Denoiser = Callable[..., Tensor]
+
+
+class Conditioning(NamedTuple):
+    """What the UNet is conditioned on, per row. SD1/SD2: the text context alone (a plain tensor means the same).
+    SDXL adds the two parts of its vector y: `pooled`, which GBSD mixes like the context, and `micro`, the size / crop
+    (refiner: aesthetic score) embeddings, which stay fixed."""
+
+    context: Tensor  # [B,77,D] token embeddings, for cross-attention
+    pooled: Tensor | None = None  # [B,P] SDXL: OpenCLIP bigG's pooled text embedding
+    micro: Tensor | None = None  # [B,256·n] SDXL: micro-conditioning embeddings (sdxl_conditioner.micro_embedding)
+
+    @property
+    def vector(self) -> Tensor | None:
+        """SDXL's y = [pooled ; micro] (sgm's "vector"), None for SD1/SD2."""
+        if self.pooled is None:
+            return None
+        return self.pooled if self.micro is None else torch.cat([self.pooled, self.micro], dim=-1)
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Conditioning:
+        """`fn` applied to each tensor present (a cast, a move, repeated rows)."""
+        return Conditioning(*(None if t is None else fn(t) for t in self))
+
+
+Cond = Tensor | Conditioning  # a plain tensor is a context alone (SD1/SD2)
+
+
+def as_conditioning(cond: Cond) -> Conditioning:
+    return cond if isinstance(cond, Conditioning) else Conditioning(cond)
+
+
+def cat_conditioning(conds: Sequence[Conditioning]) -> Conditioning:
+    """The rows of several conditionings, stacked (torch.cat along the batch) field by field."""
+    return Conditioning(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*conds)))
 
 
 class Stepper(Protocol):
@@ -44,8 +79,9 @@ class Stepper(Protocol):
     guidance_scale: float | None  # None: no classifier-free guidance (one UNet row per latent)
     eta: float  # DDIM η: 0 is deterministic; > 0 makes `denoise` draw fresh noise for every step
 
-    def set_context(self, context: Tensor) -> None:
-        """The conditioning for the coming steps, [2B,77,D] = [uncond; cond] with CFG, else [B,77,D]. Called once
+    def set_context(self, context: Tensor, vector: Tensor | None = None) -> None:
+        """The conditioning for the coming steps, [2B,77,D] = [uncond; cond] with CFG, else [B,77,D], and for SDXL
+        the vector y in the same row order ([2B or B, adm]; `denoise` passes it only when there is one). Called once
         per stage, before its first step."""
 
     def __call__(self, latents: Tensor, t: int, noise: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -63,15 +99,19 @@ class CFGStep:
         self.model, self.scheduler, self.eta = model, scheduler, eta
         self.guidance_scale = None if guidance_scale is None or guidance_scale == 1.0 else guidance_scale
         self.context: Tensor | None = None
+        self.vector: Tensor | None = None
 
-    def set_context(self, context: Tensor) -> None:
-        self.context = context
+    def set_context(self, context: Tensor, vector: Tensor | None = None) -> None:
+        self.context, self.vector = context, vector
 
     def __call__(self, latents: Tensor, t: int, noise: Tensor | None) -> tuple[Tensor, Tensor]:
         use_cfg = self.guidance_scale is not None
         x_in = torch.cat([latents, latents]) if use_cfg else latents
         t_in = torch.full((x_in.shape[0],), t, device=latents.device, dtype=torch.long)
-        out = self.model(x_in, t_in, self.context)
+        if self.vector is None:
+            out = self.model(x_in, t_in, self.context)
+        else:  # SDXL: the UNet's y as well
+            out = self.model(x_in, t_in, self.context, self.vector)
         if use_cfg:
             out_uncond, out_cond = out.chunk(2)
             # Classifier-free guidance (Ho & Salimans 2022): move from the unconditional towards the conditional output.
@@ -101,12 +141,13 @@ class Stage:
     """A run of consecutive executed steps that share one conditioning.
 
     `steps` indexes the executed timesteps (0 = the first, noisiest step). `cond` is [K·B, 77, D] where B is the
-    batch of latents entering the stage; K > 1 branches the latents (see module docstring).
+    batch of latents entering the stage (for SDXL a `Conditioning` of K·B rows); K > 1 branches the latents (see
+    module docstring).
     """
 
     name: str
     steps: range
-    cond: Tensor
+    cond: Cond
 
 
 @dataclass(frozen=True)
@@ -132,23 +173,50 @@ def layout_steps(n: int, layout: float) -> int:
     return min(n, max(0, math.floor(layout * n + 0.5 + 1e-9)))
 
 
-def focus_conditioning(global_emb: Tensor, local_emb: Tensor, alpha: float | Tensor) -> Tensor:
-    """α·E(global) + (1−α)·E(local) on token embeddings [B,77,D]; α may be a [K] tensor (broadcast over rows)."""
-    alpha = torch.as_tensor(alpha, dtype=global_emb.dtype, device=global_emb.device).reshape(-1, 1, 1)
+def focus_conditioning(global_emb: Cond, local_emb: Cond, alpha: float | Tensor) -> Cond:
+    """α·E(global) + (1−α)·E(local) on token embeddings [B,77,D]; α may be a [K] tensor (broadcast over rows).
+
+    For SDXL (`Conditioning`) the pooled embeddings [B,P] are mixed the same way, and the micro-conditioning (the
+    image size and crop) stays the global prompt's: it describes the image, not the prompt.
+    """
+    if not isinstance(global_emb, Conditioning):
+        return _mix(global_emb, local_emb, alpha)
+    local = as_conditioning(local_emb)
+    context = _mix(global_emb.context, local.context, alpha)
+    pooled = None if global_emb.pooled is None else _mix(global_emb.pooled, local.pooled, alpha)
+    micro = None if global_emb.micro is None else global_emb.micro.expand(context.shape[0], -1)
+    return Conditioning(context, pooled, micro)
+
+
+def _mix(global_emb: Tensor, local_emb: Tensor, alpha: float | Tensor) -> Tensor:
+    """α·global + (1−α)·local with α broadcast over rows ([K] -> [K,1,...])."""
+    alpha = torch.as_tensor(alpha, dtype=global_emb.dtype, device=global_emb.device)
+    alpha = alpha.reshape(-1, *[1] * (global_emb.ndim - 1))
     return alpha * global_emb + (1.0 - alpha) * local_emb
 
 
-def blend_embeddings(from_emb: Tensor, to_emb: Tensor, mix: float | Tensor) -> Tensor:
-    """(1−m)·E(from) + m·E(to) on token embeddings [B,77,D]: a local prompt part way between two (rack focus).
+def blend_embeddings(from_emb: Cond, to_emb: Cond, mix: float | Tensor) -> Cond:
+    """(1−m)·E(from) + m·E(to): a local prompt part way between two (rack focus); m may be a [K] tensor.
 
-    m may be a [K] tensor (one row per value). m = 0 and m = 1 give E(from) and E(to) exactly, and being element-wise
-    a row comes out the same bits whether it is computed alone (generate) or in a batch (sweep).
+    m = 0 and m = 1 give E(from) and E(to) exactly, and being element-wise a row comes out the same bits whether it is
+    computed alone (generate) or in a batch (sweep). For SDXL the pooled embeddings blend the same way and the
+    micro-conditioning (the image's size) stays as it is.
     """
-    mix = torch.as_tensor(mix, dtype=from_emb.dtype, device=from_emb.device).reshape(-1, 1, 1)
-    return (1.0 - mix) * from_emb + mix * to_emb
+    if not isinstance(from_emb, Conditioning):
+        return _blend(from_emb, to_emb, mix)
+    to = as_conditioning(to_emb)
+    context = _blend(from_emb.context, to.context, mix)
+    pooled = None if from_emb.pooled is None else _blend(from_emb.pooled, to.pooled, mix)
+    micro = None if from_emb.micro is None else from_emb.micro.expand(context.shape[0], -1)
+    return Conditioning(context, pooled, micro)
 
 
-def gbsd_stages(global_emb: Tensor, focus_emb: Tensor, n: int, layout: float) -> list[Stage]:
+def _blend(a: Tensor, b: Tensor, mix: float | Tensor) -> Tensor:
+    mix = torch.as_tensor(mix, dtype=a.dtype, device=a.device).reshape(-1, *[1] * (a.ndim - 1))
+    return (1.0 - mix) * a + mix * b
+
+
+def gbsd_stages(global_emb: Cond, focus_emb: Cond, n: int, layout: float) -> list[Stage]:
     """The paper's two-stage schedule: global prompt for round(σ·n) steps, the focus conditioning after.
 
     `focus_emb` is already interpolated (`focus_conditioning`); it may have K rows per global row to branch a sweep.
@@ -179,15 +247,16 @@ def denoise(
     latents: Tensor,
     timesteps: Tensor,
     stages: Sequence[Stage],
-    uncond: Tensor | None = None,
+    uncond: Cond | None = None,
     *,
     generator: torch.Generator | None = None,
 ) -> Iterator[StepState]:
     """Run `stepper` over `timesteps` with the conditioning each stage gives, yielding every step's state.
 
-    latents: x_T (or the noised image for img2img), [B,4,h,w]. uncond: the negative-prompt embedding [1 or B,77,D],
-    the same in every stage; needed when the stepper guides (`stepper.guidance_scale` is not None). generator: the
-    source of the η-noise when `stepper.eta` > 0 (CPU by default, so a seed gives the same image on any device).
+    latents: x_T (or the noised image for img2img), [B,4,h,w]. uncond: the negative-prompt embedding [1 or B,77,D]
+    (SDXL: a `Conditioning` of 1 or B rows), the same in every stage; needed when the stepper guides
+    (`stepper.guidance_scale` is not None). generator: the source of the η-noise when `stepper.eta` > 0 (CPU by
+    default, so a seed gives the same image on any device).
     """
     check_stages(stages, len(timesteps))
     use_cfg = stepper.guidance_scale is not None
@@ -195,18 +264,24 @@ def denoise(
         raise ValueError("the stepper guides (classifier-free guidance) but no unconditional embedding was given")
     base_batch = latents.shape[0]  # batch before any branching: the η-noise is drawn at this size
     for stage in stages:
+        cond = as_conditioning(stage.cond)
+        rows = cond.context.shape[0]
         # Branch when the stage brings K conditionings per incoming latent (sweeps): repeat each latent K times.
-        if stage.cond.shape[0] != latents.shape[0]:
-            k, rem = divmod(stage.cond.shape[0], latents.shape[0])
+        if rows != latents.shape[0]:
+            k, rem = divmod(rows, latents.shape[0])
             if rem or k < 1:
-                raise ValueError(
-                    f"stage {stage.name!r} has {stage.cond.shape[0]} conditionings for {latents.shape[0]} latents"
-                )
+                raise ValueError(f"stage {stage.name!r} has {rows} conditionings for {latents.shape[0]} latents")
             latents = latents.repeat_interleave(k, dim=0)
         batch = latents.shape[0]
         # The context is built once per stage, never per step: [uncond; cond] for one batched CFG evaluation.
-        cond = stage.cond.to(latents.dtype)
-        stepper.set_context(torch.cat([uncond.to(latents.dtype).expand(batch, -1, -1), cond]) if use_cfg else cond)
+        cond = cond.map(lambda t: t.to(latents.dtype))
+        if use_cfg:
+            negative = as_conditioning(uncond).map(lambda t: t.to(latents.dtype).expand(batch, *t.shape[1:]))
+            cond = cat_conditioning([negative, cond])
+        if cond.vector is None:
+            stepper.set_context(cond.context)
+        else:  # SDXL
+            stepper.set_context(cond.context, cond.vector)
         for i in stage.steps:
             t = int(timesteps[i])
             noise = _ddim_noise(latents, base_batch, generator) if stepper.eta > 0 else None

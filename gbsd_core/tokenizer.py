@@ -4,8 +4,9 @@ framed and padded the way each SD family's text encoder expects.
 Layout of one row (context length 77):
     [<start_of_text> = 49406] + up to 75 BPE ids + [<end_of_text> = 49407] + padding
 SD1 (ldm FrozenCLIPEmbedder, transformers CLIPTokenizer with padding="max_length") pads with 49407; SD2 (ldm
-FrozenOpenCLIPEmbedder, `open_clip.tokenize`) pads with 0. Both cut long prompts to start + 75 + end; we also warn
-and name the words that were dropped, since a silently truncated prompt is a common source of confusion.
+FrozenOpenCLIPEmbedder, `open_clip.tokenize`) pads with 0; SDXL base's two towers one each. Both cut long prompts
+to start + 75 + end; we also warn and name the words that were dropped, since a silently truncated prompt is a
+common source of confusion.
 """
 from __future__ import annotations
 
@@ -57,14 +58,18 @@ class Tokenizer:
         ids = [i for i in ids if i not in (SOT_TOKEN_ID, EOT_TOKEN_ID)]
         return self.bpe.decode(ids).strip()
 
-    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
-        """Token ids, LongTensor [B, 77]; a single string gives B = 1. Over-long prompts are cut with a warning."""
+    def __call__(self, prompts: str | list[str], pad_token_id: int | None = None) -> torch.Tensor:
+        """Token ids, LongTensor [B, 77]; a single string gives B = 1. Over-long prompts are cut with a warning.
+
+        `pad_token_id` overrides this tokenizer's padding (SDXL base tokenizes each prompt for two towers that pad
+        differently)."""
+        pad_token_id = self.pad_token_id if pad_token_id is None else pad_token_id
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
             raise ValueError("no prompts given")
         keep = self.context_length - 2  # room for start and end tokens: 75
-        out = torch.full((len(prompts), self.context_length), self.pad_token_id, dtype=torch.long)
+        out = torch.full((len(prompts), self.context_length), pad_token_id, dtype=torch.long)
         for i, prompt in enumerate(prompts):
             ids = self.encode(prompt)
             if len(ids) > keep:

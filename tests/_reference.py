@@ -23,8 +23,14 @@ from bench.reference import (  # noqa: E402
     transformers_openclip,
     write_clip_vocab,
 )
+from bench.reference_sdxl import (  # noqa: E402
+    diffusers_sdxl_pipeline,
+    transformers_bigg,
+    transformers_clip_l,
+)
 
 __all__ = [
-    "DDIM_CONFIG", "clip_tokenizer", "diffusers_sd_pipeline", "diffusers_unet", "diffusers_unet_config",
-    "diffusers_vae", "transformers_clip", "transformers_openclip", "write_clip_vocab",
+    "DDIM_CONFIG", "clip_tokenizer", "diffusers_sd_pipeline", "diffusers_sdxl_pipeline", "diffusers_unet",
+    "diffusers_unet_config", "diffusers_vae", "transformers_bigg", "transformers_clip", "transformers_clip_l",
+    "transformers_openclip", "write_clip_vocab",
 ]

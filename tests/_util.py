@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,3 +40,13 @@ def meta_state_dict(rows: dict) -> dict[str, torch.Tensor]:
     """Meta tensors (no memory) of the shapes and dtypes of `read_keys_tsv` rows."""
     dtypes = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32}
     return {k: torch.empty(shape, dtype=dtypes[dtype], device="meta") for k, (shape, dtype, _) in rows.items()}
+
+
+def max_pixel_diff(ours: np.ndarray, ref: np.ndarray) -> float:
+    """max |ours/255 - ref| of a uint8 image against a reference pipeline's float image in [0, 1] (`output_type="np"`).
+
+    The comparison must be about real pixels, not two saturated images, so a reference with fewer than 20 % of its
+    values inside (0.02, 0.98) fails the test."""
+    diff = np.abs(ours.astype(np.float64) / 255.0 - ref.astype(np.float64)).max()
+    assert 0.2 < np.mean((ref > 0.02) & (ref < 0.98)), "reference image is saturated: the parity check would be empty"
+    return float(diff)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from _broken import BROKEN, Workshop
+from _fullsize import fill_from_pool_
 from _tiny import TOL, assert_same_weights, bundle_modules, outputs, save_tiny_pipe, tiny_modules
 from _util import CONFIGS, GOLDEN, LDM_KEYS, meta_state_dict, read_keys_tsv, rel_err
 from safetensors.torch import load_file, save_file
@@ -340,38 +341,16 @@ def test_golden_file_passes_strict_loading(family: str, with_ema: bool) -> None:
 PROMPTS = ["a photograph of an astronaut riding a horse", ""]
 
 
-def _fill_(p: torch.Tensor, pool: torch.Tensor, g: torch.Generator) -> None:
-    """Copy N(0, 1) values from a shared pool, starting at a random offset (wrapping around). Drawing 1.07 G
-    normals takes ~20 s on two cores; copying from a 16 M pool takes ~2 s and still gives every tensor its own
-    values, which is all a parity test needs."""
-    flat, i = p.view(-1), 0
-    off = int(torch.randint(0, pool.numel(), (1,), generator=g))
-    while i < flat.numel():
-        take = min(flat.numel() - i, pool.numel() - off)
-        flat[i:i + take] = pool[off:off + take]
-        i, off = i + take, 0
-
-
 def _random_sd15(path: Path, seed: int = 0) -> None:
-    """Build on meta, allocate uninitialised, fill with seeded fan-in-scaled noise, write, free."""
+    """Build on meta, allocate uninitialised, fill with seeded fan-in-scaled noise (_fullsize.fill_from_pool_: copying
+    from a pool takes seconds where drawing 1.07 G normals takes ~20 s on two cores), write, free."""
     with torch.device("meta"):
         modules = {"unet": UNetModel(UNetConfig.sd1()), "vae": AutoencoderKL(VAEConfig()),
                    "text_encoder": CLIPTextEncoder(CLIPTextConfig())}
-    g = torch.Generator().manual_seed(seed)
-    pool = torch.randn(1 << 24, generator=g)
-    with torch.no_grad():
-        for name in modules:
-            modules[name] = modules[name].to_empty(device="cpu")
-            for pname, p in modules[name].named_parameters():
-                _fill_(p, pool, g)
-                if p.ndim >= 2:
-                    p.mul_(p[0].numel() ** -0.5)
-                elif "norm" in pname:
-                    p.mul_(0.1).add_(1.0) if pname.endswith("weight") else p.mul_(0.1)
-                else:
-                    p.mul_(0.05)
+    for i, name in enumerate(modules):
+        modules[name] = fill_from_pool_(modules[name].to_empty(device="cpu"), seed + i)
     save_single_file(modules, path)
-    del modules, p, pool
+    del modules
     gc.collect()
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from _reference import diffusers_sd_pipeline
+from _util import max_pixel_diff
 from PIL import Image
 
 import gbsd_core
@@ -226,18 +227,11 @@ def _reference_image(pipe, prompt, n, x_T, callback=None) -> np.ndarray:
     return out.images[0]
 
 
-def _compare(ours: np.ndarray, ref: np.ndarray) -> float:
-    diff = np.abs(ours.astype(np.float64) / 255.0 - ref.astype(np.float64)).max()
-    # The comparison must be about real pixels, not two saturated images.
-    assert 0.2 < np.mean((ref > 0.02) & (ref < 0.98)), "reference image is saturated: the parity check would be empty"
-    return float(diff)
-
-
 def test_plain_txt2img_equals_diffusers(bundle, reference):
     n = 8
     x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(21))
     ours = generate(bundle, GenerationParams(PROMPT, steps=n, cfg=7.5, **SIZE), x_T=x_T)
-    diff = _compare(pixels(ours), _reference_image(reference, PROMPT, n, x_T))
+    diff = max_pixel_diff(pixels(ours), _reference_image(reference, PROMPT, n, x_T))
     print(f"plain txt2img vs diffusers StableDiffusionPipeline: max pixel diff {diff * 255:.3f}/255")
     assert diff <= 1 / 255
 
@@ -261,7 +255,7 @@ def test_gbsd_equals_diffusers_with_embeddings_switched_at_the_boundary(bundle, 
             return {"prompt_embeds": torch.cat([neg, focus])}
         return {}
 
-    diff = _compare(pixels(ours), _reference_image(reference, PROMPT, n, x_T, switch))
+    diff = max_pixel_diff(pixels(ours), _reference_image(reference, PROMPT, n, x_T, switch))
     print(f"GBSD (α={alpha}, σ={sigma}) vs diffusers + callback switch: max pixel diff {diff * 255:.3f}/255")
     assert switched == [n_layout - 1]
     assert diff <= 1 / 255

@@ -53,13 +53,15 @@ def ddim_coefficients(scheduler: DDIMScheduler, t: int, eta: float) -> Tensor:
 
 
 def cfg_ddim_step(unet: UNetModel, x: Tensor, t_in: Tensor, context: Tensor, coefs: Tensor, noise: Tensor,
-                  guidance_scale: float | None, channels_last: bool) -> tuple[Tensor, Tensor]:
+                  guidance_scale: float | None, channels_last: bool,
+                  vector: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One step. x, noise: [B,4,h,w] fp32; t_in: [2B] (CFG) or [B] long; context: [2B or B,77,D] in the UNet's dtype;
-    coefs: [5] fp32 from `ddim_coefficients`. -> (x_prev, x̂_0), fp32 [B,4,h,w]."""
+    coefs: [5] fp32 from `ddim_coefficients`; vector: SDXL's y [2B or B, adm] (else None). -> (x_prev, x̂_0), fp32
+    [B,4,h,w]."""
     x_in = torch.cat([x, x]) if guidance_scale is not None else x
     if channels_last:
         x_in = x_in.contiguous(memory_format=torch.channels_last)
-    out = unet(x_in, t_in, context).float()
+    out = unet(x_in, t_in, context, vector).float()
     if guidance_scale is not None:
         out_uncond, out_cond = out.chunk(2)
         out = out_uncond + guidance_scale * (out_cond - out_uncond)
@@ -142,17 +144,21 @@ class FastStepper:
             swap_attention(unet)
             self._attn2 = [site.module for site in unet.attention_sites()]
         self._context: Tensor | None = None
+        self._vector: Tensor | None = None  # SDXL's y
         self._context_dirty = False
         self._coefs: dict[tuple[int, int | None], Tensor] = {}  # (t, n) -> device fp32 [5]
         self._graph: _Graph | None = None
         self.captures = 0  # graphs recorded so far (tests check stage switches do not add any)
 
     # ----------------------------------------------------------------- Stepper protocol
-    def set_context(self, context: Tensor) -> None:
+    def set_context(self, context: Tensor, vector: Tensor | None = None) -> None:
         # [2B or B, 77, D] -> the UNet's device and dtype, once per stage. Always a fresh inference-mode tensor: a
         # compiled step guards on such tensor properties and would otherwise compile twice.
+        if vector is not None and self.capture is not None:
+            raise NotImplementedError("CUDA-graph capture of SDXL's vector conditioning is not implemented yet")
         with torch.inference_mode():
             self._context = context.to(self.device, self.dtype, copy=True)
+            self._vector = None if vector is None else vector.to(self.device, self.dtype, copy=True)
         if self.capture is not None:
             self._context_dirty = True  # copied into the static buffer at the next step (its shape may be new)
         elif self.cache_context_kv:
@@ -174,7 +180,7 @@ class FastStepper:
             t_in = torch.full((self._context.shape[0],), t, device=self.device, dtype=torch.long)
             with self._attention_backend():
                 return self._fn(self.unet, x, t_in, self._context, coefs, noise, self.guidance_scale,
-                                self.channels_last)
+                                self.channels_last, self._vector)
 
     # ----------------------------------------------------------------- helpers
     def close(self) -> None:
