@@ -224,8 +224,9 @@ def generate(
     """One image: text-to-image, or image-to-image when `init_image` is given. GBSD when `params.focus` is set.
 
     `probe`: watches the UNet calls, e.g. gbsd_core.bokeh.attnmaps.CrossAttentionCollector (focus-stage maps).
-    `stepper`: runs each step (default: `CFGStep` with the bundle's UNet and scheduler); it must have been made with
-    `params.cfg` and `params.eta` (e.g. `gbsd_core.fast.make_stepper(bundle, options, params.cfg, params.eta)`).
+    `stepper`: runs each step (default: `CFGStep` with the bundle's UNet and the sampler `params.sampler` /
+    `params.schedule` names); it must have been made with `params.cfg` and `params.eta` and run that sampler (e.g.
+    `gbsd_core.fast.make_stepper(bundle, options, params.cfg, params.eta)`, DDIM).
     """
     start = _start(bundle, params, [params.focus] if params.focus is not None else [], init_image, x_T, stepper)
     n = len(start.timesteps)

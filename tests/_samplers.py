@@ -54,3 +54,20 @@ def diffusers_scheduler(name: str, schedule: str = "normal", prediction_type: st
 def vp_scale(sigma: float) -> float:
     """α = 1/√(σ²+1): DPMSolverMultistepScheduler keeps the VP latent α·x where we keep the σ-space x."""
     return 1.0 / (sigma * sigma + 1.0) ** 0.5
+
+
+def inject_ancestral_noise(monkeypatch) -> list[torch.Tensor]:
+    """Make diffusers' Euler ancestral step take each z from the returned list, in order, instead of drawing it
+    (`randn_tensor` in its module replaced); a test fills the list with the noise our run draws, and an empty list
+    afterwards shows diffusers used all of it."""
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as mod
+
+    given: list[torch.Tensor] = []
+
+    def injected(shape, generator=None, device=None, dtype=None, layout=None):
+        z = given.pop(0)
+        assert tuple(z.shape) == tuple(shape)
+        return z.to(device=device, dtype=dtype)
+
+    monkeypatch.setattr(mod, "randn_tensor", injected)
+    return given

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from _reference import DDIM_CONFIG, diffusers_sd_pipeline
-from _samplers import COMBOS, diffusers_scheduler, vp_scale
+from _samplers import COMBOS, diffusers_scheduler, inject_ancestral_noise, vp_scale
 from _util import rel_err
 from PIL import Image
 
@@ -55,21 +55,11 @@ def pipe(bundle, tmp_path_factory):
 
 
 @pytest.fixture
-def inject_ancestral_noise(monkeypatch):
-    import diffusers.schedulers.scheduling_euler_ancestral_discrete as mod
-
-    given: list[torch.Tensor] = []
-
-    def injected(shape, generator=None, device=None, dtype=None, layout=None):
-        z = given.pop(0)
-        assert tuple(z.shape) == tuple(shape)
-        return z.to(device=device, dtype=dtype)
-
-    monkeypatch.setattr(mod, "randn_tensor", injected)
-    return given
+def ancestral_noise(monkeypatch):
+    return inject_ancestral_noise(monkeypatch)  # see the module docstring
 
 
-def _ancestral_noise(seed: int, n: int, skip: int = 0) -> list[torch.Tensor]:
+def our_noise_draws(seed: int, n: int, skip: int = 0) -> list[torch.Tensor]:
     """The z our run draws: from the run's generator, after `skip` draws of the latent shape."""
     g = torch.Generator().manual_seed(seed)
     draws = [torch.randn(1, 4, 8, 8, generator=g) for _ in range(skip + n)]
@@ -143,7 +133,7 @@ CASES = [(name, schedule, pred, switch) for name, schedule in COMBOS
 
 @pytest.mark.parametrize("name, schedule, prediction_type, switch", CASES)
 def test_txt2img_equals_diffusers_at_every_step(bundle, pipe, name, schedule, prediction_type, switch,
-                                                inject_ancestral_noise):
+                                                ancestral_noise):
     b = _with_prediction(bundle, prediction_type)
     x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(21))
     params = GenerationParams(PROMPT, focus=FOCUS if switch else None, alpha=ALPHA, layout=LAYOUT, steps=N, seed=4,
@@ -153,7 +143,7 @@ def test_txt2img_equals_diffusers_at_every_step(bundle, pipe, name, schedule, pr
     assert np.array_equal(np.asarray(b.decode_latents(states[-1].latents)[0]), np.asarray(result.image))  # = generate
     k = layout_steps(N, LAYOUT)
     if name == "euler_a":
-        inject_ancestral_noise.extend(_ancestral_noise(params.seed, N))
+        ancestral_noise.extend(our_noise_draws(params.seed, N))
     ref_latents, ref_image = reference_run(pipe, diffusers_scheduler(name, schedule, prediction_type), x_T, N,
                                            k - 1 if switch else None, _focus_embeds(pipe) if switch else None)
     lat, px = _worst_latent_err(name, states, ref_latents), _pixel_diff(result.image, ref_image)
@@ -161,7 +151,7 @@ def test_txt2img_equals_diffusers_at_every_step(bundle, pipe, name, schedule, pr
           f"rel err {lat:.2e}, max pixel diff {px * 255:.3f}/255")
     assert lat <= LATENT_TOL and px <= 1 / 255
     if name == "euler_a":
-        assert not inject_ancestral_noise  # diffusers used exactly the noise our run drew
+        assert not ancestral_noise  # diffusers used exactly the noise our run drew
     if switch:  # the boundary is recorded, from the sampler's own schedule
         assert result.boundary_timestep == states[k].timestep and result.boundary_sigma == states[k].sigma
         assert [s.stage for s in states] == ["layout"] * k + ["focus"] * (N - k)
@@ -201,7 +191,7 @@ def test_dpmpp_2m_restart_at_the_switch_equals_diffusers_with_its_history_reset(
 
 
 @pytest.mark.parametrize("name, schedule", COMBOS + [("ddim", "normal")])
-def test_img2img_equals_diffusers_img2img_pipeline(bundle, pipe, name, schedule, inject_ancestral_noise):
+def test_img2img_equals_diffusers_img2img_pipeline(bundle, pipe, name, schedule, ancestral_noise):
     from diffusers import StableDiffusionImg2ImgPipeline
 
     n, strength, seed = 10, 0.6, 7
@@ -218,7 +208,7 @@ def test_img2img_equals_diffusers_img2img_pipeline(bundle, pipe, name, schedule,
     else:
         img2img.scheduler = diffusers_scheduler(name, schedule)
     if name == "euler_a":  # after the VAE posterior sample and the init noise ε
-        inject_ancestral_noise.extend(_ancestral_noise(seed, ours.executed_steps, skip=2))
+        ancestral_noise.extend(our_noise_draws(seed, ours.executed_steps, skip=2))
     ref = img2img(PROMPT, image=init, strength=strength, negative_prompt="", num_inference_steps=n,
                   guidance_scale=7.5, generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
     px = _pixel_diff(ours.image, ref)
@@ -226,7 +216,7 @@ def test_img2img_equals_diffusers_img2img_pipeline(bundle, pipe, name, schedule,
           f"{px * 255:.3f}/255")
     assert px <= 1 / 255
     if name == "euler_a":
-        assert not inject_ancestral_noise
+        assert not ancestral_noise
 
 
 @pytest.mark.parametrize("name, schedule", [("euler_a", "karras"), ("dpmpp_2m", "karras"), ("euler", "normal")])

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from _samplers import COMBOS, diffusers_scheduler, vp_scale
+from _samplers import COMBOS, diffusers_scheduler, inject_ancestral_noise, vp_scale
 from _util import rel_err
 
 from gbsd_core.ddim import DDIMScheduler
@@ -50,30 +50,19 @@ def our_loop(s, n: int, zs: list[torch.Tensor], restart_at: int | None = None) -
 
 
 @pytest.fixture
-def inject_ancestral_noise(monkeypatch):
-    """Make diffusers' Euler ancestral step take its z from a list (see the module docstring)."""
-    import diffusers.schedulers.scheduling_euler_ancestral_discrete as mod
-
-    given: list[torch.Tensor] = []
-
-    def injected(shape, generator=None, device=None, dtype=None, layout=None):
-        z = given.pop(0)
-        assert tuple(z.shape) == tuple(shape)
-        return z.to(device=device, dtype=dtype)
-
-    monkeypatch.setattr(mod, "randn_tensor", injected)
-    return given
+def ancestral_noise(monkeypatch):
+    return inject_ancestral_noise(monkeypatch)  # see the module docstring
 
 
 @pytest.mark.parametrize("name, schedule", COMBOS)
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("n", [7, 20])
-def test_loop_equals_diffusers_scheduler(name, schedule, prediction_type, n, inject_ancestral_noise):
+def test_loop_equals_diffusers_scheduler(name, schedule, prediction_type, n, ancestral_noise):
     s = make_sampler(DDIMScheduler(prediction_type), name, schedule)
     ref = diffusers_scheduler(name, schedule, prediction_type)
     zs = noises(n)
     ours = our_loop(s, n, zs)
-    inject_ancestral_noise.extend(zs)
+    ancestral_noise.extend(zs)
     ref.set_timesteps(n)
     x, worst = x_T() * ref.init_noise_sigma, 0.0
     for i, t in enumerate(ref.timesteps):
@@ -84,7 +73,7 @@ def test_loop_equals_diffusers_scheduler(name, schedule, prediction_type, n, inj
     print(f"{name} {schedule} {prediction_type} {n} steps vs diffusers step(): worst per-step rel err {worst:.2e}")
     assert worst <= TOL
     if name == "euler_a":
-        assert len(inject_ancestral_noise) == 0  # diffusers took every z we gave it: the noise was the same
+        assert len(ancestral_noise) == 0  # diffusers took every z we gave it: the noise was the same
 
 
 # ------------------------------------------------------------------------------------------ the papers' VP form
