@@ -150,3 +150,15 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out.png"]  # temp file removed
     out = _png(tmp_path, _params(), _record(), name="out.png")
     assert out.stat().st_mode & 0o777 == 0o644 and sorted(os.listdir(tmp_path)) == ["out.png"]
+
+
+def test_metadata_refuses_other_samplers_until_it_names_them():
+    """The format names DDIM only so far: an image of another sampler must not be labelled `Sampler: DDIM`."""
+    from gbsd_core.cli.pngmeta import ImageRecord, pnginfo
+    from gbsd_core.pipeline import GenerationParams
+
+    record = ImageRecord(width=64, height=64, model_file="m.safetensors", model_sha256=None, img2img=False,
+                         executed_steps=4, layout_steps=None)
+    pnginfo(GenerationParams("a", steps=4), record)  # DDIM: as before
+    with pytest.raises(ValueError, match="sampler 'dpmpp_2m'"):
+        pnginfo(GenerationParams("a", steps=4, sampler="dpmpp_2m", schedule="karras"), record)
