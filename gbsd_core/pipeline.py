@@ -10,11 +10,12 @@ same set-up and differs only in its focus stage, which carries K conditioning ro
 layout stage is shared.
 
 Everything random comes from one CPU `torch.Generator` seeded with `params.seed` (x_T, the VAE sample for img2img,
-DDIM η-noise), so a seed gives the same image on any device. Latents are kept in fp32 whatever the UNet's dtype: the
-UNet casts its input, and the DDIM update runs in full precision.
+DDIM η-noise, Euler ancestral's noise), so a seed gives the same image on any device. Latents are kept in fp32
+whatever the UNet's dtype: the UNet casts its input, and the sampler's update runs in full precision.
 
-The step itself is a `Stepper` (sampling.py): by default the readable `CFGStep`; gbsd_core.fast makes faster ones
-(reduced precision, compiled, CUDA-graphed) that are passed in as `stepper=`.
+`params.sampler` / `params.schedule` pick the sampler (samplers.py; DDIM 50, the paper's, by default). The step itself
+is a `Stepper` (sampling.py): by default the readable `CFGStep`; gbsd_core.fast makes faster ones (reduced precision,
+compiled, CUDA-graphed; DDIM for now) that are passed in as `stepper=`.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .samplers import SAMPLERS, SCHEDULES, Sampler, make_sampler
 from .sampling import (
     CFGStep,
     Conditioning,
@@ -63,7 +65,9 @@ class GenerationParams:
     width: int | None = None  # None: the family's native size (512; SD2-768-v 768; SDXL 1024); img2img: the input's
     height: int | None = None
     strength: float = 0.75  # img2img only: fraction of the schedule that is re-run
-    eta: float = 0.0
+    eta: float = 0.0  # DDIM η
+    sampler: str = "ddim"  # samplers.SAMPLERS: "ddim" | "euler" | "euler_a" | "dpmpp_2m"
+    schedule: str = "normal"  # σ schedule of the σ samplers: "normal" | "karras"
     # Rack focus (gbsd_core/bokeh/rack.py): the focus stage's local embedding is (1−m)·E(focus) + m·E(focus_to),
     # m = focus_mix, instead of E(focus). None / 0 = the plain GBSD local prompt.
     focus_to: str | None = None
@@ -98,15 +102,28 @@ class GenerationParams:
             raise ValueError(f"focus_mix must be in [0, 1], got {self.focus_mix}")
         if self.focus_mix != 0.0 and self.focus_to is None:
             raise ValueError(f"focus_mix {self.focus_mix} needs focus_to, the prompt to move the focus towards")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.sampler == "ddim" and self.schedule != "normal":
+            raise ValueError(f"schedule {self.schedule!r} is for the σ samplers (euler, euler_a, dpmpp_2m); ddim runs "
+                             "CompVis' DDIM timesteps")
+        if self.sampler != "ddim" and self.eta != 0.0:
+            raise ValueError(f"eta is DDIM's η; sampler {self.sampler!r} takes eta=0 (euler_a is ancestral, η = 1)")
 
 
 @dataclass
 class GenerationResult:
     image: Image.Image
     params: GenerationParams
-    executed_steps: int  # DDIM steps actually run (fewer than params.steps for img2img)
+    executed_steps: int  # sampler steps actually run (fewer than params.steps for img2img)
     layout_steps: int  # of which in the layout stage
     unet_calls: int  # UNet evaluations per sample row (CFG's doubled batch counts once), summed over the whole run/sweep
+    # The stage switch: the UNet timestep and noise level σ of the first focus-stage step (None: no switch). With
+    # Karras σ the switch at 80 % of the steps sits much lower in σ than with the normal schedule.
+    boundary_timestep: int | float | None = None
+    boundary_sigma: float | None = None
 
 
 def resolve_size(bundle: SDBundle, params: GenerationParams, init_image: Image.Image | None = None) -> tuple[int, int]:
@@ -135,7 +152,8 @@ def _image_to_tensor(image: Image.Image, size: tuple[int, int]) -> Tensor:
 class _Start:
     """What every run shares before its stages: the timesteps, the embeddings, x_T and the run's generator."""
 
-    timesteps: Tensor  # the executed DDIM timesteps, descending
+    sampler: Sampler  # its run fixed to `timesteps`
+    timesteps: Tensor  # the UNet timesteps of the executed steps, descending
     # Conditionings (sampling.Conditioning): the token embeddings E(·) [rows,77,D], for SDXL with pooled + sizes
     uncond: Conditioning  # E(negative prompt), 1 row
     global_emb: Conditioning  # E(global prompt), 1 row
@@ -145,13 +163,25 @@ class _Start:
     size: tuple[int, int]  # (width, height) of the image
 
 
+def _sampler(bundle: SDBundle, params: GenerationParams, stepper: Stepper | None) -> Sampler:
+    """The sampler the parameters ask for: the stepper's own (which must be that one), else made on the bundle's ᾱ."""
+    if stepper is None:
+        return make_sampler(bundle.scheduler, params.sampler, params.schedule)
+    sampler = stepper.scheduler
+    if (sampler.name, sampler.schedule) != (params.sampler, params.schedule):
+        raise ValueError(f"the stepper runs sampler {sampler.name!r} with the {sampler.schedule!r} schedule; these "
+                         f"parameters ask for {params.sampler!r}, {params.schedule!r}")
+    return sampler
+
+
 def _start(bundle: SDBundle, params: GenerationParams, local_prompts: Sequence[str],
-           init_image: Image.Image | None, x_T: Tensor | None) -> _Start:
-    """Validate, size, timesteps, embeddings (one text-encoder call per prompt), then x_T or the noised input."""
+           init_image: Image.Image | None, x_T: Tensor | None, stepper: Stepper | None) -> _Start:
+    """Validate, sampler, size, timesteps, embeddings (one text-encoder call per prompt), then the start latents."""
     params.validate()
+    sampler = _sampler(bundle, params, stepper)
     w, h = resolve_size(bundle, params, init_image)
     # The schedule first: a bad (steps, strength) pair fails here, before the text encoder runs.
-    timesteps = bundle.scheduler.timesteps(params.steps, params.strength if init_image is not None else 1.0)
+    timesteps = sampler.timesteps(params.steps, params.strength if init_image is not None else 1.0)
     generator = torch.Generator("cpu").manual_seed(params.seed)
     device = next(bundle.unet.parameters()).device
     # One text-encoder call per prompt rather than one batch: CPU matmul kernels may round differently at another
@@ -167,13 +197,20 @@ def _start(bundle: SDBundle, params: GenerationParams, local_prompts: Sequence[s
             x_T = torch.randn(latent_shape, generator=generator, dtype=torch.float32)
         elif tuple(x_T.shape) != latent_shape:
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {latent_shape} for a {w}x{h} image")
-        latents = x_T.to(device, torch.float32)
+        latents = sampler.start_latents(x_T.to(device, torch.float32))  # σ samplers: x_T scaled to σ-space
     else:
-        # img2img (SDEdit): encode, then noise the clean latents to the first executed timestep.
+        # img2img (SDEdit): encode, then noise the clean latents to the first executed step's level.
         x0 = bundle.encode_images(_image_to_tensor(init_image, (w, h)), generator=generator).to(device, torch.float32)
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
-        latents = bundle.scheduler.add_noise(x0, noise, int(timesteps[0]))
-    return _Start(timesteps, conds[0], conds[1], local_embs, latents, generator, (w, h))
+        latents = sampler.start_latents(noise, x0)
+    return _Start(sampler, timesteps, conds[0], conds[1], local_embs, latents, generator, (w, h))
+
+
+def _boundary(start: _Start, n_layout: int, has_focus: bool) -> tuple[int | float | None, float | None]:
+    """(t, σ) of the first focus-stage step, or (None, None) when no stage switch happens."""
+    if not has_focus or not 0 < n_layout < len(start.timesteps):
+        return None, None
+    return start.timesteps[n_layout].item(), float(start.sampler.sigmas[n_layout])
 
 
 def _denoise(bundle: SDBundle, params: GenerationParams, start: _Start, stages: list[Stage], progress: bool,
@@ -183,7 +220,7 @@ def _denoise(bundle: SDBundle, params: GenerationParams, start: _Start, stages: 
     if stepper is None:
         # A probe wraps the plain UNet call; otherwise the UNet runs untouched.
         model = bundle.unet if probe is None else probe.wrap(bundle.unet, start.timesteps, stages, guidance is not None)
-        stepper = CFGStep(model, bundle.scheduler, guidance, params.eta)
+        stepper = CFGStep(model, start.sampler, guidance, params.eta)
     elif probe is not None:
         raise ValueError("a probe wraps the plain UNet call; it cannot be combined with stepper=")
     elif (stepper.guidance_scale, stepper.eta) != (guidance, params.eta):
@@ -219,12 +256,13 @@ def generate(
     """One image: text-to-image, or image-to-image when `init_image` is given. GBSD when `params.focus` is set.
 
     `probe`: watches the UNet calls, e.g. gbsd_core.bokeh.attnmaps.CrossAttentionCollector (focus-stage maps).
-    `stepper`: runs each step (default: `CFGStep` with the bundle's UNet and scheduler); it must have been made with
-    `params.cfg` and `params.eta` (e.g. `gbsd_core.fast.make_stepper(bundle, options, params.cfg, params.eta)`).
+    `stepper`: runs each step (default: `CFGStep` with the bundle's UNet and the sampler `params.sampler` /
+    `params.schedule` names); it must have been made with `params.cfg` and `params.eta` and run that sampler (e.g.
+    `gbsd_core.fast.make_stepper(bundle, options, params.cfg, params.eta)`, DDIM).
     `watch`: sees every step's state on the way, e.g. gbsd_core.bokeh.trace.Tracer (the x̂_0 filmstrip).
     """
     local_prompts = [p for p in (params.focus, params.focus_to) if p is not None]
-    start = _start(bundle, params, local_prompts, init_image, x_T)
+    start = _start(bundle, params, local_prompts, init_image, x_T, stepper)
     n = len(start.timesteps)
     if params.focus is None:
         stages, n_layout = [Stage("global", range(n), start.global_emb)], n  # plain SD
@@ -236,7 +274,8 @@ def generate(
         stages, n_layout = gbsd_stages(start.global_emb, focus, n, params.layout), layout_steps(n, params.layout)
     latents, unet_calls = _denoise(bundle, params, start, stages, progress, probe, stepper, watch)
     image = bundle.decode_latents(latents)[0]
-    return GenerationResult(image, replace(params, width=start.size[0], height=start.size[1]), n, n_layout, unet_calls)
+    return GenerationResult(image, replace(params, width=start.size[0], height=start.size[1]), n, n_layout, unet_calls,
+                            *_boundary(start, n_layout, params.focus is not None))
 
 
 def sweep(
@@ -275,7 +314,7 @@ def sweep(
         replace(params, alpha=a, focus_mix=m).validate()  # every cell's parameters are valid ones
 
     to_prompt = [params.focus_to] if params.focus_to is not None else []
-    start = _start(bundle, params, [*focus_prompts, *to_prompt], init_image, x_T)
+    start = _start(bundle, params, [*focus_prompts, *to_prompt], init_image, x_T, stepper)
     n = len(start.timesteps)
     # The only difference from generate: K focus rows, one per cell, focus-prompt-major.
     alpha_rows = torch.tensor([a for _, a, _ in cells])
@@ -293,6 +332,7 @@ def sweep(
         # σ = 1: no focus stage ran, so nothing branched: every cell is the same global-prompt image.
         images = images * len(cells)
     n_layout = layout_steps(n, params.layout)
+    boundary = _boundary(start, n_layout, True)
     return [GenerationResult(image, replace(params, focus=f, alpha=a, focus_mix=m, width=start.size[0],
-                                            height=start.size[1]), n, n_layout, unet_calls)
+                                            height=start.size[1]), n, n_layout, unet_calls, *boundary)
             for (f, a, m), image in zip(cells, images)]

@@ -129,7 +129,10 @@ def params_from_args(args: argparse.Namespace, base: dict[str, Any]) -> Generati
     if args.size is not None:
         values["width"], values["height"] = parse_size(args.size)
     known = {f.name for f in dataclasses.fields(GenerationParams)}
-    return checked(GenerationParams(**{k: v for k, v in values.items() if k in known}))
+    params = checked(GenerationParams(**{k: v for k, v in values.items() if k in known}))
+    if params.sampler != "ddim":  # only a --from-png file can name another sampler; the flags come with --sampler
+        raise UsageError(f"the PNG was made with sampler {params.sampler!r}; the command line runs DDIM only so far")
+    return params
 
 
 @dataclasses.dataclass(frozen=True)

@@ -168,7 +168,8 @@ def test_generate_metadata_and_determinism(tiny_ckpt, tmp_path, capsys):
     assert data["model"] == {"file": "tiny-sd1.safetensors", "sha256": sha}
     assert data["params"] == {"prompt": "a bunny and a carrot", "focus": "a carrot", "alpha": 0.25, "layout": 0.75,
                               "steps": 3, "cfg": 5.0, "negative": "blurry", "seed": 7, "width": 64, "height": 64,
-                              "strength": 0.75, "eta": 0.0, "focus_to": None, "focus_mix": 0.0}
+                              "strength": 0.75, "eta": 0.0, "sampler": "ddim", "schedule": "normal",
+                              "focus_to": None, "focus_mix": 0.0}
     assert data["executed_steps"] == 3 and data["mode"] == "txt2img"
 
 
@@ -245,3 +246,17 @@ def test_sweep_writes_one_png_per_cell(tiny_ckpt, tmp_path, capsys):
     assert code == 0 and (tmp_path / "0_0.50.png").exists() and (tmp_path / "0_0.75.png").exists()
 
 
+
+
+def test_from_png_of_another_sampler_is_refused_before_any_weights(tmp_path, capsys):
+    """A (hand-made) PNG whose JSON names a sampler the command line cannot run yet: one line, exit 2, nothing read."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("gbsd", json.dumps({"version": 1, "params": {"prompt": "a fox", "steps": 4, "sampler": "euler"}}))
+    src = tmp_path / "src.png"
+    Image.new("RGB", (64, 64)).save(src, pnginfo=info)
+    code, out, err = run_cli(["generate", "--from-png", src, "--weights", tmp_path / "missing.safetensors", "-q",
+                              "-o", tmp_path / "out.png"], capsys)
+    assert code == 2 and "sampler 'euler'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.png").exists()
