@@ -171,10 +171,10 @@ def ours_sweep(bundle: SDBundle, params: GenerationParams, alphas: list[float],
 
 def ours_step_call(stepper: Stepper, uncond: torch.Tensor, cond: torch.Tensor, x_T: torch.Tensor,
                    timesteps: torch.Tensor, s: Settings) -> Callable[[], torch.Tensor]:
-    """One CFG step per call, cycling through timesteps spread over the schedule."""
+    """One CFG step per call, cycling through steps spread over the schedule."""
     stepper.set_context(torch.cat([uncond, cond]))
-    ts = itertools.cycle([int(timesteps[i]) for i in _step_indices(len(timesteps), s.warmup + s.repeat)])
-    return lambda: stepper(x_T, next(ts), None)
+    steps = itertools.cycle(_step_indices(len(timesteps), s.warmup + s.repeat))
+    return lambda: stepper.step(x_T, next(steps), None, None)
 
 
 def ours_contexts(bundle: SDBundle, s: Settings, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

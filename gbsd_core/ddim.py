@@ -47,12 +47,11 @@ NUM_TRAIN_TIMESTEPS = 1000  # T of every SD1/SD2 schedule (`timesteps: 1000` in 
 
 def executed_steps(num_inference_steps: int, strength: float = 1.0,
                    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> int:
-    """How many steps of an n-step schedule run at `strength`: int(n * strength) (CompVis img2img `t_enc`).
+    """How many steps a run executes: int(n · strength), checked (every sampler truncates img2img this way).
 
-    The one definition of which (n, strength) pairs a schedule can run; `DDIMScheduler.timesteps` and the input
-    checks of every entry point (gbsd_core/params.py, the CLI) call it, so they cannot disagree. Raises ValueError:
-    n must be an int in [1, T]; strength in (0, 1]; at least one step must run; and n = T only with strength < 1
-    (its first timestep would be T itself, past the end of ᾱ: see the module docstring).
+    diffusers StableDiffusionImg2ImgPipeline.get_timesteps: `init_timestep = int(num_inference_steps * strength)`, the
+    last that many steps of the n-step schedule run. What else a sampler's schedule refuses (DDIM: all of n = T) is
+    its `timesteps`'; `params.check_schedule` asks the sampler itself, so the input checks and the run agree.
     """
     n, T = num_inference_steps, num_train_timesteps
     if isinstance(n, bool) or not isinstance(n, int):
@@ -66,14 +65,6 @@ def executed_steps(num_inference_steps: int, strength: float = 1.0,
         raise ValueError(
             f"strength {strength} with {n} steps runs int({n} * {strength}) = 0 steps; "
             f"use strength >= {1.0 / n:.4g} or more steps"
-        )
-    # CompVis adds 1 to every DDIM timestep, so an n-step schedule starts at (n - 1) * (T // n) + 1.
-    if n_run == n and (n - 1) * (T // n) + 1 >= T:
-        # Only n = T gets here. CompVis and diffusers build the same schedule and then fail with an IndexError at
-        # the first step; we say so up front.
-        raise ValueError(
-            f"{n} steps start at t={(n - 1) * (T // n) + 1}, outside the trained timesteps 0..{T - 1} (DDIM timesteps "
-            f"are offset by +1); use at most {T - 1} steps, or strength < 1"
         )
     return n_run
 
@@ -104,6 +95,8 @@ class DDIMScheduler:
         self.alphas_cumprod: torch.Tensor = torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
         # Set by timesteps(); step() needs it to find the previous timestep s = t - T // n.
         self.num_inference_steps: int | None = None
+        self.run_timesteps: torch.Tensor | None = None  # the executed timesteps of the current run  [n_run]
+        self.sigmas: torch.Tensor | None = None  # their noise levels σ, float64  [n_run + 1]
 
     # ----------------------------------------------------------------- schedule
     def timesteps(self, num_inference_steps: int, strength: float = 1.0) -> torch.Tensor:
@@ -111,14 +104,27 @@ class DDIMScheduler:
 
         strength < 1 is img2img: the whole n-step schedule is built and only its last int(n * strength) steps run
         (diffusers StableDiffusionImg2ImgPipeline.get_timesteps; CompVis img2img.py `t_enc = int(strength * steps)`).
-        The input latent is noised to the first returned timestep with `add_noise`.
+        The input latent is noised to the first returned timestep with `add_noise`. This also fixes the run that the
+        index-keyed sampler interface below (`update`, `sigmas`, ...) steps through.
         """
         n, T = num_inference_steps, self.num_train_timesteps
         n_run = executed_steps(n, strength, T)
         # CompVis adds 1 to every DDIM timestep (make_ddim_timesteps), so the last step is t = 1.
         full = torch.arange(n - 1, -1, -1, dtype=torch.long) * (T // n) + 1  # [n], descending
         run = full[n - n_run:]
+        if int(run[0]) >= T:
+            # Only n = T gets here: its first timestep is T itself, past the end of ᾱ. CompVis and diffusers build the
+            # same schedule and then fail with an IndexError at the first step; we say so up front.
+            raise ValueError(
+                f"{n} steps start at t={int(run[0])}, outside the trained timesteps 0..{T - 1} (DDIM timesteps are "
+                f"offset by +1); use at most {T - 1} steps, or strength < 1"
+            )
         self.num_inference_steps = n
+        self.run_timesteps = run
+        # The run in σ terms (samplers.py): σ_t = √((1−ᾱ_t)/ᾱ_t) of each executed step, then of the ᾱ_prev the last
+        # step lands on (ᾱ_0, see above). Recorded for the StepStates; DDIM's update does not use them.
+        a = self.alphas_cumprod[torch.cat([run, torch.zeros(1, dtype=torch.long)])].double()
+        self.sigmas = ((1.0 - a) / a).sqrt()
         return run
 
     def _alpha(self, t: int) -> float:
@@ -212,6 +218,38 @@ class DDIMScheduler:
             return sqrt_a * x0 + sqrt_1ma * noise
         a = self._alpha(self._check_t(timestep))
         return math.sqrt(a) * x0 + math.sqrt(1.0 - a) * noise
+
+    # ----------------------------------------------------------------- the sampler interface (samplers.Sampler)
+    # The same DDIM, keyed by the executed-step index i of the run `timesteps()` fixed, so that the loop runs DDIM
+    # and the σ samplers alike. Each is a one-line view of the methods above: nothing numerical happens here.
+    name = "ddim"
+    schedule = "normal"  # DDIM runs CompVis' own timesteps; Karras σ are for the σ samplers
+    spacing = "leading"  # CompVis' spacing is diffusers' "leading" with steps_offset=1
+
+    def _t(self, i: int) -> int:
+        if self.run_timesteps is None:
+            raise ValueError("call timesteps(num_inference_steps) first: it fixes the run the steps index into")
+        if not 0 <= i < len(self.run_timesteps):
+            raise ValueError(f"step index {i} is outside the run's {len(self.run_timesteps)} steps")
+        return int(self.run_timesteps[i])
+
+    def start_latents(self, noise: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
+        """The latent entering step 0: x_T = `noise` itself (txt2img), or x0 noised to the first executed timestep."""
+        return noise if x0 is None else self.add_noise(x0, noise, self._t(0))
+
+    def model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """What the UNet sees at step i: x_t itself (DDIM's latent is the VP sample the UNet was trained on)."""
+        self._t(i)
+        return x
+
+    def noise_std(self, i: int, eta: float) -> float:
+        """The std of the fresh noise step i adds: σ_t(η) (0 for η = 0)."""
+        return self.sigma(self._t(i), eta)
+
+    def update(self, i: int, x: torch.Tensor, model_output: torch.Tensor, *, eta: float = 0.0,
+               noise: torch.Tensor | None = None, prev_x0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step i of the run: `step()` at its timestep. DDIM is single-step: `prev_x0` (a multistep history) is unused."""
+        return self.step(model_output, self._t(i), x, eta=eta, noise=noise)
 
     def __repr__(self) -> str:
         return (

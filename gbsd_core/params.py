@@ -20,8 +20,10 @@ from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any
 
-from .ddim import NUM_TRAIN_TIMESTEPS
+from .ddim import NUM_TRAIN_TIMESTEPS, DDIMScheduler
 from .family import FAMILIES
+from .samplers import SAMPLERS, make_sampler
+from .sigmas import SCHEDULES
 
 TEXT_MAX_CHARS = 10_000  # CLIP reads 75 tokens (a few hundred characters); this bound only stops absurd inputs
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; seeds here are non-negative
@@ -121,6 +123,8 @@ FIELDS: Mapping[str, Field] = MappingProxyType({
     "strength": Field(float, 0.0, 1.0, lo_open=True),
     # η = 1 is DDPM's posterior variance; beyond it the DDIM update's noise term can exceed the whole variance
     "eta": Field(float, 0.0, 1.0),
+    "sampler": Field(str, choices=SAMPLERS),  # samplers.py
+    "schedule": Field(str, choices=SCHEDULES),  # the σ schedule of the σ samplers (sigmas.py)
     # rack focus (gbsd_core/bokeh/rack.py): the local embedding (1 − m)·E(focus) + m·E(focus_to), m = focus_mix
     "focus_to": Field(str, optional=True, nonblank=True),
     "focus_mix": Field(float, 0.0, 1.0),
@@ -133,6 +137,18 @@ def check_together(p: GenerationParams) -> None:
         raise ValueError("focus_to needs a focus prompt to move from (focus)")
     if p.focus_mix != 0.0 and p.focus_to is None:
         raise ValueError(f"focus_mix {p.focus_mix} needs focus_to, the prompt to move the focus towards")
+    if p.sampler == "ddim" and p.schedule != "normal":
+        raise ValueError(f"schedule {p.schedule!r} is for the σ samplers (euler, euler_a, dpmpp_2m); ddim runs "
+                         "CompVis' DDIM timesteps")
+    if p.sampler != "ddim" and p.eta != 0.0:
+        raise ValueError(f"eta is DDIM's η; sampler {p.sampler!r} takes eta=0 (euler_a is ancestral, η = 1)")
+
+
+def check_schedule(p: GenerationParams, img2img: bool) -> int:
+    """The number of steps the run `p` asks for executes, by the sampler's own schedule (built on SD's ᾱ, which every
+    family shares), so this check and the run cannot disagree: ValueError where the schedule cannot run it (DDIM at
+    1000 steps; no step left at this strength)."""
+    return len(make_sampler(DDIMScheduler(), p.sampler, p.schedule).timesteps(p.steps, p.strength if img2img else 1.0))
 
 
 def check_field(name: str, value: Any) -> Any:
@@ -156,7 +172,9 @@ class GenerationParams:
     width: int | None = None  # None: the model's native size (512, 768 for SD2-768-v); img2img: the input's size
     height: int | None = None
     strength: float = 0.75  # img2img only: fraction of the schedule that is re-run
-    eta: float = 0.0
+    eta: float = 0.0  # DDIM η
+    sampler: str = "ddim"  # samplers.SAMPLERS: "ddim" | "euler" | "euler_a" | "dpmpp_2m"
+    schedule: str = "normal"  # σ schedule of the σ samplers: "normal" | "karras"
     # Rack focus (gbsd_core/bokeh/rack.py): the focus stage's local embedding is (1−m)·E(focus) + m·E(focus_to),
     # m = focus_mix, instead of E(focus). None / 0 = the plain GBSD local prompt.
     focus_to: str | None = None

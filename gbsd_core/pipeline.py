@@ -11,11 +11,12 @@ same set-up and differs only in its focus stage, which carries K conditioning ro
 layout stage is shared.
 
 Everything random comes from one CPU `torch.Generator` seeded with `params.seed` (x_T, the VAE sample for img2img,
-DDIM η-noise), so a seed gives the same image on any device. Latents are kept in fp32 whatever the UNet's dtype: the
-UNet casts its input, and the DDIM update runs in full precision.
+DDIM η-noise, Euler ancestral's noise), so a seed gives the same image on any device. Latents are kept in fp32
+whatever the UNet's dtype: the UNet casts its input, and the sampler's update runs in full precision.
 
-The step itself is a `Stepper` (sampling.py): by default the readable `CFGStep`; gbsd_core.fast makes faster ones
-(reduced precision, compiled, CUDA-graphed) that are passed in as `stepper=`.
+`params.sampler` / `params.schedule` pick the sampler (samplers.py; DDIM 50, the paper's, by default). The step itself
+is a `Stepper` (sampling.py): by default the readable `CFGStep`; gbsd_core.fast makes faster ones (reduced precision,
+compiled, CUDA-graphed; DDIM for now) that are passed in as `stepper=`.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from PIL import Image
 from torch import Tensor
 
 from .params import GenerationParams, image_size
+from .samplers import Sampler, make_sampler
 from .sampling import (
     CFGStep,
     Conditioning,
@@ -54,9 +56,13 @@ LAYOUT_WARN_BELOW = 0.7  # the paper: with σ < 0.7 the focus prompt starts re-a
 class GenerationResult:
     image: Image.Image
     params: GenerationParams
-    executed_steps: int  # DDIM steps actually run (fewer than params.steps for img2img)
+    executed_steps: int  # sampler steps actually run (fewer than params.steps for img2img)
     layout_steps: int  # of which in the layout stage
     unet_calls: int  # UNet evaluations per sample row (CFG's doubled batch counts once), summed over the whole run/sweep
+    # The stage switch: the UNet timestep and noise level σ of the first focus-stage step (None: no switch). With
+    # Karras σ the switch at 80 % of the steps sits much lower in σ than with the normal schedule.
+    boundary_timestep: int | float | None = None
+    boundary_sigma: float | None = None
 
 
 def resolve_size(bundle: SDBundle, params: GenerationParams, init_image: Image.Image | None = None) -> tuple[int, int]:
@@ -90,7 +96,8 @@ def _image_to_tensor(image: Image.Image, size: tuple[int, int]) -> Tensor:
 class _Start:
     """What every run shares before its stages: the timesteps, the embeddings, x_T and the run's generator."""
 
-    timesteps: Tensor  # the executed DDIM timesteps, descending
+    sampler: Sampler  # its run fixed to `timesteps`
+    timesteps: Tensor  # the UNet timesteps of the executed steps, descending
     # Conditionings (sampling.Conditioning): the token embeddings E(·) [rows,77,D], for SDXL with pooled + sizes
     uncond: Conditioning  # E(negative prompt), 1 row
     global_emb: Conditioning  # E(global prompt), 1 row
@@ -100,16 +107,28 @@ class _Start:
     size: tuple[int, int]  # (width, height) of the image
 
 
+def _sampler(bundle: SDBundle, params: GenerationParams, stepper: Stepper | None) -> Sampler:
+    """The sampler the parameters ask for: the stepper's own (which must be that one), else made on the bundle's ᾱ."""
+    if stepper is None:
+        return make_sampler(bundle.scheduler, params.sampler, params.schedule)
+    sampler = stepper.scheduler
+    if (sampler.name, sampler.schedule) != (params.sampler, params.schedule):
+        raise ValueError(f"the stepper runs sampler {sampler.name!r} with the {sampler.schedule!r} schedule; these "
+                         f"parameters ask for {params.sampler!r}, {params.schedule!r}")
+    return sampler
+
+
 def _start(bundle: SDBundle, params: GenerationParams, local_prompts: Sequence[str],
-           init_image: Image.Image | None, x_T: Tensor | None) -> _Start:
-    """Check, size, timesteps, embeddings (one text-encoder call per prompt), then x_T or the noised input."""
+           init_image: Image.Image | None, x_T: Tensor | None, stepper: Stepper | None) -> _Start:
+    """Check, sampler, size, timesteps, embeddings (one text-encoder call per prompt), then the start latents."""
     if not isinstance(params, GenerationParams):
         raise ValueError(f"params must be a GenerationParams, got {type(params).__name__}")
     _check_inputs(init_image, x_T)
+    sampler = _sampler(bundle, params, stepper)
     limits = bundle.limits()
     w, h = image_size(params, limits, init_image.size if init_image is not None else None)
     # The schedule first: a bad (steps, strength) pair fails here, before the text encoder runs.
-    timesteps = bundle.scheduler.timesteps(params.steps, params.strength if init_image is not None else 1.0)
+    timesteps = sampler.timesteps(params.steps, params.strength if init_image is not None else 1.0)
     generator = torch.Generator("cpu").manual_seed(params.seed)
     device = next(bundle.unet.parameters()).device
     # One text-encoder call per prompt rather than one batch: CPU matmul kernels may round differently at another
@@ -125,13 +144,20 @@ def _start(bundle: SDBundle, params: GenerationParams, local_prompts: Sequence[s
             x_T = torch.randn(latent_shape, generator=generator, dtype=torch.float32)
         elif tuple(x_T.shape) != latent_shape:
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {latent_shape} for a {w}x{h} image")
-        latents = x_T.to(device, torch.float32)
+        latents = sampler.start_latents(x_T.to(device, torch.float32))  # σ samplers: x_T scaled to σ-space
     else:
-        # img2img (SDEdit): encode, then noise the clean latents to the first executed timestep.
+        # img2img (SDEdit): encode, then noise the clean latents to the first executed step's level.
         x0 = bundle.encode_images(_image_to_tensor(init_image, (w, h)), generator=generator).to(device, torch.float32)
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
-        latents = bundle.scheduler.add_noise(x0, noise, int(timesteps[0]))
-    return _Start(timesteps, conds[0], conds[1], local_embs, latents, generator, (w, h))
+        latents = sampler.start_latents(noise, x0)
+    return _Start(sampler, timesteps, conds[0], conds[1], local_embs, latents, generator, (w, h))
+
+
+def _boundary(start: _Start, n_layout: int, has_focus: bool) -> tuple[int | float | None, float | None]:
+    """(t, σ) of the first focus-stage step, or (None, None) when no stage switch happens."""
+    if not has_focus or not 0 < n_layout < len(start.timesteps):
+        return None, None
+    return start.timesteps[n_layout].item(), float(start.sampler.sigmas[n_layout])
 
 
 def _denoise(bundle: SDBundle, params: GenerationParams, start: _Start, stages: list[Stage], progress: bool,
@@ -141,7 +167,7 @@ def _denoise(bundle: SDBundle, params: GenerationParams, start: _Start, stages: 
     if stepper is None:
         # A probe wraps the plain UNet call; otherwise the UNet runs untouched.
         model = bundle.unet if probe is None else probe.wrap(bundle.unet, start.timesteps, stages, guidance is not None)
-        stepper = CFGStep(model, bundle.scheduler, guidance, params.eta)
+        stepper = CFGStep(model, start.sampler, guidance, params.eta)
     elif probe is not None:
         raise ValueError("a probe wraps the plain UNet call; it cannot be combined with stepper=")
     elif (stepper.guidance_scale, stepper.eta) != (guidance, params.eta):
@@ -177,12 +203,13 @@ def generate(
     """One image: text-to-image, or image-to-image when `init_image` is given. GBSD when `params.focus` is set.
 
     `probe`: watches the UNet calls, e.g. gbsd_core.bokeh.attnmaps.CrossAttentionCollector (focus-stage maps).
-    `stepper`: runs each step (default: `CFGStep` with the bundle's UNet and scheduler); it must have been made with
-    `params.cfg` and `params.eta` (e.g. `gbsd_core.fast.make_stepper(bundle, options, params.cfg, params.eta)`).
+    `stepper`: runs each step (default: `CFGStep` with the bundle's UNet and the sampler `params.sampler` /
+    `params.schedule` names); it must have been made with `params.cfg` and `params.eta` and run that sampler (e.g.
+    `gbsd_core.fast.make_stepper(bundle, options, params.cfg, params.eta)`, DDIM).
     `watch`: sees every step's state on the way, e.g. gbsd_core.bokeh.trace.Tracer (the x̂_0 filmstrip).
     """
     local_prompts = [p for p in (params.focus, params.focus_to) if p is not None]
-    start = _start(bundle, params, local_prompts, init_image, x_T)
+    start = _start(bundle, params, local_prompts, init_image, x_T, stepper)
     n = len(start.timesteps)
     if params.focus is None:
         stages, n_layout = [Stage("global", range(n), start.global_emb)], n  # plain SD
@@ -194,7 +221,8 @@ def generate(
         stages, n_layout = gbsd_stages(start.global_emb, focus, n, params.layout), layout_steps(n, params.layout)
     latents, unet_calls = _denoise(bundle, params, start, stages, progress, probe, stepper, watch)
     image = bundle.decode_latents(latents)[0]
-    return GenerationResult(image, replace(params, width=start.size[0], height=start.size[1]), n, n_layout, unet_calls)
+    return GenerationResult(image, replace(params, width=start.size[0], height=start.size[1]), n, n_layout, unet_calls,
+                            *_boundary(start, n_layout, params.focus is not None))
 
 
 def sweep(
@@ -236,7 +264,7 @@ def sweep(
                                                         for f in focus_prompts for a in alphas for m in mixes)]
 
     to_prompt = [params.focus_to] if params.focus_to is not None else []
-    start = _start(bundle, params, [*focus_prompts, *to_prompt], init_image, x_T)
+    start = _start(bundle, params, [*focus_prompts, *to_prompt], init_image, x_T, stepper)
     n = len(start.timesteps)
     # The only difference from generate: K focus rows, one per cell, focus-prompt-major.
     alpha_rows = torch.tensor([a for _, a, _ in cells])
@@ -254,6 +282,7 @@ def sweep(
         # σ = 1: no focus stage ran, so nothing branched: every cell is the same global-prompt image.
         images = images * len(cells)
     n_layout = layout_steps(n, params.layout)
+    boundary = _boundary(start, n_layout, True)
     return [GenerationResult(image, replace(params, focus=f, alpha=a, focus_mix=m, width=start.size[0],
-                                            height=start.size[1]), n, n_layout, unet_calls)
+                                            height=start.size[1]), n, n_layout, unet_calls, *boundary)
             for (f, a, m), image in zip(cells, images)]

@@ -1,20 +1,25 @@
-"""The GBSD denoise loop: DDIM steps grouped into stages, each stage with its own text conditioning.
+"""The GBSD denoise loop: sampler steps grouped into stages, each stage with its own text conditioning.
 
-GBSD (Generative Bokeh with Stage Diffusion, arXiv 2306.08251) splits the n executed DDIM steps in two:
+GBSD (Generative Bokeh with Stage Diffusion, arXiv 2306.08251) splits the n executed steps in two:
 
     steps 0 … n_layout-1     "layout" stage   context = E(global)                      (objects placed, scene laid out)
     steps n_layout … n-1     "focus"  stage   context = α·E(global) + (1−α)·E(local)   (the local object drawn sharp)
 
-with n_layout = round(σ·n). Nothing else changes: same noise, same scheduler, same unconditional embedding for
+with n_layout = round(σ·n). Nothing else changes: same noise, same sampler, same unconditional embedding for
 classifier-free guidance in both stages. The interpolation is on the 77×d CLIP token embeddings, never on noise
 predictions. SDXL's UNet also takes a vector y = [pooled text embedding ; size embeddings] (`Conditioning`): the
-focus stage mixes the pooled embedding the same way and keeps the size embeddings as they are.
+focus stage mixes the pooled embedding the same way and keeps the size embeddings as they are. The switch is at an
+executed-step index, whatever the sampler (samplers.py: DDIM, Euler, Euler a, DPM++ 2M); its noise level differs by
+σ schedule (with Karras σ, 80 % of the steps is not 80 % of the way down in σ), so each `StepState` of a σ sampler
+carries the step's σ too.
 
 The schedule is plain data (a list of `Stage`), so other schedules (three stages, ramps) are a list away. A stage
 whose conditioning has K times the batch of the incoming latents *branches* them: each latent is repeated K times.
 That is how sweeps share the layout stage: one layout stage at batch 1, then a focus stage at batch K (one row per α
-or per local prompt). The DDIM noise for η > 0 is drawn at the un-branched batch size and repeated, so every branch
-sees exactly the noise its own independent run would have seen.
+or per local prompt). Fresh noise (DDIM's for η > 0, Euler ancestral's at every step) is drawn from the run's CPU
+generator at the un-branched batch size and repeated, so every branch sees exactly the noise its own independent run
+would have seen; a multistep sampler's history (DPM++ 2M: the previous x̂_0) is branched with the latents, and kept
+across the stage switch unless `restart_history=True` makes each stage start at first order.
 
 `denoise` is a generator: it yields a `StepState` after every step and leaves progress bars, previews, early stops
 and tracing to the caller.
@@ -30,7 +35,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from .ddim import DDIMScheduler
+    from .samplers import Sampler
 
 # A noise predictor: (x_t [B,4,h,w], t [B], context [B,77,D]) -> model output [B,4,h,w]; SDXL's also takes the
 # vector y [B,adm] as a fourth argument. Usually the UNet.
@@ -71,30 +76,35 @@ def cat_conditioning(conds: Sequence[Conditioning]) -> Conditioning:
 
 
 class Stepper(Protocol):
-    """Runs one classifier-free-guided DDIM step, and owns the step's settings: the guidance scale and η.
+    """Runs one classifier-free-guided step, and owns the step's settings: the guidance scale and η. The update rule
+    is its `scheduler`'s (a samplers.Sampler: DDIM or a σ sampler), keyed by the executed-step index.
 
     `CFGStep` below is the plain one; gbsd_core.fast makes compiled / CUDA-graphed ones with the same members.
     """
 
     guidance_scale: float | None  # None: no classifier-free guidance (one UNet row per latent)
-    eta: float  # DDIM η: 0 is deterministic; > 0 makes `denoise` draw fresh noise for every step
+    eta: float  # DDIM η: 0 is deterministic; > 0 makes `denoise` draw fresh noise for every step (ddim only)
+    scheduler: Sampler  # the sampler whose run (`timesteps()`) the steps index into
 
     def set_context(self, context: Tensor, vector: Tensor | None = None) -> None:
         """The conditioning for the coming steps, [2B,77,D] = [uncond; cond] with CFG, else [B,77,D], and for SDXL
         the vector y in the same row order ([2B or B, adm]; `denoise` passes it only when there is one). Called once
         per stage, before its first step."""
 
-    def __call__(self, latents: Tensor, t: int, noise: Tensor | None) -> tuple[Tensor, Tensor]:
-        """x_t [B,4,h,w] at timestep t -> (x_prev, predicted x0); `noise` is the η-noise (None when η = 0)."""
+    def step(self, latents: Tensor, i: int, noise: Tensor | None,
+             prev_x0: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Executed step i: latents [B,4,h,w] -> (next latents, predicted x0). `noise`: the fresh noise the step adds
+        (None when `scheduler.noise_std(i, eta)` is 0); `prev_x0`: step i−1's x̂_0 (None at a first-order step)."""
 
 
 class CFGStep:
-    """The readable reference step: one batched UNet call on [x; x] with [uncond; cond], guidance, `scheduler.step`.
+    """The readable reference step: one batched UNet call on [x; x] with [uncond; cond], guidance, then the sampler's
+    `update`. Guidance lives here; everything about the noise schedule lives in the sampler.
 
     guidance_scale None (or 1.0, which is the same image at half the cost) runs the model on the conditional rows only.
     """
 
-    def __init__(self, model: Denoiser, scheduler: DDIMScheduler, guidance_scale: float | None,
+    def __init__(self, model: Denoiser, scheduler: Sampler, guidance_scale: float | None,
                  eta: float = 0.0) -> None:
         self.model, self.scheduler, self.eta = model, scheduler, eta
         self.guidance_scale = None if guidance_scale is None or guidance_scale == 1.0 else guidance_scale
@@ -104,10 +114,14 @@ class CFGStep:
     def set_context(self, context: Tensor, vector: Tensor | None = None) -> None:
         self.context, self.vector = context, vector
 
-    def __call__(self, latents: Tensor, t: int, noise: Tensor | None) -> tuple[Tensor, Tensor]:
+    def step(self, latents: Tensor, i: int, noise: Tensor | None,
+             prev_x0: Tensor | None) -> tuple[Tensor, Tensor]:
         use_cfg = self.guidance_scale is not None
-        x_in = torch.cat([latents, latents]) if use_cfg else latents
-        t_in = torch.full((x_in.shape[0],), t, device=latents.device, dtype=torch.long)
+        sampler = self.scheduler
+        x = sampler.model_input(latents, i)  # DDIM: x_t itself; σ samplers: c_in·x
+        x_in = torch.cat([x, x]) if use_cfg else x
+        ts = sampler.run_timesteps  # long; float64 where the σ schedule puts the UNet between training timesteps
+        t_in = torch.full((x_in.shape[0],), ts[i].item(), device=latents.device, dtype=ts.dtype)
         if self.vector is None:
             out = self.model(x_in, t_in, self.context)
         else:  # SDXL: the UNet's y as well
@@ -116,7 +130,7 @@ class CFGStep:
             out_uncond, out_cond = out.chunk(2)
             # Classifier-free guidance (Ho & Salimans 2022): move from the unconditional towards the conditional output.
             out = out_uncond + self.guidance_scale * (out_cond - out_uncond)
-        return self.scheduler.step(out, t, latents, eta=self.eta, noise=noise)
+        return sampler.update(i, latents, out, eta=self.eta, noise=noise, prev_x0=prev_x0)
 
 
 class Probe(Protocol):
@@ -155,11 +169,11 @@ class StepState:
     """What the loop yields after each step."""
 
     step: int  # executed-step index, 0 … n-1
-    timestep: int  # DDIM timestep t of this step (e.g. 981 … 1 for 50 steps)
+    timestep: int | float  # the UNet's timestep t at this step (DDIM 50 steps: 981 … 1; fractional under Karras σ)
     stage: str  # name of the stage the step belongs to
-    latents: Tensor  # x_{t_prev} after the step, [B,4,h,w]
+    latents: Tensor  # the sampler's latent after the step, [B,4,h,w]: x_t for DDIM, x = x_0 + σε for σ samplers
     pred_x0: Tensor  # the model's estimate x̂_0 at this step, [B,4,h,w]
-    sigma: float | None = None  # noise level σ of σ-based samplers (k-diffusion); None for DDIM, which steps by t
+    sigma: float | None = None  # noise level σ = √((1−ᾱ)/ᾱ) entering this step, for σ samplers; None for DDIM (steps by t)
 
 
 def layout_steps(n: int, layout: float) -> int:
@@ -250,28 +264,43 @@ def denoise(
     uncond: Cond | None = None,
     *,
     generator: torch.Generator | None = None,
+    restart_history: bool = False,
 ) -> Iterator[StepState]:
     """Run `stepper` over `timesteps` with the conditioning each stage gives, yielding every step's state.
 
-    latents: x_T (or the noised image for img2img), [B,4,h,w]. uncond: the negative-prompt embedding [1 or B,77,D]
-    (SDXL: a `Conditioning` of 1 or B rows), the same in every stage; needed when the stepper guides
-    (`stepper.guidance_scale` is not None). generator: the source of the η-noise when `stepper.eta` > 0 (CPU by
-    default, so a seed gives the same image on any device).
+    latents: the sampler's start latents (`scheduler.start_latents`: x_T, scaled for a σ sampler, or the noised image
+    for img2img), [B,4,h,w]. timesteps: what `stepper.scheduler.timesteps(n, strength)` returned (the run the steps
+    index into). uncond: the negative-prompt embedding [1 or B,77,D] (SDXL: a `Conditioning` of 1 or B rows), the
+    same in every stage; needed when the stepper guides (`stepper.guidance_scale` is not None). generator: the source
+    of the fresh noise a step may add (DDIM with η > 0, Euler ancestral; CPU by default, so a seed gives the same
+    image on any device). restart_history: a multistep sampler (DPM++ 2M) forgets its history at each stage's first
+    step and runs it first order; by default the history carries across the stage switch, as diffusers' and A1111's
+    samplers keep theirs.
     """
     check_stages(stages, len(timesteps))
+    sampler = stepper.scheduler
+    run = sampler.run_timesteps
+    if run is None or run.shape != timesteps.shape or not torch.equal(run, timesteps.to(run.device, run.dtype)):
+        raise ValueError("timesteps are not the run of the stepper's sampler: pass what "
+                         "stepper.scheduler.timesteps(n, strength) returned")
     use_cfg = stepper.guidance_scale is not None
     if use_cfg and uncond is None:
         raise ValueError("the stepper guides (classifier-free guidance) but no unconditional embedding was given")
-    base_batch = latents.shape[0]  # batch before any branching: the η-noise is drawn at this size
+    base_batch = latents.shape[0]  # batch before any branching: fresh noise is drawn at this size
+    pred_x0: Tensor | None = None  # the previous step's x̂_0: a multistep sampler's history
     for stage in stages:
         cond = as_conditioning(stage.cond)
         rows = cond.context.shape[0]
-        # Branch when the stage brings K conditionings per incoming latent (sweeps): repeat each latent K times.
+        # Branch when the stage brings K conditionings per incoming latent (sweeps): repeat each latent K times,
+        # and the history with it.
         if rows != latents.shape[0]:
             k, rem = divmod(rows, latents.shape[0])
             if rem or k < 1:
                 raise ValueError(f"stage {stage.name!r} has {rows} conditionings for {latents.shape[0]} latents")
             latents = latents.repeat_interleave(k, dim=0)
+            pred_x0 = pred_x0.repeat_interleave(k, dim=0) if pred_x0 is not None else None
+        if restart_history:
+            pred_x0 = None
         batch = latents.shape[0]
         # The context is built once per stage, never per step: [uncond; cond] for one batched CFG evaluation.
         cond = cond.map(lambda t: t.to(latents.dtype))
@@ -283,14 +312,16 @@ def denoise(
         else:  # SDXL
             stepper.set_context(cond.context, cond.vector)
         for i in stage.steps:
-            t = int(timesteps[i])
-            noise = _ddim_noise(latents, base_batch, generator) if stepper.eta > 0 else None
-            latents, pred_x0 = stepper(latents, t, noise)
-            yield StepState(step=i, timestep=t, stage=stage.name, latents=latents, pred_x0=pred_x0)
+            t = timesteps[i].item()  # an int, or a float where the schedule is fractional
+            noise = _fresh_noise(latents, base_batch, generator) if sampler.noise_std(i, stepper.eta) > 0 else None
+            latents, pred_x0 = stepper.step(latents, i, noise, pred_x0)
+            yield StepState(step=i, timestep=t, stage=stage.name, latents=latents, pred_x0=pred_x0,
+                            sigma=None if sampler.name == "ddim" else float(sampler.sigmas[i]))
 
 
-def _ddim_noise(latents: Tensor, base_batch: int, generator: torch.Generator | None) -> Tensor:
-    """Fresh N(0, I) for a stochastic (η > 0) DDIM step, drawn at the un-branched batch and repeated per branch.
+def _fresh_noise(latents: Tensor, base_batch: int, generator: torch.Generator | None) -> Tensor:
+    """Fresh N(0, I) for a stochastic step (DDIM η > 0, Euler ancestral), drawn at the un-branched batch and repeated
+    per branch.
 
     Drawn on the generator's device (CPU by default) and moved, so a seed gives the same image on any device.
     """

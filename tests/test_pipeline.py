@@ -122,6 +122,8 @@ BAD_PARAMS = [
     (dict(prompt="a\ud800b"), "prompt"), (dict(prompt="a\0b"), "prompt"), (dict(prompt="x" * 20000), "prompt"),
     (dict(negative=["ugly", "blurry"]), "negative"), (dict(negative=None), "negative"),
     (dict(focus=""), "focus"), (dict(focus=" \n"), "focus"), (dict(focus=5), "focus"), (dict(focus=["a"]), "focus"),
+    (dict(sampler="heun"), "sampler"), (dict(sampler=None), "sampler"), (dict(sampler=["euler"]), "sampler"),
+    (dict(schedule="Karras"), "schedule"), (dict(schedule=1), "schedule"),
 ]
 
 
@@ -147,21 +149,25 @@ def test_fair_values_are_accepted_and_normalised():
         replace(p, alpha=2.0)  # every way of making one checks it
 
 
-def test_the_validator_and_the_schedule_agree():
-    """What GenerationParams and ddim.executed_steps accept, the scheduler runs; what they refuse, it refuses."""
-    from gbsd_core.ddim import DDIMScheduler, executed_steps
+@pytest.mark.parametrize("sampler, schedule", [("ddim", "normal"), ("euler", "karras"), ("dpmpp_2m", "normal")])
+def test_the_validator_and_the_schedule_agree(sampler, schedule):
+    """What GenerationParams and params.check_schedule (the CLI's pre-load check) accept, the sampler runs; what
+    they refuse, it refuses: DDIM's 1000 steps only with strength < 1, at least one step at any strength."""
+    from gbsd_core.ddim import DDIMScheduler
+    from gbsd_core.params import check_schedule
+    from gbsd_core.samplers import make_sampler
 
-    sched = DDIMScheduler()
-    for n in [*range(1, 1003, 7), 999, 1000, 1001]:
+    run = make_sampler(DDIMScheduler(), sampler, schedule)
+    for n in [*range(1, 1003, 37), 999, 1000, 1001]:
         for strength in (1.0, 0.999, 0.5, 0.001):
             try:
-                GenerationParams(PROMPT, steps=n, strength=strength)
-                executed_steps(n, strength)
+                check_schedule(GenerationParams(PROMPT, steps=n, strength=strength, sampler=sampler,
+                                                schedule=schedule), img2img=True)
                 accepted = True
             except ValueError:
                 accepted = False
             try:
-                sched.timesteps(n, strength)
+                run.timesteps(n, strength)
                 runs = True
             except ValueError:
                 runs = False

@@ -248,7 +248,7 @@ def _check_sizes(pairs: list[Pair], settings: Settings, limits: ModelLimits, sou
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..ddim import executed_steps
+    from ..params import check_schedule
 
     source = Path(args.pairs) if args.pairs else DEFAULT_PAIRS
     init_dir = Path(args.init_dir) if args.init_dir else None
@@ -264,11 +264,10 @@ def run_eval(args: argparse.Namespace) -> int:
     settings = Settings(model_path.name, args.alpha, args.layout, args.steps, args.cfg, args.negative, width, height,
                         args.strength)
     with usage_errors():
-        settings.params(pairs[0], pairs[0].focus)  # the flags by the core's rules (the pairs' own fields: pairs.py)
-    for mode, strength in (("txt2img", 1.0), ("img2img", settings.strength)):
-        if any((p.init is not None) == (mode == "img2img") for p in pairs):
-            with usage_errors(f"--steps {settings.steps}" + (f" --strength {strength}: " if strength < 1 else ": ")):
-                executed_steps(settings.steps, strength)
+        params = settings.params(pairs[0], pairs[0].focus)  # the flags by the core's rules (pairs' fields: pairs.py)
+    for img2img in {p.init is not None for p in pairs}:  # the schedule of each mode the pairs use
+        with usage_errors(f"--steps {settings.steps}" + (f" --strength {settings.strength}: " if img2img else ": ")):
+            check_schedule(params, img2img)
     out = Path(args.output)
     check_output_dir(out)
     device, dtype = common.device_dtype(args)

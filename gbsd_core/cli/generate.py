@@ -147,7 +147,10 @@ def params_from_args(args: argparse.Namespace, base: dict[str, Any]) -> Generati
         with usage_errors(f"--from-png {args.from_png}: " if field in from_png else ""):
             check_field(field, v)
     with usage_errors(f"--from-png {args.from_png}: " if from_png else ""):  # the rules that tie fields together
-        return GenerationParams(**values)
+        params = GenerationParams(**values)
+    if params.sampler != "ddim":  # only a --from-png file can name another sampler; the flags come with --sampler
+        raise UsageError(f"the PNG was made with sampler {params.sampler!r}; the command line runs DDIM only so far")
+    return params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +188,7 @@ def read_from_png(path: str | None) -> dict[str, Any] | None:
 def plan(args: argparse.Namespace) -> Plan:
     """Validate a generate/img2img/sweep command line; raises UsageError. Loads no weights: it reads the checkpoint's
     header and configs only (`common.inspect_checkpoint`), for the checks that need the model's facts."""
-    from ..ddim import executed_steps
-    from ..params import image_size
+    from ..params import check_schedule, image_size
 
     png_meta = read_from_png(args.from_png)
     params = params_from_args(args, png_meta["params"] if png_meta else {})
@@ -195,7 +197,7 @@ def plan(args: argparse.Namespace) -> Plan:
     init_image = read_image(init_path, "--init", mode="RGB") if init_path is not None else None
     # The schedule's own rule (the scheduler applies the same): img2img runs int(strength * steps) steps.
     with usage_errors(f"--steps {params.steps}" + (f" --strength {params.strength}: " if init_path else ": ")):
-        executed_steps(params.steps, params.strength if init_path is not None else 1.0)
+        check_schedule(params, img2img=init_path is not None)
 
     alphas = focus_stack = None
     if args.command == "sweep":

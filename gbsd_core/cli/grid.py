@@ -45,8 +45,7 @@ def _nearest(j: int, layouts: tuple[float, ...], has_focus: list[bool]) -> int:
 
 def run_grid(args: argparse.Namespace) -> int:
     """α (rows) × σ (columns) contact sheet, one `sweep` per σ (the α values share its layout stage)."""
-    from ..ddim import executed_steps
-    from ..params import GenerationParams, image_size
+    from ..params import GenerationParams, check_schedule, image_size
     from ..sampling import layout_steps
 
     alphas, layouts = parse_floats(args.alphas, "--alphas", "alpha"), parse_floats(args.layouts, "--layouts", "layout")
@@ -70,7 +69,7 @@ def run_grid(args: argparse.Namespace) -> int:
         base = GenerationParams(args.prompt, focus=args.focus, steps=args.steps, cfg=args.cfg, negative=args.negative,
                                 seed=args.seed, width=width, height=height)
     with usage_errors(f"--steps {base.steps}: "):
-        executed_steps(base.steps)
+        check_schedule(base, img2img=False)
     has_focus = [layout_steps(base.steps, s) < base.steps for s in layouts]
     if not any(has_focus) and not (args.mask or box):
         raise UsageError(f"--layouts {args.layouts}: with {base.steps} steps every σ leaves no focus stage (round(σ·n) = "

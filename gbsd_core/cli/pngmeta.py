@@ -74,8 +74,17 @@ def model_label(model_file: str) -> str:
     return p.stem if p.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin") else p.name
 
 
+def _check_sampler(params: GenerationParams) -> None:
+    """The infotext names DDIM only so far: the other samplers' A1111 names (`Sampler:`, `Schedule type:`) come with
+    their own change, so an image of another sampler is refused here rather than labelled DDIM."""
+    if (params.sampler, params.schedule) != ("ddim", "normal"):
+        raise ValueError(f"PNG metadata describes DDIM images only for now; this one was made with sampler "
+                         f"{params.sampler!r}, schedule {params.schedule!r}")
+
+
 def infotext(params: GenerationParams, record: ImageRecord) -> str:
     """The A1111-style `parameters` text for one image (see module docstring)."""
+    _check_sampler(params)
     fields: list[tuple[str, Any]] = [
         ("Steps", params.steps),
         ("Sampler", SAMPLER_NAME),
@@ -108,6 +117,7 @@ def infotext(params: GenerationParams, record: ImageRecord) -> str:
 def json_text(params: GenerationParams, record: ImageRecord, extra: dict[str, Any] | None = None) -> str:
     """The machine-readable `gbsd` chunk: all GenerationParams fields plus the record, plus `extra`'s entries (e.g.
     "trace" or "rack": what else the picture shows; readers ignore keys they do not know)."""
+    _check_sampler(params)
     payload = {
         "version": FORMAT_VERSION,
         "params": dataclasses.asdict(params),

@@ -78,8 +78,7 @@ def plan_rack(args: argparse.Namespace) -> RackPlan:
     """Validate a `gbsd rack` command line; raises UsageError. Loads no weights (reads the checkpoint's header and
     configs for the model's limits), writes nothing."""
     from ..bokeh.rack import MAX_FRAMES, check_rack, same_prompt
-    from ..ddim import executed_steps
-    from ..params import image_size
+    from ..params import check_schedule, image_size
     from ..pipeline import LAYOUT_WARN_BELOW
     from ..sampling import layout_steps
 
@@ -102,7 +101,7 @@ def plan_rack(args: argparse.Namespace) -> RackPlan:
     with usage_errors():
         check_rack(params, frames)
     with usage_errors(f"--steps {params.steps}: "):
-        executed_steps(params.steps)
+        check_schedule(params, img2img=False)
     if layout_steps(params.steps, params.layout) == params.steps:
         raise UsageError(f"--layout {params.layout} with {params.steps} steps leaves no focus stage (round(σ·n) = n): "
                          "every frame would be the same image")

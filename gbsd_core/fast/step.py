@@ -182,6 +182,15 @@ class FastStepper:
                 return self._fn(self.unet, x, t_in, self._context, coefs, noise, self.guidance_scale,
                                 self.channels_last, self._vector)
 
+    def step(self, latents: Tensor, i: int, noise: Tensor | None,
+             prev_x0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Executed step i of the scheduler's run (the loop's entry, `sampling.Stepper.step`): DDIM only for now, a
+        single-step sampler, so `prev_x0` is unused."""
+        if getattr(self.scheduler, "name", "ddim") != "ddim":
+            raise ValueError(f"the fast step runs DDIM only; sampler {self.scheduler.name!r} runs with the plain "
+                             "CFGStep")
+        return self(latents, int(self.scheduler.run_timesteps[i]), noise)
+
     # ----------------------------------------------------------------- helpers
     def close(self) -> None:
         """Drop the cross-attention K/V cache and the graph; the UNet is usable by plain callers again."""

@@ -346,7 +346,8 @@ FAIR_INPUTS = [
     ("init-palette", ["img2img", "p", "--init", "{imgP}"]),
     ("init-huge-photo-resized", ["img2img", "p", "--init", "{img4k}", "--size", "64x64"]),
     ("from-png-int-alpha", ["generate", "--from-png", M(alpha=1, focus="f", cfg=7)]),
-    ("from-png-unknown-fields", ["generate", "--from-png", M(sampler="DDIM", future=[1, 2])]),
+    ("from-png-unknown-fields", ["generate", "--from-png", M(guidance_rescale=0.7, future=[1, 2])]),
+    ("from-png-ddim-named", ["generate", "--from-png", M(sampler="ddim", schedule="normal")]),
     ("prompt-unicode", ["generate", "ünïcödé 🐰, a \"quoted\": prompt\nwith two lines"]),
 ]
 
@@ -416,7 +417,8 @@ def test_generate_metadata_and_determinism(tiny_ckpt, tmp_path, capsys):
     assert data["model"] == {"file": "tiny-sd1.safetensors", "sha256": sha}
     assert data["params"] == {"prompt": "a bunny and a carrot", "focus": "a carrot", "alpha": 0.25, "layout": 0.75,
                               "steps": 3, "cfg": 5.0, "negative": "blurry", "seed": 7, "width": 64, "height": 64,
-                              "strength": 0.75, "eta": 0.0, "focus_to": None, "focus_mix": 0.0}
+                              "strength": 0.75, "eta": 0.0, "sampler": "ddim", "schedule": "normal",
+                              "focus_to": None, "focus_mix": 0.0}
     assert data["executed_steps"] == 3 and data["mode"] == "txt2img"
 
 
@@ -493,3 +495,24 @@ def test_sweep_writes_one_png_per_cell(tiny_ckpt, tmp_path, capsys):
     assert code == 0 and (tmp_path / "0_0.50.png").exists() and (tmp_path / "0_0.75.png").exists()
 
 
+
+
+def test_from_png_of_another_sampler_is_refused_before_any_weights(tmp_path, capsys):
+    """A (hand-made) PNG whose JSON names a sampler the command line cannot run yet: one line, exit 2, nothing read."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("gbsd", json.dumps({"version": 1, "params": {"prompt": "a fox", "steps": 4, "sampler": "euler"}}))
+    src = tmp_path / "src.png"
+    Image.new("RGB", (64, 64)).save(src, pnginfo=info)
+    code, out, err = run_cli(["generate", "--from-png", src, "--weights", tmp_path / "missing.safetensors", "-q",
+                              "-o", tmp_path / "out.png"], capsys)
+    assert code == 2 and "sampler 'euler'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_a_sampler_name_from_a_png_is_checked_by_its_rule(tmp_path, capsys, no_load, tiny_ckpt):
+    """A PNG naming a sampler that does not exist: the core's rule (params.FIELDS), one line, exit 2."""
+    png = meta_png(tmp_path / "m.png", {"version": 1, "params": {"prompt": "p", "sampler": "heun"}})
+    code, _, err = run_cli(["generate", "--from-png", png, "--weights", tiny_ckpt, "-o", tmp_path / "o.png"], capsys)
+    assert code == 2 and "sampler must be one of ddim, euler, euler_a, dpmpp_2m" in err and err.count("\n") == 1

@@ -210,3 +210,15 @@ def test_extra_entries_are_written_and_read_back(tmp_path):
     assert pngmeta.read_params(tmp_path / "s.png") == _params()  # the extra entry does not disturb the params
     with pytest.raises(ValueError, match="standard entries"):
         pngmeta.json_text(_params(), _record(), {"params": {}})
+
+
+def test_metadata_refuses_other_samplers_until_it_names_them():
+    """The format names DDIM only so far: an image of another sampler must not be labelled `Sampler: DDIM`."""
+    from gbsd_core.cli.pngmeta import ImageRecord, pnginfo
+    from gbsd_core.pipeline import GenerationParams
+
+    record = ImageRecord(width=64, height=64, model_file="m.safetensors", model_sha256=None, img2img=False,
+                         executed_steps=4, layout_steps=None)
+    pnginfo(GenerationParams("a", steps=4), record)  # DDIM: as before
+    with pytest.raises(ValueError, match="sampler 'dpmpp_2m'"):
+        pnginfo(GenerationParams("a", steps=4, sampler="dpmpp_2m", schedule="karras"), record)

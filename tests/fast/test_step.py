@@ -131,3 +131,24 @@ def test_torch_compile_cpu_matches_eager_without_recompiling_at_stage_switch():
     err = max_rel(compiled, eager)
     print(f"torch.compile (CPU, freezing) vs eager fast step: rel err {err:.2e}")
     assert err <= 1e-4
+
+
+def test_fast_steps_run_ddim_only_for_now(fresh):
+    """The loop's entry `step(latents, i, ...)` is DDIM's step at run_timesteps[i]; a σ sampler is refused clearly
+    (the fast σ samplers are a later phase), by the stepper and by generate()."""
+    from gbsd_core.pipeline import generate
+    from gbsd_core.samplers import make_sampler
+
+    b = fresh()
+    with make_stepper(b, FastOptions(), 7.5) as stepper:
+        ts = b.scheduler.timesteps(6)
+        stepper.set_context(torch.randn(2, 77, b.unet.config.context_dim))
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            assert torch.equal(stepper.step(x, 2, None)[0], stepper(x, int(ts[2]), None)[0])
+        with pytest.raises(ValueError, match="the stepper runs sampler 'ddim'"):
+            generate(b, GenerationParams(PROMPT, steps=4, sampler="euler", **SIZE), stepper=stepper)
+        stepper.scheduler = make_sampler(b.scheduler, "euler")
+        stepper.scheduler.timesteps(6)
+        with pytest.raises(ValueError, match="DDIM only"):
+            stepper.step(x, 0, None)
