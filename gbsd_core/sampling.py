@@ -13,7 +13,8 @@ The schedule is plain data (a list of `Stage`), so other schedules (three stages
 whose conditioning has K times the batch of the incoming latents *branches* them: each latent is repeated K times.
 That is how sweeps share the layout stage: one layout stage at batch 1, then a focus stage at batch K (one row per α
 or per local prompt). The DDIM noise for η > 0 is drawn at the un-branched batch size and repeated, so every branch
-sees exactly the noise its own independent run would have seen.
+sees exactly the noise its own independent run would have seen. It is drawn for all steps when the run starts (the
+same draws, in step order, as one per step) and moved to the device in one copy, not one blocking copy per step.
 
 `denoise` is a generator: it yields a `StepState` after every step and leaves progress bars, previews, early stops
 and tracing to the caller.
@@ -174,6 +175,7 @@ def denoise(
     if use_cfg and uncond is None:
         raise ValueError("the stepper guides (classifier-free guidance) but no unconditional embedding was given")
     base_batch = latents.shape[0]  # batch before any branching: the η-noise is drawn at this size
+    noises = _ddim_noises(latents, len(timesteps), generator) if stepper.eta > 0 else None
     for stage in stages:
         # Branch when the stage brings K conditionings per incoming latent (sweeps): repeat each latent K times.
         if stage.cond.shape[0] != latents.shape[0]:
@@ -189,17 +191,27 @@ def denoise(
         stepper.set_context(torch.cat([uncond.to(latents.dtype).expand(batch, -1, -1), cond]) if use_cfg else cond)
         for i in stage.steps:
             t = int(timesteps[i])
-            noise = _ddim_noise(latents, base_batch, generator) if stepper.eta > 0 else None
+            noise = None if noises is None else _branch_rows(noises[i], latents.shape[0] // base_batch)
             latents, pred_x0 = stepper(latents, t, noise)
             yield StepState(step=i, timestep=t, stage=stage.name, latents=latents, pred_x0=pred_x0)
 
 
-def _ddim_noise(latents: Tensor, base_batch: int, generator: torch.Generator | None) -> Tensor:
-    """Fresh N(0, I) for a stochastic (η > 0) DDIM step, drawn at the un-branched batch and repeated per branch.
+def _branch_rows(noise: Tensor, k: int) -> Tensor:
+    """Each row of the un-branched noise repeated for its k branches (k = 1: the row itself, no copy)."""
+    return noise if k == 1 else noise.repeat_interleave(k, dim=0)
 
-    Drawn on the generator's device (CPU by default) and moved, so a seed gives the same image on any device.
+
+def _ddim_noises(latents: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
+    """Fresh N(0, I) for each of the n steps of a stochastic (η > 0) DDIM run, [n, B, 4, h, w], at the un-branched
+    batch B of `latents` (each step repeats its row per branch).
+
+    Drawn on the generator's device (CPU by default, so a seed gives the same image on any device), one step after
+    the other, exactly the draws one per step would make, then moved to the latents' device in one copy: from pinned
+    memory and non-blocking on CUDA, where a per-step pageable copy would make the host wait for the GPU every step.
     """
     device = generator.device if generator is not None else torch.device("cpu")
-    shape = (base_batch, *latents.shape[1:])
-    noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-    return noise.to(latents.device, latents.dtype).repeat_interleave(latents.shape[0] // base_batch, dim=0)
+    pin = device.type == "cpu" and latents.device.type == "cuda"
+    noises = torch.empty((n, *latents.shape), device=device, dtype=torch.float32, pin_memory=pin)
+    for i in range(n):
+        torch.randn(latents.shape, generator=generator, device=device, dtype=torch.float32, out=noises[i])
+    return noises.to(latents.device, latents.dtype, non_blocking=True)

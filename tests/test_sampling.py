@@ -155,3 +155,31 @@ def test_mismatched_branch_is_refused():
     stages = [Stage("a", range(2), torch.cat([_emb(0)] * 2)), Stage("b", range(2, 3), torch.cat([_emb(1)] * 3))]
     with pytest.raises(ValueError, match="3 conditionings for 2 latents"):
         list(denoise(CFGStep(RecordingModel(), sched, 1.0), torch.randn(1, 4, 2, 2), sched.timesteps(3), stages, None))
+
+
+def test_eta_noise_is_drawn_once_per_run_with_the_per_step_draws():
+    """η > 0: the run's noise is drawn when it starts and reaches the device in one copy (pinned and non-blocking on
+    CUDA), not one blocking copy per step. The draws are those one per step makes, in step order (a hand-written loop
+    here, 3×3 latents: 36 values per draw, not a multiple of CPU randn's 16-value blocks), so a seed keeps its image."""
+    sched = DDIMScheduler()
+    n = 6
+    timesteps = sched.timesteps(n)
+    g, u = _emb(0.3), _emb(0.0)
+    x_T = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    seen: list[torch.Tensor] = []
+
+    class Spy(CFGStep):
+        def __call__(self, latents, t, noise):
+            seen.append(noise)
+            return super().__call__(latents, t, noise)
+
+    states = list(denoise(Spy(RecordingModel(), sched, 2.0, 1.0), x_T, timesteps, [Stage("g", range(n), g)], u,
+                          generator=torch.Generator().manual_seed(5)))
+    gen, x, step = torch.Generator().manual_seed(5), x_T, CFGStep(RecordingModel(), sched, 2.0, 1.0)
+    step.set_context(torch.cat([u, g]))
+    for i, t in enumerate(timesteps):
+        noise = torch.randn(x_T.shape, generator=gen)
+        assert torch.equal(seen[i], noise), i
+        x, _ = step(x, int(t), noise)
+        assert torch.equal(states[i].latents, x), i
+    assert len({s.untyped_storage().data_ptr() for s in seen}) == 1  # views into one buffer: one draw, one copy
