@@ -183,3 +183,25 @@ def test_eta_noise_is_drawn_once_per_run_with_the_per_step_draws():
         x, _ = step(x, int(t), noise)
         assert torch.equal(states[i].latents, x), i
     assert len({s.untyped_storage().data_ptr() for s in seen}) == 1  # views into one buffer: one draw, one copy
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh's smoke part runs it)")
+def test_cuda_eta_noise_comes_from_the_cpu_generator_in_one_copy():
+    """On CUDA the run's noise is drawn on the CPU generator (same image on any device), pinned, moved once."""
+    sched = DDIMScheduler()
+    timesteps = sched.timesteps(4)
+    g, u = _emb(0.3).cuda(), _emb(0.0).cuda()
+    x_T = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    class Spy(CFGStep):
+        def __call__(self, latents, t, noise):
+            seen.append(noise)
+            return super().__call__(latents, t, noise)
+
+    list(denoise(Spy(RecordingModel(), sched, 2.0, 1.0), x_T.cuda(), timesteps, [Stage("g", range(4), g)], u,
+                 generator=torch.Generator().manual_seed(5)))
+    gen = torch.Generator().manual_seed(5)
+    for noise in seen:
+        assert noise.is_cuda and torch.equal(noise.cpu(), torch.randn(x_T.shape, generator=gen))
+    assert len({n.untyped_storage().data_ptr() for n in seen}) == 1

@@ -361,3 +361,22 @@ def test_make_stepper_is_cached_per_options_guidance_and_eta(fresh, plain, monke
     assert np.array_equal(np.asarray(first.image), np.asarray(second.image))
     diff = np.abs(np.asarray(first.image, np.int16) - np.asarray(generate(plain, p).image, np.int16)).max()
     assert diff <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh's smoke part runs it)")
+def test_cuda_triton_modules_traced_compiled_and_captured(fresh, plain, monkeypatch):
+    """Items 1 and 11 on the GPU: the Triton modules wired (real kernels) run eagerly inside a real CUDA graph, and
+    the compiled step (dynamo + AOT, fullgraph) traces through them; both match the plain fp32 image."""
+    from _fast import compile_as
+
+    p = GenerationParams(PROMPT, focus=FOCUS, alpha=0.3, layout=0.5, steps=6, seed=3, **SIZE)
+    expected = generate(plain, p).image
+    for opts in (FastOptions(dtype=torch.float16, triton=True, cuda_graphs=True, cache_context_kv=True),
+                 FastOptions(dtype=torch.float16, triton=True, compile="default", cache_context_kv=True)):
+        if opts.compile:
+            compile_as(monkeypatch)  # aot_eager: the trace, without a minute of inductor in the smoke budget
+        b = fresh()
+        b.unet.cuda(), b.vae.cuda(), b.text_encoder.cuda()
+        db = psnr(fast_generate(b, p, opts).image, expected)
+        print(f"cuda triton, graphs={opts.cuda_graphs} compile={opts.compile}: PSNR vs plain fp32 {db:.1f} dB")
+        assert db >= 30.0

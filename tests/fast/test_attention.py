@@ -144,3 +144,29 @@ def test_upcast_only_on_the_explicit_softmax_path(monkeypatch):
     print(f"fp16 attention with logits > 65504, rel err vs fp64: {errs}; explicit without upcast overflows: "
           f"{overflowed}")
     assert overflowed and all(e <= 5e-3 for e in errs.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh's smoke part runs it)")
+@pytest.mark.parametrize("attention", ["flash", "efficient", "sdpa"])
+def test_cuda_sd2_v_fp16_forced_backends_run(attention):
+    """Issue item 3 on the GPU itself: an fp16 v-model with a forced backend steps without 'No available kernel'."""
+    from _fast import tiny_bundle
+
+    from gbsd_core.fast import FastOptions, make_stepper
+
+    b, plain = tiny_bundle("v_prediction"), tiny_bundle("v_prediction")
+    b.unet.cuda(), b.vae.cuda()
+    ctx, x = torch.randn(2, 77, 48), torch.randn(1, 4, 8, 8)
+    t = int(plain.scheduler.timesteps(10)[2])
+    b.scheduler.timesteps(10)
+    with make_stepper(b, FastOptions(dtype=torch.float16, attention=attention), 7.5) as step:
+        step.set_context(ctx.cuda())
+        ours = step(x.cuda(), t, None)[0].cpu()
+    from gbsd_core.sampling import CFGStep
+
+    ref = CFGStep(plain.unet, plain.scheduler, 7.5)
+    ref.set_context(ctx)
+    with torch.no_grad():
+        err = rel_err(ours, ref(x, t, None)[0])
+    print(f"cuda fp16 v-model, attention={attention}: rel err vs fp32 CPU {err:.2e}")
+    assert torch.isfinite(ours).all() and err <= 2e-2

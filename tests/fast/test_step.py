@@ -155,8 +155,10 @@ def test_cuda_graphs_real(fresh, dtype):
         list(denoise(stepper, x, ts, gbsd_stages(cond[:1], cond[1:], 8, 0.5), b2.encode_prompt("").cuda()))
         assert stepper.captures == 1  # the stage switch did not re-capture
     graphed = fast_generate(b2, p, opts)
+    again = fast_generate(b2, p, opts)  # the cached stepper: replays, no capture (issue item 9)
     print(f"CUDA graphs {dtype}: PSNR vs eager fast {psnr(graphed.image, eager.image):.1f} dB")
-    assert psnr(graphed.image, eager.image) >= 40.0
+    assert psnr(graphed.image, eager.image) >= 40.0 and psnr(again.image, graphed.image) == float("inf")
+    assert make_stepper(b2, opts, 7.5).captures == 1  # generate reuses the graph the denoise above captured
 
 
 # ----------------------------------------------------------------------------------------------------- compile
