@@ -15,8 +15,20 @@ from typing import Any, Callable
 import torch
 
 from .presets import Preset
-from .run import (NEGATIVE, PROMPT, Settings, build_diffusers, build_ours, describe, diffusers_step_call, free_memory,
-                  make_inputs, ours_contexts, ours_step_call, ours_stepper)
+from .run import (
+    NEGATIVE,
+    PROMPT,
+    Settings,
+    build_diffusers,
+    build_ours,
+    describe,
+    diffusers_step_call,
+    free_memory,
+    make_inputs,
+    ours_contexts,
+    ours_step_call,
+    ours_stepper,
+)
 from .schema import derive
 from .timing import Clock
 

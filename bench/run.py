@@ -34,7 +34,12 @@ from gbsd_core.pipeline import GenerationParams, GenerationResult, generate
 from gbsd_core.sampling import CFGStep, Stage, Stepper, denoise
 
 from .models import build_bundle, parameter_counts
-from .presets import TUTORIAL_INDUCTOR_OPTIONS, Preset, compile_mode, fast_options_kwargs
+from .presets import (
+    TUTORIAL_INDUCTOR_OPTIONS,
+    Preset,
+    compile_mode,
+    fast_options_kwargs,
+)
 from .schema import derive
 from .timing import Clock
 

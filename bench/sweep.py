@@ -13,7 +13,15 @@ from gbsd_core.sampling import layout_steps
 
 from .models import build_bundle
 from .presets import Preset
-from .run import FOCUS, NEGATIVE, PROMPT, Settings, fast_options, free_memory, ours_generate
+from .run import (
+    FOCUS,
+    NEGATIVE,
+    PROMPT,
+    Settings,
+    fast_options,
+    free_memory,
+    ours_generate,
+)
 from .timing import Clock
 
 
@@ -58,7 +66,6 @@ def run_sweep(preset: Preset, s: Settings, clock: Clock, k: int, layout: float, 
         rec["expected_shared_unet_calls"] = n_layout + k * (steps - n_layout)
         rec["speedup"] = rec["independent_s"] / rec["shared_s"]
         release_steppers(bundle)
-        del bundle
     except Exception as e:
         rec["error"] = f"{type(e).__name__}: {e}"[:2000]
     free_memory()

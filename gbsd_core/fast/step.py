@@ -121,6 +121,10 @@ class CompiledStep:
         import torch._dynamo
 
         limit = max(RECOMPILE_LIMIT, getattr(torch._dynamo.config, self._limit_key))
+        if self.copy_outputs:
+            # a new inference step for inductor's CUDA-graph trees: the previous replay's outputs (already copied) may
+            # be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         try:
             with torch._dynamo.config.patch(**{self._limit_key: limit}):
                 x_prev, x0 = self.fn(*args)
