@@ -11,9 +11,10 @@
 #                                    machines; use two calls there)
 #   GBSD_GPU_PART=max                the max-autotune recipes (long cold compiles; for a bigger budget)
 #
-#   call 1: run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=170) with GBSD_GPU_PART=smoke
-#   call 2 (machine still warm, ~30 s): GBSD_GPU_PART=full, timeout_s=560. The full part skips configurations that
-#   failed in the smoke part (its results stay on the machine, in $WORK).
+#   call 1: run(command="GBSD_GPU_PART=smoke bash bench/gpu.sh", carry=[".whl"], timeout_s=170)
+#   call 2, while the machine is still warm (it stays ~30 s): command="GBSD_GPU_PART=full bash bench/gpu.sh",
+#   timeout_s=560. The full part skips configurations that failed in the smoke part (its results stay on the
+#   machine, in $WORK). Sections' caps: smoke 40+25+40 s, full 30+80+100+160+120 s, plus set-up and merges.
 #
 # Every section is one process with its own time cap (timeout, then KILL 10 s later) and JSON; the bench rewrites the
 # JSON after each measurement, so a section cut short keeps what it measured and the next section runs anyway. At
