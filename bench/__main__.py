@@ -1,7 +1,7 @@
 """`python -m bench`: time our SD sampler against diffusers on identical random weights. See bench/README.md.
 
-    python -m bench --arch sd15 --device cuda --dtype fp16 --size 512 --steps 50 \
-        --configs eager,fast,fast+compile,graphs,diffusers,diffusers+compile --json out.json
+    python -m bench --arch sd15 --device cuda --dtype fp16 --size 512 --batch 1,4,8 --steps 50 \
+        --configs eager,fast,graphs,graphs+compile,diffusers,diffusers+compile --json out.json
     python -m bench --tiny --steps 3 --size 64          # the smoke test's size
 """
 from __future__ import annotations
@@ -12,17 +12,31 @@ from typing import Any
 
 import torch
 
-from .report import add_ratios, environment, sweep_table, table, write
+from .flops import step_flops
 from .interleave import run_interleaved
-from .run import PRESETS, Settings, run_config, run_sweep
+from .presets import PRESETS
+from .report import add_ratios, environment, sweep_table, table, write
+from .run import Settings, describe, run_config
+from .schema import SCHEMA
+from .sweep import run_sweep
 from .timing import Clock
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PARTS = ("text", "step", "loop", "vae", "e2e")
+PARTS = ("step", "loop", "text", "vae", "e2e")  # measured in this order: step and loop first
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    presets = "\n".join(f"  {p.name:<18} {p.doc}" for p in PRESETS.values())
+    presets = "\n".join(f"  {p.name:<22} {p.recipe}" for p in PRESETS.values())
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=f"configurations (--configs):\n{presets}")
@@ -32,10 +46,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "(default: fp16 on CUDA, fp32 on CPU)")
     ap.add_argument("--vae-dtype", choices=tuple(DTYPES), default=None,
                     help="VAE dtype for our fast configs (default: same as --dtype, as diffusers runs it)")
-    ap.add_argument("--size", type=int, default=None, help="image side in pixels (default 512; sd21 768; tiny 64)")
+    ap.add_argument("--size", type=_int_list, default=None,
+                    help="image side(s) in pixels, comma-separated, multiples of 8 (default 512; sd21 768; tiny 64)")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps")
     ap.add_argument("--cfg", type=float, default=7.5, help="guidance scale (CFG doubles the UNet batch)")
-    ap.add_argument("--batch", type=int, default=1, help="images per prompt (e2e is measured at batch 1 only)")
+    ap.add_argument("--batch", type=_int_list, default=[1],
+                    help="images per prompt, comma-separated (e.g. 1,4,8: where the GPU saturates; e2e at batch 1 "
+                         "only)")
     ap.add_argument("--configs", default="eager,fast,diffusers",
                     help=f"comma-separated from: {', '.join(PRESETS)} (or 'none': only --sweep)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"what to time, from: {', '.join(PARTS)}")
@@ -75,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--sweep must be 'none' or one of {list(PRESETS)}")
     if args.sweep != "none" and PRESETS[args.sweep].impl != "ours":
         ap.error("--sweep runs GBSD, which only our pipeline has; pick one of our configurations")
+    if args.size and any(v % 8 for v in args.size):
+        ap.error(f"--size must be multiples of 8 (the VAE downsamples by 8), got {args.size}")
     return args
 
 
@@ -84,9 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtypes = (args.dtype or ("fp16" if device.type == "cuda" else "fp32")).split(",")
-    size = args.size or (64 if args.tiny else 768 if args.arch == "sd21" else 512)
+    sizes = args.size or [64 if args.tiny else 768 if args.arch == "sd21" else 512]
+    shapes = tuple((size, batch) for size in sizes for batch in args.batch)
     clock = Clock(device)
-    out: dict[str, Any] = {"environment": environment(device), "args": vars(args), "results": [], "sweep": None}
+    env = environment(device)
+    out: dict[str, Any] = {"schema": SCHEMA, "environment": env, "args": vars(args), "results": [], "sweep": None}
+    # FLOPs per step: counted once per shape, on the meta device (bench/flops.py)
+    flops = {(size, batch): step_flops(args.arch, args.tiny, size, batch, args.cfg) for size, batch in shapes}
 
     def flush() -> None:
         add_ratios(out["results"])
@@ -94,31 +117,41 @@ def main(argv: list[str] | None = None) -> int:
         if args.markdown:
             write(args.markdown, render(out))
 
+    s = None
     for dt in dtypes:
-        s = Settings(arch=args.arch, device=device, dtype=DTYPES[dt], size=size, steps=args.steps, cfg=args.cfg,
-                     batch=args.batch, repeat=args.repeat, warmup=args.warmup,
+        s = Settings(arch=args.arch, device=device, dtype=DTYPES[dt], size=shapes[0][0], steps=args.steps,
+                     cfg=args.cfg, batch=shapes[0][1], repeat=args.repeat, warmup=args.warmup,
                      loop_repeat=args.loop_repeat or max(1, args.repeat // 2),
                      e2e_repeat=max(1, args.repeat // 2) if args.e2e_repeat is None else args.e2e_repeat,
-                     tiny=args.tiny, seed=args.seed,
-                     compile_mode=args.compile_mode, parts=tuple(args.parts.split(",")),
-                     vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None)
+                     tiny=args.tiny, seed=args.seed, compile_mode=args.compile_mode,
+                     parts=tuple(p for p in PARTS if p in args.parts.split(",")),
+                     vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None, shapes=shapes, flops=flops,
+                     machine=env["machine"], gpu=env.get("gpu"))
         if args.interleave:
-            print(f"[bench] {','.join(args.config_list)} {dt} interleaved ...", file=sys.stderr, flush=True)
-            run_interleaved([PRESETS[n] for n in args.config_list], s, clock, out["results"], flush)
+            for shape in s.each_shape():
+                print(f"[bench] {','.join(args.config_list)} {dt} {shape.size}px batch {shape.batch} interleaved ...",
+                      file=sys.stderr, flush=True)
+                run_interleaved([PRESETS[n] for n in args.config_list], shape, clock, out["results"], flush)
             continue
         for name in args.config_list:
-            print(f"[bench] {name} {dt} {args.arch}{' tiny' if args.tiny else ''} {size}px on {device} ...",
-                  file=sys.stderr, flush=True)
-            rec: dict[str, Any] = {}
-            out["results"].append(rec)  # in place, so each partial flush already holds it
-            run_config(PRESETS[name], s, clock, rec, lambda _rec: flush())
-            if "error" in rec:
-                print(f"[bench] {name}: {rec['error']}", file=sys.stderr, flush=True)
+            print(f"[bench] {name} {dt} {args.arch}{' tiny' if args.tiny else ''} sizes {sizes} batches "
+                  f"{args.batch} on {device} ...", file=sys.stderr, flush=True)
+            recs: list[dict[str, Any]] = []
+            for shape in s.each_shape():
+                rec: dict[str, Any] = {}
+                describe(PRESETS[name], shape, rec)
+                recs.append(rec)
+                out["results"].append(rec)  # in place, so each partial flush already holds it
+            run_config(PRESETS[name], s, clock, recs, lambda _rec: flush())
+            for rec in recs:
+                if "error" in rec:
+                    print(f"[bench] {name} {rec['size']}px batch {rec['batch']}: {rec['error']}", file=sys.stderr,
+                          flush=True)
             flush()
-    if args.sweep != "none":
+    if args.sweep != "none" and s is not None:
         print(f"[bench] GBSD sweep with {args.sweep} ...", file=sys.stderr, flush=True)
         out["sweep"] = run_sweep(PRESETS[args.sweep], s, clock, k=args.sweep_k, layout=args.sweep_layout,
-                                 size=args.sweep_size or size, steps=args.sweep_steps or args.steps,
+                                 size=args.sweep_size or sizes[0], steps=args.sweep_steps or args.steps,
                                  independent=args.sweep_independent or ("measure" if device.type == "cuda"
                                                                         else "estimate"))
     out["environment"]["load_average_end"] = environment(device)["load_average"]
@@ -128,14 +161,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(out: dict[str, Any]) -> str:
-    env, a = out["environment"], out["args"]
-    where = env.get("gpu") or f"{env['cpu']} ({env['torch_threads']} threads)"
-    size = out["results"][0]["size"] if out["results"] else "?"
-    head = (f"{a['arch']}{' (tiny)' if a['tiny'] else ''}, {where}, torch {env['torch']}, diffusers "
-            f"{env['diffusers']}, {size}px, {a['steps']} DDIM steps, CFG {a['cfg']}, batch {a['batch']}, "
-            f"load average {env['load_average']} -> {env.get('load_average_end')}, {env['date']}"
-            + (", steps timed interleaved (round-robin over the configurations)" if a.get("interleave") else ""))
-    parts = [head, "", table(out["results"])]
+    """The header line(s), the table (and recipes), the sweep; runs of several machines get a side-by-side table."""
+    from .report import compare_table
+
+    sources = out.get("sources") or [{"environment": out["environment"], "args": out["args"]}]
+    heads = []
+    for src in sources:
+        env, a = src["environment"], src["args"]
+        where = env.get("gpu") or f"{env['cpu']} ({env['torch_threads']} threads)"
+        versions = f"torch {env['torch']}, triton {env.get('triton')}, diffusers {env.get('diffusers')}" + (
+            f", CUDA {env.get('cuda')}, driver {env.get('driver')}" if env.get("gpu") else "")
+        heads.append(f"{a['arch']}{' (tiny)' if a['tiny'] else ''}, {where}, {versions}, {a['steps']} DDIM steps, "
+                     f"CFG {a['cfg']}, load average {env['load_average']} -> {env.get('load_average_end')}, "
+                     f"{env['date']}" + (", steps timed interleaved (round-robin over the configurations)"
+                                          if a.get("interleave") else ""))
+    parts = list(dict.fromkeys(heads)) + ["", table(out["results"])]
+    machines = list(dict.fromkeys(r.get("machine") for r in out["results"] if r.get("machine")))
+    if len(machines) > 1:
+        parts += ["", "Side by side:", "", compare_table(out["results"], machines)]
     if out.get("sweep"):
         parts += ["", sweep_table(out["sweep"])]
     return "\n".join(parts)

@@ -14,8 +14,22 @@ from typing import Any, Callable
 
 import torch
 
-from .run import (NEGATIVE, PROMPT, Preset, Settings, build_diffusers, build_ours, derive, describe, free_memory,
-                  make_inputs, diffusers_step_call, ours_contexts, ours_step_call, ours_stepper)
+from .presets import Preset
+from .run import (
+    NEGATIVE,
+    PROMPT,
+    Settings,
+    build_diffusers,
+    build_ours,
+    describe,
+    diffusers_step_call,
+    free_memory,
+    make_inputs,
+    ours_contexts,
+    ours_step_call,
+    ours_stepper,
+)
+from .schema import derive
 from .timing import Clock
 
 
@@ -35,7 +49,8 @@ def _prepare(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any]) -> 
 
 def run_interleaved(presets: list[Preset], s: Settings, clock: Clock, records: list[dict[str, Any]],
                     flush: Callable[[], None]) -> None:
-    """Append one record per preset to `records` with its step timed round-robin against the others'."""
+    """Append one record per preset to `records` with its step timed round-robin against the others' (at s's one
+    shape; `python -m bench` calls this once per size and batch)."""
     live: list[tuple[dict[str, Any], Callable, Callable]] = []
     with torch.inference_mode():
         for preset in presets:
@@ -62,5 +77,5 @@ def run_interleaved(presets: list[Preset], s: Settings, clock: Clock, records: l
         rec["step"]["median_s"] = statistics.median(rec["step"]["runs_s"])
         rec["peak_gb"] = clock.peak_memory_gb()
         rec["complete"] = True
-        derive(rec, s)
+        derive(rec, s.gpu)
     flush()

@@ -1,10 +1,12 @@
-"""The results table (markdown) and the JSON file, both rewritten after every configuration so a run that is cut
-short keeps what it measured."""
+"""The results tables (markdown) and the JSON file, both rewritten after every measurement so a run that is cut
+short keeps what it measured; and the side-by-side table of runs from several machines (`python -m bench.merge`)."""
 from __future__ import annotations
 
 import json
 import os
 import platform
+import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -18,11 +20,14 @@ from .timing import load_average
 COLUMNS = [  # (header, record key, format)
     ("config", "config", "{}"),
     ("dtype", "dtype", "{}"),
-    ("compile", "compile", "{}"),
-    ("graphs", "cuda_graphs", "{}"),
-    ("text ms", "text_ms", "{:.1f}"),
+    ("size", "size", "{}"),
+    ("batch", "batch", "{}"),
     ("step ms", "step_ms", "{:.1f}"),
     ("loop it/s", "loop_it_s", "{:.2f}"),
+    ("img/s", "images_s", "{:.2f}"),
+    ("TFLOP/s", "tflops", "{:.3g}"),
+    ("% peak", "pct_peak", "{:.0f}"),
+    ("text ms", "text_ms", "{:.1f}"),
     ("VAE ms", "vae_ms", "{:.0f}"),
     ("e2e s", "e2e_s", "{:.2f}"),
     ("peak GB", "peak_gb", "{:.2f}"),
@@ -31,34 +36,60 @@ COLUMNS = [  # (header, record key, format)
     ("loop x diffusers", "loop_vs_diffusers", "{:.2f}"),
     ("loop x diffusers+compile", "loop_vs_diffusers_compile", "{:.2f}"),
 ]
+# per machine, side by side (python -m bench.merge over runs from several machines)
+COMPARE_COLUMNS = [("it/s", "loop_it_s", "{:.2f}"), ("img/s", "images_s", "{:.2f}"), ("TFLOP/s", "tflops", "{:.3g}"),
+                   ("% peak", "pct_peak", "{:.0f}")]
+
+
+def _try(fn, default=None):
+    try:
+        return fn()
+    except Exception:  # an optional fact about the machine: absent, never fatal
+        return default
+
+
+def _driver_version() -> str | None:
+    def nvml() -> str:
+        import pynvml
+
+        pynvml.nvmlInit()
+        v = pynvml.nvmlSystemGetDriverVersion()
+        return v.decode() if isinstance(v, bytes) else v
+
+    def smi() -> str | None:
+        if not shutil.which("nvidia-smi"):
+            return None
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+        return out.strip().splitlines()[0] if out.strip() else None
+
+    return _try(nvml) or _try(smi)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
+    """The machine and software a run measured (schema.ENVIRONMENT_FIELDS)."""
     env: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "host": platform.node(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "triton": _try(lambda: __import__("triton").__version__),
+        "diffusers": _try(lambda: __import__("diffusers").__version__),
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": load_average(),
     }
-    try:
-        import diffusers
-
-        env["diffusers"] = diffusers.__version__
-    except ImportError:
-        env["diffusers"] = None
+    env["machine"] = env["cpu"]
     if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-        try:
-            import triton
-
-            env["triton"] = triton.__version__
-        except ImportError:
-            env["triton"] = None
+        props = torch.cuda.get_device_properties(device)
+        env.update({
+            "gpu": torch.cuda.get_device_name(device), "gpu_count": torch.cuda.device_count(),
+            "gpu_sm_count": props.multi_processor_count, "gpu_capability": f"{props.major}.{props.minor}",
+            "gpu_memory_gb": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda,
+            "cudnn": _try(torch.backends.cudnn.version), "driver": _driver_version(),
+        })
+        env["machine"] = env["gpu"]
     return env
 
 
@@ -72,13 +103,25 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
+def _shape_key(r: dict[str, Any]) -> tuple:
+    return r.get("machine"), r.get("dtype"), r.get("size"), r.get("batch")
+
+
 def add_ratios(records: list[dict[str, Any]]) -> None:
-    """Speed ratios against the diffusers baselines measured in the same run at the same dtype (> 1: ours faster)."""
-    def base(name: str, dtype: str) -> dict[str, Any] | None:
-        return next((r for r in records if r["config"] == name and r["dtype"] == dtype and "error" not in r), None)
+    """Speed ratios against the diffusers baselines measured on the same machine at the same dtype, size and batch
+    (> 1: ours faster); from the same source file when a merge holds one there (the same process: the same state of
+    the machine), else from another file of that machine."""
+    base: dict[tuple, dict[str, Any]] = {}
+    for r in records:
+        if r.get("config") in ("diffusers", "diffusers+compile") and "error" not in r and "skipped" not in r:
+            base.setdefault((r["config"], *_shape_key(r), r.get("source")), r)
+            base.setdefault((r["config"], *_shape_key(r), "any"), r)
+
+    def find(config: str, r: dict[str, Any]) -> dict[str, Any] | None:
+        return base.get((config, *_shape_key(r), r.get("source"))) or base.get((config, *_shape_key(r), "any"))
 
     for r in records:
-        d, dc = base("diffusers", r["dtype"]), base("diffusers+compile", r["dtype"])
+        d, dc = find("diffusers", r), find("diffusers+compile", r)
         if d and r.get("step_ms") and d.get("step_ms"):
             r["step_vs_diffusers"] = d["step_ms"] / r["step_ms"]
         if d and r.get("loop_it_s") and d.get("loop_it_s"):
@@ -87,21 +130,56 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
             r["loop_vs_diffusers_compile"] = r["loop_it_s"] / dc["loop_it_s"]
 
 
+def _cell(r: dict[str, Any], key: str, fmt: str) -> str:
+    v = r.get(key)
+    return "–" if v is None else fmt.format(v)
+
+
 def table(records: list[dict[str, Any]]) -> str:
-    """A markdown table; configurations that failed or were skipped get a note row."""
+    """A markdown table; configurations that failed or were skipped get a note row. The recipes follow it."""
     lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in records:
         if "error" in r or "skipped" in r:
             note = r.get("error") or f"skipped: {r['skipped']}"
-            lines.append(f"| {r['config']} | {r['dtype']} | " + note.replace("|", "/").replace("\n", " ")[:200]
-                         + " |" + " |" * (len(COLUMNS) - 3))
+            lines.append(f"| {r['config']} | {r['dtype']} | {r.get('size', '')} | {r.get('batch', '')} | "
+                         + note.replace("|", "/").replace("\n", " ")[:200] + " |" + " |" * (len(COLUMNS) - 5))
             continue
-        cells = []
-        for _, key, fmt in COLUMNS:
-            v = r.get(key)
-            cells.append("–" if v is None else fmt.format(v))
+        cells = [_cell(r, key, fmt) for _, key, fmt in COLUMNS]
         if not r.get("complete", True):  # cut short (timeout): the parts it finished
             cells[0] += " (cut short)"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines + ["", recipes(records)])
+
+
+def recipes(records: list[dict[str, Any]]) -> str:
+    """One line per configuration in the table: what exactly it runs; and where % of peak comes from."""
+    seen: dict[str, str] = {}
+    for r in records:
+        seen.setdefault(r["config"], r.get("recipe", ""))
+    lines = ["Recipes:"] + [f"- `{name}`: {recipe}" for name, recipe in seen.items()]
+    peaks = {r["peak_source"] for r in records if r.get("peak_source")}
+    lines.append("- % peak: dense fp16/bf16 tensor peak, " + "; ".join(sorted(peaks)) if peaks else
+                 "- % peak: only for fp16/bf16 on a GPU in bench/peaks.py (otherwise TFLOP/s alone)")
+    lines.append("- TFLOP/s: model FLOPs of one CFG step (bench/flops.py) / median step time; img/s: denoise loop "
+                 "only (batch x it/s / steps)")
+    return "\n".join(lines)
+
+
+def compare_table(records: list[dict[str, Any]], machines: list[str]) -> str:
+    """Runs from several machines side by side: one row per (config, dtype, size, batch), per machine its it/s,
+    img/s, TFLOP/s and % of peak."""
+    head = ["config", "dtype", "size", "batch"] + [f"{h} {m}" for m in machines for h, _, _ in COMPARE_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for r in records:
+        if "error" in r or "skipped" in r:
+            continue
+        rows.setdefault((r["config"], r["dtype"], r.get("size"), r.get("batch")), {}).setdefault(r.get("machine"), r)
+    for (config, dtype, size, batch), by_machine in rows.items():
+        cells = [config, dtype, str(size), str(batch)]
+        for m in machines:
+            r = by_machine.get(m, {})
+            cells += [_cell(r, key, fmt) for _, key, fmt in COMPARE_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -1,15 +1,20 @@
 """What one benchmark configuration measures, for ours and for the diffusers baseline.
 
-Per configuration, on identical weights (see models.py) and identical inputs (x_T from one seed, the same prompt):
+Per configuration and shape (image size x batch), on identical weights (see models.py) and identical inputs (x_T from
+one seed, the same prompt), in this order, each flushed to the JSON as soon as it is measured (a run cut short by a
+time cap keeps the step and loop figures, which come first):
 
-    text_ms   the two text-encoder calls of a CFG run (negative and positive prompt, as both pipelines do)
     step_ms   one CFG step: UNet on [x; x] (batch 2B), guidance, DDIM update; median over timesteps of the schedule
     loop      the whole denoise loop of `steps` steps (it/s = steps / seconds); ours: `sampling.denoise` with the
               config's stepper; diffusers: `StableDiffusionPipeline(prompt_embeds=..., output_type="latent")`
+    text_ms   the two text-encoder calls of a CFG run (negative and positive prompt, as both pipelines do)
     vae_ms    VAE decode of the final latents [B,4,h,w] -> [B,3,8h,8w]
     e2e_s     the user-level call: `pipeline.generate` / `pipe(prompt)` from prompt to PIL image (batch 1 only)
     warmup_s  the first step call (compilation, CUDA-graph capture, cuDNN autotuning land here)
-    peak_gb   peak GPU memory allocated during the configuration (CPU: the process' peak RSS)
+    peak_gb   peak GPU memory allocated during the shape (CPU: the process' peak RSS)
+
+A configuration's models are built once and serve every shape; its fast stepper is cached on the bundle, so the
+loop and e2e reuse the step's compiled code and graphs. FLOPs and the derived figures: flops.py, schema.py.
 """
 from __future__ import annotations
 
@@ -24,11 +29,18 @@ from typing import Any, Callable
 import torch
 
 from gbsd_core.bundle import SDBundle
-from gbsd_core.fast import FastOptions, accelerate, make_stepper
-from gbsd_core.pipeline import GenerationParams, GenerationResult, generate, sweep
-from gbsd_core.sampling import CFGStep, Stage, Stepper, denoise, layout_steps
+from gbsd_core.fast import FastOptions, accelerate, make_stepper, release_steppers
+from gbsd_core.pipeline import GenerationParams, GenerationResult, generate
+from gbsd_core.sampling import CFGStep, Stage, Stepper, denoise
 
 from .models import build_bundle, parameter_counts
+from .presets import (
+    TUTORIAL_INDUCTOR_OPTIONS,
+    Preset,
+    compile_mode,
+    fast_options_kwargs,
+)
+from .schema import derive
 from .timing import Clock
 
 Flush = Callable[[dict[str, Any]], None]  # called with the partial record after each measurement
@@ -38,47 +50,12 @@ FOCUS = "a carrot"
 NEGATIVE = ""
 
 
-@dataclass(frozen=True)
-class Preset:
-    """A named configuration. `fast` holds `gbsd_core.fast.FastOptions` fields (dtype and vae_dtype come from the
-    command line); None is the plain readable path. `compile` is a torch.compile mode ("" = none)."""
-
-    name: str
-    impl: str  # "ours" | "diffusers"
-    fast: dict[str, Any] | None = None
-    compile: str = ""
-    cuda_only: bool = False
-    doc: str = ""
-
-
-_FAST = dict(channels_last=True, fuse_qkv=True, cache_context_kv=True)  # triton=None: on by itself on CUDA
-PRESETS: dict[str, Preset] = {p.name: p for p in [
-    Preset("eager", "ours", None, doc="plain fp32-style path (modules cast to --dtype), SDPA attention"),
-    Preset("fast", "ours", dict(_FAST), doc="channels-last, fused QKV, cached cross-attn K/V; oneDNN weight prepacking "
-                                           "on CPU, Triton on CUDA"),
-    Preset("fast-noprepack", "ours", dict(_FAST, cpu_prepack=False),
-           doc="fast without the CPU weight prepacking (to see what prepacking adds)"),
-    Preset("fast+compile", "ours", dict(_FAST, compile="default"), compile="default",
-           doc="fast + torch.compile(step) in the default mode"),
-    Preset("fast+compile-max", "ours", dict(_FAST, compile="max-autotune"), compile="max-autotune",
-           doc="fast + torch.compile(step, mode='max-autotune') (long compile)"),
-    Preset("graphs", "ours", dict(_FAST, cuda_graphs=True), cuda_only=True,
-           doc="fast + the whole CFG+DDIM step captured in one CUDA graph"),
-    Preset("graphs+compile", "ours", dict(_FAST, compile="default", cuda_graphs=True), compile="default",
-           cuda_only=True, doc="fast + compiled step captured in a CUDA graph"),
-    Preset("diffusers", "diffusers", doc="diffusers 0.42 StableDiffusionPipeline, eager (SDPA)"),
-    Preset("diffusers+compile", "diffusers", compile="reduce-overhead",
-           doc="diffusers docs' recipe: UNet channels-last + torch.compile(unet, fullgraph=True); CUDA default mode "
-               "reduce-overhead (CUDA graphs), CPU default mode 'default'"),
-]}
-
-
 @dataclass
 class Settings:
     arch: str
     device: torch.device
     dtype: torch.dtype
-    size: int
+    size: int  # the shape being measured (one of `shapes`)
     steps: int
     cfg: float
     batch: int
@@ -89,30 +66,29 @@ class Settings:
     tiny: bool
     seed: int
     compile_mode: str | None  # overrides the presets' compile mode
-    parts: tuple[str, ...] = ("text", "step", "loop", "vae", "e2e")
+    parts: tuple[str, ...] = ("step", "loop", "text", "vae", "e2e")
     vae_dtype: torch.dtype | None = None  # None: same as dtype for every configuration (diffusers has one dtype)
+    shapes: tuple[tuple[int, int], ...] = ()  # every (size, batch) of the run; () = just (size, batch)
+    flops: dict[tuple[int, int], int] = field(default_factory=dict)  # (size, batch) -> FLOPs per step
+    machine: str = ""
+    gpu: str | None = None
     tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="gbsd-bench-")))
 
     @property
     def latent_hw(self) -> int:
         return self.size // 8
 
+    def each_shape(self) -> list[Settings]:
+        """These settings at each (size, batch) of the run."""
+        return [replace(self, size=size, batch=batch) for size, batch in (self.shapes or ((self.size, self.batch),))]
+
 
 def fast_options(preset: Preset, s: Settings) -> FastOptions | None:
     """The FastOptions a preset stands for, or None for the plain path."""
-    if preset.fast is None:
+    kw = fast_options_kwargs(preset, s.compile_mode)
+    if kw is None:
         return None
-    kw = dict(preset.fast)
-    if s.compile_mode and kw.get("compile"):
-        kw["compile"] = s.compile_mode
     return FastOptions(dtype=s.dtype, vae_dtype=s.vae_dtype or s.dtype, **kw)
-
-
-def compile_mode(preset: Preset, s: Settings) -> str:
-    mode = s.compile_mode or preset.compile
-    if preset.impl == "diffusers" and mode == "reduce-overhead" and s.device.type != "cuda":
-        mode = "default"  # reduce-overhead means CUDA graphs; on CPU it is the default mode plus warnings
-    return mode
 
 
 def make_inputs(s: Settings, dtype: torch.dtype) -> torch.Tensor:
@@ -133,6 +109,20 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _median(xs: list[float]) -> float | None:
+    xs = sorted(xs)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def _time_loop(clock: Clock, loop: Callable[[], torch.Tensor], s: Settings) -> tuple[dict[str, Any], torch.Tensor]:
+    t, latents = clock.once(loop)  # warm-up (and the latents for the VAE)
+    runs = [clock.once(loop)[0] for _ in range(s.loop_repeat)]
+    return {"first_s": t, "median_s": _median(runs), "runs_s": runs}, latents
+
+
 # ----------------------------------------------------------------------------------------------------------- ours
 def build_ours(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any]):
     """(bundle, FastOptions or None): the seeded bundle, accelerated as the preset says."""
@@ -149,24 +139,16 @@ def build_ours(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any]):
 
 def ours_stepper(bundle: SDBundle, opts: FastOptions | None, s: Settings) -> Stepper:
     if opts is not None:
-        return make_stepper(bundle, opts, s.cfg)
+        return make_stepper(bundle, opts, s.cfg)  # cached on the bundle: the loop and e2e reuse it
     return CFGStep(bundle.unet, bundle.scheduler, s.cfg)
 
 
 def ours_generate(bundle: SDBundle, params: GenerationParams, opts: FastOptions | None) -> GenerationResult:
-    """`pipeline.generate` as a user runs it: the plain path, or through a fast stepper made for these parameters."""
+    """`pipeline.generate` as a user runs it: the plain path, or through the fast stepper for these parameters."""
     if opts is None:
         return generate(bundle, params)
     with make_stepper(bundle, opts, params.cfg, params.eta) as step:
         return generate(bundle, params, stepper=step)
-
-
-def ours_sweep(bundle: SDBundle, params: GenerationParams, alphas: list[float],
-               opts: FastOptions | None) -> list[GenerationResult]:
-    if opts is None:
-        return sweep(bundle, params, alphas=alphas)
-    with make_stepper(bundle, opts, params.cfg, params.eta) as step:
-        return sweep(bundle, params, alphas=alphas, stepper=step)
 
 
 def ours_step_call(stepper: Stepper, uncond: torch.Tensor, cond: torch.Tensor, x_T: torch.Tensor,
@@ -182,63 +164,55 @@ def ours_contexts(bundle: SDBundle, s: Settings, dtype: torch.dtype) -> tuple[to
     return uncond.expand(s.batch, -1, -1), cond.expand(s.batch, -1, -1)
 
 
-def run_ours(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], flush: Flush) -> None:
-    bundle, opts = build_ours(preset, s, clock, rec)
+def run_ours_shape(bundle: SDBundle, opts: FastOptions | None, s: Settings, clock: Clock, rec: dict[str, Any],
+                   flush: Flush) -> None:
     clock.reset_peak()
     # The fast stepper keeps latents in fp32 and casts only the UNet input; the plain path runs in the UNet's dtype.
     lat_dtype = torch.float32 if opts is not None else s.dtype
     with torch.inference_mode():
-        if "text" in s.parts:
-            t = clock.measure(lambda: [bundle.encode_prompt(p) for p in (NEGATIVE, PROMPT)], s.repeat, s.warmup)
-            rec["text"] = t.as_dict()
-            flush(rec)
         uncond, cond = ours_contexts(bundle, s, lat_dtype)
         x_T = make_inputs(s, lat_dtype)
-        scheduler = bundle.scheduler
-        timesteps = scheduler.timesteps(s.steps)
+        timesteps = bundle.scheduler.timesteps(s.steps)
         stepper = ours_stepper(bundle, opts, s)
         latents = x_T  # what the VAE decodes when the loop is not run (the same values on both sides)
         try:
             if "step" in s.parts:
-                step = ours_step_call(stepper, uncond, cond, x_T, timesteps, s)
-                rec["step"] = clock.measure(step, s.repeat, s.warmup).as_dict()
+                rec["step"] = clock.measure(ours_step_call(stepper, uncond, cond, x_T, timesteps, s), s.repeat,
+                                            s.warmup).as_dict()
                 flush(rec)
             if "loop" in s.parts:
                 stages = [Stage("global", range(len(timesteps)), cond)]
 
                 def loop() -> torch.Tensor:
-                    latents = x_T
+                    out = x_T
                     for state in denoise(stepper, x_T, timesteps, stages, uncond):
-                        latents = state.latents
-                    return latents
+                        out = state.latents
+                    return out
 
-                t, latents = clock.once(loop)  # warm-up (and the latents for the VAE)
-                runs = [clock.once(loop)[0] for _ in range(s.loop_repeat)]
-                rec["loop"] = {"first_s": t, "median_s": _median(runs), "runs_s": runs}
+                rec["loop"], latents = _time_loop(clock, loop, s)
                 flush(rec)
         finally:
             if hasattr(stepper, "close"):
                 stepper.close()
+        if "text" in s.parts:
+            rec["text"] = clock.measure(lambda: [bundle.encode_prompt(p) for p in (NEGATIVE, PROMPT)], s.repeat,
+                                        s.warmup).as_dict()
+            flush(rec)
         if "vae" in s.parts:
             z = latents / bundle.vae.config.scale_factor
-            t = clock.measure(lambda: bundle.vae.decode(z), s.repeat, s.warmup)
-            rec["vae"] = t.as_dict()
-            flush(rec)
+            rec["vae"] = clock.measure(lambda: bundle.vae.decode(z), s.repeat, s.warmup).as_dict()
             rec["vae_dtype"] = str(bundle.vae.dtype).removeprefix("torch.")  # decode may have upcast itself
+            flush(rec)
     if "e2e" in s.parts and s.batch == 1:
         params = GenerationParams(PROMPT, negative=NEGATIVE, steps=s.steps, cfg=s.cfg, seed=s.seed,
                                   width=s.size, height=s.size)
-        t = clock.measure(lambda: ours_generate(bundle, params, opts), s.e2e_repeat, 1)
-        rec["e2e"] = t.as_dict()
+        rec["e2e"] = clock.measure(lambda: ours_generate(bundle, params, opts), s.e2e_repeat, 1).as_dict()
         flush(rec)
-    rec["peak_gb"] = clock.peak_memory_gb()
-    del bundle
-    free_memory()
 
 
 # ------------------------------------------------------------------------------------------------------ diffusers
 def build_diffusers(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any]):
-    """The diffusers StableDiffusionPipeline on the seeded weights, compiled as the preset says."""
+    """The diffusers StableDiffusionPipeline on the seeded weights, set up as the preset's recipe says."""
     from .reference import diffusers_sd_pipeline
 
     t0 = time.perf_counter()
@@ -249,10 +223,19 @@ def build_diffusers(preset: Preset, s: Settings, clock: Clock, rec: dict[str, An
     pipe = diffusers_sd_pipeline(bundle, s.tmp, share=True, attn_implementation="sdpa")
     del bundle
     pipe.set_progress_bar_config(disable=True)
-    mode = compile_mode(preset, s)
+    mode = compile_mode(preset, s.compile_mode, s.device.type)
     if mode:
+        pipe.fuse_qkv_projections()
         pipe.unet.to(memory_format=torch.channels_last)
-        pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
+        pipe.vae.to(memory_format=torch.channels_last)
+        if preset.full_recipe:  # torch.compile takes a mode or options: the mode's options plus the docs' flags
+            import torch._inductor as inductor
+
+            options = {**inductor.list_mode_options(mode), **dict(TUTORIAL_INDUCTOR_OPTIONS)}
+            pipe.unet = torch.compile(pipe.unet, options=options, fullgraph=True)
+            pipe.vae.decode = torch.compile(pipe.vae.decode, options=options, fullgraph=True)
+        else:
+            pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
     rec["compile_mode"] = mode or None
     clock.sync()
     rec["build_s"] = time.perf_counter() - t0
@@ -280,21 +263,15 @@ def diffusers_step_call(unet, sched, pe: torch.Tensor, npe: torch.Tensor, x_T: t
     return step
 
 
-def run_diffusers(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], flush: Flush) -> None:
-    pipe = build_diffusers(preset, s, clock, rec)
+def run_diffusers_shape(pipe, s: Settings, clock: Clock, rec: dict[str, Any], flush: Flush) -> None:
     clock.reset_peak()
     h = w = s.size
     with torch.inference_mode():
-        if "text" in s.parts:
-            t = clock.measure(lambda: pipe.encode_prompt(PROMPT, s.device, 1, True, negative_prompt=NEGATIVE),
-                              s.repeat, s.warmup)
-            rec["text"] = t.as_dict()
-            flush(rec)
         pe, npe = pipe.encode_prompt(PROMPT, s.device, s.batch, True, negative_prompt=NEGATIVE)
         x_T = make_inputs(s, s.dtype)
         if "step" in s.parts:
-            step = diffusers_step_call(pipe.unet, pipe.scheduler, pe, npe, x_T, s)
-            rec["step"] = clock.measure(step, s.repeat, s.warmup).as_dict()
+            rec["step"] = clock.measure(diffusers_step_call(pipe.unet, pipe.scheduler, pe, npe, x_T, s), s.repeat,
+                                        s.warmup).as_dict()
             flush(rec)
         latents = x_T  # what the VAE decodes when the loop is not run (the same values on both sides)
         if "loop" in s.parts:
@@ -302,15 +279,17 @@ def run_diffusers(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any]
                 return pipe(prompt_embeds=pe, negative_prompt_embeds=npe, num_inference_steps=s.steps,
                             guidance_scale=s.cfg, height=h, width=w, latents=x_T, output_type="latent").images
 
-            t, latents = clock.once(loop)
-            runs = [clock.once(loop)[0] for _ in range(s.loop_repeat)]
-            rec["loop"] = {"first_s": t, "median_s": _median(runs), "runs_s": runs}
+            rec["loop"], latents = _time_loop(clock, loop, s)
+            flush(rec)
+        if "text" in s.parts:
+            rec["text"] = clock.measure(lambda: pipe.encode_prompt(PROMPT, s.device, 1, True, negative_prompt=NEGATIVE),
+                                        s.repeat, s.warmup).as_dict()
             flush(rec)
         if "vae" in s.parts:
             z = latents / pipe.vae.config.scaling_factor
             rec["vae"] = clock.measure(lambda: pipe.vae.decode(z).sample, s.repeat, s.warmup).as_dict()
-            flush(rec)
             rec["vae_dtype"] = str(pipe.vae.dtype).removeprefix("torch.")
+            flush(rec)
         if "e2e" in s.parts and s.batch == 1:
             def e2e():
                 return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=s.steps, guidance_scale=s.cfg,
@@ -318,112 +297,81 @@ def run_diffusers(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any]
 
             rec["e2e"] = clock.measure(e2e, s.e2e_repeat, 1).as_dict()
             flush(rec)
-    rec["peak_gb"] = clock.peak_memory_gb()
-    del pipe
-    free_memory()
 
 
-def _median(xs: list[float]) -> float | None:
-    xs = sorted(xs)
-    if not xs:
-        return None
-    mid = len(xs) // 2
-    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+# ---------------------------------------------------------------------------------------------------- one config
+def _name(v: Any) -> Any:
+    return str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
 
 
 def describe(preset: Preset, s: Settings, rec: dict[str, Any]) -> bool:
-    """Fill `rec` with the configuration's settings; False (and rec["skipped"]) where it cannot run here."""
-    opts = fast_options(preset, s)
+    """Fill `rec` with the configuration's settings at s's shape; False (and rec["skipped"]) where it cannot run."""
+    try:
+        opts = fast_options(preset, s)
+        opts_error = None
+    except ValueError as e:  # e.g. a --compile-mode override these options refuse
+        opts, opts_error = None, f"ValueError: {e}"
+    mode = compile_mode(preset, s.compile_mode, s.device.type)
     rec.update({
-        "config": preset.name, "impl": preset.impl, "doc": preset.doc, "arch": s.arch, "tiny": s.tiny,
-        "device": str(s.device), "dtype": _name(s.dtype), "size": s.size, "batch": s.batch, "steps": s.steps,
-        "cfg": s.cfg, "attention": opts.attention if opts else "sdpa",
-        "compile": (opts.compile if opts else compile_mode(preset, s) or None),
-        "cuda_graphs": bool(opts and opts.cuda_graphs) or (preset.impl == "diffusers" and
-                                                           compile_mode(preset, s) == "reduce-overhead"),
+        "config": preset.name, "impl": preset.impl, "recipe": preset.recipe, "machine": s.machine, "arch": s.arch,
+        "tiny": s.tiny, "device": str(s.device), "dtype": _name(s.dtype), "size": s.size, "batch": s.batch,
+        "steps": s.steps, "cfg": s.cfg, "attention": opts.attention if opts else "sdpa",
+        "compile": (opts.compile if opts else mode or None),
+        "cuda_graphs": bool(opts and opts.cuda_graphs) or (s.device.type == "cuda" and (
+            (opts is not None and opts.compile in ("reduce-overhead", "max-autotune"))
+            or (preset.impl == "diffusers" and mode in ("reduce-overhead", "max-autotune")))),
         "fast_options": None if opts is None else {k: _name(v) for k, v in opts.__dict__.items()},
+        "flops_per_step": s.flops.get((s.size, s.batch)),
         "complete": False,
     })
+    if opts_error:
+        rec["error"] = opts_error
+        return False
     if preset.cuda_only and s.device.type != "cuda":
         rec["skipped"] = "needs CUDA"
         return False
     return True
 
 
-def run_config(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any], flush: Flush) -> None:
-    """Fill `rec` with one configuration's settings and measurements (or the error that stopped it), calling
-    `flush(rec)` after every measurement so a run cut short keeps the parts it finished."""
-    if not describe(preset, s, rec):
+def run_config(preset: Preset, s: Settings, clock: Clock, recs: list[dict[str, Any]], flush: Flush) -> None:
+    """Build the configuration once, then fill one record per shape of `s` (described already, in order), calling
+    `flush(rec)` after every measurement so a run cut short keeps the parts it finished. A failing shape (say, out of
+    memory at the largest batch) records its error and the next shape runs."""
+    shapes = s.each_shape()
+    todo = [(ss, rec) for ss, rec in zip(shapes, recs) if "skipped" not in rec and "error" not in rec]
+    if not todo:
         return
 
     def flush_derived(r: dict[str, Any]) -> None:
         r["peak_gb"] = clock.peak_memory_gb()
-        derive(r, s)
+        derive(r, s.gpu)
         flush(r)
 
     try:
-        run = run_ours if preset.impl == "ours" else run_diffusers
-        run(preset, s, clock, rec, flush_derived)
-        rec["complete"] = True
+        built = build_ours(preset, s, clock, todo[0][1]) if preset.impl == "ours" else \
+            build_diffusers(preset, s, clock, todo[0][1])
     except Exception as e:  # a failing configuration must not lose the others' results
-        rec["error"] = f"{type(e).__name__}: {e}"[:2000]
+        for _, rec in todo:
+            rec["error"] = f"{type(e).__name__}: {e}"[:2000]
         free_memory()
-    derive(rec, s)
-
-
-def derive(rec: dict[str, Any], s: Settings) -> None:
-    if "step" in rec:
-        rec["step_ms"] = rec["step"]["median_s"] * 1e3
-        rec["warmup_s"] = rec["step"]["first_s"]
-    if rec.get("loop") and rec["loop"]["median_s"]:
-        rec["loop_s"] = rec["loop"]["median_s"]
-        rec["loop_it_s"] = s.steps / rec["loop_s"]
-    for part in ("text", "vae"):
-        if part in rec:
-            rec[f"{part}_ms"] = rec[part]["median_s"] * 1e3
-    if "e2e" in rec:
-        rec["e2e_s"] = rec["e2e"]["median_s"]
-
-
-def _name(v: Any) -> Any:
-    return str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
-
-
-# ---------------------------------------------------------------------------------------------------------- sweep
-def run_sweep(preset: Preset, s: Settings, clock: Clock, k: int, layout: float, size: int, steps: int,
-              independent: str) -> dict[str, Any]:
-    """GBSD sweep cost: K α values sharing one layout stage vs K independent runs (same seed, same images)."""
-    alphas = [i / (k - 1) for i in range(k)] if k > 1 else [0.5]
-    opts = fast_options(preset, s)
-    rec: dict[str, Any] = {"config": preset.name, "k": k, "layout": layout, "size": size, "steps": steps,
-                           "alphas": alphas, "independent_mode": independent}
-    try:
-        bundle = build_bundle(s.arch, s.device, s.dtype, s.tiny, s.seed)
-        params = GenerationParams(PROMPT, focus=FOCUS, layout=layout, negative=NEGATIVE, steps=steps, cfg=s.cfg,
-                                  seed=s.seed, width=size, height=size)
-        with torch.inference_mode():
-            ours_generate(bundle, params, opts)  # warm-up (compilation / capture at batch 1)
-            if opts is not None and (opts.compile or opts.cuda_graphs):
-                ours_sweep(bundle, params, alphas, opts)  # and at batch K (a new shape for both)
-            t_shared, results = clock.once(lambda: ours_sweep(bundle, params, alphas, opts))
-            rec["shared_s"] = t_shared
-            rec["shared_unet_calls"] = results[0].unet_calls
-            if independent == "measure":
-                times, calls = [], 0
-                for a in alphas:
-                    t, r = clock.once(lambda: ours_generate(bundle, replace(params, alpha=a), opts))
-                    times.append(t)
-                    calls += r.unet_calls
-                rec["independent_s"], rec["independent_unet_calls"] = sum(times), calls
-            else:  # K x one measured run: each independent run does the same work
-                t, r = clock.once(lambda: ours_generate(bundle, replace(params, alpha=alphas[0]), opts))
-                rec["single_run_s"] = t
-                rec["independent_s"], rec["independent_unet_calls"] = k * t, k * r.unet_calls
-        n_layout = layout_steps(steps, layout)
-        rec["expected_shared_unet_calls"] = n_layout + k * (steps - n_layout)
-        rec["speedup"] = rec["independent_s"] / rec["shared_s"]
-        del bundle
-    except Exception as e:
-        rec["error"] = f"{type(e).__name__}: {e}"[:2000]
+        return
+    for ss, rec in todo:
+        for key in ("params", "build_s", "compile_mode"):
+            if key in todo[0][1]:
+                rec[key] = todo[0][1][key]
+        try:
+            if preset.impl == "ours":
+                run_ours_shape(*built, ss, clock, rec, flush_derived)
+            else:
+                run_diffusers_shape(built, ss, clock, rec, flush_derived)
+            rec["complete"] = True
+        except Exception as e:
+            rec["error"] = f"{type(e).__name__}: {e}"[:2000]
+            free_memory()
+        rec["peak_gb"] = clock.peak_memory_gb()
+        derive(rec, s.gpu)
+        flush(rec)
+    if preset.impl == "ours":
+        release_steppers(built[0])
+    del built
     free_memory()
-    return rec

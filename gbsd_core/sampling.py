@@ -18,8 +18,10 @@ whose conditioning has K times the batch of the incoming latents *branches* them
 That is how sweeps share the layout stage: one layout stage at batch 1, then a focus stage at batch K (one row per α
 or per local prompt). Fresh noise (DDIM's for η > 0, Euler ancestral's at every step) is drawn from the run's CPU
 generator at the un-branched batch size and repeated, so every branch sees exactly the noise its own independent run
-would have seen; a multistep sampler's history (DPM++ 2M: the previous x̂_0) is branched with the latents, and kept
-across the stage switch unless `restart_history=True` makes each stage start at first order.
+would have seen. It is drawn for all the steps that need it when the run starts (the same draws, in step order, as one
+per step) and moved to the device in one copy, not one blocking copy per step. A multistep sampler's history (DPM++
+2M: the previous x̂_0) is branched with the latents, and kept across the stage switch unless `restart_history=True`
+makes each stage start at first order.
 
 `denoise` is a generator: it yields a `StepState` after every step and leaves progress bars, previews, early stops
 and tracing to the caller.
@@ -287,6 +289,9 @@ def denoise(
     if use_cfg and uncond is None:
         raise ValueError("the stepper guides (classifier-free guidance) but no unconditional embedding was given")
     base_batch = latents.shape[0]  # batch before any branching: fresh noise is drawn at this size
+    noisy = [i for i in range(len(timesteps)) if sampler.noise_std(i, stepper.eta) > 0]  # steps that add noise
+    noises = _run_noises(latents, len(noisy), generator) if noisy else None
+    noise_of = {i: j for j, i in enumerate(noisy)}
     pred_x0: Tensor | None = None  # the previous step's x̂_0: a multistep sampler's history
     for stage in stages:
         cond = as_conditioning(stage.cond)
@@ -313,19 +318,28 @@ def denoise(
             stepper.set_context(cond.context, cond.vector)
         for i in stage.steps:
             t = timesteps[i].item()  # an int, or a float where the schedule is fractional
-            noise = _fresh_noise(latents, base_batch, generator) if sampler.noise_std(i, stepper.eta) > 0 else None
+            noise = None if i not in noise_of else _branch_rows(noises[noise_of[i]], latents.shape[0] // base_batch)
             latents, pred_x0 = stepper.step(latents, i, noise, pred_x0)
             yield StepState(step=i, timestep=t, stage=stage.name, latents=latents, pred_x0=pred_x0,
                             sigma=None if sampler.name == "ddim" else float(sampler.sigmas[i]))
 
 
-def _fresh_noise(latents: Tensor, base_batch: int, generator: torch.Generator | None) -> Tensor:
-    """Fresh N(0, I) for a stochastic step (DDIM η > 0, Euler ancestral), drawn at the un-branched batch and repeated
-    per branch.
+def _branch_rows(noise: Tensor, k: int) -> Tensor:
+    """Each row of the un-branched noise repeated for its k branches (k = 1: the row itself, no copy)."""
+    return noise if k == 1 else noise.repeat_interleave(k, dim=0)
 
-    Drawn on the generator's device (CPU by default) and moved, so a seed gives the same image on any device.
+
+def _run_noises(latents: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
+    """Fresh N(0, I) for the n steps of a run that add noise (DDIM with η > 0, Euler ancestral), [n, B, 4, h, w], at
+    the un-branched batch B of `latents` (each step repeats its row per branch).
+
+    Drawn on the generator's device (CPU by default, so a seed gives the same image on any device), one step after
+    the other, exactly the draws one per step would make, then moved to the latents' device in one copy: from pinned
+    memory and non-blocking on CUDA, where a per-step pageable copy would make the host wait for the GPU every step.
     """
     device = generator.device if generator is not None else torch.device("cpu")
-    shape = (base_batch, *latents.shape[1:])
-    noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-    return noise.to(latents.device, latents.dtype).repeat_interleave(latents.shape[0] // base_batch, dim=0)
+    pin = device.type == "cpu" and latents.device.type == "cuda"
+    noises = torch.empty((n, *latents.shape), device=device, dtype=torch.float32, pin_memory=pin)
+    for i in range(n):
+        torch.randn(latents.shape, generator=generator, device=device, dtype=torch.float32, out=noises[i])
+    return noises.to(latents.device, latents.dtype, non_blocking=True)

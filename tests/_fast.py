@@ -74,3 +74,31 @@ def psnr(a, b) -> float:
     a, b = (np.asarray(im, dtype=np.float64) for im in (a, b))
     mse = ((a - b) ** 2).mean()
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def tiny_bundle(prediction_type: str = "epsilon", seed: int = 0):
+    """An SDBundle of a tiny UNet and VAE (no text encoder: the tests feed contexts themselves); a v-prediction
+    bundle stands in for SD2-768-v (accelerate turns on its fp16 attention upcast)."""
+    from gbsd_core.bundle import SDBundle
+    from gbsd_core.family import SD1, SD2_768_V
+    from gbsd_core.vae import AutoencoderKL, VAEConfig
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1)).eval()
+    family = SD2_768_V if prediction_type == "v_prediction" else SD1
+    return SDBundle(unet=tiny_unet(seed), vae=vae, text_encoder=None, tokenizer=None,
+                    scheduler=DDIMScheduler(prediction_type), family=family)
+
+
+def compile_as(monkeypatch, backend: str = "aot_eager"):
+    """Make every torch.compile in the code under test use `backend` (fast on a CPU; inductor needs ~1 min per
+    compile of even a tiny UNet here), keeping its fullgraph/dynamic arguments. Returns the list of compiled fns."""
+    real = torch.compile
+    compiled = []
+
+    def fake(fn, *, fullgraph=False, dynamic=None, mode=None, options=None, backend_=None, **_):
+        compiled.append(fn)
+        return real(fn, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+
+    monkeypatch.setattr(torch, "compile", fake)
+    return compiled

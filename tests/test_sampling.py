@@ -181,3 +181,53 @@ def test_step_states_carry_no_sigma_for_ddim():
     states = list(denoise(CFGStep(RecordingModel(), sched, 2.0), torch.randn(1, 4, 2, 2), sched.timesteps(3),
                           [Stage("g", range(3), _emb(1))], _emb(0)))
     assert [s.sigma for s in states] == [None, None, None]  # DDIM steps by timestep; σ-based samplers set it
+
+
+def test_eta_noise_is_drawn_once_per_run_with_the_per_step_draws():
+    """η > 0: the run's noise is drawn when it starts and reaches the device in one copy (pinned and non-blocking on
+    CUDA), not one blocking copy per step. The draws are those one per step makes, in step order (a hand-written loop
+    here, 3×3 latents: 36 values per draw, not a multiple of CPU randn's 16-value blocks), so a seed keeps its image."""
+    sched = DDIMScheduler()
+    n = 6
+    timesteps = sched.timesteps(n)
+    g, u = _emb(0.3), _emb(0.0)
+    x_T = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    seen: list[torch.Tensor] = []
+
+    class Spy(CFGStep):
+        def step(self, latents, i, noise, prev_x0):
+            seen.append(noise)
+            return super().step(latents, i, noise, prev_x0)
+
+    states = list(denoise(Spy(RecordingModel(), sched, 2.0, 1.0), x_T, timesteps, [Stage("g", range(n), g)], u,
+                          generator=torch.Generator().manual_seed(5)))
+    gen, x, step = torch.Generator().manual_seed(5), x_T, CFGStep(RecordingModel(), sched, 2.0, 1.0)
+    step.set_context(torch.cat([u, g]))
+    for i, t in enumerate(timesteps):
+        noise = torch.randn(x_T.shape, generator=gen)
+        assert torch.equal(seen[i], noise), i
+        x, _ = step.step(x, i, noise, None)
+        assert torch.equal(states[i].latents, x), i
+    assert len({s.untyped_storage().data_ptr() for s in seen}) == 1  # views into one buffer: one draw, one copy
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh's smoke part runs it)")
+def test_cuda_eta_noise_comes_from_the_cpu_generator_in_one_copy():
+    """On CUDA the run's noise is drawn on the CPU generator (same image on any device), pinned, moved once."""
+    sched = DDIMScheduler()
+    timesteps = sched.timesteps(4)
+    g, u = _emb(0.3).cuda(), _emb(0.0).cuda()
+    x_T = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    class Spy(CFGStep):
+        def step(self, latents, i, noise, prev_x0):
+            seen.append(noise)
+            return super().step(latents, i, noise, prev_x0)
+
+    list(denoise(Spy(RecordingModel(), sched, 2.0, 1.0), x_T.cuda(), timesteps, [Stage("g", range(4), g)], u,
+                 generator=torch.Generator().manual_seed(5)))
+    gen = torch.Generator().manual_seed(5)
+    for noise in seen:
+        assert noise.is_cuda and torch.equal(noise.cpu(), torch.randn(x_T.shape, generator=gen))
+    assert len({n.untyped_storage().data_ptr() for n in seen}) == 1

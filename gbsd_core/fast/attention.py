@@ -6,7 +6,15 @@
   projections are computed once per stage (`set_context_kv`), not once per step.
 - **explicit softmax**: softmax(QKᵀ·scale)V in plain ops instead of SDPA (`FastOptions(attention="math")`).
 
-With none of them switched on, forward is the core's. The swap keeps every parameter (the Linear modules themselves
+Precision (`upcast`, on for SD2-768-v in fp16): only the explicit softmax computes in fp32. Every SDPA kernel already
+accumulates q·kᵀ and the softmax in fp32 for fp16/bf16 inputs (flash and memory-efficient attention in their tiles;
+PyTorch's math kernel too, unless `torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)`; the CPU kernels
+use fp32 accumulators), so they get q/k/v in the model's dtype: casting them up would only cost memory traffic, and
+CUDA's flash kernel has no fp32 implementation at all (a forced "flash" would fail). diffusers' SDPA processor
+(AttnProcessor2_0) likewise ignores `upcast_attention`. tests/fast/test_attention.py checks both paths on logits past
+fp16's range.
+
+With none of the shortcuts switched on, forward computes what the core's does. The swap keeps every parameter (the Linear modules themselves
 move over), so `state_dict()` and `load_state_dict()` see the checkpoint's keys as before.
 """
 from __future__ import annotations
@@ -52,20 +60,23 @@ class FastCrossAttention(CrossAttention):
             # one [B, N, 3*inner] matmul, split as (q|k|v, heads, dim_head) -> 3 x [B, heads, N, dim_head] views
             qkv = self.qkv_linear(x, self.qkv_weight)
             q, k, v = qkv.view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
-        elif not self.explicit_softmax:
-            return super().forward(x, context)
         else:
             context = x if context is None else context
             q, k, v = (self.split_heads(proj(t)) for proj, t in ((self.to_q, x), (self.to_k, context),
                                                                  (self.to_v, context)))
+        return self.to_out(self.merge_heads(self.attend(q, k, v)))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """softmax(q kᵀ · scale) v in q's dtype. q: [B, heads, Nq, d]; k, v: [B, heads, Nk, d] -> [B, heads, Nq, d].
+
+        The fp32 upcast applies to the explicit softmax only (module docstring): SDPA accumulates in fp32 itself.
+        """
+        if not self.explicit_softmax:
+            return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         dtype = q.dtype
         if self.upcast:
             q, k, v = q.float(), k.float(), v.float()
-        if self.explicit_softmax:
-            out = (q @ k.transpose(-1, -2) * self.scale).softmax(dim=-1) @ v  # [B, heads, Nq, d]
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return self.to_out(self.merge_heads(out).to(dtype))
+        return ((q @ k.transpose(-1, -2) * self.scale).softmax(dim=-1) @ v).to(dtype)
 
     # ------------------------------------------------------------------ fused QKV
     def fuse_qkv(self) -> None:

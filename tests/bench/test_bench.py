@@ -14,8 +14,10 @@ if str(REPO) not in sys.path:  # `pytest` (not `python -m pytest`) does not put 
     sys.path.insert(0, str(REPO))
 
 from bench.__main__ import main  # noqa: E402
+from bench.schema import SCHEMA  # noqa: E402
 
-MEASURED = ("text_ms", "step_ms", "loop_it_s", "loop_s", "vae_ms", "e2e_s", "peak_gb", "warmup_s", "build_s")
+MEASURED = ("text_ms", "step_ms", "loop_it_s", "loop_s", "vae_ms", "e2e_s", "peak_gb", "warmup_s", "build_s",
+            "images_s", "tflops")
 
 
 def test_tiny_run_prints_table_and_writes_json(tmp_path, capsys):
@@ -31,6 +33,7 @@ def test_tiny_run_prints_table_and_writes_json(tmp_path, capsys):
     assert rc == 0
 
     data = json.loads(out.read_text())
+    assert data["schema"] == SCHEMA
     env = data["environment"]
     for key in ("date", "torch", "cpu", "torch_threads", "load_average", "diffusers"):
         assert key in env, key
@@ -47,6 +50,9 @@ def test_tiny_run_prints_table_and_writes_json(tmp_path, capsys):
         for key in MEASURED:
             assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (name, key, r.get(key))
         assert r["loop_it_s"] == pytest.approx(steps / r["loop_s"])
+        assert r["images_s"] == pytest.approx(r["loop_it_s"] / steps) and r["images_s_from"] == "loop"
+        assert r["tflops"] == pytest.approx(r["flops_per_step"] / (r["step_ms"] / 1e3) / 1e12)
+        assert "pct_peak" not in r  # a CPU: TFLOP/s only
         assert r["params"]["unet"] > 0
     assert recs["fast"]["fast_options"]["fuse_qkv"] is True and recs["eager"]["fast_options"] is None
     # Ratios against the same run's diffusers baseline.

@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _fast import CUDA, FOCUS, PROMPT, SIZE, fast_generate, gbsd_run, max_rel, psnr, tiny_unet
+from _fast import (
+    CUDA,
+    FOCUS,
+    PROMPT,
+    SIZE,
+    fast_generate,
+    gbsd_run,
+    max_rel,
+    psnr,
+    tiny_unet,
+)
 from _util import rel_err
 
 from gbsd_core.ddim import DDIMScheduler
@@ -57,6 +67,11 @@ def test_gbsd_stage_switch_with_cache_equals_uncached_run():
 
 
 # ----------------------------------------------------------------------------------------------------- graphs
+def _kv_ptrs(stepper) -> list[tuple[int, int]]:
+    """Storage of the cached K and V every cross-attention reads."""
+    return [(a.context_kv[1].data_ptr(), a.context_kv[2].data_ptr()) for a in stepper._attn2]
+
+
 def test_graphed_step_buffers_with_cpu_stand_in():
     """The CUDA-graph stepper's buffer logic, with "replay" = run the body on the static buffers: equal to the eager
     stepper bit for bit; a stage switch is a copy (no new capture) and updates the cached K/V in place; a sweep's
@@ -66,7 +81,7 @@ def test_graphed_step_buffers_with_cpu_stand_in():
     graphed = FastStepper(unet, None, 7.5, 0.0, cache_context_kv=True, capture=eager_capture)
     kv_ptrs = []
     real_switch = graphed._switch_context
-    graphed._switch_context = lambda g: (real_switch(g), kv_ptrs.append(graphed._kv_storage()))
+    graphed._switch_context = lambda g: (real_switch(g), kv_ptrs.append(_kv_ptrs(graphed)))
     out = gbsd_run(unet, graphed)
     assert all(torch.equal(a, b) for a, b in zip(out, eager))
     assert graphed.captures == 1 and len(kv_ptrs) == 2 and kv_ptrs[0] == kv_ptrs[1]
@@ -75,21 +90,52 @@ def test_graphed_step_buffers_with_cpu_stand_in():
     graphed3 = FastStepper(unet, None, 7.5, 0.0, cache_context_kv=True, capture=eager_capture)
     assert all(torch.equal(a, b) for a, b in zip(gbsd_run(unet, graphed3, rows=3), eager3))
     assert graphed3.captures == 2
-    # Another user re-points the UNet's K/V cache at another batch: the graph must notice and capture again.
+    # Another stepper (graphed3) re-pointed the UNet's K/V cache at batch 3, a caller then at batch 6: the graph
+    # notices, re-installs its own K/V buffers (recomputed from its context buffer) and replays; it never captures
+    # again, and its K/V never move (a real graph reads them by address).
     ctx, x = torch.randn(2, 77, 48), torch.randn(1, 4, 8, 8)
     graphed.set_context(ctx)
     first = graphed(x, 981, None)
-    assert graphed.captures == 2  # graphed3 above re-allocated the K/V at batch 3
-    graphed.set_context(ctx)  # same shapes: a copy, no capture
-    assert torch.equal(graphed(x, 981, None)[0], first[0]) and graphed.captures == 2
     set_context_kv(unet, torch.randn(6, 77, 48))
     second = graphed(x, 981, None)
-    assert graphed.captures == 3 and torch.equal(first[0], second[0])
+    assert graphed.captures == 1 and torch.equal(first[0], second[0]) and _kv_ptrs(graphed) == kv_ptrs[0]
     graphed.close()
     reference = FastStepper(unet, graphed.scheduler, 7.5, 0.0)
     reference.set_context(ctx)
     with torch.inference_mode():
         assert rel_err(first[0], reference(x, 981, None)[0]) <= 1e-6
+
+
+def test_graph_rechecks_v_as_well_as_k():
+    """Issue item 6: the graphed step checked only K's storage to decide whether the cached K/V it reads had moved.
+    Re-point V alone (K untouched, same context): the next step must put the graph's own V back before replaying."""
+    unet = tiny_unet()
+    graphed = FastStepper(unet, DDIMScheduler(), 7.5, 0.0, cache_context_kv=True, capture=eager_capture)
+    graphed.scheduler.timesteps(10)
+    ctx, x = torch.randn(2, 77, 48), torch.randn(1, 4, 8, 8)
+    graphed.set_context(ctx)
+    first = graphed(x, 901, None)
+    attn = graphed._attn2[0]
+    source, k, v = attn.context_kv
+    attn.context_kv = (source, k, torch.zeros_like(v))  # another V tensor; K and the context are the graph's own
+    second = graphed(x, 901, None)
+    assert attn.context_kv[2] is v and graphed.captures == 1
+    assert torch.equal(first[0], second[0])
+
+
+def test_graphs_survive_close_and_alternate_shapes_without_recapture():
+    """Issue item 9 at the stepper: a second run after close() (what `with make_stepper(...)` does after each
+    generate) replays the graphs it has, one per shape, each with its own K/V buffers, instead of capturing again."""
+    unet = tiny_unet()
+    graphed = FastStepper(unet, None, 7.5, 0.0, cache_context_kv=True, capture=eager_capture)
+    eager = FastStepper(unet, None, 7.5, 0.0, cache_context_kv=True)
+    for rows in (1, 3, 1, 3):  # generate, sweep, generate, sweep
+        ref = gbsd_run(unet, eager, rows=rows)
+        out = gbsd_run(unet, graphed, rows=rows)
+        graphed.close()
+        assert all(torch.equal(a, b) for a, b in zip(out, ref))
+        assert all(site.module.context_kv is None for site in unet.attention_sites())  # close() took the cache off
+    assert graphed.captures == 2  # batch 1 and batch 3, once each
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (bench/gpu.sh runs it)")
@@ -109,8 +155,10 @@ def test_cuda_graphs_real(fresh, dtype):
         list(denoise(stepper, x, ts, gbsd_stages(cond[:1], cond[1:], 8, 0.5), b2.encode_prompt("").cuda()))
         assert stepper.captures == 1  # the stage switch did not re-capture
     graphed = fast_generate(b2, p, opts)
+    again = fast_generate(b2, p, opts)  # the cached stepper: replays, no capture (issue item 9)
     print(f"CUDA graphs {dtype}: PSNR vs eager fast {psnr(graphed.image, eager.image):.1f} dB")
-    assert psnr(graphed.image, eager.image) >= 40.0
+    assert psnr(graphed.image, eager.image) >= 40.0 and psnr(again.image, graphed.image) == float("inf")
+    assert make_stepper(b2, opts, 7.5).captures == 1  # generate reuses the graph the denoise above captured
 
 
 # ----------------------------------------------------------------------------------------------------- compile
@@ -152,3 +200,113 @@ def test_fast_steps_run_ddim_only_for_now(fresh):
         stepper.scheduler.timesteps(6)
         with pytest.raises(ValueError, match="DDIM only"):
             stepper.step(x, 0, None)
+
+
+# ----------------------------------------------------------------------------------------------------- recompiles
+@pytest.fixture
+def dynamo_reset():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_twelve_guidance_batch_size_variants_through_the_compiled_step(monkeypatch, dynamo_reset):
+    """Issue item 4: every compiled stepper shares one compiled step function (dynamo keeps its graphs on the
+    function's code). It specialised on every distinct guidance scale, batch and size, and under fullgraph=True the
+    9th variant (torch's default recompile limit is 8) was a hard error. A long-running process — several CFG
+    values, batches, sizes — must never crash: 12 variants here, each checked against the plain CFG step. The
+    guidance is a tensor input now, so they need only the two shapes' compiles. (Dynamo alone, backend "eager": the
+    recompiles are dynamo's; test_apply.py runs the step through aot_eager.)"""
+    from _fast import compile_as, tiny_bundle
+
+    compile_as(monkeypatch, "eager")
+    b, plain = tiny_bundle(), tiny_bundle()  # same seed, same weights; `plain` is never accelerated
+    opts = FastOptions(compile="default", cache_context_kv=True, cpu_prepack=False)
+    worst, done = 0.0, 0
+    for guidance in (2.0, 3.0, 4.5, 5.5, 7.5, 9.0):
+        with make_stepper(b, opts, guidance) as step:
+            for batch, hw in ((1, 8), (2, 16)):
+                worst = max(worst, _step_vs_plain(step, plain, b.scheduler, guidance, batch, hw, seed=done))
+                done += 1
+    print(f"12 (guidance, batch, size) variants through the compiled step: worst rel err vs CFGStep {worst:.2e}")
+    assert done == 12 and worst <= 1e-4
+
+
+def _step_vs_plain(step, plain, scheduler, guidance, batch, hw, seed) -> float:
+    """One step of `step` on random inputs against the plain CFGStep on the same weights."""
+    from gbsd_core.sampling import CFGStep
+
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(2 * batch, 77, 48, generator=g)
+    x = torch.randn(batch, 4, hw, hw, generator=g)
+    t = int(scheduler.timesteps(10)[3])
+    step.set_context(ctx)
+    ref_step = CFGStep(plain.unet, scheduler, guidance)
+    ref_step.set_context(ctx)
+    with torch.inference_mode():
+        return rel_err(step(x, t, None)[0], ref_step.step(x, 3, None, None)[0])
+
+
+def test_past_the_recompile_limit_the_stepper_warns_and_runs_eager_steps(monkeypatch, dynamo_reset):
+    """Beyond even the raised limit a new shape must not crash the process either: one warning, then eager steps
+    that still compute the right thing. (The limit is lowered to 1 here so that the second shape is past it.)"""
+    import torch._dynamo
+    from _fast import compile_as, tiny_bundle
+
+    import gbsd_core.fast.step as fast_step
+
+    compile_as(monkeypatch, "eager")
+    monkeypatch.setattr(fast_step, "RECOMPILE_LIMIT", 1)
+    # (config.patch, not monkeypatch: pytest's undo deletes a config attribute, which hides it for good)
+    key = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    b, plain = tiny_bundle(), tiny_bundle()
+    with torch._dynamo.config.patch(**{key: 1}), \
+            make_stepper(b, FastOptions(compile="default", cpu_prepack=False), 7.5) as step:
+        err = _step_vs_plain(step, plain, b.scheduler, 7.5, 1, 8, seed=0)
+        with pytest.warns(UserWarning, match="recompile limit"):
+            err = max(err, _step_vs_plain(step, plain, b.scheduler, 7.5, 2, 8, seed=1))
+        err = max(err, _step_vs_plain(step, plain, b.scheduler, 7.5, 1, 16, seed=2))
+    assert step._fn.eager and err <= 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------- outputs
+def _cudagraph_like_compile(monkeypatch):
+    """CPU stand-in for torch.compile in a mode with inductor's CUDA graphs: each call's outputs are written into the
+    same memory (as a replay does), which the next call overwrites."""
+    def compile_(fn, **_):
+        outs: list[torch.Tensor] = []
+
+        def replay(*args):
+            results = fn(*args)
+            if not outs:
+                outs.extend(torch.empty_like(r) for r in results)
+            for o, r in zip(outs, results):
+                o.copy_(r)
+            return tuple(outs)
+
+        return replay
+
+    monkeypatch.setattr(torch, "compile", compile_)
+
+
+def test_earlier_step_outputs_survive_later_steps_under_modes_with_graphs(monkeypatch):
+    """Issue item 5: a caller keeps every step's latents and x̂0 (previews, the StepStates). Under compile modes that
+    bring inductor's CUDA graphs the compiled outputs were returned as they were, so the next replay overwrote them;
+    our own graphs copy out of their static buffers. Every kept state must still equal the eager run's."""
+    _cudagraph_like_compile(monkeypatch)
+    unet = tiny_unet()
+    with FastStepper(unet, None, 7.5, 0.0, cache_context_kv=True) as reference:
+        eager = gbsd_run(unet, reference, n=4)
+    for name, stepper in [
+        ("compile='reduce-overhead'", FastStepper(unet, None, 7.5, 0.0, compile_mode="reduce-overhead")),
+        ("compile='max-autotune'", FastStepper(unet, None, 7.5, 0.0, compile_mode="max-autotune")),
+        ("cuda_graphs (CPU stand-in)", FastStepper(unet, None, 7.5, 0.0, cache_context_kv=True,
+                                                   capture=eager_capture)),
+    ]:
+        kept = gbsd_run(unet, stepper, n=4)
+        stepper.close()
+        err = max_rel(kept, eager)
+        print(f"{name}: kept states vs eager run {err:.2e}")
+        assert err <= 1e-6, name

@@ -7,6 +7,8 @@ imported.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -15,76 +17,179 @@ import triton.language as tl
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)
 
 
-@triton.jit
-def _group_norm_silu_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, HW, CPG, GROUPS, eps,
-                            CHANNELS_LAST: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr):
-    """One program normalizes one (batch, group): CPG channels x HW pixels, walked in BLOCK-wide chunks.
+# ------------------------------------------------------------------------------------------------ GroupNorm (+SiLU)
+# Three launches, the first and last on a full grid (why: kernels/__init__.py):
+#   1. stats     partial (count, mean, M2) of one tile of one image's channel(s): a plane chunk (NCHW) or a
+#                pixels x channels tile (channels-last, rows of contiguous channels)  -> [B, C, SPLITS] each
+#   2. finalize  one program per (image, group) merges its C/G x SPLITS partials (Chan et al.'s pairwise formula) and
+#                folds mean, rstd and the affine into a per-channel scale a = rstd·w and shift b = bias − mean·a
+#   3. apply     y = x·a + b (+ SiLU), one multiply-add per element, the layout's natural tiles; no division
+# ATen's own GroupNorm kernels use the same fused form for the apply (ComputeFusedParams); its statistics pass runs
+# one block per (image, group).
 
-    Element i of the group (0 <= i < CPG*HW) is, in NCHW, channel i // HW of the group at flat offset base + i (the
-    group is one contiguous run); in channels_last, pixel i // CPG and channel i % CPG at base + pixel*C + channel.
+
+@triton.jit
+def _gn_stats_nchw_kernel(x_ptr, cnt_ptr, mean_ptr, m2_ptr, HW, SPLITS, BLOCK: tl.constexpr):
+    """Program (row, s), row = n*C + c: statistics of x[n, c].flatten()[s*BLOCK : (s+1)*BLOCK] (contiguous)."""
+    row = tl.program_id(0).to(tl.int64)  # int64: B*C*H*W can pass 2**31 (a VAE decode of a batch at 1024^2)
+    s = tl.program_id(1)
+    offs = s * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < HW
+    x = tl.load(x_ptr + row * HW + offs, mask=mask, other=0.0).to(tl.float32)
+    cnt = tl.sum(mask.to(tl.float32), axis=0)
+    mean = tl.sum(x, axis=0) / cnt
+    d = tl.where(mask, x - mean, 0.0)  # deviations from the tile's own mean: stable when |mean| >> std
+    out = row * SPLITS + s
+    tl.store(cnt_ptr + out, cnt)
+    tl.store(mean_ptr + out, mean)
+    tl.store(m2_ptr + out, tl.sum(d * d, axis=0))
+
+
+@triton.jit
+def _gn_stats_cl_kernel(x_ptr, cnt_ptr, mean_ptr, m2_ptr, C, HW, SPLITS,
+                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (s, n, cb): per-channel statistics of pixels [s*BLOCK_P, ...) x channels [cb*BLOCK_C, ...) of image n.
+
+    Channels-last: pixel p, channel c of image n sit at (n*HW + p)*C + c, so each tile row is contiguous.
     """
+    s = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    cb = tl.program_id(2)
+    p = s * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    pmask, cmask = p < HW, c < C
+    mask = pmask[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + (n * HW + p[:, None]) * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    cnt = tl.sum(pmask.to(tl.float32), axis=0)  # pixels in this tile (the same for every channel)
+    mean = tl.sum(x, axis=0) / cnt  # [BLOCK_C]
+    d = tl.where(mask, x - mean[None, :], 0.0)
+    out = (n * C + c) * SPLITS + s
+    tl.store(cnt_ptr + out, tl.zeros([BLOCK_C], dtype=tl.float32) + cnt, mask=cmask)
+    tl.store(mean_ptr + out, mean, mask=cmask)
+    tl.store(m2_ptr + out, tl.sum(d * d, axis=0), mask=cmask)
+
+
+@triton.jit
+def _gn_finalize_kernel(cnt_ptr, mean_ptr, m2_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, C, CPG, GROUPS, SPLITS, eps,
+                        BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program n*GROUPS + g: merge the group's partials (its CPG channels' [SPLITS] rows are one contiguous run),
+    then write the per-channel scale and shift of the apply pass."""
     pid = tl.program_id(0)
     n = pid // GROUPS
     g = pid % GROUPS
-    group_numel = CPG * HW
-    # int64 base: B*C*H*W can pass 2**31 (e.g. a VAE decode of a batch at 1024^2).
-    if CHANNELS_LAST:
-        base = n.to(tl.int64) * C * HW + g * CPG
-    else:
-        base = (n.to(tl.int64) * C + g * CPG) * HW
+    base = (n.to(tl.int64) * C + g * CPG) * SPLITS
+    total = CPG * SPLITS
     lanes = tl.arange(0, BLOCK)
-
-    # Pass 1: statistics in fp32 with Welford's update per lane (stable when |mean| >> std, unlike sum and
-    # sum-of-squares), then the lanes' (count, mean, M2) are merged with Chan et al.'s pairwise formula.
-    cnt = tl.zeros([BLOCK], dtype=tl.float32)
-    mean = tl.zeros([BLOCK], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, group_numel, BLOCK):
+    acc_n = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_s = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, total, BLOCK):
         i = start + lanes
-        mask = i < group_numel
-        if CHANNELS_LAST:
-            pix = i // CPG
-            off = pix * C + (i - pix * CPG)
-        else:
-            off = i
-        x = tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
-        cnt_new = cnt + mask.to(tl.float32)
-        delta = x - mean
-        mean = mean + tl.where(mask, delta / tl.maximum(cnt_new, 1.0), 0.0)
-        m2 = m2 + tl.where(mask, delta * (x - mean), 0.0)
-        cnt = cnt_new
-    total = tl.sum(cnt, axis=0)
-    g_mean = tl.sum(cnt * mean, axis=0) / total
-    spread = mean - g_mean
-    g_var = tl.sum(m2 + cnt * spread * spread, axis=0) / total      # biased variance, as torch.nn.GroupNorm
-    rstd = tl.math.rsqrt(g_var + eps)
-
-    # Pass 2: normalize, per-channel affine, optional SiLU, store in the output dtype (same layout as the input).
-    for start in range(0, group_numel, BLOCK):
+        m = i < total
+        cn = tl.load(cnt_ptr + base + i, mask=m, other=0.0)
+        acc_n += cn
+        acc_s += cn * tl.load(mean_ptr + base + i, mask=m, other=0.0)
+    count = tl.sum(acc_n, axis=0)
+    g_mean = tl.sum(acc_s, axis=0) / count
+    # Chan et al.: M2 of the union = sum of the parts' M2 + n_i (mean_i - mean)^2
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, total, BLOCK):
         i = start + lanes
-        mask = i < group_numel
-        if CHANNELS_LAST:
-            pix = i // CPG
-            c_in_group = i - pix * CPG
-            off = pix * C + c_in_group
-        else:
-            c_in_group = i // HW
-            off = i
-        ch = g * CPG + c_in_group
-        x = tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + ch, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + ch, mask=mask, other=0.0).to(tl.float32)
-        y = (x - g_mean) * rstd * w + b
-        if SILU:
-            y = y * tl.sigmoid(y)
-        tl.store(y_ptr + base + off, y.to(y_ptr.dtype.element_ty), mask=mask)
+        m = i < total
+        dlt = tl.load(mean_ptr + base + i, mask=m, other=0.0) - g_mean
+        acc += tl.load(m2_ptr + base + i, mask=m, other=0.0) + tl.load(cnt_ptr + base + i, mask=m, other=0.0) * dlt * dlt
+    rstd = tl.math.rsqrt(tl.sum(acc, axis=0) / count + eps)  # biased variance, as torch.nn.GroupNorm
+    cs = tl.arange(0, BLOCK_C)
+    cm = cs < CPG
+    ch = g * CPG + cs
+    a = tl.load(w_ptr + ch, mask=cm, other=0.0).to(tl.float32) * rstd
+    b = tl.load(b_ptr + ch, mask=cm, other=0.0).to(tl.float32) - g_mean * a
+    tl.store(scale_ptr + n * C + ch, a, mask=cm)
+    tl.store(shift_ptr + n * C + ch, b, mask=cm)
+
+
+@triton.jit
+def _gn_apply_nchw_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, HW, SILU: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, j), row = n*C + c: y = x·a + b (+ SiLU) over x[n, c].flatten()[j*BLOCK : (j+1)*BLOCK]."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < HW
+    a = tl.load(scale_ptr + row)
+    b = tl.load(shift_ptr + row)
+    x = tl.load(x_ptr + row * HW + offs, mask=mask, other=0.0).to(tl.float32)
+    y = x * a + b
+    if SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(y_ptr + row * HW + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_apply_cl_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, C, HW, SILU: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (s, n, cb): y = x·a + b (+ SiLU) on the channels-last tile of _gn_stats_cl_kernel."""
+    s = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    cb = tl.program_id(2)
+    p = s * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    mask = (p < HW)[:, None] & cmask[None, :]
+    a = tl.load(scale_ptr + n * C + c, mask=cmask, other=0.0)
+    b = tl.load(shift_ptr + n * C + c, mask=cmask, other=0.0)
+    offs = (n * HW + p[:, None]) * C + c[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = x * a[None, :] + b[None, :]
+    if SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@dataclass(frozen=True)
+class GroupNormPlan:
+    """Launch geometry of one group_norm_silu_triton call (tests check that the big launches fill the GPU)."""
+
+    channels_last: bool
+    splits: int  # tiles per (image, channel) plane: the partials per channel
+    block: int  # NCHW: elements per tile; channels-last: pixels per tile
+    block_c: int  # channels-last: channels per tile (1 for NCHW)
+    stats_grid: tuple[int, ...]
+    finalize_grid: tuple[int]
+    apply_grid: tuple[int, ...]
+    num_warps: int
+
+
+TILE = 4096  # most elements per stats/apply program: 8 KB of fp16, 16 per thread at 8 warps
+MIN_TILE = 256
+
+
+def plan_group_norm(shape: tuple[int, int, int, int], groups: int, channels_last: bool,
+                    block: int | None = None) -> GroupNormPlan:
+    """The grids for x of `shape` [B, C, H, W]. `block` (a power of two) overrides the tile (tests: several tiles).
+
+    Tiles shrink with the tensor (numel / 1024, within [256, 4096] elements), so even the UNet's 8x8 levels launch
+    hundreds of programs: about a thousand for every SD-sized activation, against B·G = 64 of a program per group.
+    """
+    bsz, c, h, w = shape
+    hw = h * w
+    tile = min(TILE, max(MIN_TILE, triton.next_power_of_2(max(bsz * c * hw // 1024, 1))))
+    if channels_last:
+        block_c = min(triton.next_power_of_2(c), 64)
+        block = block or max(tile // block_c, 1)
+        splits = triton.cdiv(hw, block)
+        grid = (splits, bsz, triton.cdiv(c, block_c))
+    else:
+        block_c = 1
+        block = block or min(triton.next_power_of_2(hw), tile)
+        splits = triton.cdiv(hw, block)
+        grid = (bsz * c, splits)
+    return GroupNormPlan(channels_last, splits, block, block_c, grid, (bsz * groups,), grid,
+                         num_warps=8 if block * block_c >= 2048 else 4)
 
 
 def group_norm_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
                            silu: bool, block: int | None = None) -> torch.Tensor:
-    """Launch the fused GroupNorm(+SiLU). x: [B, C, H, W] NCHW- or channels_last-contiguous (else copied) -> same.
+    """Fused GroupNorm(+SiLU). x: [B, C, H, W] NCHW- or channels_last-contiguous (else copied) -> same layout.
 
-    ``block`` (a power of two) overrides the chunk width; tests use a small one to exercise the loop and its tail.
+    ``block`` (a power of two) overrides the tile size; tests use a small one to exercise several tiles and the tail.
     """
     bsz, c, h, w = x.shape
     if x.is_contiguous():
@@ -94,19 +199,31 @@ def group_norm_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     else:
         x = x.contiguous()
         channels_last = False
-    y = torch.empty_like(x)                     # preserve_format: same strides as the (dense) input
-    cpg = c // groups
-    group_numel = cpg * h * w
-    if block is None:
-        block = min(triton.next_power_of_2(group_numel), 2048)
-    # One program per (batch, group): B*G programs (64 for SD's CFG batch). That under-fills a big GPU, but at SD sizes
-    # a group is <= 40 x 64 x 64 elements and the second pass re-reads it from L2.
-    _group_norm_silu_kernel[(bsz * groups,)](
-        x, weight.contiguous(), bias.contiguous(), y, c, h * w, cpg, groups, float(eps),
-        CHANNELS_LAST=channels_last, SILU=bool(silu), BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    plan = plan_group_norm((bsz, c, h, w), groups, channels_last, block)
+    cpg, hw = c // groups, h * w
+    y = torch.empty_like(x)  # preserve_format: same strides as the (dense) input
+    cnt, mean, m2 = torch.empty((3, bsz * c * plan.splits), device=x.device, dtype=torch.float32)
+    scale, shift = torch.empty((2, bsz * c), device=x.device, dtype=torch.float32)
+    if channels_last:
+        _gn_stats_cl_kernel[plan.stats_grid](x, cnt, mean, m2, c, hw, plan.splits, BLOCK_P=plan.block,
+                                             BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+    else:
+        _gn_stats_nchw_kernel[plan.stats_grid](x, cnt, mean, m2, hw, plan.splits, BLOCK=plan.block,
+                                               num_warps=plan.num_warps)
+    _gn_finalize_kernel[plan.finalize_grid](
+        cnt, mean, m2, weight.contiguous(), bias.contiguous(), scale, shift, c, cpg, groups, plan.splits, float(eps),
+        BLOCK=min(triton.next_power_of_2(cpg * plan.splits), 1024), BLOCK_C=triton.next_power_of_2(cpg),
+        num_warps=4)
+    if channels_last:
+        _gn_apply_cl_kernel[plan.apply_grid](x, y, scale, shift, c, hw, SILU=bool(silu), BLOCK_P=plan.block,
+                                             BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+    else:
+        _gn_apply_nchw_kernel[plan.apply_grid](x, y, scale, shift, hw, SILU=bool(silu), BLOCK=plan.block,
+                                               num_warps=plan.num_warps)
     return y
 
 
+# ----------------------------------------------------------------------------------------------------------- GEGLU
 @triton.jit
 def _geglu_kernel(x_ptr, y_ptr, D, stride_row, BLOCK: tl.constexpr):
     """Program (row, j) writes y[row, j*BLOCK : (j+1)*BLOCK] = hidden * gelu(gate).

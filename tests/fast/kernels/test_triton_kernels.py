@@ -12,6 +12,7 @@ rounds to nearest, so interpreted bf16 results may sit one bf16 ulp (2**-8 relat
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -37,7 +38,8 @@ def _gn_case(name: str, dtype: str, c: int = 40, groups: int = 4, hw: tuple[int,
 
 
 # Group sizes that are not powers of two (10 channels x 35 pixels = 350; 10 x 64 = 640), odd spatial sizes, both eps,
-# both layouts, a block smaller than the group (the loop and its masked tail), a large mean (Welford stability) and a
+# both layouts, tiles smaller than a plane (the partials' merge and masked tails), a large mean (the tiles' deviations
+# from their own mean, merged with Chan et al.'s formula, stay accurate) and a
 # strided input (the .contiguous() fallback).
 GN_CASES = (
     [_gn_case(f"c40g4-7x5-silu{int(s)}", dt, silu=s) for dt in DTYPES for s in (False, True)]
@@ -45,9 +47,15 @@ GN_CASES = (
     + [_gn_case(f"c320g32-8x8-eps1e-6-silu{int(s)}", dt, c=320, groups=32, hw=(8, 8), eps=1e-6, silu=s, batch=1)
        for dt, s in (("float32", False), ("float32", True), ("float16", True), ("bfloat16", True))]
     + [_gn_case("channels-last", dt, eps=1e-6, layout="channels_last") for dt in DTYPES]
-    + [_gn_case("block64-tail", dt, block=64) for dt in ("float32", "float16")]
-    + [_gn_case("block64-tail-channels-last", "float32", block=64, layout="channels_last"),
+    # blocks smaller than the plane: several partials per channel (the merge) and a masked tail tile
+    + [_gn_case("block16-tail", dt, block=16) for dt in ("float32", "float16")]
+    + [_gn_case("block16-tail-channels-last", "float32", block=16, layout="channels_last"),
+       # more channels than one channels-last tile holds (64): several channel blocks, the last one masked
+       _gn_case("c160g32-block4-channels-last", "float32", c=160, groups=32, block=4, layout="channels_last",
+                batch=1),
+       _gn_case("c320g32-8x8-block16", "bfloat16", c=320, groups=32, hw=(8, 8), block=16, batch=1),
        _gn_case("mean50", "float32", silu=False, offset=50.0),
+       _gn_case("mean50-channels-last", "float32", silu=False, offset=50.0, layout="channels_last", block=8),
        _gn_case("strided", "float32", layout="strided")]
 )
 GEGLU_CASES = (
@@ -177,24 +185,53 @@ def test_kernels_compile_for_gpu_without_one(dtype: str) -> None:
 
     import gbsd_core.fast.kernels.triton_kernels as tk
 
-    gn_sig = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "C": "i32",
-              "HW": "i32", "CPG": "i32", "GROUPS": "i32", "eps": "fp32",
-              "CHANNELS_LAST": "constexpr", "SILU": "constexpr", "BLOCK": "constexpr"}
+    x, f = f"*{dtype}", "*fp32"
+    stats_nchw = {"x_ptr": x, "cnt_ptr": f, "mean_ptr": f, "m2_ptr": f, "HW": "i32", "SPLITS": "i32",
+                  "BLOCK": "constexpr"}
+    stats_cl = {"x_ptr": x, "cnt_ptr": f, "mean_ptr": f, "m2_ptr": f, "C": "i32", "HW": "i32", "SPLITS": "i32",
+                "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}
+    finalize = {"cnt_ptr": f, "mean_ptr": f, "m2_ptr": f, "w_ptr": x, "b_ptr": x, "scale_ptr": f, "shift_ptr": f,
+                "C": "i32", "CPG": "i32", "GROUPS": "i32", "SPLITS": "i32", "eps": "fp32", "BLOCK": "constexpr",
+                "BLOCK_C": "constexpr"}
+    apply_nchw = {"x_ptr": x, "y_ptr": x, "scale_ptr": f, "shift_ptr": f, "HW": "i32", "SILU": "constexpr",
+                  "BLOCK": "constexpr"}
+    apply_cl = {"x_ptr": x, "y_ptr": x, "scale_ptr": f, "shift_ptr": f, "C": "i32", "HW": "i32", "SILU": "constexpr",
+                "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}
+    gn_kernels = [
+        (tk._gn_stats_nchw_kernel, stats_nchw, {"BLOCK": 4096}, 8),
+        (tk._gn_stats_cl_kernel, stats_cl, {"BLOCK_P": 64, "BLOCK_C": 64}, 8),
+        (tk._gn_finalize_kernel, finalize, {"BLOCK": 1024, "BLOCK_C": 16}, 4),
+        (tk._gn_apply_nchw_kernel, apply_nchw, {"SILU": True, "BLOCK": 4096}, 8),
+        (tk._gn_apply_cl_kernel, apply_cl, {"SILU": True, "BLOCK_P": 64, "BLOCK_C": 64}, 8),
+    ]
     geglu_sig = {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "D": "i32", "stride_row": "i32", "BLOCK": "constexpr"}
     for arch in (80, 90):
         target = GPUTarget("cuda", arch, 32)
-        for channels_last, silu in ((False, False), (False, True), (True, True)):
-            src = ASTSource(fn=tk._group_norm_silu_kernel, signature=gn_sig,
-                            constexprs={"CHANNELS_LAST": channels_last, "SILU": silu, "BLOCK": 2048})
-            assert triton.compile(src, target=target, options={"num_warps": 8}).asm["cubin"]
+        for fn, sig, constexprs, warps in gn_kernels:
+            src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+            assert triton.compile(src, target=target, options={"num_warps": warps}).asm["cubin"], fn.__name__
         src = ASTSource(fn=tk._geglu_kernel, signature=geglu_sig, constexprs={"BLOCK": 1024})
         assert triton.compile(src, target=target, options={"num_warps": 4}).asm["cubin"]
 
 
-# --- the references against PyTorch's own ops (independent of the kernels) ---
+# SD1.5 UNet GroupNorm inputs at 512² with CFG (batch 2): the widest and the deepest levels, and the skip concats.
+SD_SHAPES = [(2, 320, 64, 64), (2, 640, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 1920, 16, 16),
+             (2, 1280, 8, 8), (2, 2560, 8, 8)]
 
 
-# --- dispatch (in-process, no interpreter) ---
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", SD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_group_norm_launches_fill_a_big_gpu(shape, channels_last):
+    """Issue item 11: the first kernel ran one program per (image, group), 64 for a CFG image on 132 SMs, each
+    walking its whole group twice. The statistics and the apply pass now run on a full grid (the per-group merge is
+    a tiny launch): at least 2 programs per SM of an H100/H200 at every SD size, each with at most 4096 elements."""
+    from gbsd_core.fast.kernels.triton_kernels import plan_group_norm
+
+    plan = plan_group_norm(shape, 32, channels_last)
+    programs = math.prod(plan.stats_grid)
+    assert plan.apply_grid == plan.stats_grid and programs >= 2 * 132, plan
+    assert plan.block * plan.block_c <= 4096 and plan.finalize_grid == (shape[0] * 32,)
+    assert programs * plan.block * plan.block_c >= math.prod(shape)  # the tiles cover the tensor (tails masked)
 
 
 if __name__ == "__main__":
