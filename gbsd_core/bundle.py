@@ -3,6 +3,9 @@ conversions every pipeline needs: prompt -> text embeddings (the UNet's conditio
 latents.
 
 Made by `loading.load` from a checkpoint; tests and the bench assemble one from modules they build themselves.
+`check_parts_fit` is the loader's check that the three parts work together (each checkpoint part is read alone, so
+a 9-channel inpainting UNet or a text encoder of the wrong width would otherwise load and fail inside the network),
+and `model_limits` the image-size facts of a bundle (`SDBundle.limits`) or of a checkpoint before it is loaded.
 """
 from __future__ import annotations
 
@@ -12,16 +15,18 @@ from typing import TYPE_CHECKING, Union
 
 import torch
 
-from .clip_text import CLIPTextEncoder
+from .clip_text import CLIPTextConfig, CLIPTextEncoder
 from .ddim import DDIMScheduler
 from .family import Family
-from .openclip_text import OpenCLIPTextEncoder
+from .openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
+from .params import ModelLimits
 from .sampling import Conditioning
-from .sdxl_conditioner import SDXLConditioner, micro_embedding
-from .unet import UNetModel
-from .vae import AutoencoderKL
+from .sdxl_conditioner import SDXLConditioner, SDXLConditionerConfig, micro_embedding
+from .tokenizer import CONTEXT_LENGTH, EOT_TOKEN_ID
+from .unet import UNetConfig, UNetModel
+from .vae import AutoencoderKL, VAEConfig
 
-if TYPE_CHECKING:  # the tokenizer pulls in open_clip's BPE tables; PIL is only needed for images
+if TYPE_CHECKING:  # the tokenizer's BPE tables (open_clip) load on first use; PIL is only needed for images
     from PIL import Image
 
     from .tokenizer import Tokenizer
@@ -31,6 +36,51 @@ TextEncoder = Union[CLIPTextEncoder, OpenCLIPTextEncoder, SDXLConditioner]
 # The three networks of a LatentDiffusion checkpoint, by their attribute names here. (SDXL's text_encoder is sgm's
 # conditioner with both text towers.)
 COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+TextConfig = Union[CLIPTextConfig, OpenCLIPTextConfig, SDXLConditionerConfig]
+
+
+def check_parts_fit(unet: UNetConfig, vae: VAEConfig, text: TextConfig) -> None:
+    """Raise ValueError naming the part that disagrees, if the three networks cannot run together with gbsd's
+    tokenizer: latents flow VAE -> UNet -> VAE, the text encoder's tokens [B, 77] -> context [B, 77, width] feeds the
+    UNet's cross-attention (SDXL: its towers' widths side by side, and the vector y its label embedding), images are
+    RGB."""
+    towers = ([t for t in (text.clip, text.openclip) if t is not None] if isinstance(text, SDXLConditionerConfig)
+              else [text])
+    width = sum(t.width for t in towers)
+    problems = []
+    if (vae.in_channels, vae.out_ch) != (3, 3):
+        problems.append(f"the vae reads {vae.in_channels}-channel and writes {vae.out_ch}-channel images, not RGB")
+    if unet.in_channels != vae.embed_dim:
+        what = " (an inpainting UNet: latents + mask + masked image; not supported)" if unet.in_channels == 9 else ""
+        problems.append(f"the unet takes {unet.in_channels}-channel input{what} but the vae makes {vae.embed_dim}-channel "
+                        "latents")
+    elif unet.out_channels != vae.embed_dim:
+        problems.append(f"the unet predicts {unet.out_channels} channels but the vae's latents have {vae.embed_dim}")
+    if unet.context_dim != width:
+        problems.append(f"the unet's cross-attention reads {unet.context_dim}-wide context but the text encoder "
+                        f"makes {width}-wide embeddings")
+    vector = text.vector_dim if isinstance(text, SDXLConditionerConfig) else None
+    if unet.adm_in_channels != vector:  # SDXL's pooled text + size embeddings, the UNet's label_emb input
+        takes = f"a {unet.adm_in_channels}-wide vector y" if unet.adm_in_channels else "no vector y"
+        gives = f"a {vector}-wide one" if vector else "none"
+        problems.append(f"the unet takes {takes} but the text encoder gives {gives}")
+    positions, vocab = min(t.context_length for t in towers), min(t.vocab_size for t in towers)
+    if positions < CONTEXT_LENGTH:
+        problems.append(f"the text encoder has {positions} positions but prompts are {CONTEXT_LENGTH} tokens")
+    if vocab <= EOT_TOKEN_ID:
+        problems.append(f"the text encoder has {vocab} token embeddings but CLIP's tokenizer emits token ids "
+                        f"up to {EOT_TOKEN_ID}")
+    if problems:
+        raise ValueError("the parts do not fit together: " + "; ".join(problems))
+
+
+def model_limits(vae: VAEConfig, family: Family, native_size: int | None = None) -> ModelLimits:
+    """The image-size facts of a model: its VAE's factor and latent channels, the native side (a diffusers folder's
+    own when it has one, else the family's) and the family's largest side."""
+    return ModelLimits(vae_factor=vae.downsample_factor, latent_channels=vae.embed_dim,
+                       native_size=native_size or family.resolution, max_size=family.max_size)
 
 
 @dataclass
@@ -44,6 +94,11 @@ class SDBundle:
     scheduler: DDIMScheduler
     family: Family
     path: Path | None = None
+    native_size: int | None = None  # a diffusers folder's unet sample_size x VAE factor; None: the family's
+
+    def limits(self) -> ModelLimits:
+        """VAE factor, latent channels, native and largest image side (what `params.image_size` checks)."""
+        return model_limits(self.vae.config, self.family, self.native_size)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str] | str, clip_skip: int = 1) -> torch.Tensor | Conditioning:
@@ -81,11 +136,11 @@ class SDBundle:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
-        """Scaled latents [B, 4, h, w] -> B RGB images of 8h x 8w."""
+        """Scaled latents [B, C, h, w] -> B RGB images of fh x fw (C = 4 and f = 8 for SD's VAE, see `limits`)."""
         from PIL import Image
 
         z = latents.to(next(self.vae.parameters()).device) / self.vae.config.scale_factor  # 0.18215; SDXL 0.13025
-        x = self.vae.decode(z).float()  # [B, 3, 8h, 8w] in about [-1, 1]
+        x = self.vae.decode(z).float()  # [B, 3, fh, fw] in about [-1, 1]
         x = ((x + 1) / 2).clamp(0, 1)
         # round() as diffusers' numpy_to_pil; CompVis' scripts truncate, at most 1/255 darker
         arr = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -94,7 +149,7 @@ class SDBundle:
     @torch.no_grad()
     def encode_images(self, images: list[Image.Image] | torch.Tensor, generator: torch.Generator | None = None,
                       sample: bool = True) -> torch.Tensor:
-        """Images (PIL, or a [B, 3, H, W] tensor in [-1, 1]) -> scaled latents [B, 4, H/8, W/8].
+        """Images (PIL, or a [B, 3, H, W] tensor in [-1, 1]) -> scaled latents [B, C, H/f, W/f].
 
         sample=True draws from the posterior (CompVis img2img: `encode_first_stage(...)` then `get_first_stage_encoding`
         samples); sample=False takes its mean.

@@ -38,12 +38,18 @@ class CLIPTextConfig:
     layers: int = 12
     heads: int = 12
     context_length: int = 77
+    mlp_ratio: float = 4.0  # MLP hidden width / width: 4 in every released CLIP (small test towers differ)
+
+    @property
+    def mlp_width(self) -> int:
+        return round(self.width * self.mlp_ratio)
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor], heads: int | None = None) -> "CLIPTextConfig":
         """Infer the config from a state dict keyed like our module (`transformer.text_model.…`).
 
-        `heads` cannot be read from shapes; by default it is width // 64 (see CLIP_HEAD_DIM).
+        `heads` cannot be read from shapes; by default it is width // 64 (see CLIP_HEAD_DIM). A diffusers folder's
+        config.json says it (diffusers_layout.text_encoder_config).
         """
         prefix = "transformer.text_model."
         tok = sd[prefix + "embeddings.token_embedding.weight"]
@@ -57,10 +63,8 @@ class CLIPTextConfig:
                 raise ValueError(f"width {width} is not a multiple of {CLIP_HEAD_DIM}; pass heads= explicitly")
             heads = width // CLIP_HEAD_DIM
         fc1 = sd[prefix + "encoder.layers.0.mlp.fc1.weight"]
-        if fc1.shape[0] != 4 * width:
-            raise ValueError(f"MLP hidden size {fc1.shape[0]} != 4 * width ({4 * width}); not a CLIP text tower")
         return cls(vocab_size=tok.shape[0], width=width, layers=max(layer_ids) + 1, heads=heads,
-                   context_length=pos.shape[0])
+                   context_length=pos.shape[0], mlp_ratio=fc1.shape[0] / width)
 
 
 class CLIPEmbeddings(nn.Module):
@@ -102,8 +106,8 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.width, 4 * cfg.width)
-        self.fc2 = nn.Linear(4 * cfg.width, cfg.width)
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_width)
+        self.fc2 = nn.Linear(cfg.mlp_width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)

@@ -42,20 +42,23 @@ import math
 import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+NUM_TRAIN_TIMESTEPS = 1000  # T of every SD1/SD2 schedule (`timesteps: 1000` in v1-inference.yaml / v2-inference.yaml)
 
 
-def executed_steps(num_inference_steps: int, strength: float, num_train_timesteps: int = 1000) -> int:
+def executed_steps(num_inference_steps: int, strength: float = 1.0,
+                   num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> int:
     """How many steps a run executes: int(n · strength), checked (every sampler truncates img2img this way).
 
     diffusers StableDiffusionImg2ImgPipeline.get_timesteps: `init_timestep = int(num_inference_steps * strength)`, the
-    last that many steps of the n-step schedule run.
+    last that many steps of the n-step schedule run. What else a sampler's schedule refuses (DDIM: all of n = T) is
+    its `timesteps`'; `params.check_schedule` asks the sampler itself, so the input checks and the run agree.
     """
     n, T = num_inference_steps, num_train_timesteps
     if isinstance(n, bool) or not isinstance(n, int):
         raise ValueError(f"num_inference_steps must be an int, got {n!r}")
     if not 1 <= n <= T:
         raise ValueError(f"num_inference_steps must be in [1, {T}], got {n}")
-    if not 0.0 < strength <= 1.0:
+    if not 0.0 < strength <= 1.0:  # also False for NaN
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     n_run = int(n * strength)
     if n_run == 0:
@@ -76,7 +79,7 @@ class DDIMScheduler:
     def __init__(
         self,
         prediction_type: str = "epsilon",
-        num_train_timesteps: int = 1000,
+        num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
         linear_start: float = 0.00085,
         linear_end: float = 0.012,
     ) -> None:

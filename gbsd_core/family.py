@@ -15,6 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+# The largest image side a family is asked to render, as a multiple of its native side. SD composes well up to
+# about twice its training size and repeats objects beyond that; 4x (16x the pixels) leaves room for that while
+# refusing sizes whose activations would need tens of GB (the UNet's memory grows with the pixel count, its
+# self-attention's compute with its square).
+MAX_SIZE_FACTOR = 4
+
 TextEncoderKind = Literal["clip", "openclip", "sdxl-clip+openclip", "sdxl-openclip"]
 
 
@@ -35,6 +41,11 @@ class Family:
     # The refiner is an sgm "legacy" model there: it encodes the negative prompt.
     force_zeros_for_empty_prompt: bool = False
 
+    @property
+    def max_size(self) -> int:
+        """The largest width or height (pixels) gbsd renders with this family: MAX_SIZE_FACTOR x `resolution`."""
+        return MAX_SIZE_FACTOR * self.resolution
+
 
 SD1 = Family("sd1", "epsilon", 512, 49407, "clip")
 SD2_512 = Family("sd2-512", "epsilon", 512, 0, "openclip")  # v2-inference.yaml
@@ -54,6 +65,8 @@ def family_by_name(name: str | Family) -> Family:
     """`Family` for a name such as "sd1", "sd2-512", "sd2-768-v" (or a Family, returned as is)."""
     if isinstance(name, Family):
         return name
+    if not isinstance(name, str):
+        raise ValueError(f"a model family is a name such as 'sd1', got {name!r}")
     key = _ALIASES.get(name.lower(), name.lower())
     for fam in FAMILIES:
         if fam.name == key:
@@ -108,12 +121,15 @@ def detect(keys: list[str] | set[str], path: Path, override: str | Family | None
         if kind is not None and fam.text_encoder != kind:
             raise ValueError(f"family={fam.name!r} expects a {fam.text_encoder} text encoder but {path} holds a {kind} one")
         return fam
-    if kind == "clip":
-        return SD1
-    if kind == "sdxl-clip+openclip":
-        return SDXL_BASE
-    if kind == "sdxl-openclip":
-        return SDXL_REFINER
+    if prediction_type is not None and prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"{path}: prediction_type {prediction_type!r} is not one gbsd samples (epsilon, v_prediction); "
+                         "pass the family (--family) to load it anyway")
+    only = {"clip": SD1, "sdxl-clip+openclip": SDXL_BASE, "sdxl-openclip": SDXL_REFINER}.get(kind)
+    if only is not None:  # one family per text encoder: a file that says otherwise would be sampled wrongly (noise)
+        if prediction_type is not None and prediction_type != only.prediction_type:
+            raise ValueError(f"{path}: says prediction_type {prediction_type}, but its text encoder makes it "
+                             f"{only.name}, which predicts {only.prediction_type}; gbsd has no such family")
+        return only
     if kind is None:
         raise ValueError(f"{path}: no text encoder under cond_stage_model.transformer., cond_stage_model.model. or "
                          "conditioner.embedders.0.")

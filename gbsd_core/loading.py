@@ -1,23 +1,26 @@
-"""Checkpoint files in and out: reading, strict loading into our modules (an `SDBundle`), and the writer.
+"""Checkpoint files in and out: reading, checking, strict loading into our modules (an `SDBundle`), and the writer.
 
 Our modules use the original checkpoint names (CompVis `LatentDiffusion`), so loading a single file is: read the
 tensors, drop a short commented allowlist of non-weight keys, split by prefix, infer each config from shapes, build
 the module on the meta device and `load_state_dict(strict=True, assign=True)`. Nothing is random-initialised and a
 float32 file loaded as float32 is not even copied (safetensors and `torch.load(mmap=True)` hand out tensors backed by
 a private, copy-on-write map of the file). Diffusers folders are translated into original names first, in
-`diffusers_layout.py`, the one conversion seam.
+`diffusers_layout.py`, the one conversion seam, and each component is built from its own config.json there.
+
+Loading is two steps. `inspect_checkpoint` reads and checks without touching the weights' values: what the files
+are (readers.py: regular files, tensors only, float dtypes), the configs, that every part matches its config
+strictly and that the parts fit together (`bundle.check_parts_fit`). Its `Checkpoint` tells the CLI the model's
+limits before any weights load. `build` then converts the tensors, refuses NaN/inf (naming the tensor) and assigns
+them. `load` is both.
 
 Readers never execute code: `.ckpt`/`.pt`/`.pth`/`.bin` go through `torch.load(weights_only=True)` only, and a pickle
 that needs anything beyond tensors and containers is refused.
 """
 from __future__ import annotations
 
-import json
 import os
-import pickle
-import re
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Mapping
 
@@ -25,11 +28,21 @@ import torch
 from torch import nn
 
 from . import diffusers_layout
-from .bundle import COMPONENTS, SDBundle
+from .bundle import COMPONENTS, SDBundle, check_parts_fit, model_limits
 from .clip_text import CLIPTextConfig, CLIPTextEncoder
 from .ddim import DDIMScheduler
 from .family import Family, detect, family_by_name
 from .openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
+from .params import ModelLimits
+from .readers import (
+    CheckpointError,
+    check_regular_file,
+    check_weights,
+    key_list,
+    read_json_object,
+    read_safetensors,
+    read_weights_file,
+)
 from .sdxl_conditioner import SDXLConditioner, SDXLConditionerConfig
 from .unet import UNetConfig, UNetModel
 from .vae import AutoencoderKL, VAEConfig
@@ -75,16 +88,6 @@ def prefixes_of(keys: Iterable[str]) -> dict[str, str]:
     return SDXL_PREFIXES if any(k.startswith(SDXL_PREFIXES["text_encoder"]) for k in keys) else PREFIXES
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and the offending keys."""
-
-
-def _key_list(keys: list[str], n: int = 5) -> str:
-    keys = sorted(keys)
-    more = f", ... ({len(keys)} in all)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
 # ================================================================================================================
 # Reading
 # ================================================================================================================
@@ -97,111 +100,51 @@ class RawCheckpoint:
     # From a diffusers folder's scheduler/scheduler_config.json, or the `prediction_type` metadata entry that
     # save_single_file writes into .safetensors headers (SD2 512-eps and 768-v files are otherwise indistinguishable).
     prediction_type: str | None = None
+    # A diffusers folder's configs, translated (diffusers_layout.DIFFUSERS_PARTS), per part that has a config.json.
+    configs: dict[str, object] = field(default_factory=dict)
+    native_size: int | None = None  # a diffusers folder's unet sample_size x its VAE factor
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        # get_tensor returns tensors on a private (copy-on-write) mmap of the file: no RAM is spent until touched.
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
-    except SafetensorError as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file, probably truncated or corrupt ({e})") from e
-
-
-def _read_torch(path: Path) -> dict[str, torch.Tensor]:
-    def _load(mmap: bool) -> object:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-
-    try:
-        try:
-            obj = _load(mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = _load(mmap=False)  # legacy (pre-zip) torch.save format cannot be memory-mapped
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        what = f" (it references {found.group(1)})" if found else ""
-        raise CheckpointError(
-            f"{path}: refused to unpickle{what}. This file needs Python code to load, which could do anything; gbsd "
-            "only reads tensors (torch.load(weights_only=True)). Convert it to .safetensors with a tool you trust, or "
-            "use the .safetensors release of the model."
-        ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint, probably truncated or corrupt ({e})") from e
-    # Lightning checkpoints wrap the weights: {"state_dict": {...}, "global_step": ..., ...}.
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    bad = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise CheckpointError(f"{path}: state dict entries that are not tensors: {_key_list(bad)}")
-    return obj
-
-
-def _read_file(path: Path) -> dict[str, torch.Tensor]:
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        return _read_safetensors(path)[0]
-    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        return _read_torch(path)
-    raise CheckpointError(f"{path}: unknown checkpoint type {suffix!r} (expected .safetensors, .ckpt, .pt, .pth, .bin "
-                          "or a diffusers folder)")
-
-
-# Weight files of a diffusers folder, in order of preference (full precision first).
-DIFFUSERS_FILES = {
-    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-             "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
-    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-            "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
-    "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
-}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable JSON ({e})") from e
+def _present(path: Path) -> bool:
+    return os.path.lexists(path)  # a dangling link or a pipe is "present" too, and then refused by what it is
 
 
 def _read_diffusers(folder: Path) -> RawCheckpoint:
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for name, candidates in DIFFUSERS_FILES.items():
-        file = next((folder / name / c for c in candidates if (folder / name / c).is_file()), None)
+    """Each component folder of DIFFUSERS_PARTS: its weights, its config.json when present (checked, translated),
+    and its names mapped into the original layout."""
+    sd: dict[str, torch.Tensor] = {}
+    configs: dict[str, object] = {}
+    sample_size = None
+    for name, part in diffusers_layout.DIFFUSERS_PARTS.items():
+        sub = folder / name
+        file = next((sub / c for c in part.weights if _present(sub / c)), None)
         if file is None:
             raise CheckpointError(f"{folder}: not a Stable Diffusion diffusers folder, no {name}/ weights "
-                                  f"(looked for {name}/{{{', '.join(candidates)}}})")
-        parts[name] = _read_file(file)
-
-    # SD2's text_encoder is an OpenCLIP tower converted to a HF CLIPTextModel; its config says "gelu" (exact GELU,
-    # as OpenCLIP) where OpenAI CLIP-L says "quick_gelu". Without a config, fall back on ViT-H's width.
-    te_config = folder / "text_encoder" / "config.json"
-    if te_config.is_file():
-        openclip = _read_json(te_config).get("hidden_act") == "gelu"
-    else:
-        tok = [t for k, t in parts["text_encoder"].items() if k.endswith("token_embedding.weight")]
-        openclip = bool(tok) and tok[0].shape[1] == 1024
-    plans = {
-        "unet": diffusers_layout.unet_plan,
-        "vae": diffusers_layout.vae_plan,
-        "text_encoder": diffusers_layout.openclip_plan if openclip else diffusers_layout.clip_plan,
-    }
-    sd: dict[str, torch.Tensor] = {}
-    for name, plan in plans.items():
+                                  f"(looked for {name}/{{{', '.join(part.weights)}}})")
+        tensors = read_weights_file(file)
+        config = None
+        if _present(sub / "config.json"):
+            raw = read_json_object(sub / "config.json")
+            try:
+                config = part.config(raw)
+            except ValueError as e:
+                raise CheckpointError(f"{sub / 'config.json'}: {e}") from None
+            configs[name] = config
+            if name == "unet":
+                sample_size = diffusers_layout.unet_sample_size(raw)
         try:
-            converted = diffusers_layout.apply_plan(plan(list(parts[name])), parts[name])
+            converted = diffusers_layout.apply_plan(part.plan(tensors, config), tensors)
         except KeyError as e:
-            raise CheckpointError(f"{folder / name}: {e.args[0]}") from e
+            raise CheckpointError(f"{sub}: {e.args[0]}") from e
         sd.update({PREFIXES[name] + k: t for k, t in converted.items()})
 
     sched = folder / "scheduler" / "scheduler_config.json"
-    prediction_type = _read_json(sched).get("prediction_type") if sched.is_file() else None
-    return RawCheckpoint(sd, "diffusers", prediction_type)
+    prediction_type = read_json_object(sched).get("prediction_type") if _present(sched) else None
+    if prediction_type is not None and not isinstance(prediction_type, str):
+        raise CheckpointError(f"{sched}: prediction_type must be a string, got {prediction_type!r}")
+    vae = configs.get("vae")
+    native = sample_size * vae.downsample_factor if sample_size and isinstance(vae, VAEConfig) else None
+    return RawCheckpoint(sd, "diffusers", prediction_type, configs, native)
 
 
 def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
@@ -211,10 +154,11 @@ def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_dir():
         return _read_diffusers(path)
+    check_regular_file(path)
     if path.suffix.lower() == ".safetensors":
-        tensors, metadata = _read_safetensors(path)
+        tensors, metadata = read_safetensors(path)
         return RawCheckpoint(tensors, "single_file", metadata.get("prediction_type"))
-    return RawCheckpoint(_read_file(path), "single_file")
+    return RawCheckpoint(read_weights_file(path), "single_file")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -242,14 +186,14 @@ def split_components(sd: Mapping[str, torch.Tensor], path: Path,
             unexpected.append(key)
     if not any(parts.values()):
         raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint: no keys under {', '.join(prefixes.values())} "
-                              f"(it has {len(sd)} keys, e.g. {_key_list(list(sd), 3)})")
+                              f"(it has {len(sd)} keys, e.g. {key_list(list(sd), 3)})")
     for name, part in parts.items():
         if not part:
             raise CheckpointError(f"{path}: has no {name} weights (no keys under {prefixes[name]}); gbsd needs a "
                                   "full checkpoint with UNet, VAE and text encoder")
     if unexpected:
         raise CheckpointError(f"{path}: {len(unexpected)} unexpected keys outside the UNet/VAE/text encoder: "
-                              f"{_key_list(unexpected)}")
+                              f"{key_list(unexpected)}")
     # Some SD1 files were saved from a CLIPTextModel without the `text_model.` level (transformers >= 5 does that
     # too); real files and our module have it. (SDXL: the same under embedders.0.)
     clip = "embedders.0.transformer." if prefixes["text_encoder"] == SDXL_PREFIXES["text_encoder"] else "transformer."
@@ -274,15 +218,46 @@ def check_strict(name: str, module: nn.Module, sd: Mapping[str, torch.Tensor], p
               for k, t in sd.items() if k in expected and t.shape != expected[k].shape]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing keys: {_key_list(missing)}")
+        problems.append(f"{len(missing)} missing keys: {key_list(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {_key_list(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected keys: {key_list(unexpected)}")
     if shapes:
         problems.append(f"{len(shapes)} shape mismatches: {'; '.join(shapes[:5])}")
     if problems:
         cfg = getattr(module, "config", None)
-        raise CheckpointError(f"{path}: {name} does not match the architecture inferred from its shapes ({cfg}):\n  "
+        raise CheckpointError(f"{path}: {name} does not match its architecture (from its config or shapes: {cfg}):\n  "
                               + "\n  ".join(problems))
+
+
+def _meta_module(name: str, module_cls: type[nn.Module], config: object, path: Path) -> nn.Module:
+    """`module_cls(config)` on the meta device (no memory); a config the module cannot be built from (channels GroupNorm's
+    32 groups do not divide, zero-width heads, ...) is a CheckpointError."""
+    try:
+        with torch.device("meta"):
+            return module_cls(config)
+    except (ValueError, RuntimeError, ArithmeticError) as e:
+        raise CheckpointError(f"{path}: the {name} cannot be built from its config ({config}): {e}") from None
+
+
+def _check_finite(name: str, sd: Mapping[str, torch.Tensor], converted: Mapping[str, torch.Tensor],
+                  dtype: torch.dtype, path: Path, prefixes: Mapping[str, str]) -> None:
+    """Refuse NaN / inf, naming the tensors; values the conversion to `dtype` overflowed are told apart. One pass of
+    torch.isfinite per tensor: the cost of reading the weights once."""
+    bad = []
+    for k, t in converted.items():
+        if bool(torch.isfinite(t).all()):
+            continue
+        src = sd[k]
+        if bool(torch.isfinite(src).all()):
+            bad.append(f"{prefixes[name]}{k}: {int((~torch.isfinite(t)).sum())} values overflow "
+                       f"{str(dtype).removeprefix('torch.')} (largest |x| = {float(src.abs().max()):.3g}); "
+                       "load it in float32 or bfloat16")
+        else:
+            bad.append(f"{prefixes[name]}{k} holds {int(torch.isnan(src).sum())} NaN and "
+                       f"{int(torch.isinf(src).sum())} inf values")
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} tensors are not finite: " + "; ".join(bad[:5])
+                              + (" ..." if len(bad) > 5 else ""))
 
 
 def build_module(name: str, module_cls: type[nn.Module], config: object, sd: Mapping[str, torch.Tensor],
@@ -290,17 +265,17 @@ def build_module(name: str, module_cls: type[nn.Module], config: object, sd: Map
                  prefixes: Mapping[str, str] = PREFIXES) -> nn.Module:
     """Build `module_cls(config)` on the meta device and load `sd` into it strictly, converted to dtype/device.
 
-    `assign=True` makes the loaded tensors the parameters themselves: no random init, no second copy. Non-float
-    tensors keep their dtype.
+    `assign=True` makes the loaded tensors the parameters themselves: no random init, no second copy. Every tensor
+    must be finite after the conversion (a NaN in a weight gives black images, an fp16 overflow the same).
     """
-    with torch.device("meta"):
-        module = module_cls(config)
+    module = _meta_module(name, module_cls, config, path)
     check_strict(name, module, sd, path, prefixes)
-    converted = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for k, t in sd.items()}
+    converted = {k: t.to(device=device, dtype=dtype) for k, t in sd.items()}
+    _check_finite(name, sd, converted, dtype, path, prefixes)
     module.load_state_dict(converted, strict=True, assign=True)
     left = [k for k, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left:  # a buffer created in __init__ and not saved: components must compute such things in forward
-        raise RuntimeError(f"{module_cls.__name__} still has meta tensors after loading: {_key_list(left)}")
+        raise RuntimeError(f"{module_cls.__name__} still has meta tensors after loading: {key_list(left)}")
     return module.eval().requires_grad_(False)
 
 
@@ -311,58 +286,111 @@ def _infer(name: str, infer: Callable[[], object], path: Path, prefixes: Mapping
     except KeyError as e:
         raise CheckpointError(f"{path}: cannot infer the {name} architecture, missing key "
                               f"{prefixes[name]}{e.args[0]}") from e
-    except (ValueError, IndexError) as e:
+    except (ValueError, IndexError, ZeroDivisionError) as e:
         raise CheckpointError(f"{path}: cannot infer the {name} architecture: {e}") from e
+
+
+def _module_class(name: str, config: object) -> type[nn.Module]:
+    if name == "unet":
+        return UNetModel
+    if name == "vae":
+        return AutoencoderKL
+    if isinstance(config, SDXLConditionerConfig):
+        return SDXLConditioner
+    return CLIPTextEncoder if isinstance(config, CLIPTextConfig) else OpenCLIPTextEncoder
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint read and checked but not built: what `build` makes an SDBundle of, and what the CLI checks a
+    request against (`limits`) before any weights are loaded. The tensors are still the files' maps."""
+
+    path: Path
+    family: Family
+    parts: Mapping[str, Mapping[str, torch.Tensor]]  # "unet"/"vae"/"text_encoder": original names, prefix stripped
+    configs: Mapping[str, object]  # the same keys: UNetConfig, VAEConfig, and the text encoder's config
+    native_size: int | None = None  # a diffusers folder's own default size; None: the family's
+    prefixes: Mapping[str, str] = field(default_factory=lambda: dict(PREFIXES))  # SDXL: SDXL_PREFIXES
+
+    def limits(self) -> ModelLimits:
+        return model_limits(self.configs["vae"], self.family, self.native_size)  # type: ignore[arg-type]
+
+
+def _configs(raw: RawCheckpoint, parts: Mapping[str, Mapping[str, torch.Tensor]], fam: Family, path: Path,
+             prefixes: Mapping[str, str]) -> dict[str, object]:
+    """Each part's config: a diffusers folder's config.json translated, else inferred from the tensors' shapes."""
+    unet_cfg = raw.configs.get("unet") or _infer("unet", lambda: UNetConfig.from_state_dict(parts["unet"]), path,
+                                                 prefixes)
+    if fam.prediction_type == "v_prediction":
+        # Stability's 768-v model overflows fp16 in attention softmax; diffusers' sd2-1 config sets
+        # upcast_attention=True for the same reason. No effect in fp32.
+        unet_cfg = replace(unet_cfg, upcast_attention=True)
+    vae_cfg = raw.configs.get("vae")
+    if vae_cfg is None:  # a diffusers VAE config says its scaling factor; a single file does not: the family's
+        vae_cfg = _infer("vae", lambda: VAEConfig.from_state_dict(parts["vae"]), path, prefixes)
+        vae_cfg = replace(vae_cfg, scale_factor=fam.vae_scale_factor)
+    te_cfg = raw.configs.get("text_encoder")
+    if te_cfg is None and fam.text_encoder == "clip":
+        te_cfg = _infer("text_encoder", lambda: CLIPTextConfig.from_state_dict(parts["text_encoder"]), path)
+    elif te_cfg is None and fam.text_encoder == "openclip":
+        # A diffusers folder's 23-layer tower already ends at the penultimate block, so all of it runs.
+        penultimate = raw.layout != "diffusers"
+        te_cfg = _infer("text_encoder",
+                        lambda: OpenCLIPTextConfig.from_state_dict(parts["text_encoder"], penultimate=penultimate), path)
+    elif te_cfg is None:  # SDXL base or refiner: sgm's conditioner
+        te_cfg = _infer("text_encoder", lambda: SDXLConditionerConfig.from_state_dict(parts["text_encoder"]), path,
+                        prefixes)
+    return {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": te_cfg}
+
+
+def inspect_checkpoint(path: str | os.PathLike, family: str | Family | None = None) -> Checkpoint:
+    """Read and check a checkpoint without using its weights' values: what the files are, the family, each part's
+    config (a diffusers folder's config.json, else inferred from shapes), each part strictly against its config,
+    and the parts against each other. Raises CheckpointError (FileNotFoundError for a missing path)."""
+    path = Path(path)
+    raw = read_checkpoint(path)
+    prefixes = prefixes_of(raw.state_dict)
+    parts = split_components(raw.state_dict, path, prefixes)
+    for name, part in parts.items():
+        check_weights(part, path, prefixes[name])
+    try:
+        fam = detect(raw.state_dict.keys(), path, override=family, prediction_type=raw.prediction_type)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+    configs = _configs(raw, parts, fam, path, prefixes)
+    try:
+        check_parts_fit(configs["unet"], configs["vae"], configs["text_encoder"])  # type: ignore[arg-type]
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    for name, cfg in configs.items():
+        check_strict(name, _meta_module(name, _module_class(name, cfg), cfg, path), parts[name], path, prefixes)
+    return Checkpoint(path, fam, parts, configs, raw.native_size, prefixes)
+
+
+def build(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+          vae_dtype: torch.dtype = torch.float32) -> SDBundle:
+    """The SDBundle of an inspected checkpoint: tensors converted, checked finite, assigned (see `load`)."""
+    from .tokenizer import Tokenizer
+
+    c = checkpoint
+    modules = {name: build_module(name, _module_class(name, cfg), cfg, c.parts[name],
+                                  vae_dtype if name == "vae" else dtype, device, c.path, c.prefixes)
+               for name, cfg in c.configs.items()}
+    return SDBundle(**modules, tokenizer=Tokenizer(pad_token_id=c.family.pad_token_id),  # type: ignore[arg-type]
+                    scheduler=DDIMScheduler(prediction_type=c.family.prediction_type), family=c.family, path=c.path,
+                    native_size=c.native_size)
 
 
 def load(path: str | os.PathLike, family: str | Family | None = None, dtype: torch.dtype = torch.float32,
          device: str | torch.device = "cpu", vae_dtype: torch.dtype = torch.float32) -> SDBundle:
-    """Load a single-file checkpoint or a diffusers folder into an `SDBundle`.
+    """Load a single-file checkpoint or a diffusers folder into an `SDBundle` (`inspect_checkpoint`, then `build`).
 
     `family` ("sd1", "sd2-512", "sd2-768-v", "sdxl-base", "sdxl-refiner") overrides detection; it matters for SD2,
     whose 512-eps and 768-v files have identical tensors (see family.detect for the hints used otherwise). `dtype` is
     the UNet's and the text encoder's; the VAE stays in `vae_dtype`, fp32 by default, because the SD decoder's
     activations overflow fp16 (diffusers' `force_upcast` for the same reason; GUIDE §1.11).
     """
-    from .tokenizer import Tokenizer
-
-    path = Path(path)
-    raw = read_checkpoint(path)
-    prefixes = prefixes_of(raw.state_dict)
-    parts = split_components(raw.state_dict, path, prefixes)
-    try:
-        fam = detect(raw.state_dict.keys(), path, override=family, prediction_type=raw.prediction_type)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from e
-
-    unet_cfg = _infer("unet", lambda: UNetConfig.from_state_dict(parts["unet"]), path, prefixes)
-    if fam.prediction_type == "v_prediction":
-        # Stability's 768-v model overflows fp16 in attention softmax; diffusers' sd2-1 config sets
-        # upcast_attention=True for the same reason. No effect in fp32.
-        unet_cfg = replace(unet_cfg, upcast_attention=True)
-    vae_cfg = _infer("vae", lambda: VAEConfig.from_state_dict(parts["vae"]), path, prefixes)
-    vae_cfg = replace(vae_cfg, scale_factor=fam.vae_scale_factor)  # not stored in checkpoints: the family's
-    te_cfg: object
-    if fam.text_encoder == "clip":
-        te_cls: type[nn.Module] = CLIPTextEncoder
-        te_cfg = _infer("text_encoder", lambda: CLIPTextConfig.from_state_dict(parts["text_encoder"]), path)
-    elif fam.text_encoder == "openclip":
-        te_cls = OpenCLIPTextEncoder
-        # A diffusers folder's 23-layer tower already ends at the penultimate block, so all of it runs.
-        penultimate = raw.layout != "diffusers"
-        te_cfg = _infer("text_encoder",
-                        lambda: OpenCLIPTextConfig.from_state_dict(parts["text_encoder"], penultimate=penultimate), path)
-    else:  # SDXL base or refiner: sgm's conditioner
-        te_cls = SDXLConditioner
-        te_cfg = _infer("text_encoder", lambda: SDXLConditionerConfig.from_state_dict(parts["text_encoder"]), path,
-                        prefixes)
-
-    unet = build_module("unet", UNetModel, unet_cfg, parts["unet"], dtype, device, path, prefixes)
-    vae = build_module("vae", AutoencoderKL, vae_cfg, parts["vae"], vae_dtype, device, path, prefixes)
-    text_encoder = build_module("text_encoder", te_cls, te_cfg, parts["text_encoder"], dtype, device, path, prefixes)
-    return SDBundle(unet=unet, vae=vae, text_encoder=text_encoder,  # type: ignore[arg-type]
-                    tokenizer=Tokenizer(pad_token_id=fam.pad_token_id),
-                    scheduler=DDIMScheduler(prediction_type=fam.prediction_type), family=fam, path=path)
+    return build(inspect_checkpoint(path, family), dtype, device, vae_dtype)
 
 
 # ================================================================================================================
@@ -409,6 +437,15 @@ def save_single_file(src: SDBundle | Mapping[str, nn.Module], path: str | os.Pat
     return path
 
 
+def temp_beside(path: str | os.PathLike) -> Path:
+    """A new empty file `.<name>.<random>.tmp` in `path`'s folder (mkstemp: created, so no other writer has it).
+    OSError when the folder does not take it (missing, read-only, or the name too long for the file system)."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Have `write(tmp)` write a temporary file beside `path`, then rename it into place.
 
@@ -416,10 +453,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     one, never half of one, and a crash or Ctrl-C mid-write leaves nothing under `path`. The data is flushed to
     disk before the rename. Every file gbsd writes goes through here: checkpoints, PNGs, JSON and tables.
     """
-    path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = temp_beside(path)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:

@@ -45,6 +45,11 @@ class OpenCLIPTextConfig:
     embed_dim: int = 1024  # text_projection output size (open_clip's CLIP embed_dim)
     penultimate: bool = True  # True: skip the last block (Stability, layer="penultimate"); False: run all blocks
     has_projection: bool = True  # whether `text_projection` / `logit_scale` exist (absent in diffusers folders)
+    mlp_ratio: float = 4.0  # MLP hidden width / width (open_clip's name): 4 in every released tower
+
+    @property
+    def mlp_width(self) -> int:
+        return round(self.width * self.mlp_ratio)
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor], heads: int | None = None,
@@ -65,14 +70,12 @@ class OpenCLIPTextConfig:
                 raise ValueError(f"width {width} is not a multiple of {OPENCLIP_HEAD_DIM}; pass heads= explicitly")
             heads = width // OPENCLIP_HEAD_DIM
         c_fc = sd["model.transformer.resblocks.0.mlp.c_fc.weight"]
-        if c_fc.shape[0] != 4 * width:
-            raise ValueError(f"MLP hidden size {c_fc.shape[0]} != 4 * width ({4 * width}); not an OpenCLIP text tower")
         has_projection = "model.text_projection" in sd
         # without a projection embed_dim means nothing; keep the default so configs compare equal
         embed_dim = sd["model.text_projection"].shape[1] if has_projection else cls.embed_dim
         return cls(vocab_size=tok.shape[0], width=width, layers=max(layer_ids) + 1, heads=heads,
                    context_length=pos.shape[0], embed_dim=embed_dim, penultimate=penultimate,
-                   has_projection=has_projection)
+                   has_projection=has_projection, mlp_ratio=c_fc.shape[0] / width)
 
 
 class MultiheadSelfAttention(nn.Module):
@@ -107,9 +110,9 @@ class ResidualAttentionBlock(nn.Module):
         # Named slots as open_clip builds them, so keys read mlp.c_fc / mlp.c_proj. Exact GELU: ViT-H/14 is not a
         # quick_gelu model.
         self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(cfg.width, 4 * cfg.width)),
+            ("c_fc", nn.Linear(cfg.width, cfg.mlp_width)),
             ("gelu", nn.GELU()),
-            ("c_proj", nn.Linear(4 * cfg.width, cfg.width)),
+            ("c_proj", nn.Linear(cfg.mlp_width, cfg.width)),
         ]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,9 @@
     params = GenerationParams("a bunny and a carrot in a garden, bokeh", focus="a carrot", seed=1)
     generate(bundle, params).image.save("bokeh.png")
 
-`generate` is the whole algorithm in order: check the parameters, pick the size and the timesteps, embed the
-prompts, draw x_T (or encode the input image and noise it), build the GBSD stages, denoise, decode. `sweep` does the
+`generate` is the whole algorithm in order: check the request against the model (params.py defines every rule), pick
+the size and the timesteps, embed the prompts, draw x_T (or encode the input image and noise it), build the GBSD
+stages, denoise, decode. `sweep` does the
 same set-up and differs only in its focus stage, which carries K conditioning rows (one per local prompt × α) so the
 layout stage is shared.
 
@@ -27,7 +28,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .samplers import SAMPLERS, SCHEDULES, Sampler, make_sampler
+from .params import GenerationParams, image_size
+from .samplers import Sampler, make_sampler
 from .sampling import (
     CFGStep,
     Conditioning,
@@ -50,69 +52,6 @@ if TYPE_CHECKING:
 LAYOUT_WARN_BELOW = 0.7  # the paper: with σ < 0.7 the focus prompt starts re-arranging the scene ("objects mix")
 
 
-@dataclass(frozen=True)
-class GenerationParams:
-    """Everything that decides an image (with the weights). Field names are the CLI's flags."""
-
-    prompt: str
-    focus: str | None = None  # GBSD local prompt: the object kept sharp. None = plain SD.
-    alpha: float = 0.5  # focus-stage mix α·E(global) + (1−α)·E(local)
-    layout: float = 0.8  # σ: fraction of the executed steps in the global layout stage
-    steps: int = 50
-    cfg: float = 7.5
-    negative: str = ""
-    seed: int = 0
-    width: int | None = None  # None: the family's native size (512; SD2-768-v 768; SDXL 1024); img2img: the input's
-    height: int | None = None
-    strength: float = 0.75  # img2img only: fraction of the schedule that is re-run
-    eta: float = 0.0  # DDIM η
-    sampler: str = "ddim"  # samplers.SAMPLERS: "ddim" | "euler" | "euler_a" | "dpmpp_2m"
-    schedule: str = "normal"  # σ schedule of the σ samplers: "normal" | "karras"
-    # Rack focus (gbsd_core/bokeh/rack.py): the focus stage's local embedding is (1−m)·E(focus) + m·E(focus_to),
-    # m = focus_mix, instead of E(focus). None / 0 = the plain GBSD local prompt.
-    focus_to: str | None = None
-    focus_mix: float = 0.0
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad field, before any weights are touched."""
-        if not isinstance(self.prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if not 0.0 <= self.layout <= 1.0:
-            raise ValueError(f"layout (σ) must be in [0, 1], got {self.layout}")
-        if not isinstance(self.steps, int) or self.steps < 1 or self.steps > 1000:
-            raise ValueError(f"steps must be an integer in [1, 1000], got {self.steps}")
-        if not 0.0 < self.strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
-        if self.eta < 0.0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        for name in ("width", "height"):
-            v = getattr(self, name)
-            if v is not None and (v <= 0 or v % 8):
-                raise ValueError(f"{name} must be a positive multiple of 8 (the VAE downsamples by 8), got {v}")
-        if self.focus_to is not None:
-            if not isinstance(self.focus_to, str):
-                raise ValueError(f"focus_to must be a string, got {type(self.focus_to).__name__}")
-            if self.focus is None:
-                raise ValueError("focus_to needs a focus prompt to move from (focus)")
-        if not 0.0 <= self.focus_mix <= 1.0:
-            raise ValueError(f"focus_mix must be in [0, 1], got {self.focus_mix}")
-        if self.focus_mix != 0.0 and self.focus_to is None:
-            raise ValueError(f"focus_mix {self.focus_mix} needs focus_to, the prompt to move the focus towards")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.sampler == "ddim" and self.schedule != "normal":
-            raise ValueError(f"schedule {self.schedule!r} is for the σ samplers (euler, euler_a, dpmpp_2m); ddim runs "
-                             "CompVis' DDIM timesteps")
-        if self.sampler != "ddim" and self.eta != 0.0:
-            raise ValueError(f"eta is DDIM's η; sampler {self.sampler!r} takes eta=0 (euler_a is ancestral, η = 1)")
-
-
 @dataclass
 class GenerationResult:
     image: Image.Image
@@ -127,14 +66,19 @@ class GenerationResult:
 
 
 def resolve_size(bundle: SDBundle, params: GenerationParams, init_image: Image.Image | None = None) -> tuple[int, int]:
-    """(width, height): explicit, else the input image's size (img2img), else the family's native resolution."""
-    if init_image is not None and params.width is None and params.height is None:
-        w, h = init_image.size
-        if w % 8 or h % 8:
-            raise ValueError(f"input image is {w}x{h}; sizes must be multiples of 8 — pass --size to resize it")
-        return w, h
-    native = bundle.family.resolution
-    return params.width or native, params.height or native
+    """(width, height): explicit, else the input image's size (img2img), else the model's native size; a multiple of
+    the VAE's factor and within the family's largest size (`params.image_size` with `bundle.limits()`)."""
+    return image_size(params, bundle.limits(), init_image.size if init_image is not None else None)
+
+
+def _check_inputs(init_image: object, x_T: object) -> None:
+    if init_image is not None and not isinstance(init_image, Image.Image):
+        raise ValueError(f"init_image must be a PIL image, got {type(init_image).__name__}")
+    if x_T is not None:
+        if not isinstance(x_T, Tensor) or not x_T.is_floating_point():
+            raise ValueError(f"x_T must be a floating-point tensor, got {getattr(x_T, 'dtype', type(x_T).__name__)}")
+        if not bool(torch.isfinite(x_T).all()):
+            raise ValueError("x_T holds NaN or inf values")
 
 
 def _image_to_tensor(image: Image.Image, size: tuple[int, int]) -> Tensor:
@@ -158,7 +102,7 @@ class _Start:
     uncond: Conditioning  # E(negative prompt), 1 row
     global_emb: Conditioning  # E(global prompt), 1 row
     local_embs: Conditioning | None  # E(local prompt), one row per focus prompt (F); None without one
-    latents: Tensor  # x_T, or the noised input image, [1,4,h,w] fp32
+    latents: Tensor  # x_T, or the noised input image, [1,C,h,w] fp32 (C = 4, h = H/8 for SD)
     generator: torch.Generator
     size: tuple[int, int]  # (width, height) of the image
 
@@ -176,10 +120,13 @@ def _sampler(bundle: SDBundle, params: GenerationParams, stepper: Stepper | None
 
 def _start(bundle: SDBundle, params: GenerationParams, local_prompts: Sequence[str],
            init_image: Image.Image | None, x_T: Tensor | None, stepper: Stepper | None) -> _Start:
-    """Validate, sampler, size, timesteps, embeddings (one text-encoder call per prompt), then the start latents."""
-    params.validate()
+    """Check, sampler, size, timesteps, embeddings (one text-encoder call per prompt), then the start latents."""
+    if not isinstance(params, GenerationParams):
+        raise ValueError(f"params must be a GenerationParams, got {type(params).__name__}")
+    _check_inputs(init_image, x_T)
     sampler = _sampler(bundle, params, stepper)
-    w, h = resolve_size(bundle, params, init_image)
+    limits = bundle.limits()
+    w, h = image_size(params, limits, init_image.size if init_image is not None else None)
     # The schedule first: a bad (steps, strength) pair fails here, before the text encoder runs.
     timesteps = sampler.timesteps(params.steps, params.strength if init_image is not None else 1.0)
     generator = torch.Generator("cpu").manual_seed(params.seed)
@@ -191,7 +138,7 @@ def _start(bundle: SDBundle, params: GenerationParams, local_prompts: Sequence[s
              for i, p in enumerate((params.negative, params.prompt, *local_prompts))]
     local_embs = cat_conditioning(conds[2:]) if local_prompts else None
 
-    latent_shape = (1, 4, h // 8, w // 8)
+    latent_shape = limits.latent_shape(w, h)
     if init_image is None:
         if x_T is None:
             x_T = torch.randn(latent_shape, generator=generator, dtype=torch.float32)
@@ -300,6 +247,9 @@ def sweep(
     (a rack focus, gbsd_core/bokeh/rack.py); default [params.focus_mix].
     Results are ordered focus-prompt-major, then α, then mix: [(f0, α0, m0), (f0, α0, m1), …, (f0, α1, m0), …].
     """
+    for name, given in (("alphas", alphas), ("focus_prompts", focus_prompts), ("mixes", mixes)):
+        if given is not None and (isinstance(given, (str, bytes)) or not isinstance(given, Sequence)):
+            raise ValueError(f"{name} must be a list, got {type(given).__name__}")
     alphas = [params.alpha] if alphas is None else list(alphas)
     focus_prompts = list(focus_prompts) if focus_prompts is not None else [params.focus] if params.focus else []
     mixes = [params.focus_mix] if mixes is None else list(mixes)
@@ -309,9 +259,9 @@ def sweep(
         raise ValueError("a sweep needs a focus prompt (params.focus or focus_prompts)")
     if not mixes:
         raise ValueError("a sweep needs at least one focus mix")
-    cells = [(f, a, m) for f in focus_prompts for a in alphas for m in mixes]
-    for _, a, m in cells:
-        replace(params, alpha=a, focus_mix=m).validate()  # every cell's parameters are valid ones
+    # Every cell's parameters are valid ones (GenerationParams checks the type and range of each α, focus and mix).
+    cells = [(c.focus, c.alpha, c.focus_mix) for c in (replace(params, focus=f, alpha=a, focus_mix=m)
+                                                        for f in focus_prompts for a in alphas for m in mixes)]
 
     to_prompt = [params.focus_to] if params.focus_to is not None else []
     start = _start(bundle, params, [*focus_prompts, *to_prompt], init_image, x_T, stepper)

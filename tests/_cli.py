@@ -18,8 +18,9 @@ PAIRS = [
 ]
 
 
-class Loaded(Exception):
-    """Raised by the patched loader (fixture `no_load`): reaching it means validation let the input through."""
+class Loaded(BaseException):
+    """Raised by the patched loader (fixture `no_load`): reaching it means validation let the input through. A
+    BaseException, so the CLI's last-resort handler (which turns an unexpected Exception into exit 1) lets it out."""
 
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:
@@ -43,3 +44,53 @@ def noise_png(path: Path, size=(64, 64), seed=0) -> Path:
 def png_texts(path: Path) -> dict:
     with Image.open(path) as im:
         return dict(im.text)
+
+
+# ------------------------------------------------------------------------------------------ hostile files
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk with a correct CRC (PNG spec §5.3)."""
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def raw_png(path: Path, width: int, height: int, idat: bytes, texts: dict[str, str] | None = None) -> Path:
+    """A PNG written chunk by chunk (8-bit grayscale), every CRC valid: the header may claim any size and the
+    image data may be anything, which is what a hostile file does."""
+    import struct
+
+    text = b"".join(_chunk(b"tEXt", k.encode("latin-1") + b"\0" + v.encode("latin-1")) for k, v in (texts or {}).items())
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + text + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
+    return path
+
+
+def bomb_png(path: Path, side: int = 30000, texts: dict[str, str] | None = None) -> Path:
+    """A ~100-byte PNG claiming side x side pixels (a decompression bomb)."""
+    import zlib
+
+    return raw_png(path, side, side, zlib.compress(b"\0" * 64), texts)
+
+
+def broken_zlib_png(path: Path, texts: dict[str, str] | None = None) -> Path:
+    """64x64, valid signature and CRCs, but the IDAT is not a zlib stream: PIL opens and verifies it, and fails
+    only when it decodes the pixels."""
+    return raw_png(path, 64, 64, b"x\x9c" + bytes(range(256)) * 4, texts)
+
+
+def meta_png(path: Path, gbsd: object = None, parameters: str | None = None, size=(64, 64)) -> Path:
+    """A real PNG with a crafted `gbsd` JSON chunk (any JSON value, or raw text when a str) and/or A1111 text."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if gbsd is not None:
+        info.add_text("gbsd", gbsd if isinstance(gbsd, str) else json.dumps(gbsd))
+    if parameters is not None:
+        info.add_text("parameters", parameters)
+    Image.new("RGB", size, (120, 60, 30)).save(path, pnginfo=info)
+    return path

@@ -11,13 +11,15 @@ from gbsd_core.vae import AutoencoderKL, VAEConfig
 
 TOL = 1e-5
 
-# Tiny but complete: two levels, attention at level 0 and in the middle, 8 heads as SD1 (context 768 => 8 heads is
-# what UNetConfig.from_state_dict infers), one res block per level.
-TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,),
-                       num_heads=8, context_dim=768)
+# Tiny but complete: two levels, attention at level 0 and in the middle, one res block per level. The parts fit
+# together as the loader checks (UNet context width = text width, latent channels = VAE channels), so the context is
+# the text width 64 (SD2: 128), and heads are 64 wide: what UNetConfig.from_state_dict infers for a context that is
+# not CLIP-L's 768 (the 768 => 8 heads rule is covered by the golden full-size key lists).
+TINY_UNET = UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,),
+                       num_heads=-1, num_head_channels=64, context_dim=64)
 
 TINY_UNET_SD2 = UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,),
-                           num_heads=-1, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
+                           num_heads=-1, num_head_channels=64, context_dim=128, use_linear_in_transformer=True)
 
 TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
 
@@ -58,7 +60,7 @@ def tokens(n: int = 2) -> torch.Tensor:
 
 
 @torch.no_grad()
-def outputs(modules: dict[str, torch.nn.Module], context_dim: int = 768) -> dict[str, torch.Tensor]:
+def outputs(modules: dict[str, torch.nn.Module], context_dim: int = 64) -> dict[str, torch.Tensor]:
     """UNet noise prediction, VAE decode + encode mean, text embedding: everything a bundle uses."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 4, 8, 8, generator=g)
@@ -83,3 +85,42 @@ def assert_same_weights(a: dict[str, torch.nn.Module], b: dict[str, torch.nn.Mod
         assert sa.keys() == sb.keys(), name
         for k in sa:
             assert torch.equal(sa[k], sb[k]), f"{name}.{k}"
+
+
+# ----------------------------------------------------------------------------------- a tiny diffusers pipeline
+
+
+def save_tiny_pipe(folder, layers_per_block: int = 2, text_layers: int = 5, seed: int = 0):
+    """A diffusers StableDiffusionPipeline folder shaped like the widely used tiny test pipelines
+    (hf-internal-testing/tiny-stable-diffusion-pipe): text encoder width 32 with 4 heads (8 wide), MLP 37, 77
+    positions; a 2-level VAE (block_out_channels [32, 64]: downsampling factor 2); a UNet with block_out_channels
+    [32, 64], attention_head_dim 8 (diffusers' name for 8 heads), cross_attention_dim 32, sample_size 32. Built from
+    explicit configs with seeded weights and written with diffusers' own save_pretrained (no network). The vocabulary
+    is CLIP's 49408 (the tokenizer gbsd uses); the scheduler is CompVis DDIM."""
+    from pathlib import Path
+
+    from _reference import DDIM_CONFIG, clip_tokenizer
+    from diffusers import AutoencoderKL as DAutoencoderKL
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig as HFCLIPTextConfig
+    from transformers import CLIPTextModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=layers_per_block, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8)
+    vae = DAutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    text = CLIPTextModel(HFCLIPTextConfig(
+        bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
+        num_attention_heads=4, num_hidden_layers=text_layers, pad_token_id=1, vocab_size=49408,
+        max_position_embeddings=77))
+    pipe = StableDiffusionPipeline(
+        vae=randomize_(vae, seed + 1), text_encoder=randomize_(text, seed + 2), unet=randomize_(unet, seed),
+        tokenizer=clip_tokenizer(folder.parent / f"{folder.name}-tokenizer"), scheduler=DDIMScheduler(**DDIM_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder

@@ -6,14 +6,16 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from _tiny import TOL, randomize_, tokens
+from _tiny import TOL, randomize_, save_tiny_pipe, tokens
 from _util import CONFIGS, GOLDEN, LDM_KEYS, meta_state_dict, read_keys_tsv, rel_err
 from safetensors.torch import load_file, save_file
 
 from gbsd_core import diffusers_layout as dl
 from gbsd_core.bundle import SDBundle
+from gbsd_core.clip_text import CLIPTextConfig
 from gbsd_core.family import SD1, SD2_768_V
 from gbsd_core.loading import (
     PREFIXES,
@@ -23,6 +25,8 @@ from gbsd_core.loading import (
     save_single_file,
 )
 from gbsd_core.openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
+from gbsd_core.unet import UNetConfig
+from gbsd_core.vae import VAEConfig
 
 
 # ------------------------------------------------------------------------------------------ diffusers table
@@ -102,7 +106,7 @@ def test_openclip_table_inverts_diffusers_converter() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ diffusers folders
-def _diffusers_models(sd2: bool):
+def _diffusers_models(sd2: bool, wide: bool = False):
     from diffusers import AutoencoderKL as DAutoencoderKL
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig as HFCLIPTextConfig
@@ -111,11 +115,12 @@ def _diffusers_models(sd2: bool):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(64, 128) if sd2 else (32, 64),
+        block_out_channels=(64, 128) if sd2 or wide else (32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=1024 if sd2 else 768,
-        # diffusers' misnomer: attention_head_dim is the head *count* (SD1: 8; SD2: channels // 64 per level)
-        attention_head_dim=(1, 2) if sd2 else 8,
+        cross_attention_dim=128,  # the text encoder's width: the parts must fit together
+        # diffusers' misnomer: attention_head_dim is the head *count* (SD1: 8, read from the config since no shape
+        # holds it; SD2 and `wide`: channels // 64 per level, what shape inference assumes)
+        attention_head_dim=(1, 2) if sd2 or wide else 8,
         use_linear_projection=sd2, norm_num_groups=32,
     )
     vae = DAutoencoderKL(
@@ -168,7 +173,7 @@ def test_diffusers_folder_matches_diffusers(tmp_path: Path, sd2: bool) -> None:
         assert not b.text_encoder.config.penultimate and not b.text_encoder.config.has_projection
         with pytest.raises(ValueError, match="cannot represent it"):
             save_single_file(b, tmp_path / "x.safetensors")
-    _compare_with_diffusers(b, ref, 1024 if sd2 else 768)
+    _compare_with_diffusers(b, ref, 128)
 
 
 def test_diffusers_folder_variants(tmp_path: Path) -> None:
@@ -199,10 +204,82 @@ def test_diffusers_folder_variants(tmp_path: Path) -> None:
     assert base.keys() == variant.keys()
     for k in base:
         assert torch.equal(base[k], variant[k]), k
-    _compare_with_diffusers(load(folder), ref, 768)
+    _compare_with_diffusers(load(folder), ref, 128)
 
 
 def test_diffusers_folder_missing_part(tmp_path: Path) -> None:
     (tmp_path / "unet").mkdir()
     with pytest.raises(CheckpointError, match="no unet/ weights"):
         load(tmp_path)
+
+
+def test_diffusers_folder_without_configs_is_read_by_shapes(tmp_path: Path) -> None:
+    """No config.json anywhere (some hand-made folders): the shapes decide, as for single files."""
+    ref = _diffusers_models(sd2=False, wide=True)
+    folder = _save_diffusers_folder(ref, tmp_path / "pipe", "epsilon")
+    for f in folder.glob("*/config.json"):
+        f.unlink()
+    _compare_with_diffusers(load(folder), ref, 128)
+
+
+# ------------------------------------------------------------------------------ diffusers folders read by configs
+@pytest.fixture(scope="module")
+def tiny_pipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_pipe(tmp_path_factory.mktemp("tiny-pipe") / "tiny-stable-diffusion-pipe")
+
+
+def test_tiny_pipe_configs_are_read_per_component(tiny_pipe: Path) -> None:
+    """Each component's config.json decides what shapes cannot say: 8 heads on 32/64 channels (head widths 4 and 8),
+    a text encoder of 4 heads of 8 with an MLP of 37, a 2-level VAE (factor 2) with SD's scaling factor."""
+    cfg = {name: json.loads((tiny_pipe / name / "config.json").read_text()) for name in ("unet", "vae", "text_encoder")}
+    assert dl.unet_config(cfg["unet"]) == UNetConfig(
+        model_channels=32, channel_mult=(1, 2), num_res_blocks=2, attention_resolutions=(2,), num_heads=8,
+        context_dim=32)
+    assert dl.vae_config(cfg["vae"]) == VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=0.18215)
+    assert dl.text_encoder_config(cfg["text_encoder"]) == CLIPTextConfig(
+        vocab_size=49408, width=32, layers=5, heads=4, context_length=77, mlp_ratio=37 / 32)
+    b = load(tiny_pipe)
+    assert b.family.name == "sd1" and b.text_encoder.config.heads == 4
+    assert b.text_encoder.transformer.text_model.encoder.layers[0].mlp.fc1.out_features == 37
+    limits = b.limits()
+    assert (limits.vae_factor, limits.latent_channels, limits.native_size) == (2, 4, 64)  # sample_size 32 x 2
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float64) / 255.0
+
+
+@pytest.mark.parametrize("focus", [None, "a carrot"], ids=["plain", "gbsd"])
+def test_tiny_pipe_generates_what_diffusers_generates(tiny_pipe: Path, focus: str | None) -> None:
+    """gbsd on the folder against diffusers' own StableDiffusionPipeline.from_pretrained on the same folder (CompVis
+    DDIM, the scheduler config it holds): the same image within 1/255, at the folder's native 64x64 (a 32x32 latent:
+    the VAE downsamples by 2, not 8). GBSD switches the embeddings at the stage boundary, in diffusers by a callback."""
+    from diffusers import StableDiffusionPipeline
+
+    from gbsd_core.pipeline import GenerationParams, generate
+    from gbsd_core.sampling import layout_steps
+
+    prompt, n, alpha, sigma = "a bunny and a carrot in a garden, bokeh", 10, 0.3, 0.6
+    b = load(tiny_pipe)
+    ref = StableDiffusionPipeline.from_pretrained(tiny_pipe, local_files_only=True, safety_checker=None,
+                                                  requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    x_T = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(4))
+    ours = generate(b, GenerationParams(prompt, focus=focus, alpha=alpha, layout=sigma, steps=n, cfg=7.5), x_T=x_T)
+    assert ours.image.size == (64, 64)
+    callback = None
+    if focus is not None:
+        g, neg = ref.encode_prompt(prompt, "cpu", 1, True, "")
+        loc, _ = ref.encode_prompt(focus, "cpu", 1, True, "")
+        n_layout = layout_steps(n, sigma)
+
+        def callback(pipe, i, t, kwargs):
+            return {"prompt_embeds": torch.cat([neg, alpha * g + (1 - alpha) * loc])} if i == n_layout - 1 else {}
+    theirs = ref(prompt, negative_prompt="", num_inference_steps=n, guidance_scale=7.5, eta=0.0, latents=x_T.clone(),
+                 output_type="np", callback_on_step_end=callback,
+                 callback_on_step_end_tensor_inputs=["prompt_embeds"]).images[0]
+    assert theirs.shape == (64, 64, 3)  # diffusers' default size for the folder: sample_size x its VAE factor
+    assert 0.2 < np.mean((theirs > 0.02) & (theirs < 0.98)), "saturated reference: the comparison would be empty"
+    diff = float(np.abs(_pixels(ours.image) - theirs).max())
+    print(f"tiny-pipe-shaped folder, {focus or 'plain SD'}: max pixel diff {diff * 255:.3f}/255 vs diffusers")
+    assert diff <= 1 / 255

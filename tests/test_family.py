@@ -39,3 +39,17 @@ def test_family_detection(tmp_path: Path) -> None:
 SD1_KEYS = ["model.diffusion_model.out.2.weight", "cond_stage_model.transformer.text_model.final_layer_norm.weight"]
 
 SD2_KEYS = ["model.diffusion_model.out.2.weight", "cond_stage_model.model.ln_final.weight"]
+
+
+def test_the_largest_size_is_four_times_the_native_side() -> None:
+    assert (SD1.max_size, SD2_512.max_size, SD2_768_V.max_size) == (2048, 2048, 3072)
+
+
+def test_prediction_types_that_no_family_has_are_refused(tmp_path: Path) -> None:
+    f = tmp_path / "model.safetensors"
+    with pytest.raises(ValueError, match="v_prediction"):  # an SD1 (CLIP) model has no v-prediction family
+        detect(SD1_KEYS, f, prediction_type="v_prediction")
+    for bad in ("sample", "", "V_PREDICTION"):
+        with pytest.raises(ValueError, match="prediction_type"):
+            detect(SD2_KEYS, f, prediction_type=bad)
+    assert detect(SD1_KEYS, f, prediction_type="epsilon") is SD1

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _broken import BROKEN, Workshop
 from _fullsize import fill_from_pool_
-from _tiny import TOL, assert_same_weights, bundle_modules, outputs, tiny_modules
+from _tiny import TOL, assert_same_weights, bundle_modules, outputs, save_tiny_pipe, tiny_modules
 from _util import CONFIGS, GOLDEN, LDM_KEYS, meta_state_dict, read_keys_tsv, rel_err
 from safetensors.torch import load_file, save_file
 
@@ -180,13 +181,38 @@ def test_missing_component(tmp_path: Path, sd1_file: Path) -> None:
         load(_write(tmp_path / "novae.safetensors", sd))
 
 
+@pytest.fixture(scope="module")
+def good_pipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_pipe(tmp_path_factory.mktemp("pipe") / "tiny-pipe", layers_per_block=1, text_layers=1)
+
+
+@pytest.mark.parametrize("case", BROKEN, ids=[c[0] for c in BROKEN])
+def test_broken_checkpoints_are_refused_naming_the_problem(case, tmp_path: Path, good_pipe: Path) -> None:
+    name, build, needle = case
+    path = build(Workshop(tmp_path, good_pipe))
+    with pytest.raises(CheckpointError) as e:
+        load(path)
+    print(f"{name}: {e.value}")
+    assert needle in str(e.value)
+
+
+def test_a_half_load_refuses_weights_that_overflow_fp16(tmp_path: Path) -> None:
+    w = Workshop(tmp_path, tmp_path)
+    path = w.edited(lambda sd: sd["model.diffusion_model.out.2.weight"].view(-1).__setitem__(0, 1e6))
+    assert load(path).unet is not None  # fine in fp32 (and bf16: its range is fp32's)
+    assert load(path, dtype=torch.bfloat16).unet is not None
+    with pytest.raises(CheckpointError, match=r"model\.diffusion_model\.out\.2\.weight.*float16") as e:
+        load(path, dtype=torch.float16)
+    print(e.value)
+
+
 BAD_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_q.weight"
 
 
 def test_wrong_shape(tmp_path: Path, sd1_file: Path) -> None:
     sd = dict(load_file(str(sd1_file)))
     sd[BAD_KEY] = torch.zeros(sd[BAD_KEY].shape[0], sd[BAD_KEY].shape[1] + 1)
-    with pytest.raises(CheckpointError, match=rf"1 shape mismatches: {BAD_KEY}: file \[32, 33\] vs model \[32, 32\]") as e:
+    with pytest.raises(CheckpointError, match=rf"1 shape mismatches: {BAD_KEY}: file \[64, 65\] vs model \[64, 64\]") as e:
         load(_write(tmp_path / "shape.safetensors", sd))
     print(e.value)
 
@@ -456,7 +482,7 @@ def test_sd2_single_file_family_from_name(tmp_path: Path) -> None:
     b = load(path)
     assert b.family is SD2_768_V and b.scheduler.prediction_type == "v_prediction"
     assert b.unet.config.upcast_attention and b.text_encoder.config.penultimate
-    want, got = outputs(mods, 1024), outputs(bundle_modules(b), 1024)
+    want, got = outputs(mods, 128), outputs(bundle_modules(b), 128)
     for k in want:
         assert torch.equal(got[k], want[k]), k
     assert b.encode_prompt("a cat").shape == (1, 77, 128)

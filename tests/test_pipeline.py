@@ -1,6 +1,8 @@
 """txt2img / img2img / sweeps on a tiny random SD1 checkpoint: stage identities, diffusers parity, UNet call counts."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -87,7 +89,7 @@ def test_img2img_runs_the_truncated_schedule(bundle):
 
 def test_img2img_needs_a_multiple_of_8_or_a_size(bundle):
     init = Image.new("RGB", (60, 64))
-    with pytest.raises(ValueError, match="multiples of 8"):
+    with pytest.raises(ValueError, match="not a multiple of 8"):
         generate(bundle, GenerationParams(PROMPT, steps=4), init_image=init)
     r = generate(bundle, GenerationParams(PROMPT, steps=4, width=64, height=56), init_image=init)
     assert r.image.size == (64, 56)
@@ -99,26 +101,110 @@ def test_sizes_that_are_multiples_of_8_but_not_of_64(bundle, size):
     assert r.image.size == size
 
 
-@pytest.mark.parametrize(
-    "bad, match",
-    [
-        (dict(alpha=1.5), "alpha"),
-        (dict(alpha=-0.1), "alpha"),
-        (dict(layout=2.0), "layout"),
-        (dict(steps=0), "steps"),
-        (dict(strength=0.0), "strength"),
-        (dict(strength=1.5), "strength"),
-        (dict(width=65), "width"),
-        (dict(height=0), "height"),
-    ],
-)
+NAN, INF = float("nan"), float("inf")
+BAD_PARAMS = [
+    # (fields, text of the ValueError) -- the Python API's share of the hostile inputs: types (bool is not an int,
+    # a whole float is not an int, text is not a list), finiteness, and the ranges of gbsd_core/params.py.
+    (dict(alpha=1.5), "alpha"), (dict(alpha=-0.1), "alpha"), (dict(alpha=NAN), "alpha"), (dict(alpha="0.5"), "alpha"),
+    (dict(alpha=None), "alpha"), (dict(alpha=True), "alpha"), (dict(alpha=[0.5]), "alpha"),
+    (dict(layout=2.0), "layout"), (dict(layout=INF), "layout"), (dict(layout=-INF), "layout"),
+    (dict(steps=0), "steps"), (dict(steps=True), "steps"), (dict(steps=2.0), "steps"), (dict(steps="3"), "steps"),
+    (dict(steps=None), "steps"), (dict(steps=1001), "steps"), (dict(steps=10**6), "steps"),
+    (dict(strength=0.0), "strength"), (dict(strength=1.5), "strength"), (dict(strength=NAN), "strength"),
+    (dict(cfg=NAN), "cfg"), (dict(cfg=INF), "cfg"), (dict(cfg=-1.0), "cfg"), (dict(cfg=1e9), "cfg"),
+    (dict(cfg="7.5"), "cfg"),
+    (dict(eta=1.5), "eta"), (dict(eta=100.0), "eta"), (dict(eta=NAN), "eta"), (dict(eta=-0.1), "eta"),
+    (dict(seed=1.5), "seed"), (dict(seed=3.0), "seed"), (dict(seed=-1), "seed"), (dict(seed=2**64), "seed"),
+    (dict(seed=False), "seed"), (dict(seed="1"), "seed"),
+    (dict(width=65.0), "width"), (dict(width="64"), "width"), (dict(width=True), "width"), (dict(height=0), "height"),
+    (dict(height=-8), "height"), (dict(width=10**9), "width"),
+    (dict(prompt=None), "prompt"), (dict(prompt=["a", "b"]), "prompt"), (dict(prompt=b"bytes"), "prompt"),
+    (dict(prompt="a\ud800b"), "prompt"), (dict(prompt="a\0b"), "prompt"), (dict(prompt="x" * 20000), "prompt"),
+    (dict(negative=["ugly", "blurry"]), "negative"), (dict(negative=None), "negative"),
+    (dict(focus=""), "focus"), (dict(focus=" \n"), "focus"), (dict(focus=5), "focus"), (dict(focus=["a"]), "focus"),
+    (dict(sampler="heun"), "sampler"), (dict(sampler=None), "sampler"), (dict(sampler=["euler"]), "sampler"),
+    (dict(schedule="Karras"), "schedule"), (dict(schedule=1), "schedule"),
+]
+
+
+@pytest.mark.parametrize("bad, match", BAD_PARAMS, ids=[f"{k}={v!r:.12}" for b, _ in BAD_PARAMS for k, v in b.items()])
 def test_bad_parameters_fail_before_any_compute(bad, match):
     class NoBundle:  # any attribute access would mean compute started
         def __getattr__(self, name):
             raise AssertionError(f"touched bundle.{name} before validating")
 
+    with pytest.raises(ValueError, match=match) as e:
+        generate(NoBundle(), GenerationParams(**{"prompt": PROMPT, **bad}))
+    print(e.value)
+
+
+def test_fair_values_are_accepted_and_normalised():
+    p = GenerationParams(PROMPT, alpha=1, layout=np.float32(0.5), cfg=7, seed=np.int64(5), steps=np.int32(4),
+                         width=np.int64(64), eta=1)
+    assert (p.alpha, p.layout, p.cfg, p.seed, p.steps, p.width, p.eta) == (1.0, 0.5, 7.0, 5, 4, 64, 1.0)
+    assert all(type(v) is float for v in (p.alpha, p.layout, p.cfg, p.eta))
+    assert all(type(v) is int for v in (p.seed, p.steps, p.width))  # plain Python numbers: JSON-able metadata
+    assert GenerationParams(PROMPT, seed=2**64 - 1).seed == 2**64 - 1  # the largest seed torch.Generator takes
+    with pytest.raises(ValueError, match="alpha"):
+        replace(p, alpha=2.0)  # every way of making one checks it
+
+
+@pytest.mark.parametrize("sampler, schedule", [("ddim", "normal"), ("euler", "karras"), ("dpmpp_2m", "normal")])
+def test_the_validator_and_the_schedule_agree(sampler, schedule):
+    """What GenerationParams and params.check_schedule (the CLI's pre-load check) accept, the sampler runs; what
+    they refuse, it refuses: DDIM's 1000 steps only with strength < 1, at least one step at any strength."""
+    from gbsd_core.ddim import DDIMScheduler
+    from gbsd_core.params import check_schedule
+    from gbsd_core.samplers import make_sampler
+
+    run = make_sampler(DDIMScheduler(), sampler, schedule)
+    for n in [*range(1, 1003, 37), 999, 1000, 1001]:
+        for strength in (1.0, 0.999, 0.5, 0.001):
+            try:
+                check_schedule(GenerationParams(PROMPT, steps=n, strength=strength, sampler=sampler,
+                                                schedule=schedule), img2img=True)
+                accepted = True
+            except ValueError:
+                accepted = False
+            try:
+                run.timesteps(n, strength)
+                runs = True
+            except ValueError:
+                runs = False
+            assert accepted == runs, (n, strength)
+
+
+def test_model_limits_come_from_the_bundle(bundle):
+    limits = bundle.limits()
+    assert (limits.vae_factor, limits.latent_channels, limits.native_size, limits.max_size) == (8, 4, 512, 2048)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        generate(bundle, GenerationParams(PROMPT, steps=2, width=60, height=64))
+    with pytest.raises(ValueError, match="2048"):
+        generate(bundle, GenerationParams(PROMPT, steps=2, width=2056, height=64))
+    with pytest.raises(ValueError, match="2048"):
+        generate(bundle, GenerationParams(PROMPT, steps=2), init_image=Image.new("RGB", (2064, 8)))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(x_T=torch.full((1, 4, 8, 8), float("nan"))), "x_T"),
+    (dict(x_T=torch.zeros(1, 4, 8, 8, dtype=torch.long)), "x_T"),
+    (dict(x_T=np.zeros((1, 4, 8, 8))), "x_T"),
+    (dict(init_image=np.zeros((64, 64, 3), dtype=np.uint8)), "init_image"),
+    (dict(init_image="photo.png"), "init_image"),
+])
+def test_bad_tensors_and_images_are_refused(bundle, bad, match):
     with pytest.raises(ValueError, match=match):
-        generate(NoBundle(), GenerationParams(PROMPT, **bad))
+        generate(bundle, GenerationParams(PROMPT, steps=2, **SIZE), **bad)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(alphas=[0.5, "x"]), "alpha"), (dict(alphas=[0.5, NAN]), "alpha"), (dict(alphas="0.5"), "alphas"),
+    (dict(focus_prompts=["a", 3]), "focus"), (dict(focus_prompts="a carrot"), "focus_prompts"),
+    (dict(focus_prompts=["a", ""]), "focus"), (dict(mixes=0.5), "mixes"), (dict(mixes=[0.0, 2.0]), "focus_mix"),
+])
+def test_bad_sweeps_are_refused(bundle, bad, match):
+    with pytest.raises(ValueError, match=match):
+        sweep(bundle, GenerationParams(PROMPT, focus=FOCUS, steps=2, **SIZE), **bad)
 
 
 def test_x_T_is_injectable_and_checked(bundle):
@@ -183,6 +269,22 @@ def test_gbsd_equals_diffusers_with_embeddings_switched_at_the_boundary(bundle, 
     assert np.abs(plain - _reference_image(reference, PROMPT, n, x_T, switch)).max() > 2 / 255  # the switch matters
 
 
+def test_every_field_has_one_rule():
+    """GenerationParams and params.FIELDS name the same fields (a new field needs its rule), and a rule reads back
+    what it describes."""
+    from dataclasses import fields
+
+    from gbsd_core.params import FIELDS, Field
+
+    assert {f.name for f in fields(GenerationParams)} == set(FIELDS)
+    assert FIELDS["steps"].describe() == "an integer in [1, 1000]"
+    assert FIELDS["strength"].describe() == "a number in (0, 1]"
+    sampler = Field(str, choices=("ddim", "euler"))  # the form a name-valued field takes
+    assert sampler.check("sampler", "euler") == "euler"
+    with pytest.raises(ValueError, match="sampler must be one of ddim, euler, got 'dpm' "):
+        sampler.check("sampler", "dpm")
+
+
 # ------------------------------------------------------------------------------ focus_to / focus_mix (rack focus)
 
 
@@ -209,9 +311,11 @@ def test_sweep_over_mixes_shares_the_layout_and_equals_independent_runs(bundle):
 
 @pytest.mark.parametrize("bad, match", [
     (dict(focus_to="a carrot"), "focus_to needs a focus"),
-    (dict(focus="a bunny", focus_to=3), "focus_to must be a string"),
-    (dict(focus="a bunny", focus_to="a carrot", focus_mix=1.5), "focus_mix must be in"),
-    (dict(focus="a bunny", focus_to="a carrot", focus_mix=float("nan")), "focus_mix must be in"),
+    (dict(focus="a bunny", focus_to=3), "focus_to must be text"),
+    (dict(focus="a bunny", focus_to=""), "focus_to must not be blank"),
+    (dict(focus="a bunny", focus_to="a carrot", focus_mix=1.5), "focus_mix must be a number in"),
+    (dict(focus="a bunny", focus_to="a carrot", focus_mix=float("nan")), "focus_mix must be a finite number in"),
+    (dict(focus="a bunny", focus_to="a carrot", focus_mix="0.5"), "focus_mix must be a number in"),
     (dict(focus="a bunny", focus_mix=0.5), "needs focus_to"),
 ])
 def test_bad_focus_to_and_mix_fail_before_any_compute(bad, match):

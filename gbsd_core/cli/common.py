@@ -1,27 +1,42 @@
 """What every `gbsd` command shares: the usage-error contract, argument groups, input checks, the model resolver.
 
-The contract (tests/cli hold it): everything that can be checked without the model is checked first, and a problem
-is a `UsageError`: one line on stderr, exit status 2, before any weights are read and with nothing written
-(`run_main`). Exit 1 is a failure after that point; 130 is Ctrl-C.
+The contract (tests/cli hold it): everything that can be checked without the model is checked first, then what the
+model's files say (`inspect_checkpoint`: its VAE factor, its family's largest size, whether its parts fit), and a
+problem is a `UsageError`: one line on stderr, exit status 2, before any weights are loaded and with nothing written
+(`run_main`). The parameter rules themselves are the core's (gbsd_core/params.py), so the Python API refuses the
+same values with the same words. Input files are checked for what they are before they are opened (a named pipe
+would block) and images are decoded whole, within a pixel limit, before they are accepted. Exit 1 is a failure
+after that point (an unexpected one included: one line, no traceback); 130 is Ctrl-C.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import os
 import re
+import string
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
 
     from ..bundle import SDBundle
+    from ..loading import Checkpoint
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 DTYPES = ("fp32", "fp16", "bf16")
+# The most pixels an input image may have: 8192 x 8192, a large photo. Checked from the header, before decoding; a
+# file claiming more (a "decompression bomb": a few bytes that inflate to gigabytes) is refused.
+IMAGE_MAX_PIXELS = 2**26
+DEBUG_ENV = "GBSD_DEBUG"  # set to 1 to get the traceback of an unexpected error
 
 
 class UsageError(Exception):
@@ -35,33 +50,52 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def one_line(text: object) -> str:
+    """A message as one printable line: line breaks become spaces, other control characters (a NUL in a file name,
+    a lone surrogate from undecodable bytes) their escapes."""
+    text = re.sub(r"\s*\n\s*", " ", str(text)).strip()
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def run_main(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace,
              interrupted: str = "interrupted (no output written for unfinished images)") -> int:
-    """Run a parsed command under the contract: UsageError -> one line, exit 2; Ctrl-C -> exit 130."""
+    """Run a parsed command under the contract: UsageError -> one line, exit 2; Ctrl-C -> exit 130; stdout closed
+    by its reader (`gbsd info | head`) -> exit 1 quietly; anything unexpected -> one line naming it, exit 1."""
     try:
-        return command(args)
+        code = command(args)
+        sys.stdout.flush()  # here, not at interpreter exit, so a closed pipe is seen in the handler below
+        return code
     except UsageError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader is gone: send the rest to /dev/null, so the final flush at exit cannot fail again (the recipe of
+        # Python's `signal` docs, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
+    except Exception as e:  # the last resort: no input should get here, and none may show a user a traceback
+        if os.environ.get(DEBUG_ENV):
+            raise
+        first = one_line(str(e).split("\n", 1)[0])[:300]
+        print(f"{prog}: error: unexpected {type(e).__name__}: {first} (set {DEBUG_ENV}=1 for the traceback)",
+              file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def warn(msg: str) -> None:
-    print(f"gbsd: warning: {msg}", file=sys.stderr)
+    print(f"gbsd: warning: {one_line(msg)}", file=sys.stderr)
 
 
-T = TypeVar("T")
-
-
-def checked(value: T) -> T:
-    """`value.validate()` (GenerationParams and friends), its ValueError turned into a UsageError."""
+@contextlib.contextmanager
+def usage_errors(prefix: str = "") -> Iterator[None]:
+    """A ValueError raised inside (a refused parameter, a rejected file) becomes a UsageError, after `prefix`."""
     try:
-        value.validate()  # type: ignore[attr-defined]
+        yield
     except ValueError as e:
-        raise UsageError(str(e)) from None
-    return value
+        raise UsageError(f"{prefix}{e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- argument groups
@@ -82,64 +116,206 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    """--size WxH as two positive integers; whether the model can render them is `params.image_size`'s to say."""
+    m = re.fullmatch(r"\s*(\d{1,9})\s*[xX]\s*(\d{1,9})\s*", text)
     if not m:
         raise UsageError(f"--size {text!r} is not WIDTHxHEIGHT (e.g. 512x512)")
     w, h = int(m.group(1)), int(m.group(2))
-    if w <= 0 or h <= 0 or w % 8 or h % 8:
-        raise UsageError(f"--size {text}: width and height must be positive multiples of 8 (the VAE's factor)")
+    from ..params import check_field
+
+    with usage_errors(f"--size {text}: "):
+        check_field("width", w)
+        check_field("height", h)
     return w, h
 
 
-def parse_floats(text: str, flag: str, lo: float = 0.0, hi: float = 1.0) -> tuple[float, ...]:
-    """A comma-separated list of numbers in [lo, hi], e.g. `--alphas 0,0.25,0.5`."""
+def parse_floats(text: str, flag: str, field: str) -> tuple[float, ...]:
+    """A comma-separated list of values of GenerationParams' `field` (its rule decides), e.g. `--alphas 0,0.25,0.5`."""
+    from ..params import check_field
+
     try:
         values = tuple(float(t) for t in text.split(",") if t.strip())
     except ValueError:
         raise UsageError(f"{flag} {text!r}: expected comma-separated numbers, e.g. 0,0.25,0.5") from None
     if not values:
         raise UsageError(f"{flag} is empty")
-    for v in values:
-        if not lo <= v <= hi:
-            raise UsageError(f"{flag}: values must be in [{lo:g}, {hi:g}], got {v}")
+    with usage_errors(f"{flag} {text}: "):
+        for v in values:
+            check_field(field, v)
     return values
 
 
-def check_image(path: str, flag: str) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
+def check_box(box: object, where: str) -> tuple[float, float, float, float]:
+    """[x0, y0, x1, y1] in pixels: four finite numbers, x0 < x1 and y0 < y1 (a pairs file's "box", grid --box)."""
+    import math
 
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{flag} {path}: no such file")
+    if (not isinstance(box, (list, tuple)) or len(box) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+        raise UsageError(f"{where} must be [x0, y0, x1, y1] (4 numbers), got {box!r:.80}")
     try:
-        with Image.open(p) as im:
-            im.verify()  # reads the whole file: catches truncated images too
-            return im.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UsageError(f"{flag} {path}: not a readable image ({e.__class__.__name__})") from None
+        values = tuple(float(v) for v in box)
+    except OverflowError:
+        values = (math.inf,)
+    if not all(math.isfinite(v) for v in values):
+        raise UsageError(f"{where} must be 4 finite numbers, got {box!r:.80}")
+    x0, y0, x1, y1 = values
+    if x1 <= x0 or y1 <= y0:
+        raise UsageError(f"{where} {list(values)} is empty: need x0 < x1 and y0 < y1")
+    return values  # type: ignore[return-value]
 
 
-def check_writable(folder: Path, label: str) -> None:
-    """`folder` accepts a new file: probed by making one, since os.access lies for root. UsageError otherwise."""
-    import tempfile
+def _file_problem(path: Path) -> str | None:
+    """Why `path` is not a readable regular file (checked by stat, before anything opens it), or None."""
+    from ..readers import file_kind
 
     try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        if not os.path.lexists(path):
+            return "no such file"
+        kind = file_kind(path)
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+        return f"cannot be read ({getattr(e, 'strerror', None) or e})"
+    return None if kind is None else f"is {kind}, not a regular file"
+
+
+def read_image(path: str | os.PathLike, flag: str, mode: str | None = None) -> Image.Image:
+    """An input image decoded whole (a broken stream behind valid checksums is found here, not after the model has
+    run), refused above IMAGE_MAX_PIXELS from its header alone; converted to `mode` when given."""
+    from PIL import Image
+
+    what = f"{flag} {path}"
+    problem = _file_problem(Path(path))
+    if problem:
+        raise UsageError(f"{what}: {problem}")
+    bomb = f"{what}: claims more than the {IMAGE_MAX_PIXELS:,} pixels gbsd decodes (a decompression bomb?)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's own limit, as an error
+            image = Image.open(path)
+            w, h = image.size
+            if w * h > IMAGE_MAX_PIXELS:
+                raise UsageError(f"{what}: claims {w}x{h} = {w * h:,} pixels, more than the {IMAGE_MAX_PIXELS:,} gbsd "
+                                 "decodes (a decompression bomb?)")
+            image.load()
+            return image.convert(mode) if mode is not None and image.mode != mode else image
+    except UsageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UsageError(bomb) from None
+    except Exception as e:  # Pillow's decoders raise many classes on hostile data (OSError, SyntaxError, zlib.error,
+        # struct.error, ValueError, EOFError, ...); whichever it is, the file is not an image gbsd can use
+        raise UsageError(f"{what}: not a readable image ({type(e).__name__}: {one_line(e)[:120]})") from None
+
+
+def check_image(path: str | os.PathLike, flag: str) -> tuple[int, int]:
+    """(width, height) of an image file that `read_image` accepts."""
+    with read_image(path, flag) as image:
+        return image.size
+
+
+def check_writable(folder: Path, label: str, name: str = "probe") -> None:
+    """`folder` accepts a new file named like `name`, and its temporary twin (loading.temp_beside, what the atomic
+    writer makes): probed by making one, since os.access lies for root. UsageError (after `label`) otherwise."""
+    from ..loading import temp_beside
+
+    try:
+        temp_beside(folder / name).unlink()
     except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise UsageError(f"{label}: file name too long for the file system ({len(os.fsencode(name))} bytes)") from None
         raise UsageError(f"{label}: output directory {folder} is not writable ({e.strerror})") from None
 
 
-def check_output(path: Path, flag: str = "-o") -> None:
-    """The output's folder must exist and accept a new file (probed, since os.access lies for root)."""
-    if path.suffix.lower() != ".png":
-        raise UsageError(f"{flag} {path}: output must be a .png file (metadata is stored in PNG text chunks)")
-    if path.is_dir():
-        raise UsageError(f"{flag} {path}: is a directory, expected a .png file name")
-    parent = path.parent
-    if not parent.is_dir():
-        raise UsageError(f"{flag} {path}: output directory {parent} does not exist")
-    check_writable(parent, f"{flag} {path}")
+def shown(path: Path | str) -> str:
+    """A path for a message: a very long file name is cut in its middle."""
+    path = Path(path)
+    name = path.name
+    return str(path if len(name) <= 60 else path.parent / f"{name[:30]}...{name[-20:]}")
+
+
+def check_output(path: Path, flag: str = "-o", suffixes: tuple[str, ...] = (".png",)) -> None:
+    """An output file: one of `suffixes` (PNG: its metadata goes into PNG text chunks), not a folder, in a folder
+    that exists and accepts it under its name (probed, since os.access lies for root)."""
+    what = f"{flag} {shown(path)}"
+    if "\0" in str(path):
+        raise UsageError(f"{flag} {str(path)!r}: contains a NUL character")
+    if path.suffix.lower() not in suffixes:
+        raise UsageError(f"{what}: output must be a {' or '.join(suffixes)} file"
+                         + (" (metadata is stored in PNG text chunks)" if suffixes == (".png",) else ""))
+    try:
+        if path.is_dir():
+            raise UsageError(f"{what}: is a directory, expected a {path.suffix} file name")
+        parent = path.parent
+        if not parent.is_dir():
+            state = "is not a directory" if parent.exists() else "does not exist"
+            raise UsageError(f"{what}: output directory {parent} {state}")
+    except OSError as e:
+        raise UsageError(f"{what}: {'file name too long' if e.errno == errno.ENAMETOOLONG else e.strerror}") from None
+    check_writable(parent, what, path.name)
+
+
+def check_output_dir(path: Path, flag: str = "-o") -> None:
+    """An output folder: an existing folder, or a new one whose parent folder exists; either must take files."""
+    what = f"{flag} {shown(path)}"
+    if "\0" in str(path):
+        raise UsageError(f"{flag} {str(path)!r}: contains a NUL character")
+    try:
+        if path.exists():
+            if not path.is_dir():
+                raise UsageError(f"{what}: {'is a file' if path.is_file() else 'exists'}, not a folder")
+            check_writable(path, what)
+            return
+        if not path.parent.is_dir():
+            raise UsageError(f"{what}: parent folder {path.parent} does not exist")
+        if len(os.fsencode(path.name)) > os.pathconf(path.parent, "PC_NAME_MAX"):
+            raise UsageError(f"{what}: folder name too long for the file system ({len(os.fsencode(path.name))} bytes)")
+    except OSError as e:
+        raise UsageError(f"{what}: {'name too long' if e.errno == errno.ENAMETOOLONG else e.strerror}") from None
+    check_writable(path.parent, what, path.name)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def check_not_inputs(outputs: Sequence[Path], inputs: Mapping[str, str | None]) -> None:
+    """No output may be one of the inputs ({flag: path}): writing it would destroy what the user gave."""
+    for out in outputs:
+        for flag, src in inputs.items():
+            if src is not None and _same_file(out, Path(src)):
+                raise UsageError(f"-o {out}: is the {flag} input; writing it would overwrite it (choose another -o)")
+
+
+SWEEP_FIELDS = ("index", "alpha", "focus", "seed")
+
+
+def format_names(pattern: str, cells: Sequence[Mapping[str, object]], flag: str = "-o") -> list[str]:
+    """`pattern.format(**cell)` per cell, for file-name patterns such as "{focus}_{alpha:.2f}.png": only the plain
+    fields SWEEP_FIELDS, with a format spec but no attribute, index, conversion or nested field."""
+    fields = " ".join(f"{{{f}}}" for f in SWEEP_FIELDS)
+    bad = f"{flag} {pattern}: bad pattern"
+    try:
+        parsed = list(string.Formatter().parse(pattern))
+    except ValueError as e:
+        raise UsageError(f"{bad} ({e}); fields are {fields}") from None
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if field not in SWEEP_FIELDS:
+            raise UsageError(f"{bad} (field {{{field}}}); fields are {fields}, e.g. {{alpha:.2f}}")
+        if conversion is not None or "{" in spec or "}" in spec:
+            raise UsageError(f"{bad} ({{{field}{'!' + conversion if conversion else ''}:{spec}}}: no conversions or "
+                             f"nested fields); fields are {fields}")
+        if any(int(d) > 255 for d in re.findall(r"\d+", spec)):
+            raise UsageError(f"{bad} ({{{field}:{spec}}} is wider than a file name can be)")
+    try:
+        return [pattern.format(**cell) for cell in cells]
+    except (ValueError, TypeError) as e:  # a spec the value's type does not take, e.g. {alpha:q} or {focus:d}
+        raise UsageError(f"{bad} ({e}); fields are {fields}") from None
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -158,16 +334,37 @@ def slug(text: str | None, limit: int = 40) -> str:
 # ----------------------------------------------------------------------------------------------------- the model
 
 
-def resolve_model(args: argparse.Namespace, png_meta: dict | None) -> tuple[Path, str | None]:
+def _model_named_in(png_meta: Mapping) -> Path | None:
+    """The weights-folder entry a PNG's metadata names, if present there. The name comes from a file anyone may have
+    made, so it may only be a plain file name, looked up inside the weights folder; A1111's "Model" is the name
+    without its extension, so the checkpoint suffixes are tried too."""
+    from ..readers import WEIGHT_SUFFIXES
+    from . import weights
+
+    name = png_meta.get("model_file")
+    if name is None:
+        return None
+    if (not isinstance(name, str) or name in ("", ".", "..") or len(name) > 255
+            or any(c in name for c in "/\\\0") or name != name.strip()):
+        raise UsageError(f"--from-png: its model {name!r:.60} is not a plain file name; a PNG may only name a "
+                         f"model inside the weights folder ({weights.weights_dir()}), by file name (or pass --weights)")
+    folder = weights.weights_dir()
+    for candidate in (folder / name, *(folder / (name + s) for s in WEIGHT_SUFFIXES)):
+        if os.path.lexists(candidate):
+            return candidate
+    return None
+
+
+def resolve_model(args: argparse.Namespace, png_meta: Mapping | None) -> tuple[Path, str | None]:
     """(checkpoint path, family name or None) from --weights / --family, or the model a PNG was made with."""
     from ..family import family_by_name
     from . import weights
 
     spec = args.weights
-    if spec is None and png_meta and png_meta.get("model_file"):
-        candidate = weights.weights_dir() / Path(png_meta["model_file"]).name
-        if candidate.exists():  # same model the PNG was made with, when we have it
-            spec = str(candidate)
+    if spec is None and png_meta:
+        named = _model_named_in(png_meta)
+        if named is not None:  # same model the PNG was made with, when we have it
+            spec = str(named)
     try:
         path = weights.resolve_weights(spec)
     except weights.WeightsError as e:
@@ -182,32 +379,54 @@ def resolve_model(args: argparse.Namespace, png_meta: dict | None) -> tuple[Path
 
 
 def device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """--device and --dtype: a device this machine has (cpu, cuda[:N], mps), never the meta device."""
     import torch
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = args.device if args.device is not None else "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:0, mps, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:0, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"--device {name}: Apple's Metal (MPS) is not available on this machine")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {name}: gbsd runs on cpu, cuda or mps, not {device.type}")
     return device, dtype
 
 
-def load_checkpoint(path: Path, family: str | None, device: torch.device | str, dtype: torch.dtype) -> SDBundle:
-    """`loading.load` for the commands: a rejected checkpoint becomes a one-line usage error (exit 2).
+def inspect_checkpoint(path: Path, family: str | None) -> Checkpoint:
+    """`loading.inspect_checkpoint` for the commands: what the files are, their configs, whether the parts fit --
+    without loading any weights. A rejected checkpoint is a one-line usage error (exit 2)."""
+    from ..loading import CheckpointError, inspect_checkpoint
+
+    try:
+        return inspect_checkpoint(path, family=family)
+    except (CheckpointError, FileNotFoundError) as e:
+        msg = one_line(e)
+        raise UsageError(msg if str(path) in msg else f"{path}: {msg}") from None
+
+
+def load_checkpoint(checkpoint: Checkpoint, device: torch.device | str, dtype: torch.dtype) -> SDBundle:
+    """`loading.build` for the commands: the weights converted, checked finite and assigned; a rejected tensor becomes
+    a one-line usage error (exit 2).
 
     The commands call it as `common.load_checkpoint` (an attribute lookup at call time), so tests can replace it
     for every command at once.
     """
-    from ..loading import CheckpointError, load
+    from ..loading import CheckpointError, build
 
     try:
-        return load(path, family=family, dtype=dtype, device=str(device))
+        return build(checkpoint, dtype=dtype, device=str(device))
     except CheckpointError as e:
-        msg = str(e)
-        raise UsageError(msg if str(path) in msg else f"{path}: {msg}") from None
+        msg = one_line(e)
+        raise UsageError(msg if str(checkpoint.path) in msg else f"{checkpoint.path}: {msg}") from None
 
 
 def parse_or_exit(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace | int:

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import common
-from .common import (EXIT_FAILURE, Parser, UsageError, checked, parse_or_exit, parse_size, run_main,
-                     write_text_atomic)
-from .evaltable import write_pair, write_summary
+from .common import (EXIT_FAILURE, Parser, UsageError, check_output_dir, parse_or_exit, parse_size, run_main,
+                     usage_errors, write_text_atomic)
+from .evaltable import finished_record, write_pair, write_summary
 from .pairs import DEFAULT_PAIRS, Pair, read_pairs
 
 if TYPE_CHECKING:
@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from ..bundle import SDBundle
-    from ..pipeline import GenerationParams
+    from ..loading import Checkpoint
+    from ..params import GenerationParams, ModelLimits
 
 # -------------------------------------------------------------------------------------------- one pair's run
 
@@ -62,7 +63,7 @@ class Settings:
     strength: float = 0.75
 
     def params(self, pair: Pair, focus: str | None) -> GenerationParams:
-        from ..pipeline import GenerationParams
+        from ..params import GenerationParams
 
         return GenerationParams(pair.prompt, focus=focus, alpha=self.alpha, layout=self.layout, steps=self.steps,
                                 cfg=self.cfg, negative=self.negative, seed=pair.seed, width=self.width,
@@ -84,18 +85,6 @@ def _open_init(pair: Pair) -> Image.Image:
     with Image.open(pair.init) as im:
         image = im.convert("RGB")
     return image
-
-
-def output_size(pair: Pair, settings: Settings, resolution: int) -> tuple[int, int]:
-    """(W, H) of the pair's images: --size, else the input image's size (img2img), else the family's native size."""
-    if settings.width is not None:
-        return settings.width, settings.height
-    if pair.init is not None:
-        from PIL import Image
-
-        with Image.open(pair.init) as im:
-            return im.size
-    return resolution, resolution
 
 
 def evaluate_pair(bundle: SDBundle, pair: Pair, settings: Settings, progress: bool = False) -> PairResult:
@@ -186,50 +175,81 @@ def _gather(world: World, obj: Any) -> list[Any]:
 # --------------------------------------------------------------------------------------------------- gbsd eval
 
 
+# What `gbsd eval` writes into each pair's folder (evaltable.write_pair) and into the output folder.
+PAIR_FILES = ("sd.png", "input.png", "gbsd.png", "mask.png", "overlay.png", "heatmap_sd.png", "heatmap_input.png",
+              "heatmap_gbsd.png", "record.json")
+RUN_FILES = ("run.json", "results.json", "results.csv", "table.md")
+
+
+def _not_a_file(path: Path) -> None:
+    from ..readers import file_kind
+
+    if os.path.lexists(path) and file_kind(path) is not None:
+        raise UsageError(f"{path}: is {file_kind(path)}, where gbsd eval writes a file; use another --output")
+
+
 def _pending(out: Path, pairs: list[Pair], settings: Settings) -> list[str]:
-    """Rank 0: check/create the output folder and list the pairs without a matching finished record."""
+    """Rank 0: check/create the output folder and list the pairs without a matching finished record. Everything the
+    run will write must be writable as what it is (a folder where a file goes is refused), and a damaged run.json is
+    refused; a damaged record.json only means its pair runs again."""
     run_file, current = out / "run.json", asdict(settings)
+    for name in RUN_FILES:
+        _not_a_file(out / name)
     if run_file.is_file():
-        previous = json.loads(run_file.read_text())
+        try:
+            previous = json.loads(run_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            previous = None
+        if not isinstance(previous, dict):
+            raise UsageError(f"{run_file}: damaged (not the JSON object gbsd eval writes); use another --output, or "
+                             "delete it to start over")
         diff = [f"{k}: {previous.get(k)!r} there, {v!r} now" for k, v in current.items() if previous.get(k) != v]
         if diff:
             raise UsageError(f"{out} holds a run with other settings ({'; '.join(diff)}); use another --output")
-    (out / "pairs").mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_file, json.dumps(current, indent=1))
+    folders = [out / "pairs", *(out / "pairs" / p.id for p in pairs)]
+    for d in folders:
+        if os.path.lexists(d) and not d.is_dir():
+            raise UsageError(f"{d}: is not a folder, where gbsd eval keeps a pair's files; use another --output")
     pending = []
     for p in pairs:
-        rec = out / "pairs" / p.id / "record.json"
-        if rec.is_file():
-            r = json.loads(rec.read_text())
-            if all(r.get(k) == v for k, v in p.key().items()):
-                continue
+        if finished_record(out / "pairs" / p.id / "record.json", p) is not None:
+            continue
+        for name in PAIR_FILES:
+            _not_a_file(out / "pairs" / p.id / name)
         pending.append(p.id)
+    (out / "pairs").mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_file, json.dumps(current, indent=1))
     return pending
 
 
-def _check_mask_sizes(pairs: list[Pair], settings: Settings, resolution: int, source: Path) -> None:
+def _check_sizes(pairs: list[Pair], settings: Settings, limits: ModelLimits, source: Path) -> None:
+    """Each pair's image size against the model (the VAE's factor, the family's largest size), and its mask or box
+    against that size: found before any weights load, not after the first pairs have run."""
     from PIL import Image
 
     from ..bokeh.masks import box_to_mask
+    from ..params import image_size
 
     for p in pairs:
-        w, h = output_size(p, settings, resolution)
+        where = f"{source} line {p.line}: "
+        init_size = None
+        if p.init is not None:
+            with Image.open(p.init) as im:  # decoded whole by read_pairs already
+                init_size = im.size
+        with usage_errors(where + (f"init {p.init}: " if init_size and settings.width is None else "")):
+            w, h = image_size(settings.params(p, p.focus), limits, init_size)
         if p.mask is not None:
             with Image.open(p.mask) as im:
                 if im.size != (w, h):
-                    raise UsageError(f"{source} line {p.line}: mask {p.mask} is {im.width}x{im.height} (W x H) "
-                                     f"but the images are {w}x{h}")
+                    raise UsageError(f"{where}mask {p.mask} is {im.width}x{im.height} (W x H) but the images are {w}x{h}")
         if p.box is not None:
-            try:
+            with usage_errors(where):
                 box_to_mask(p.box, (h, w))
-            except ValueError as e:
-                raise UsageError(f"{source} line {p.line}: {e}") from None
-        if p.init is not None and settings.width is None and (w % 8 or h % 8):
-            raise UsageError(f"{source} line {p.line}: input image {p.init} is {w}x{h}, not multiples of 8; "
-                             "pass --size WxH")
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from ..params import check_schedule
+
     source = Path(args.pairs) if args.pairs else DEFAULT_PAIRS
     init_dir = Path(args.init_dir) if args.init_dir else None
     if init_dir is not None and not init_dir.is_dir():
@@ -243,19 +263,20 @@ def run_eval(args: argparse.Namespace) -> int:
     model_path, family = common.resolve_model(args, None)
     settings = Settings(model_path.name, args.alpha, args.layout, args.steps, args.cfg, args.negative, width, height,
                         args.strength)
-    checked(settings.params(pairs[0], pairs[0].focus))
-    if any(p.init for p in pairs) and int(settings.steps * settings.strength) < 1:
-        raise UsageError(f"--strength {settings.strength} with --steps {settings.steps} leaves no denoising step")
+    with usage_errors():
+        params = settings.params(pairs[0], pairs[0].focus)  # the flags by the core's rules (pairs' fields: pairs.py)
+    for img2img in {p.init is not None for p in pairs}:  # the schedule of each mode the pairs use
+        with usage_errors(f"--steps {settings.steps}" + (f" --strength {settings.strength}: " if img2img else ": ")):
+            check_schedule(params, img2img)
     out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"-o {out}: exists and is not a folder")
-    if not out.parent.is_dir():
-        raise UsageError(f"-o {out}: parent folder {out.parent} does not exist")
+    check_output_dir(out)
     device, dtype = common.device_dtype(args)
+    checkpoint = common.inspect_checkpoint(model_path, family)
+    _check_sizes(pairs, settings, checkpoint.limits(), source)
 
     world, device = init_world(device)
     try:
-        return _run_eval(world, pairs, settings, out, source, model_path, family, device, dtype, not args.quiet)
+        return _run_eval(world, pairs, settings, out, checkpoint, device, dtype, not args.quiet)
     finally:
         if world.size > 1:
             import torch.distributed as dist
@@ -263,8 +284,8 @@ def run_eval(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
-def _run_eval(world: World, pairs: list[Pair], settings: Settings, out: Path, source: Path, model_path: Path,
-              family: str | None, device: torch.device, dtype: torch.dtype, progress: bool) -> int:
+def _run_eval(world: World, pairs: list[Pair], settings: Settings, out: Path, checkpoint: Checkpoint,
+              device: torch.device, dtype: torch.dtype, progress: bool) -> int:
     pending, error = [], None
     if world.rank == 0:
         try:
@@ -280,8 +301,7 @@ def _run_eval(world: World, pairs: list[Pair], settings: Settings, out: Path, so
         + (f" on {world.size} processes" if world.size > 1 else ""))
     failures: list[str] = []
     if todo:
-        bundle = common.load_checkpoint(model_path, family, device, dtype)
-        _check_mask_sizes(todo, settings, bundle.family.resolution, source)
+        bundle = common.load_checkpoint(checkpoint, device, dtype)
         done = 0
         for start in range(0, len(todo), world.size):  # one pair per rank per round
             index = start + world.rank

@@ -43,6 +43,34 @@ def write_pair(out: Path, result: PairResult) -> None:
     write_text_atomic(d / "record.json", json.dumps(result.record, indent=1))
 
 
+def finished_record(path: Path, pair: Pair) -> dict | None:
+    """The record.json of a finished pair, or None when it is missing, damaged (truncated, not the object
+    `write_pair` writes) or of other settings for the pair: then the pair is run (again)."""
+    try:
+        r = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(r, dict) or any(r.get(k) != v for k, v in pair.key().items()):
+        return None
+    m, base = r.get("metrics"), r.get("baseline")
+    if r.get("mode") not in ("txt2img", "img2img") or not isinstance(m, dict) or base not in ("sd", "input"):
+        return None
+    from dataclasses import fields
+
+    from ..bokeh.metrics import SharpnessValues
+
+    names = {f.name for f in fields(SharpnessValues)}
+
+    def numbers(region: object) -> bool:
+        return (isinstance(region, dict) and set(region) == names
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in region.values()))
+
+    images = [m.get(base), m.get("gbsd")]
+    if not all(isinstance(i, dict) and numbers(i.get("target")) and numbers(i.get("background")) for i in images):
+        return None
+    return r
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -101,7 +129,7 @@ def markdown_table(summary: dict[str, dict], settings: Settings) -> str:
 
 def write_summary(out: Path, pairs: list[Pair], settings: Settings) -> str:
     """Collect every finished record (in pairs-file order) into results.csv/.json and table.md; returns the table."""
-    records = [json.loads(p.read_text()) for p in (out / "pairs" / x.id / "record.json" for x in pairs) if p.is_file()]
+    records = [r for x in pairs if (r := finished_record(out / "pairs" / x.id / "record.json", x)) is not None]
     write_text_atomic(out / "results.json", json.dumps(records, indent=1))
     buf = io.StringIO()
     writer = None

@@ -23,13 +23,26 @@ from typing import TYPE_CHECKING, Any
 
 from . import common
 from . import trace as trace_cli
-from .common import UsageError, check_image, check_output, checked, parse_floats, parse_size, slug, warn
+from .common import (
+    UsageError,
+    check_not_inputs,
+    check_output,
+    format_names,
+    parse_floats,
+    parse_size,
+    read_image,
+    slug,
+    usage_errors,
+    warn,
+)
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
 
     from ..fast import FastOptions
-    from ..pipeline import GenerationParams
+    from ..loading import Checkpoint
+    from ..params import GenerationParams
 
 SWEEP_PATTERN = "sweep_{index:02d}_{focus}_a{alpha:g}.png"
 
@@ -100,11 +113,12 @@ def add_generate_commands(sub: argparse._SubParsersAction) -> None:
 
 def sweep_outputs(output: str, cells: Sequence[tuple[str | None, float]], seed: int) -> list[Path]:
     """One distinct .png path per (focus, α) cell, in the pipeline's (focus-major) result order."""
-    pattern = str(Path(output) / SWEEP_PATTERN) if Path(output).is_dir() else output
     try:
-        paths = [Path(pattern.format(index=i, alpha=a, focus=slug(f), seed=seed)) for i, (f, a) in enumerate(cells)]
-    except (KeyError, IndexError, ValueError) as e:
-        raise UsageError(f"-o {output}: bad pattern ({e}); fields are {{index}} {{alpha}} {{focus}} {{seed}}") from None
+        pattern = str(Path(output) / SWEEP_PATTERN) if Path(output).is_dir() else output
+    except (OSError, ValueError) as e:  # a name too long to stat, a NUL
+        raise UsageError(f"-o {common.shown(output)!r}: {getattr(e, 'strerror', None) or e}") from None
+    names = format_names(pattern, [dict(index=i, alpha=a, focus=slug(f), seed=seed) for i, (f, a) in enumerate(cells)])
+    paths = [Path(n) for n in names]
     if len(set(paths)) != len(paths):
         raise UsageError(f"-o {output}: names repeat across the {len(paths)} sweep images; add {{index}} to it")
     for p in paths:
@@ -113,23 +127,27 @@ def sweep_outputs(output: str, cells: Sequence[tuple[str | None, float]], seed: 
 
 
 def params_from_args(args: argparse.Namespace, base: dict[str, Any]) -> GenerationParams:
-    """The run's parameters: the PNG's (`base`), overridden by every flag the user gave."""
-    from ..pipeline import GenerationParams
+    """The run's parameters: the PNG's (`base`), overridden by every flag the user gave. Each value is checked by
+    its rule (params.FIELDS), and a bad one is blamed on where it came from."""
+    from ..params import FIELDS, GenerationParams, check_field
 
-    values = dict(base)
-    if args.prompt is not None:
-        values["prompt"] = args.prompt
-    if values.get("prompt") is None:
-        raise UsageError("a prompt is required (positional PROMPT, or --from-png FILE)")
-    for field in ("focus", "alpha", "layout", "steps", "cfg", "negative", "seed", "eta", "strength", "focus_to",
-                  "focus_mix"):
-        v = getattr(args, field, None)
+    values = {k: v for k, v in base.items() if k in FIELDS}  # a newer version's extra keys are ignored
+    from_png = set(values)
+    # Every field a command has a flag for (the flags' dest names are the field names; size is --size).
+    flags = {field: getattr(args, field, None) for field in FIELDS if field not in ("width", "height")}
+    if args.size is not None:
+        flags["width"], flags["height"] = parse_size(args.size)
+    for field, v in flags.items():
         if v is not None:
             values[field] = v
-    if args.size is not None:
-        values["width"], values["height"] = parse_size(args.size)
-    known = {f.name for f in dataclasses.fields(GenerationParams)}
-    params = checked(GenerationParams(**{k: v for k, v in values.items() if k in known}))
+            from_png.discard(field)
+    if values.get("prompt") is None:
+        raise UsageError("a prompt is required (positional PROMPT, or --from-png FILE)")
+    for field, v in values.items():
+        with usage_errors(f"--from-png {args.from_png}: " if field in from_png else ""):
+            check_field(field, v)
+    with usage_errors(f"--from-png {args.from_png}: " if from_png else ""):  # the rules that tie fields together
+        params = GenerationParams(**values)
     if params.sampler != "ddim":  # only a --from-png file can name another sampler; the flags come with --sampler
         raise UsageError(f"the PNG was made with sampler {params.sampler!r}; the command line runs DDIM only so far")
     return params
@@ -137,16 +155,16 @@ def params_from_args(args: argparse.Namespace, base: dict[str, Any]) -> Generati
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """A fully validated generation request: everything `execute` needs, found before any weights are read."""
+    """A fully validated generation request: everything `execute` needs, found before any weights are loaded."""
 
     mode: str  # generate | img2img | sweep
     params: GenerationParams
     outputs: tuple[Path, ...]  # one per result, in the pipeline's result order
     model_path: Path
-    family: str | None
+    checkpoint: Checkpoint  # read and checked, not yet loaded
     device: torch.device
     dtype: torch.dtype
-    init_path: str | None = None
+    init_image: Image.Image | None = None  # decoded whole, RGB
     alphas: tuple[float, ...] | None = None
     focus_stack: tuple[str, ...] | None = None
     png_meta: dict[str, Any] | None = None
@@ -156,35 +174,37 @@ class Plan:
 
 
 def read_from_png(path: str | None) -> dict[str, Any] | None:
-    """The metadata of `--from-png FILE` (pngmeta.read_metadata), None without the flag; raises UsageError."""
+    """The metadata of `--from-png FILE` (pngmeta.read_metadata of the image decoded whole), None without the flag;
+    raises UsageError."""
     from . import pngmeta
 
     if path is None:
         return None
-    check_image(path, "--from-png")
-    try:
-        return pngmeta.read_metadata(path)
-    except ValueError as e:
-        raise UsageError(f"--from-png {e}") from None
+    png = read_image(path, "--from-png")
+    with usage_errors(f"--from-png {path}: "):
+        return pngmeta.read_metadata(png)
 
 
 def plan(args: argparse.Namespace) -> Plan:
-    """Validate a generate/img2img/sweep command line; raises UsageError. Reads no weights."""
+    """Validate a generate/img2img/sweep command line; raises UsageError. Loads no weights: it reads the checkpoint's
+    header and configs only (`common.inspect_checkpoint`), for the checks that need the model's facts."""
+    from ..params import check_schedule, image_size
+
     png_meta = read_from_png(args.from_png)
     params = params_from_args(args, png_meta["params"] if png_meta else {})
 
     init_path = getattr(args, "init", None)
-    if init_path is not None:
-        w, h = check_image(init_path, "--init")
-        if args.size is None and params.width is None and (w % 8 or h % 8):
-            raise UsageError(f"--init {init_path} is {w}x{h}, not multiples of 8; pass --size WxH to resize it")
-        if int(params.steps * params.strength) < 1:  # CompVis img2img runs int(strength * steps) steps
-            raise UsageError(f"--strength {params.strength} with --steps {params.steps} leaves no denoising step")
+    init_image = read_image(init_path, "--init", mode="RGB") if init_path is not None else None
+    # The schedule's own rule (the scheduler applies the same): img2img runs int(strength * steps) steps.
+    with usage_errors(f"--steps {params.steps}" + (f" --strength {params.strength}: " if init_path else ": ")):
+        check_schedule(params, img2img=init_path is not None)
 
     alphas = focus_stack = None
     if args.command == "sweep":
-        alphas = parse_floats(args.alphas, "--alphas") if args.alphas is not None else None
-        focus_stack = tuple(args.focus_stack) if args.focus_stack else None
+        alphas = parse_floats(args.alphas, "--alphas", "alpha") if args.alphas is not None else None
+        if args.focus_stack:
+            with usage_errors("--focus-stack: "):
+                focus_stack = tuple(dataclasses.replace(params, focus=f).focus for f in args.focus_stack)
         if alphas is None and not focus_stack:
             raise UsageError("sweep needs --alphas and/or --focus-stack")
         if focus_stack is None and params.focus is None:
@@ -195,6 +215,8 @@ def plan(args: argparse.Namespace) -> Plan:
         outputs = (Path(args.output),)
         check_output(outputs[0])
     trace = trace_cli.plan_trace(args, outputs[0]) if args.command != "sweep" else None
+    written = (*outputs, *((trace.sheet, trace.animation) if trace is not None else ()))
+    check_not_inputs(written, {"--init": init_path, "--from-png": args.from_png})
 
     from ..pipeline import LAYOUT_WARN_BELOW
 
@@ -203,12 +225,19 @@ def plan(args: argparse.Namespace) -> Plan:
              "below σ = 0.7")
     model_path, family = common.resolve_model(args, png_meta)
     device, dtype = common.device_dtype(args)
+    checkpoint = common.inspect_checkpoint(model_path, family)
+    # The image size against the model: a multiple of its VAE's factor, within its family's largest size.
+    source = (f"--size {args.size}: " if args.size is not None else f"--init {init_path}: "
+              if init_image is not None and params.width is None and params.height is None
+              else f"--from-png {args.from_png}: " if png_meta is not None else "")
+    with usage_errors(source):
+        image_size(params, checkpoint.limits(), init_image.size if init_image is not None else None)
     fast = None
     if args.fast or args.compile:
         from ..fast import FastOptions
 
         fast = FastOptions(dtype=dtype, channels_last=True, fuse_qkv=True, cache_context_kv=True, compile=args.compile)
-    return Plan(args.command, params, outputs, model_path, family, device, dtype, init_path, alphas, focus_stack,
+    return Plan(args.command, params, outputs, model_path, checkpoint, device, dtype, init_image, alphas, focus_stack,
                 png_meta, progress=not args.quiet, fast=fast, trace=trace)
 
 
@@ -217,18 +246,16 @@ def plan(args: argparse.Namespace) -> Plan:
 
 def execute(p: Plan) -> None:
     """Load the weights, run the pipeline, write the PNGs (atomically) and print their paths."""
-    from PIL import Image
-
     from .. import pipeline
     from . import pngmeta, weights
 
-    bundle = common.load_checkpoint(p.model_path, p.family, p.device, p.dtype)
+    bundle = common.load_checkpoint(p.checkpoint, p.device, p.dtype)
     sha = weights.model_sha256(p.model_path, progress=p.progress)
     made_with = (p.png_meta or {}).get("model_sha256")
     if made_with and sha and made_with != sha:
         warn(f"--from-png image was made with model sha256 {made_with[:10]}, "
              f"this is {sha[:10]} ({p.model_path.name}): the image will differ")
-    init_image = Image.open(p.init_path).convert("RGB") if p.init_path is not None else None
+    init_image = p.init_image
     if init_image is not None:
         executed = len(bundle.scheduler.timesteps(p.params.steps, p.params.strength))
         print(f"img2img: strength {p.params.strength} runs {executed} of {p.params.steps} steps", file=sys.stderr)
@@ -262,5 +289,5 @@ def execute(p: Plan) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    execute(plan(args))  # plan() raises UsageError (exit 2) before any weights are read
+    execute(plan(args))  # plan() raises UsageError (exit 2) before any weights are loaded
     return 0

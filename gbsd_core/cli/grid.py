@@ -4,7 +4,9 @@ as local-sharpness heat maps (one colour scale for every cell).
 
 One `sweep` per σ: the α values share its layout stage, so a column costs n_layout + K·(n − n_layout) UNet calls.
 Each cell's target is its own focus-word attention mask (gbsd_core/bokeh/attnmaps.py) unless --mask or --box gives
-one.
+one. A σ with no focus stage (σ = 1, plain SD on the global prompt: round(σ·n) = n) has no attention map of its own;
+its cells take the mask of the same row at the nearest σ that has one. Masks and boxes are checked against the image
+size before any weights load.
 
     gbsd grid "a bunny and a carrot on grass" --focus "a carrot" --alphas 0,0.5,1 --layouts 0.7,0.8,0.9 -o grid/
 """
@@ -12,18 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
 from . import common
-from .common import UsageError, check_image, checked, parse_floats, parse_size, write_text_atomic
+from .common import (UsageError, check_box, check_image, check_output_dir, parse_floats, parse_size, usage_errors,
+                     write_text_atomic)
 
 if TYPE_CHECKING:
     from PIL import Image
 
 
+OUTPUTS = ("grid.png", "grid_overlay.png", "grid_heatmap.png", "grid.json")
 MIN_CELL = 160  # pixels: smaller images (test models) are enlarged on the sheet so the captions fit under them
 
 
@@ -33,34 +38,49 @@ def _enlarge(image: Image.Image) -> Image.Image:
     return image if k <= 1 else image.resize((image.width * k, image.height * k), resample=0)  # 0 = NEAREST
 
 
+def _nearest(j: int, layouts: tuple[float, ...], has_focus: list[bool]) -> int:
+    """The column with a focus stage whose σ is nearest to column j's (the lower σ on a tie)."""
+    return min((i for i in range(len(layouts)) if has_focus[i]), key=lambda i: (abs(layouts[i] - layouts[j]), layouts[i]))
+
+
 def run_grid(args: argparse.Namespace) -> int:
     """α (rows) × σ (columns) contact sheet, one `sweep` per σ (the α values share its layout stage)."""
-    alphas, layouts = parse_floats(args.alphas, "--alphas"), parse_floats(args.layouts, "--layouts")
+    from ..params import GenerationParams, check_schedule, image_size
+    from ..sampling import layout_steps
+
+    alphas, layouts = parse_floats(args.alphas, "--alphas", "alpha"), parse_floats(args.layouts, "--layouts", "layout")
     if args.mask and args.box:
         raise UsageError("give --mask or --box, not both")
     box = None
     if args.box:
         try:
-            box = tuple(float(v) for v in args.box.split(","))
+            values = [float(v) for v in args.box.split(",")]
         except ValueError:
-            box = ()
-        if len(box) != 4:
-            raise UsageError(f"--box {args.box!r}: expected x0,y0,x1,y1")
-    if args.mask:
-        check_image(args.mask, "--mask")
-    if 1.0 in layouts and not (args.mask or box):
-        raise UsageError("σ = 1 has no focus stage, hence no attention mask: drop it from --layouts or give --mask/--box")
+            raise UsageError(f"--box {args.box!r}: expected x0,y0,x1,y1") from None
+        box = check_box(values, f"--box {args.box}")
+    mask_size = check_image(args.mask, "--mask") if args.mask else None
     width, height = parse_size(args.size) if args.size else (None, None)
     out = Path(args.output)
-    if not out.parent.is_dir() or (out.exists() and not out.is_dir()):
-        raise UsageError(f"-o {out}: must be a folder whose parent exists")
-    from ..pipeline import GenerationParams
-
-    base = checked(GenerationParams(args.prompt, focus=args.focus, steps=args.steps, cfg=args.cfg,
-                                    negative=args.negative, seed=args.seed, width=width, height=height))
+    check_output_dir(out)
+    for name in OUTPUTS:
+        if os.path.lexists(out / name) and not (out / name).is_file():
+            raise UsageError(f"-o {out}: {name} there is not a file; use another -o")
+    with usage_errors():
+        base = GenerationParams(args.prompt, focus=args.focus, steps=args.steps, cfg=args.cfg, negative=args.negative,
+                                seed=args.seed, width=width, height=height)
+    with usage_errors(f"--steps {base.steps}: "):
+        check_schedule(base, img2img=False)
+    has_focus = [layout_steps(base.steps, s) < base.steps for s in layouts]
+    if not any(has_focus) and not (args.mask or box):
+        raise UsageError(f"--layouts {args.layouts}: with {base.steps} steps every σ leaves no focus stage (round(σ·n) = "
+                         "n), so no cell has an attention mask to measure on: give --mask or --box, or a smaller σ")
     model_path, family = common.resolve_model(args, None)
     device, dtype = common.device_dtype(args)
-    bundle = common.load_checkpoint(model_path, family, device, dtype)
+    checkpoint = common.inspect_checkpoint(model_path, family)
+    with usage_errors(f"--size {args.size}: " if args.size else ""):
+        w, h = image_size(base, checkpoint.limits())
+    if mask_size is not None and mask_size != (w, h):
+        raise UsageError(f"--mask {args.mask} is {mask_size[0]}x{mask_size[1]} (W x H) but the images are {w}x{h}")
 
     from .. import pipeline
     from ..bokeh.attnmaps import CrossAttentionCollector, word_positions
@@ -68,28 +88,34 @@ def run_grid(args: argparse.Namespace) -> int:
     from ..bokeh.metrics import SharpnessReport, local_variance_of_laplacian, to_gray
     from ..bokeh.pictures import contact_sheet, overlay_mask, sharpness_heatmap
 
+    with usage_errors("--box: " if box else "--mask: "):
+        given = load_mask(args.mask, (h, w)) if args.mask else box_to_mask(box, (h, w)) if box else None
+    bundle = common.load_checkpoint(checkpoint, device, dtype)
     positions = word_positions(bundle.tokenizer(args.focus))
     images = [[None] * len(layouts) for _ in alphas]
     masks, reports = [row[:] for row in images], [row[:] for row in images]
     for j, sigma in enumerate(layouts):
-        collector = None if (args.mask or box) else CrossAttentionCollector(bundle.unet, positions)
+        collector = CrossAttentionCollector(bundle.unet, positions) if given is None and has_focus[j] else None
         results = pipeline.sweep(bundle, replace(base, layout=sigma), alphas=alphas, probe=collector,
                                  progress=not args.quiet)
         for i, r in enumerate(results):
-            size = (r.image.height, r.image.width)
-            try:
-                mask = (load_mask(args.mask, size) if args.mask else box_to_mask(box, size) if box
-                        else collector.mask(i, size))
-            except ValueError as e:
-                raise UsageError(str(e)) from None
-            images[i][j], masks[i][j] = r.image, mask
-            reports[i][j] = SharpnessReport.measure(to_gray(r.image), mask)
+            images[i][j] = r.image
+            if collector is not None:
+                with usage_errors(f"sigma {sigma:g}, alpha {alphas[i]:g}: "):
+                    masks[i][j] = collector.mask(i, (h, w))
+    for j in range(len(layouts)):
+        for i in range(len(alphas)):
+            if given is not None:
+                masks[i][j] = given
+            elif not has_focus[j]:  # no focus stage, no attention map: the row's mask at the nearest σ
+                masks[i][j] = masks[i][_nearest(j, layouts, has_focus)]
+            reports[i][j] = SharpnessReport.measure(to_gray(images[i][j]), masks[i][j])
     out.mkdir(exist_ok=True)
     # ASCII labels: Pillow's default font has no Greek letters.
     rows, cols = [f"alpha {a:g}" for a in alphas], [f"sigma {s:g}" for s in layouts]
     captions = [[rep.caption() for rep in row] for row in reports]
     vmax = max(float(local_variance_of_laplacian(to_gray(im)).max()) for row in images for im in row)
-    pictures = {
+    pictures = {  # OUTPUTS, with grid.json
         "grid.png": images,
         "grid_overlay.png": [[overlay_mask(im, m) for im, m in zip(ri, rm)] for ri, rm in zip(images, masks)],
         "grid_heatmap.png": [[sharpness_heatmap(im, vmax=max(vmax, 1.0)) for im in row] for row in images],

@@ -31,6 +31,9 @@ def cmd_download(args: argparse.Namespace) -> int:
     from . import weights
 
     directory = Path(args.dir) if args.dir else weights.weights_dir()
+    where = f"--dir {directory}" if args.dir else f"weights folder {directory}"
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"{where} is not a folder; pass --dir FOLDER or set ${weights.WEIGHTS_ENV} to one")
     if args.name is None:
         for e in weights.REGISTRY.values():
             state = "present" if (directory / e.filename).exists() else "missing"
@@ -38,6 +41,10 @@ def cmd_download(args: argparse.Namespace) -> int:
         return 0
     if args.name not in weights.REGISTRY:
         raise UsageError(f"unknown model {args.name!r}; known: {', '.join(weights.REGISTRY)}")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{where}: cannot be created ({e.strerror})") from None
     try:
         path = weights.download(args.name, directory, repo_id=args.repo)
     except weights.WeightsError as e:
@@ -55,7 +62,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
     if not path.exists():
         raise UsageError(f"{path}: no such file or folder")
-    bundle = common.load_checkpoint(path, args.family, "cpu", torch.float32)
+    family = None
+    if args.family is not None:
+        from ..family import family_by_name
+
+        try:
+            family = family_by_name(args.family).name
+        except ValueError as e:
+            raise UsageError(f"--family: {e}") from None
+    bundle = common.load_checkpoint(common.inspect_checkpoint(path, family), "cpu", torch.float32)
     desc = bundle.describe()
     print(f"file: {path}")
     sha = weights.model_sha256(path, progress=True)

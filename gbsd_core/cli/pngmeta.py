@@ -193,7 +193,7 @@ def parse_infotext(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
             try:
                 params[field] = kind(pairs[key])
             except ValueError:
-                raise ValueError(f"unreadable {key!r} value {pairs[key]!r} in PNG parameters") from None
+                raise ValueError(f"unreadable {key!r} value {pairs[key]!r:.40} in PNG parameters") from None
     if "Size" in pairs:
         m = re.fullmatch(r"(\d+)x(\d+)", pairs["Size"])
         if not m:
@@ -204,33 +204,55 @@ def parse_infotext(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
     extra["model"] = pairs.get("Model")
     for key, name in (("GBSD executed steps", "executed_steps"), ("GBSD layout steps", "layout_steps")):
         if key in pairs:
-            extra[name] = int(pairs[key])
+            try:
+                extra[name] = int(pairs[key])
+            except ValueError:
+                raise ValueError(f"unreadable {key!r} value {pairs[key]!r:.40} in PNG parameters") from None
     return params, extra
 
 
-def read_metadata(png_path: str | os.PathLike) -> dict[str, Any]:
-    """{"params": {field: value}, "source": "json"|"infotext", plus model/size facts} from a PNG's text chunks;
-    from the JSON chunk also "json", the whole chunk (its "trace" / "rack" entries, when the PNG has them).
+def _optional(obj: dict, key: str, what: str) -> Any:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"broken '{JSON_KEY}' metadata chunk ({what} must be text, got {type(value).__name__})")
+    return value
+
+
+def read_metadata(png: str | os.PathLike | Image.Image) -> dict[str, Any]:
+    """{"params": {field: value}, "source": "json"|"infotext", plus model/size facts} from a PNG's text chunks (a
+    path, or an image already opened). The parameters' values are checked by GenerationParams, not here; the rest of
+    the structure is checked here: a PNG is anyone's file. From the JSON chunk also "json", the whole chunk (its
+    "trace" / "rack" entries, when the PNG has them; their readers check what they take from them).
 
     Raises ValueError when the file carries neither chunk (or they are unreadable), OSError when it cannot be read.
     """
-    with Image.open(png_path) as im:
-        texts = dict(getattr(im, "text", {}) or {})
+    if isinstance(png, Image.Image):
+        texts = dict(getattr(png, "text", {}) or {})
+    else:
+        with Image.open(png) as im:
+            texts = dict(getattr(im, "text", {}) or {})
+    where = "" if isinstance(png, Image.Image) else f"{png}: "
     if JSON_KEY in texts:
         try:
             data = json.loads(texts[JSON_KEY])
-            if not isinstance(data.get("params"), dict):
-                raise ValueError("no 'params' object")
-        except (ValueError, AttributeError) as e:
-            raise ValueError(f"{png_path}: broken '{JSON_KEY}' metadata chunk ({e})") from None
+        except (ValueError, RecursionError) as e:  # RecursionError: JSON nested beyond Python's stack
+            raise ValueError(f"broken '{JSON_KEY}' metadata chunk ({type(e).__name__}: {e})"[:200]) from None
+        if not isinstance(data, dict) or not isinstance(data.get("params"), dict):
+            raise ValueError(f"broken '{JSON_KEY}' metadata chunk (no 'params' object)")
         model = data.get("model") or {}
-        return {"source": "json", "params": data["params"], "model_file": model.get("file"),
-                "model_sha256": model.get("sha256"), "img2img": data.get("mode") == "img2img", "json": data}
+        if not isinstance(model, dict):
+            raise ValueError(f"broken '{JSON_KEY}' metadata chunk (model must be an object, got "
+                             f"{type(model).__name__})")
+        sha = _optional(model, "sha256", "model sha256")
+        if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise ValueError(f"broken '{JSON_KEY}' metadata chunk (model sha256 {sha!r:.80} is not 64 hex digits)")
+        return {"source": "json", "params": data["params"], "model_file": _optional(model, "file", "model file"),
+                "model_sha256": sha, "img2img": _optional(data, "mode", "mode") == "img2img", "json": data}
     if INFOTEXT_KEY in texts:
         params, extra = parse_infotext(texts[INFOTEXT_KEY])
         return {"source": "infotext", "params": params, "model_file": extra["model"],
                 "model_hash": extra["model_hash"], "img2img": extra["img2img"]}
-    raise ValueError(f"{png_path}: no generation parameters in this PNG (no '{JSON_KEY}' or '{INFOTEXT_KEY}' chunk)")
+    raise ValueError(f"{where}no generation parameters in this PNG (no '{JSON_KEY}' or '{INFOTEXT_KEY}' chunk)")
 
 
 def params_from_dict(values: dict[str, Any]) -> GenerationParams:

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import common
-from .common import UsageError, check_output, warn
+from .common import UsageError, check_not_inputs, check_output, usage_errors, warn
 from .generate import add_run_args, params_from_args, read_from_png
 
 if TYPE_CHECKING:
     import torch
 
     from ..bokeh.rack import Rack
+    from ..loading import Checkpoint
     from ..pipeline import GenerationParams
 
 DEFAULT_FRAMES = 12
@@ -52,7 +53,7 @@ class RackPlan:
     sheet: Path
     frame_paths: tuple[Path, ...]
     model_path: Path
-    family: str | None
+    checkpoint: Checkpoint  # read and checked, not yet loaded
     device: torch.device
     dtype: torch.dtype
     progress: bool
@@ -64,12 +65,7 @@ def rack_outputs(output: str, frames: int) -> tuple[Path, Path, tuple[Path, ...]
     from ..bokeh.pictures import ANIMATION_FORMATS
 
     animation = Path(output)
-    if animation.suffix.lower() not in ANIMATION_FORMATS:
-        raise UsageError(f"-o {output}: the animation must be a {' or '.join(ANIMATION_FORMATS)} file")
-    if animation.is_dir():
-        raise UsageError(f"-o {output}: is a directory, expected a {animation.suffix} file name")
-    if not animation.parent.is_dir():
-        raise UsageError(f"-o {output}: output directory {animation.parent} does not exist")
+    check_output(animation, suffixes=tuple(ANIMATION_FORMATS))
     stem = animation.with_suffix("")
     sheet = Path(f"{stem}_sheet.png")
     frame_paths = tuple(Path(f"{stem}_{k:02d}.png") for k in range(frames))
@@ -79,13 +75,17 @@ def rack_outputs(output: str, frames: int) -> tuple[Path, Path, tuple[Path, ...]
 
 
 def plan_rack(args: argparse.Namespace) -> RackPlan:
-    """Validate a `gbsd rack` command line; raises UsageError. Reads no weights, writes nothing."""
+    """Validate a `gbsd rack` command line; raises UsageError. Loads no weights (reads the checkpoint's header and
+    configs for the model's limits), writes nothing."""
     from ..bokeh.rack import MAX_FRAMES, check_rack, same_prompt
+    from ..params import check_schedule, image_size
     from ..pipeline import LAYOUT_WARN_BELOW
+    from ..sampling import layout_steps
 
     png_meta = read_from_png(args.from_png)
     base = png_meta["params"] if png_meta else {}
     stored = ((png_meta or {}).get("json") or {}).get("rack") or {}
+    stored = stored if isinstance(stored, dict) else {}  # a PNG is anyone's file
     frames = args.frames if args.frames is not None else stored.get("frames", DEFAULT_FRAMES)
     if isinstance(frames, bool) or not isinstance(frames, int) or not 2 <= frames <= MAX_FRAMES:
         raise UsageError(f"--frames must be an integer in [2, {MAX_FRAMES}], got {frames!r}")
@@ -98,17 +98,24 @@ def plan_rack(args: argparse.Namespace) -> RackPlan:
     params = replace(params_from_args(args, base), focus_mix=0.0)  # each frame gets its own mix
     if same_prompt(params.focus, params.focus_to):
         raise UsageError(f"--from and --to are the same prompt ({params.focus!r}): nothing to pull focus between")
-    try:
+    with usage_errors():
         check_rack(params, frames)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    with usage_errors(f"--steps {params.steps}: "):
+        check_schedule(params, img2img=False)
+    if layout_steps(params.steps, params.layout) == params.steps:
+        raise UsageError(f"--layout {params.layout} with {params.steps} steps leaves no focus stage (round(σ·n) = n): "
+                         "every frame would be the same image")
     animation, sheet, frame_paths = rack_outputs(args.output, frames)
+    check_not_inputs((animation, sheet, *frame_paths), {"--from-png": args.from_png})
     if params.layout < LAYOUT_WARN_BELOW:
         warn(f"--layout {params.layout} < {LAYOUT_WARN_BELOW}: the GBSD paper reports objects start to mix "
              "below σ = 0.7")
     model_path, family = common.resolve_model(args, png_meta)
     device, dtype = common.device_dtype(args)
-    return RackPlan(params, frames, animation, sheet, frame_paths, model_path, family, device, dtype,
+    checkpoint = common.inspect_checkpoint(model_path, family)
+    with usage_errors(f"--size {args.size}: " if args.size else ""):
+        image_size(params, checkpoint.limits())
+    return RackPlan(params, frames, animation, sheet, frame_paths, model_path, checkpoint, device, dtype,
                     progress=not args.quiet)
 
 
@@ -128,7 +135,7 @@ def execute_rack(p: RackPlan) -> None:
     from ..bokeh.rack import rack_focus
     from . import pngmeta, weights
 
-    bundle = common.load_checkpoint(p.model_path, p.family, p.device, p.dtype)
+    bundle = common.load_checkpoint(p.checkpoint, p.device, p.dtype)
     sha = weights.model_sha256(p.model_path, progress=p.progress)
     rack = rack_focus(bundle, p.params, p.frames, progress=p.progress)
     first = rack.frames[0].result

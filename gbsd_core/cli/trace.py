@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .common import UsageError, check_writable
+from .common import UsageError, check_output_dir
 
 if TYPE_CHECKING:
     from ..bokeh.trace import Tracer
@@ -43,16 +43,6 @@ class TracePlan:
     preview: str
 
 
-def _check_dir(d: Path) -> None:
-    """DIR is an existing writable folder, or a new one whose parent is (probed: os.access lies for root)."""
-    if d.exists() and not d.is_dir():
-        raise UsageError(f"--trace {d}: is a file, expected a folder")
-    parent = d if d.is_dir() else d.parent
-    if not parent.is_dir():
-        raise UsageError(f"--trace {d}: folder {parent} does not exist")
-    check_writable(parent, f"--trace {d}")
-
-
 def plan_trace(args: argparse.Namespace, output: Path) -> TracePlan | None:
     """The trace request of a command line (None without --trace); raises UsageError. Writes nothing."""
     if args.trace is None:
@@ -63,7 +53,7 @@ def plan_trace(args: argparse.Namespace, output: Path) -> TracePlan | None:
     if args.trace_every is not None and args.trace_every < 1:
         raise UsageError(f"--trace-every must be at least 1, got {args.trace_every}")
     d = Path(args.trace)
-    _check_dir(d)
+    check_output_dir(d, "--trace")  # an existing writable folder, or a new one whose parent is
     plan = TracePlan(d / f"{output.stem}_trace.png", d / f"{output.stem}_trace.webp", args.trace_every,
                      args.trace_preview or "vae")
     for path in (plan.sheet, plan.animation):

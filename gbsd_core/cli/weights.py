@@ -111,8 +111,11 @@ def resolve_weights(spec: str | None) -> Path:
     once with the exact command to fix it. Raises WeightsError.
     """
     name = DEFAULT_MODEL if spec is None else spec
-    if spec is not None and Path(spec).exists():
-        return Path(spec)
+    try:
+        if spec is not None and Path(spec).exists():
+            return Path(spec)
+    except (OSError, ValueError) as e:  # a name too long to look up, a NUL in it
+        raise WeightsError(f"weights path {spec!r:.80} cannot be looked up ({getattr(e, 'strerror', None) or e})") from None
     if name in REGISTRY:
         path = registry_path(name)
         if path.exists():
@@ -158,13 +161,16 @@ def file_sha256(path: str | os.PathLike, *, progress: bool = False, hasher: Call
     path = Path(path)
     st = path.stat()
     side = sidecar_path(path)
+    if os.path.lexists(side) and not side.is_file():
+        # a pipe there would block the read (and the write) forever; anything but a regular file is left alone
+        return (hasher or _hash_file)(path, progress)
     try:
         cached = json.loads(side.read_text())
         if cached.get("size") == st.st_size and cached.get("mtime_ns") == st.st_mtime_ns:
             digest = str(cached["sha256"])
             if len(digest) == 64:
                 return digest
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         pass  # missing or unreadable cache: recompute
     digest = (hasher or _hash_file)(path, progress)
     try:

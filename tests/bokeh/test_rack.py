@@ -126,7 +126,7 @@ def test_without_masks(bundle, params):
     ({}, 65, "frames"),
     ({}, True, "frames"),
     (dict(focus_to="A  Bunny"), 4, "same prompt"),  # the tokenizer lower-cases and collapses spaces
-    (dict(focus_to="  "), 4, "empty"),
+    (dict(focus_to="  "), 4, "blank"),  # refused by GenerationParams itself (params.FIELDS)
     (dict(focus_to=None), 4, "focus_to"),
     (dict(layout=1.0), 4, "no focus stage"),
     (dict(alpha=1.0), 4, "alpha 1"),

@@ -128,3 +128,95 @@ def test_torchrun_two_processes_give_the_same_table(single_run, amp_ckpt, pairs_
         assert (out / p.relative_to(single_run)).read_bytes() == p.read_bytes(), p
 
 
+
+
+# ------------------------------------------------------------------------------------------------ hostile folders
+
+
+def _damage_run_json(out: Path) -> None:
+    (out / "run.json").write_text('{"model": "tiny-respons')
+
+
+def _damage_pairs_folder(out: Path) -> None:
+    shutil.rmtree(out / "pairs")
+    (out / "pairs").write_text("a file where the pairs folder goes")
+
+
+def _damage_pair_folder(out: Path) -> None:
+    shutil.rmtree(out / "pairs" / "002-a-cat")
+    (out / "pairs" / "002-a-cat").write_text("a file where a pair's folder goes")
+
+
+def _damage_record_is_folder(out: Path) -> None:
+    (out / "pairs" / "002-a-cat" / "record.json").unlink()
+    (out / "pairs" / "002-a-cat" / "record.json").mkdir()
+
+
+def _damage_table_is_folder(out: Path) -> None:
+    (out / "table.md").unlink()
+    (out / "table.md").mkdir()
+
+
+@pytest.mark.parametrize("damage, match", [
+    (_damage_run_json, "run.json"), (_damage_pairs_folder, "pairs"), (_damage_pair_folder, "002-a-cat"),
+    (_damage_record_is_folder, "record.json"), (_damage_table_is_folder, "table.md"),
+])
+def test_a_damaged_output_folder_is_refused_before_loading(damage, match, single_run, pairs_file, amp_ckpt, tmp_path,
+                                                           capsys, no_load):
+    out = tmp_path / "out"
+    shutil.copytree(single_run, out)
+    damage(out)
+    code = cli_main(["eval", str(pairs_file), "-o", str(out), "--weights", str(amp_ckpt), *EVAL_ARGS])
+    err = capsys.readouterr().err
+    print(err)
+    assert code == 2 and match in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content", ['{"id": "002-a-c', "[1, 2]", '"text"', '{"id": "002-a-cat"}'])
+def test_a_truncated_record_reruns_its_pair(content, single_run, pairs_file, amp_ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(single_run, out)
+    (out / "pairs" / "002-a-cat" / "record.json").write_text(content)
+    calls = []
+    real = pipeline.generate
+    monkeypatch.setattr(pipeline, "generate", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    assert cli_main(["eval", str(pairs_file), "-o", str(out), "--weights", str(amp_ckpt), *EVAL_ARGS]) == 0
+    assert [c.focus for c in calls] == ["a cat", None]  # that pair again, nothing else
+    assert (out / "table.md").read_text() == (single_run / "table.md").read_text()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--size", "48x48"], "m.png is 64x64"),  # the mask of line 3 no longer fits: found before any weights load
+    (["--size", "8x8", "--limit", "2"], "lies outside"),  # the box of line 2
+    (["--size", "60x64"], "multiple of 8"),
+    (["--size", "99992x99992"], "--size"),
+    (["--cfg", "nan"], "cfg"),
+    (["--steps", "1000"], "steps"),
+    (["--alpha", "inf"], "alpha"),
+    (["--negative", "a\0b"], "negative"),
+    (["-o", "{long}"], "too long"),
+    (["-o", "{file}"], "not a folder"),
+    (["--device", "meta"], "--device"),
+])
+def test_bad_flags_are_refused_before_loading(argv, match, pairs_file, amp_ckpt, tmp_path, capsys, no_load):
+    (tmp_path / "file").write_text("x")
+    argv = [str(tmp_path / ("x" * 300)) if a == "{long}" else str(tmp_path / "file") if a == "{file}" else a
+            for a in argv]
+    base = ["eval", str(pairs_file), "--weights", str(amp_ckpt), "-q", "--steps", "4"]
+    if "-o" not in argv:
+        base += ["-o", str(tmp_path / "out")]
+    code = cli_main([*base, *argv])
+    err = capsys.readouterr().err
+    print(err)
+    assert code == 2 and match in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out" / "pairs").exists()
+
+
+def test_an_input_image_the_vae_cannot_take_is_refused_before_loading(amp_ckpt, tmp_path, capsys, no_load):
+    """image to image at the input's own size: 60 is not a multiple of the VAE's 8 (fine with --size, resized)."""
+    Image.new("RGB", (60, 64), (9, 9, 9)).save(tmp_path / "in60.png")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a", "focus": "b", "seed": 1, "init": "in60.png"}\n')
+    code = cli_main(["eval", str(tmp_path / "p.jsonl"), "-o", str(tmp_path / "out"), "--weights", str(amp_ckpt), "-q"])
+    err = capsys.readouterr().err
+    print(err)
+    assert code == 2 and "not a multiple of 8" in err and err.count("\n") == 1

@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _cli import TINY, Loaded, everything, noise_png, png_texts, run_cli
+from _broken import UNET, Workshop
+from _cli import TINY, Loaded, bomb_png, broken_zlib_png, meta_png, noise_png, png_texts, run_cli
 from PIL import Image
 
 from gbsd_core.cli import pngmeta
@@ -18,8 +21,27 @@ from gbsd_core.cli.main import main as cli_main
 # ------------------------------------------------------------------------------------------------ no model needed
 
 
+def M(**params) -> str:
+    """`--from-png` of a PNG whose `gbsd` JSON chunk holds these parameters (prompt "p" unless given)."""
+    return "{meta:" + json.dumps({"version": 1, "params": {"prompt": "p", **params}}) + "}"
+
+
+def RAW(obj) -> str:
+    """`--from-png` of a PNG whose `gbsd` chunk is this JSON value (or raw text, when a str)."""
+    return "{meta:" + (obj if isinstance(obj, str) else json.dumps(obj)) + "}"
+
+
+def INFO(line: str, prompt: str = "p") -> str:
+    """`--from-png` of a PNG with only an A1111 `parameters` chunk."""
+    return "{info:" + prompt + "\n" + line + "}"
+
+
+A1111 = "Steps: 3, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64"
+NAME_300 = "x" * 296 + ".png"
+
 BAD_INPUTS = [
-    # (id, argv after the command, text the message must contain)
+    # (id, argv after the command, text the message must contain). {ckpt}: the tiny checkpoint (for checks that need
+    # the model's facts: its VAE factor, its family's largest size); otherwise a dummy file that must never be read.
     ("alpha-high", ["generate", "p", "--alpha", "1.5"], "alpha"),
     ("alpha-neg", ["generate", "p", "--focus", "f", "--alpha", "-0.1"], "alpha"),
     ("alpha-nan", ["generate", "p", "--alpha", "abc"], "--alpha"),
@@ -28,14 +50,14 @@ BAD_INPUTS = [
     ("strength-zero", ["img2img", "p", "--init", "{img}", "--strength", "0"], "strength"),
     ("strength-high", ["img2img", "p", "--init", "{img}", "--strength", "1.5"], "strength"),
     ("strength-no-steps", ["img2img", "p", "--init", "{img}", "--strength", "0.1", "--steps", "5"], "--strength"),
-    ("size-not-8", ["generate", "p", "--size", "60x64"], "--size"),
+    ("size-not-8", ["generate", "p", "--size", "60x64", "--weights", "{ckpt}"], "--size"),
     ("size-malformed", ["generate", "p", "--size", "big"], "--size"),
     ("init-missing-flag", ["img2img", "p"], "--init"),
     ("init-missing-file", ["img2img", "p", "--init", "{tmp}/nope.png"], "no such file"),
     ("init-not-image", ["img2img", "p", "--init", "{txt}"], "not a readable image"),
-    ("init-size-not-8", ["img2img", "p", "--init", "{img60}"], "multiples of 8"),
+    ("init-size-not-8", ["img2img", "p", "--init", "{img60}", "--weights", "{ckpt}"], "multiple of 8"),
     ("weights-missing", ["generate", "p", "--weights", "{tmp}/missing.safetensors"], "weights file not found"),
-    ("weights-default-absent", ["generate", "p"], "gbsd download sd15"),
+    ("weights-default-absent", ["generate", "p", "{no-weights}"], "gbsd download sd15"),
     ("weights-name-absent", ["generate", "p", "--weights", "sd21"], "gbsd download sd21"),
     ("out-dir-missing", ["generate", "p", "-o", "{tmp}/no/such/dir/x.png"], "does not exist"),
     ("out-not-writable", ["generate", "p", "-o", "/proc/gbsd-test.png"], "not writable"),
@@ -52,6 +74,139 @@ BAD_INPUTS = [
     ("sweep-names-repeat", ["sweep", "p", "--focus-stack", "a", "b", "-o", "{tmp}/same.png"], "repeat"),
     ("sweep-bad-pattern", ["sweep", "p", "--focus-stack", "a", "-o", "{tmp}/{nope}.png"], "pattern"),
     ("compile-mode-unknown", ["generate", "p", "--compile", "fastest"], "--compile"),
+    # --- 1. types, whatever the source: a PNG's JSON chunk ...
+    ("png-width-str", ["generate", "--from-png", M(width="64")], "width must be an integer"),
+    ("png-height-float", ["generate", "--from-png", M(height=64.0)], "height must be an integer"),
+    ("png-seed-float", ["generate", "--from-png", M(seed=1.5)], "seed must be an integer"),
+    ("png-seed-float-whole", ["generate", "--from-png", M(seed=3.0)], "seed must be an integer"),
+    ("png-seed-str", ["generate", "--from-png", M(seed="7")], "seed must be an integer"),
+    ("png-steps-bool", ["generate", "--from-png", M(steps=True)], "steps must be an integer"),
+    ("png-steps-null", ["generate", "--from-png", M(steps=None)], "steps must be an integer"),
+    ("png-prompt-list", ["generate", "--from-png", M(prompt=["a", "b"])], "prompt must be text"),
+    ("png-prompt-number", ["generate", "--from-png", M(prompt=5)], "prompt must be text"),
+    ("png-negative-list", ["generate", "--from-png", M(negative=["ugly", "blurry"])], "negative must be text"),
+    ("png-focus-dict", ["generate", "--from-png", M(focus={"a": 1})], "focus must be text"),
+    ("png-alpha-str", ["generate", "--from-png", M(alpha="0.5")], "alpha must be a number"),
+    ("png-alpha-bool", ["generate", "--from-png", M(alpha=False)], "alpha must be a number"),
+    ("png-cfg-null", ["generate", "--from-png", M(cfg=None)], "cfg must be a number"),
+    ("png-strength-list", ["generate", "--from-png", M(strength=[0.5])], "strength must be a number"),
+    ("png-eta-dict", ["generate", "--from-png", M(eta={})], "eta must be a number"),
+    ("png-layout-str", ["generate", "--from-png", M(layout="high")], "layout must be a number"),
+    ("png-json-list", ["generate", "--from-png", RAW([1, 2])], "metadata"),
+    ("png-json-deep", ["generate", "--from-png", RAW("[" * 100000 + "]" * 100000)], "metadata"),
+    ("png-params-list", ["generate", "--from-png", RAW({"params": [1]})], "params"),
+    ("png-model-str", ["generate", "--from-png", RAW({"params": {"prompt": "p"}, "model": "x"})], "model"),
+    ("png-model-sha-int", ["generate", "--from-png", RAW({"params": {"prompt": "p"}, "model": {"sha256": 5}})],
+     "sha256"),
+    ("png-prompt-surrogate", ["generate", "--from-png", M(prompt="a \ud800 b")], "prompt"),
+    ("png-prompt-nul", ["generate", "--from-png", M(prompt="a\u0000b")], "prompt"),
+    ("png-prompt-huge", ["generate", "--from-png", M(prompt="x" * 20000)], "prompt"),
+    # ... A1111 text ...
+    ("info-cfg-nan", ["generate", "--from-png", INFO(A1111.replace("CFG scale: 7", "CFG scale: nan"))], "cfg"),
+    ("info-cfg-inf", ["generate", "--from-png", INFO(A1111.replace("CFG scale: 7", "CFG scale: inf"))], "cfg"),
+    ("info-seed-2-64", ["generate", "--from-png", INFO(A1111.replace("Seed: 1", f"Seed: {2**64}"))], "seed"),
+    ("info-size-huge", ["generate", "--from-png", INFO(A1111.replace("64x64", "99992x99992"))], "width"),
+    ("info-alpha-inf", ["generate", "--from-png", INFO(A1111 + ", GBSD focus: f, GBSD alpha: inf")], "alpha"),
+    ("info-steps-text", ["generate", "--from-png", INFO(A1111.replace("Steps: 3", "Steps: many"))], "Steps"),
+    ("info-executed-text", ["generate", "--from-png", INFO(A1111 + ", GBSD executed steps: x")], "executed"),
+    # ... the command line
+    ("prompt-surrogate", ["generate", "bad \udcff bytes"], "prompt"),
+    ("negative-surrogate", ["generate", "p", "--negative", "\udce9t\udce9"], "negative"),
+    ("prompt-nul", ["generate", "a\0b"], "prompt"),
+    ("prompt-huge", ["generate", "x" * 20000], "prompt"),
+    ("focus-empty", ["generate", "p", "--focus", ""], "focus"),
+    ("focus-blank", ["generate", "p", "--focus", "   "], "focus"),
+    ("focus-stack-empty", ["sweep", "p", "--focus-stack", "a", ""], "focus"),
+    # --- 2. non-finite and absurd numbers
+    ("cfg-nan", ["generate", "p", "--cfg", "nan"], "cfg"),
+    ("cfg-inf", ["generate", "p", "--cfg", "inf"], "cfg"),
+    ("cfg-neg-inf", ["generate", "p", "--cfg", "-inf"], "cfg"),
+    ("cfg-huge", ["generate", "p", "--cfg", "1e9"], "cfg"),
+    ("cfg-negative", ["generate", "p", "--cfg", "-5"], "cfg"),
+    ("alpha-float-nan", ["generate", "p", "--focus", "f", "--alpha", "nan"], "alpha"),
+    ("alpha-inf", ["generate", "p", "--focus", "f", "--alpha", "inf"], "alpha"),
+    ("layout-nan", ["generate", "p", "--focus", "f", "--layout", "nan"], "layout"),
+    ("layout-neg-inf", ["generate", "p", "--layout", "-inf"], "layout"),
+    ("strength-nan", ["img2img", "p", "--init", "{img}", "--strength", "nan"], "strength"),
+    ("eta-nan", ["generate", "p", "--eta", "nan"], "eta"),
+    ("eta-100", ["generate", "p", "--eta", "100"], "eta"),
+    ("eta-1.5", ["generate", "p", "--eta", "1.5"], "eta"),
+    ("eta-negative", ["generate", "p", "--eta", "-0.5"], "eta"),
+    ("steps-1000", ["generate", "p", "--steps", "1000"], "steps"),
+    ("steps-huge", ["generate", "p", "--steps", "100000"], "steps"),
+    ("steps-negative", ["generate", "p", "--steps", "-3"], "steps"),
+    ("seed-negative", ["generate", "p", "--seed", "-1"], "seed"),
+    ("seed-2-64", ["generate", "p", "--seed", str(2**64)], "seed"),
+    ("seed-huge", ["generate", "p", "--seed", "9" * 40], "seed"),
+    ("size-huge", ["generate", "p", "--size", "99992x99992"], "--size"),
+    ("size-zero-w", ["generate", "p", "--size", "0x64"], "--size"),
+    ("size-zero-h", ["generate", "p", "--size", "64x0"], "--size"),
+    ("size-absurd-digits", ["generate", "p", "--size", "64x" + "9" * 30], "--size"),
+    ("size-above-family", ["generate", "p", "--size", "2560x512", "--weights", "{ckpt}"], "2048"),
+    ("sweep-alphas-nan", ["sweep", "p", "--focus", "f", "--alphas", "0,nan"], "--alphas"),
+    ("sweep-alphas-inf", ["sweep", "p", "--focus", "f", "--alphas", "inf"], "--alphas"),
+    ("sweep-alphas-overflow", ["sweep", "p", "--focus", "f", "--alphas", "1e400"], "--alphas"),
+    ("sweep-alphas-empty", ["sweep", "p", "--focus", "f", "--alphas", ","], "--alphas"),
+    ("init-larger-than-family", ["img2img", "p", "--init", "{img2064}", "--weights", "{ckpt}"], "2048"),
+    # --- 3. image files, decoded before they are accepted
+    ("init-bomb", ["img2img", "p", "--init", "{bomb}"], "pixels"),
+    ("init-big", ["img2img", "p", "--init", "{big}"], "pixels"),
+    ("init-broken-zlib", ["img2img", "p", "--init", "{zlib}"], "not a readable image"),
+    ("init-truncated", ["img2img", "p", "--init", "{cut}"], "not a readable image"),
+    ("init-fifo", ["img2img", "p", "--init", "{fifo}"], "not a regular file"),
+    ("init-dir", ["img2img", "p", "--init", "{tmp}/sub.png"], "not a regular file"),
+    ("sweep-init-broken-zlib", ["sweep", "p", "--focus", "f", "--alphas", "0", "--init", "{zlib}"],
+     "not a readable image"),
+    ("from-png-bomb", ["generate", "--from-png", "{bomb-meta}"], "pixels"),
+    ("from-png-broken-zlib", ["generate", "--from-png", "{zlib-meta}"], "not a readable image"),
+    ("from-png-fifo", ["generate", "--from-png", "{fifo}"], "not a regular file"),
+    # --- 6. output names and patterns
+    ("out-name-too-long", ["generate", "p", "-o", "{tmp}/" + NAME_300], "too long"),
+    ("out-nul", ["generate", "p", "-o", "{tmp}/a\0b.png"], "-o"),
+    ("out-parent-is-file", ["generate", "p", "-o", "{txt}/x.png"], "-o"),
+    ("out-is-init", ["img2img", "p", "--init", "{img}", "-o", "{img}"], "overwrite"),
+    ("out-is-init-relative", ["img2img", "p", "--init", "{img}", "-o", "in.png"], "overwrite"),
+    ("out-is-from-png", ["generate", "--from-png", "{good-meta}", "-o", "{good-meta}"], "overwrite"),
+    ("sweep-out-is-init", ["sweep", "p", "--focus", "f", "--alphas", "0", "--init", "{img}", "-o", "{img}"],
+     "overwrite"),
+    ("sweep-pattern-attr", ["sweep", "p", "--focus", "f", "--alphas", "0,1", "-o", "{tmp}/{index.nope}.png"], "pattern"),
+    ("sweep-pattern-item", ["sweep", "p", "--focus", "f", "--alphas", "0,1", "-o", "{tmp}/{alpha[0]}.png"], "pattern"),
+    ("sweep-pattern-positional", ["sweep", "p", "--focus", "f", "--alphas", "0", "-o", "{tmp}/{0}.png"], "pattern"),
+    ("sweep-pattern-empty", ["sweep", "p", "--focus", "f", "--alphas", "0", "-o", "{tmp}/{}.png"], "pattern"),
+    ("sweep-pattern-conversion", ["sweep", "p", "--focus", "f", "--alphas", "0", "-o", "{tmp}/{index!z}.png"],
+     "pattern"),
+    ("sweep-pattern-spec", ["sweep", "p", "--focus", "f", "--alphas", "0", "-o", "{tmp}/{alpha:q}.png"], "pattern"),
+    ("sweep-pattern-open", ["sweep", "p", "--focus", "f", "--alphas", "0", "-o", "{tmp}/{index.png"], "pattern"),
+    ("sweep-pattern-wide", ["sweep", "p", "--focus", "f", "--alphas", "0", "-o", "{tmp}/{index:099999999}.png"],
+     "pattern"),
+    ("sweep-pattern-nested", ["sweep", "p", "--focus", "f", "--alphas", "0", "-o", "{tmp}/{alpha:{seed}}.png"],
+     "pattern"),
+    ("sweep-pattern-too-long", ["sweep", "p", "--focus", "f", "--alphas", "0", "-o", "{tmp}/{index}" + NAME_300],
+     "too long"),
+    # --- 7. paths from metadata: only a plain file name, looked up inside the weights folder
+    ("png-model-dotdot", ["generate", "--from-png", RAW({"params": {"prompt": "p"}, "model": {"file": ".."}}),
+                          "{no-weights}"], "model"),
+    ("png-model-path", ["generate", "--from-png",
+                        RAW({"params": {"prompt": "p"}, "model": {"file": "../tiny-sd1.safetensors"}}), "{no-weights}"],
+     "model"),
+    ("png-model-absolute", ["generate", "--from-png",
+                            RAW({"params": {"prompt": "p"}, "model": {"file": "/etc/passwd"}}), "{no-weights}"], "model"),
+    ("png-model-int", ["generate", "--from-png", RAW({"params": {"prompt": "p"}, "model": {"file": 42}}),
+                       "{no-weights}"], "model"),
+    ("png-model-list", ["generate", "--from-png", RAW({"params": {"prompt": "p"}, "model": {"file": ["a"]}}),
+                        "{no-weights}"], "model"),
+    ("info-model-dotdot", ["generate", "--from-png", INFO(A1111 + ", Model: .."), "{no-weights}"], "model"),
+    ("info-model-path", ["generate", "--from-png", INFO(A1111 + ", Model: ../../etc/x"), "{no-weights}"], "model"),
+    # --- 4. weights files: what they are, before they are opened; parts that do not fit, before they load
+    ("weights-fifo", ["generate", "p", "--weights", "{fifo-weights}"], "named pipe"),
+    ("weights-nul", ["generate", "p", "--weights", "a\0b.safetensors"], "weights"),
+    ("weights-9-channel-unet", ["generate", "p", "--weights", "{unet9}"], "9-channel"),
+    # --- 9. small ones
+    ("device-meta", ["generate", "p", "--device", "meta"], "--device"),
+    ("device-mps", ["generate", "p", "--device", "mps"], "--device"),
+    ("device-empty", ["generate", "p", "--device", ""], "--device"),
+    ("device-unknown", ["generate", "p", "--device", "quantum"], "--device"),
+    ("device-cuda-index", ["generate", "p", "--device", "cuda:99"], "--device"),
     # the rack-frame fields
     ("focus-to-no-focus", ["generate", "p", "--focus-to", "b"], "focus_to needs a focus"),
     ("focus-mix-no-to", ["generate", "p", "--focus", "f", "--focus-mix", "0.5"], "needs focus_to"),
@@ -85,57 +240,151 @@ BAD_INPUTS = [
     ("rack-out-not-writable", ["rack", "p", "--from", "a", "--to", "b", "-o", "/proc/r.webp"], "not writable"),
     ("rack-out-is-dir", ["rack", "p", "--from", "a", "--to", "b", "-o", "{tmp}/sub.webp"], "is a directory"),
     ("rack-from-png-no-meta", ["rack", "--from-png", "{img}", "--to", "b"], "no generation parameters"),
+    ("focus-to-blank", ["generate", "p", "--focus", "f", "--focus-to", " "], "focus_to must not be blank"),
+    ("focus-mix-nan", ["generate", "p", "--focus", "f", "--focus-to", "g", "--focus-mix", "nan"], "focus_mix"),
+    ("png-focus-to-list", ["generate", "--from-png", M(focus="f", focus_to=["g"])], "focus_to must be text"),
+    ("rack-frames-from-png-str", ["rack", "--from-png", RAW({"params": {"prompt": "p", "focus": "a",
+                                                                      "focus_to": "b"}, "rack": {"frames": "12"}})],
+     "--frames"),
+    ("rack-from-png-bomb", ["rack", "--from-png", "{bomb-meta}", "--to", "b"], "pixels"),
+    ("rack-cfg-nan", ["rack", "p", "--from", "a", "--to", "b", "--cfg", "nan"], "cfg"),
+    ("rack-out-too-long", ["rack", "p", "--from", "a", "--to", "b", "-o", "{tmp}/" + "r" * 290 + ".webp"], "too long"),
+    ("rack-size-not-8", ["rack", "p", "--from", "a", "--to", "b", "--size", "60x64", "--weights", "{ckpt}"],
+     "multiple of 8"),
+    ("rack-device-meta", ["rack", "p", "--from", "a", "--to", "b", "--device", "meta"], "--device"),
+    ("trace-dir-name-too-long", ["generate", "p", "--trace", "{tmp}/" + "t" * 300], "too long"),
 ]
 
 
+def _crafted(work: Path, ckpt: Path, dummy: Path) -> dict[str, str]:
+    """The files the BAD_INPUTS cases name, by their {placeholder}."""
+    img = noise_png(work / "in.png")
+    txt = work / "notes.png"
+    txt.write_text("this is not an image")
+    cut = work / "cut.png"
+    cut.write_bytes(img.read_bytes()[:300])
+    os.mkfifo(work / "pipe.png")
+    os.mkfifo(work / "pipe.safetensors")
+    good = meta_png(work / "good.png", {"version": 1, "params": {"prompt": "p"}})
+    meta = json.dumps({"version": 1, "params": {"prompt": "p"}})
+    return {"{tmp}": str(work), "{img60}": str(noise_png(work / "in60.png", size=(60, 64))), "{img}": str(img),
+            "{txt}": str(txt), "{ckpt}": str(ckpt), "{bomb-meta}": str(bomb_png(work / "bombm.png", texts={"gbsd": meta})),
+            "{zlib-meta}": str(broken_zlib_png(work / "zlibm.png", texts={"gbsd": meta})),
+            "{bomb}": str(bomb_png(work / "bomb.png")), "{big}": str(bomb_png(work / "big.png", side=12000)),
+            "{zlib}": str(broken_zlib_png(work / "zlib.png")), "{cut}": str(cut), "{fifo}": str(work / "pipe.png"),
+            "{good-meta}": str(good), "{img2064}": str(noise_png(work / "wide.png", size=(2064, 8))),
+            "{fifo-weights}": str(work / "pipe.safetensors"),
+            "{unet9}": str(Workshop(work, work).single("unet9.safetensors", unet=replace(UNET, in_channels=9)))}
+
+
+def _snapshot(d: Path) -> dict[str, bytes | None]:
+    """Every entry under `d` (folders and pipes too), with the bytes of the regular files."""
+    return {str(p.relative_to(d)): p.read_bytes() if p.is_file() else None for p in d.rglob("*")}
+
+
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_exits_2_before_loading(case, tmp_path, capsys, monkeypatch, no_load, dummy_weights):
+def test_bad_input_exits_2_before_loading(case, tmp_path, capsys, monkeypatch, no_load, dummy_weights, tiny_ckpt):
     name, argv, needle = case
     work = tmp_path / "work"
     work.mkdir()
     (work / "sub.png").mkdir()
     (work / "sub.webp").mkdir()
-    img = noise_png(work / "in.png")
-    img60 = noise_png(work / "in60.png", size=(60, 64))
-    txt = work / "notes.png"
-    txt.write_text("this is not an image")
-    subs = {"{tmp}": str(work), "{img60}": str(img60), "{img}": str(img), "{txt}": str(txt)}
+    subs = _crafted(work, tiny_ckpt, dummy_weights)
 
-    def sub(a):
+    def sub(a: str) -> str:
+        if a.startswith("{meta:"):
+            return str(meta_png(work / "meta.png", gbsd=a[len("{meta:"):-1]))
+        if a.startswith("{info:"):
+            return str(meta_png(work / "info.png", parameters=a[len("{info:"):-1]))
         for k, v in subs.items():
             a = a.replace(k, v)
         return a
 
-    argv = [sub(a) for a in argv]
-    if "--weights" not in argv and name != "weights-default-absent":
+    weights = "{no-weights}" not in argv
+    argv = [sub(a) for a in argv if a != "{no-weights}"]
+    if "--weights" not in argv and weights:
         argv += ["--weights", str(dummy_weights)]
-    if "-o" not in argv and argv[0] != "sweep":
-        argv += ["-o", str(work / ("rack.webp" if argv[0] == "rack" else "out.png"))]
-    if argv[0] == "sweep" and "-o" not in argv:
-        argv += ["-o", str(work)]
-    monkeypatch.setenv("GBSD_WEIGHTS", str(tmp_path / "empty-weights"))
+    if "-o" not in argv:
+        argv += ["-o", str(work if argv[0] == "sweep" else work / ("rack.webp" if argv[0] == "rack" else "out.png"))]
+    weights_dir = tmp_path / "weights"  # what a PNG's model field may name: only files in here
+    weights_dir.mkdir()
+    monkeypatch.setenv("GBSD_WEIGHTS", str(weights_dir))
     monkeypatch.chdir(work)
-    before = everything(work)
+    before = _snapshot(tmp_path)
     code, out, err = run_cli(argv, capsys)
     print(f"{name}: {err.strip()}")
     assert code == 2
     assert needle in err
     assert err.count("\n") == 1  # one line
-    assert everything(work) == before  # no output file, no animation, no trace folder
-    assert not [p for p in os.listdir(work) if p.endswith(".tmp")]
+    assert "Traceback" not in err
+    assert _snapshot(tmp_path) == before  # nothing written or overwritten: no output, animation, trace folder, .tmp
 
 
-def test_layout_warning_then_load(tmp_path, capsys, no_load, dummy_weights):
+def test_layout_warning_then_load(tmp_path, capsys, no_load, tiny_ckpt):
     # σ < 0.7 with a focus prompt warns but proceeds: the (patched) loader is reached.
     with pytest.raises(Loaded):
-        cli_main(["generate", "p", "--focus", "f", "--layout", "0.5", "--weights", str(dummy_weights),
+        cli_main(["generate", "p", "--focus", "f", "--layout", "0.5", "--weights", str(tiny_ckpt),
                   "-o", str(tmp_path / "o.png")])
     err = capsys.readouterr().err
     assert "warning" in err and "0.7" in err
     with pytest.raises(Loaded):
-        cli_main(["generate", "p", "--focus", "f", "--layout", "0.7", "--weights", str(dummy_weights),
+        cli_main(["generate", "p", "--focus", "f", "--layout", "0.7", "--weights", str(tiny_ckpt),
                   "-o", str(tmp_path / "o.png")])
     assert "warning" not in capsys.readouterr().err
+
+
+FAIR_INPUTS = [
+    # (id, argv): inputs that look odd but can fairly be accepted, so they must run (and validation must not reach
+    # for the model's file before it has to)
+    ("cfg-zero", ["generate", "p", "--cfg", "0"]),
+    ("eta-one", ["generate", "p", "--eta", "1"]),
+    ("seed-max", ["generate", "p", "--seed", str(2**64 - 1)]),
+    ("steps-999", ["generate", "p", "--steps", "999"]),
+    ("img2img-1000-steps", ["img2img", "p", "--init", "{img}", "--steps", "1000", "--strength", "0.5"]),
+    ("size-odd-latent", ["generate", "p", "--size", "72x56"]),
+    ("init-16-bit", ["img2img", "p", "--init", "{img16}"]),
+    ("init-palette", ["img2img", "p", "--init", "{imgP}"]),
+    ("init-huge-photo-resized", ["img2img", "p", "--init", "{img4k}", "--size", "64x64"]),
+    ("from-png-int-alpha", ["generate", "--from-png", M(alpha=1, focus="f", cfg=7)]),
+    ("from-png-unknown-fields", ["generate", "--from-png", M(guidance_rescale=0.7, future=[1, 2])]),
+    ("from-png-ddim-named", ["generate", "--from-png", M(sampler="ddim", schedule="normal")]),
+    ("prompt-unicode", ["generate", "ünïcödé 🐰, a \"quoted\": prompt\nwith two lines"]),
+]
+
+
+@pytest.mark.parametrize("case", FAIR_INPUTS, ids=[c[0] for c in FAIR_INPUTS])
+def test_fair_input_is_accepted(case, tmp_path, monkeypatch, no_load, tiny_ckpt):
+    _, argv = case
+    Image.new("RGB", (3840, 2160), (90, 140, 200)).save(tmp_path / "4k.png")  # a photo's size, resized by --size
+    subs = {"{img}": noise_png(tmp_path / "in.png"), "{img4k}": tmp_path / "4k.png"}
+    Image.new("I;16", (64, 64), 300).save(tmp_path / "i16.png")
+    Image.new("P", (64, 64), 3).save(tmp_path / "p.png")
+    subs.update({"{img16}": tmp_path / "i16.png", "{imgP}": tmp_path / "p.png"})
+    argv = [str(meta_png(tmp_path / "meta.png", gbsd=a[len("{meta:"):-1])) if a.startswith("{meta:")
+            else str(subs.get(a, a)) for a in argv]
+    with pytest.raises(Loaded):
+        cli_main([*argv, "--weights", str(tiny_ckpt), "-o", str(tmp_path / "out.png")])
+
+
+def test_a_fifo_sha256_sidecar_does_not_hang(tiny_ckpt, tmp_path, capsys):
+    """The cached digest beside a checkpoint is read only if it is a regular file (a pipe there would block)."""
+    ckpt = tmp_path / "tiny.safetensors"
+    ckpt.write_bytes(tiny_ckpt.read_bytes())
+    os.mkfifo(tmp_path / "tiny.safetensors.sha256")
+    code, _, err = run_cli(["generate", "p", "--weights", ckpt, *TINY, "-o", tmp_path / "o.png"], capsys)
+    assert code == 0, err
+    assert json.loads(png_texts(tmp_path / "o.png")["gbsd"])["model"]["sha256"] == \
+        hashlib.sha256(ckpt.read_bytes()).hexdigest()
+
+
+def test_end_to_end_edge_values(tiny_ckpt, tmp_path, capsys):
+    """The largest seed, η = 1 and a σ = 1 sweep run and are recorded as given."""
+    out = tmp_path / "edge.png"
+    code, _, err = run_cli(["generate", "p", "--focus", "f", "--seed", str(2**64 - 1), "--eta", "1", "--cfg", "0",
+                            "--weights", tiny_ckpt, *TINY, "-o", out], capsys)
+    assert code == 0, err
+    params = pngmeta.read_params(out)
+    assert (params.seed, params.eta, params.cfg) == (2**64 - 1, 1.0, 0.0)
 
 
 # ------------------------------------------------------------------------------------------ end to end, tiny model
@@ -260,3 +509,10 @@ def test_from_png_of_another_sampler_is_refused_before_any_weights(tmp_path, cap
                               "-o", tmp_path / "out.png"], capsys)
     assert code == 2 and "sampler 'euler'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out.png").exists()
+
+
+def test_a_sampler_name_from_a_png_is_checked_by_its_rule(tmp_path, capsys, no_load, tiny_ckpt):
+    """A PNG naming a sampler that does not exist: the core's rule (params.FIELDS), one line, exit 2."""
+    png = meta_png(tmp_path / "m.png", {"version": 1, "params": {"prompt": "p", "sampler": "heun"}})
+    code, _, err = run_cli(["generate", "--from-png", png, "--weights", tiny_ckpt, "-o", tmp_path / "o.png"], capsys)
+    assert code == 2 and "sampler must be one of ddim, euler, euler_a, dpmpp_2m" in err and err.count("\n") == 1

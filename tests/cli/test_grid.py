@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+from _cli import bomb_png, broken_zlib_png
 from PIL import Image
 
 from gbsd_core import pipeline
@@ -24,6 +26,65 @@ def test_grid_contact_sheets(amp_ckpt, tmp_path, monkeypatch, capsys):
     cells = json.loads((out / "grid.json").read_text())["cells"]
     assert [(c["alpha"], c["layout"]) for c in cells] == [(0.0, 0.5), (0.0, 0.75), (1.0, 0.5), (1.0, 0.75)]
     assert len({c["target"]["laplacian_var"] for c in cells}) == 4
-    capsys.readouterr()
-    assert cli_main([*argv[:6], "--layouts", "0.8,1"]) == 2
-    assert "no focus stage" in capsys.readouterr().err
+
+
+def test_grid_sigma_one_takes_its_masks_from_the_other_cells(amp_ckpt, tmp_path, capsys):
+    """σ = 1 is plain SD on the global prompt (no focus stage, so no attention map of its own): each row's σ = 1
+    cell is measured on the mask of the same row's nearest σ with a focus stage."""
+    out = tmp_path / "grid"
+    argv = ["grid", "a bunny and a carrot on grass", "--focus", "a carrot", "--alphas", "0,1", "--layouts", "0.5,1",
+            "--steps", "4", "--size", "64x64", "--weights", str(amp_ckpt), "-o", str(out), "-q"]
+    assert cli_main(argv) == 0, capsys.readouterr().err
+    cells = {(c["alpha"], c["layout"]): c for c in json.loads((out / "grid.json").read_text())["cells"]}
+    for a in (0.0, 1.0):
+        assert 0 < cells[(a, 1.0)]["mask_fraction"] == cells[(a, 0.5)]["mask_fraction"] < 1
+    w, _ = Image.open(out / "grid.png").size
+    assert w > 2 * 64  # both columns drawn
+
+
+GRID_BAD = [
+    (["--layouts", "1"], "no focus stage"),  # and no --mask / --box: no cell has a mask to lend
+    (["--layouts", "0.9", "--steps", "4"], "no focus stage"),  # round(0.9 * 4) = 4: the same
+    (["--box", "0,0,inf,10"], "--box"),
+    (["--box", "nan,0,10,10"], "--box"),
+    (["--box", "0,0,10"], "--box"),
+    (["--box", "10,10,5,5"], "empty"),
+    (["--box", "100,100,200,200"], "lies outside"),  # found before the cells are computed
+    (["--mask", "{small}"], "32x32"),
+    (["--mask", "{bomb}"], "pixels"),
+    (["--mask", "{zlib}"], "not a readable image"),
+    (["--mask", "{tmp}"], "not a regular file"),
+    (["--mask", "{small}", "--box", "0,0,4,4"], "not both"),
+    (["--alphas", "0,nan"], "--alphas"),
+    (["--layouts", "inf"], "--layouts"),
+    (["--layouts", "0.5,1.5"], "--layouts"),
+    (["--steps", "0"], "steps"),
+    (["--steps", "1000"], "steps"),
+    (["--cfg", "nan"], "cfg"),
+    (["--seed", "-1"], "seed"),
+    (["--seed", str(2**64)], "seed"),
+    (["--size", "60x64"], "multiple of 8"),
+    (["--size", "4096x4096"], "--size"),
+    (["--focus", ""], "focus"),
+    (["-o", "{file}"], "-o"),
+    (["-o", "{long}"], "too long"),
+    (["--device", "meta"], "--device"),
+]
+
+
+@pytest.mark.parametrize("argv, match", GRID_BAD, ids=[" ".join(a) for a, _ in GRID_BAD])
+def test_grid_bad_input_is_refused_before_loading(argv, match, amp_ckpt, tmp_path, capsys, no_load):
+    Image.new("L", (32, 32), 255).save(tmp_path / "small.png")
+    bomb_png(tmp_path / "bomb.png")
+    broken_zlib_png(tmp_path / "zlib.png")
+    (tmp_path / "file").write_text("x")
+    subs = {"{small}": tmp_path / "small.png", "{bomb}": tmp_path / "bomb.png", "{zlib}": tmp_path / "zlib.png",
+            "{tmp}": tmp_path, "{file}": tmp_path / "file", "{long}": tmp_path / ("x" * 300)}
+    argv = [str(subs.get(a, a)) for a in argv]
+    base = ["grid", "a bunny and a carrot", "--focus", "a carrot", "--steps", "4", "--size", "64x64", "-q",
+            "--weights", str(amp_ckpt), "-o", str(tmp_path / "grid")]
+    code = cli_main([*base, *argv])
+    err = capsys.readouterr().err
+    print(err)
+    assert code == 2 and match in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "grid").exists()

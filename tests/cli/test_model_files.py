@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
+from _broken import BROKEN, UNET, Workshop
 from _cli import run_cli
+from _tiny import save_tiny_pipe
 
 
 def test_download_command(tmp_path, monkeypatch, capsys):
@@ -49,3 +55,49 @@ def test_info(tiny_ckpt, capsys):
     for comp, n in counts.items():
         assert f"{comp}: {n:,}" in out, comp
     assert hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest() in out
+
+
+# ------------------------------------------------------------------------------------------ hostile weights
+
+
+@pytest.fixture(scope="module")
+def good_pipe(tmp_path_factory):
+    return save_tiny_pipe(tmp_path_factory.mktemp("pipe") / "tiny-pipe", layers_per_block=1, text_layers=1)
+
+
+@pytest.mark.parametrize("case", BROKEN, ids=[c[0] for c in BROKEN])
+def test_info_refuses_broken_checkpoints_in_one_line(case, tmp_path, good_pipe, capsys):
+    name, build, needle = case
+    path = build(Workshop(tmp_path, good_pipe))
+    code, _, err = run_cli(["info", path], capsys)
+    print(f"{name}: {err.strip()}")
+    assert code == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_parts_that_do_not_fit_are_refused_before_loading(tmp_path, capsys, no_load):
+    path = Workshop(tmp_path, tmp_path).single(unet=replace(UNET, in_channels=9))
+    code, _, err = run_cli(["generate", "p", "--weights", path, "-o", tmp_path / "o.png"], capsys)
+    assert code == 2 and "9-channel" in err and err.count("\n") == 1  # no_load: the loader was never reached
+
+
+def test_info_into_a_closed_pipe_prints_no_traceback(tiny_ckpt, tmp_path):
+    """`gbsd info … | head -3`: the reader goes away; the command must not print a BrokenPipeError traceback."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "gbsd_core.cli", "info", str(tiny_ckpt)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=tmp_path, env=env)
+    proc.stdout.close()  # before the command has written anything: every write meets a closed pipe
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=300)
+    print(err)
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err
+
+
+@pytest.mark.parametrize("argv", [["download", "sd15"], ["download", "sd15", "--dir", "{file}"], ["download"]])
+def test_download_into_a_file_is_refused(argv, tmp_path, monkeypatch, capsys):
+    f = tmp_path / "weights-file"
+    f.write_text("not a folder")
+    monkeypatch.setenv("GBSD_WEIGHTS", str(f))
+    argv = [str(f) if a == "{file}" else a for a in argv]
+    code, _, err = run_cli(argv, capsys)
+    print(err)
+    assert code == 2 and "not a folder" in err and err.count("\n") == 1

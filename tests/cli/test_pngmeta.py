@@ -152,6 +152,44 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert out.stat().st_mode & 0o777 == 0o644 and sorted(os.listdir(tmp_path)) == ["out.png"]
 
 
+@pytest.mark.parametrize("chunk, match", [
+    ({"params": {"prompt": "p", "width": "64"}}, "width must be an integer"),
+    ({"params": {"prompt": "p", "seed": 2.0}}, "seed must be an integer"),
+    ({"params": {"prompt": ["p"]}}, "prompt must be text"),
+    ({"params": {"prompt": "p", "negative": ["a", "b"]}}, "negative must be text"),
+    ({"params": {"prompt": "p", "cfg": float("nan")}}, "cfg"),
+    ([1, 2], "metadata"),
+    ("[" * 100000 + "]" * 100000, "metadata"),
+    ('{"params": {"prompt": "p", "seed": ' + "9" * 5000 + "}}", "metadata"),
+    ({"params": {"prompt": "p"}, "model": "a.safetensors"}, "model"),
+    ({"params": {"prompt": "p"}, "model": {"file": 3}}, "model"),
+    ({"params": {"prompt": "p"}, "model": {"sha256": ["x"]}}, "sha256"),
+    ({"params": {"prompt": "p"}, "mode": 7}, "mode"),
+])
+def test_read_params_refuses_malformed_chunks(chunk, match, tmp_path):
+    info = pngmeta.PngInfo()
+    info.add_text("gbsd", chunk if isinstance(chunk, str) else json.dumps(chunk))
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png", pnginfo=info)
+    with pytest.raises(ValueError, match=match) as e:
+        pngmeta.read_params(tmp_path / "x.png")
+    print(e.value)
+
+
+@pytest.mark.parametrize("line, match", [
+    ("Steps: 3, Seed: 1, CFG scale: nan", "cfg"),
+    ("Steps: 3, Seed: 1, CFG scale: 1e999", "cfg"),
+    ("Steps: 3, Seed: -5, CFG scale: 7", "seed"),
+    ("Steps: 3.5, Seed: 1, CFG scale: 7", "Steps"),
+    ("Steps: 3, Seed: 1, CFG scale: 7, GBSD layout steps: many", "GBSD layout steps"),
+])
+def test_read_params_refuses_bad_infotext(line, match, tmp_path):
+    info = pngmeta.PngInfo()
+    info.add_text("parameters", "a prompt\n" + line)
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png", pnginfo=info)
+    with pytest.raises(ValueError, match=match):
+        pngmeta.read_params(tmp_path / "x.png")
+
+
 def test_rack_frame_fields_round_trip_through_both_chunks(tmp_path):
     p = _params(focus="a bunny", focus_to="a carrot, small", focus_mix=1 / 3)
     text = pngmeta.infotext(p, _record())
