@@ -49,7 +49,7 @@ class CLIPTextConfig:
         """Infer the config from a state dict keyed like our module (`transformer.text_model.…`).
 
         `heads` cannot be read from shapes; by default it is width // 64 (see CLIP_HEAD_DIM). A diffusers folder's
-        config.json says it (diffusers_layout.text_encoder_config).
+        config.json says it (diffusers_configs.text_encoder_config).
         """
         prefix = "transformer.text_model."
         tok = sd[prefix + "embeddings.token_embedding.weight"]

@@ -1,4 +1,4 @@
-"""The one conversion seam: diffusers-layout names and configs → original (CompVis / Stability) names and our configs.
+"""The one conversion seam: diffusers-layout names → original (CompVis / Stability) names (configs: diffusers_configs.py).
 
 Everything in gbsd speaks the original names; a diffusers folder is translated *into* them here, once, on load. The
 table is declared as data (rename dicts) plus the block-index arithmetic of the UNet/VAE level loops, both read off
@@ -10,31 +10,34 @@ Each `*_plan(keys)` returns {original_key: (diffusers_keys, op)} and `apply_plan
 - "copy": the tensor as is;
 - "conv1x1": a Linear weight [C, C] becomes a 1x1 conv weight [C, C, 1, 1] (VAE mid-block attention: CompVis
   `AttnBlock` uses Conv2d q/k/v/proj_out, diffusers `Attention` uses Linear);
-- "cat": q, k, v Linear weights/biases concatenated into one fused `in_proj` (OpenCLIP uses nn.MultiheadAttention).
+- "cat": q, k, v Linear weights/biases concatenated into one fused `in_proj` (OpenCLIP uses nn.MultiheadAttention);
+- "transpose": a Linear weight [out, in] becomes a matrix applied as x @ P [in, out] (OpenCLIP's `text_projection`).
 
-Each component folder's config.json becomes our config (`unet_config`, `vae_config`, `text_encoder_config`): what
-shapes cannot say (head counts, the MLP width of small towers, the VAE's scaling factor) comes from there, and every
-option our modules do not have must keep SD's value, or the folder is refused naming the option. `DIFFUSERS_PARTS`
-declares, per component folder, its weight files, its config translation and its key plan; more components are
-more rows.
+`SD_PARTS`, `SDXL_BASE_PARTS` and `SDXL_REFINER_PARTS` declare, per component folder of a pipeline, where its keys go
+in the original layout, its weight files, its config translation (each folder's config.json, checked strictly by
+diffusers_configs.py) and its key plan; more components are more rows. SDXL's two text towers are the same tables as
+SD1's CLIP and SD2's OpenCLIP, placed under sgm's `conditioner.embedders.N.`.
 """
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
 
-from .clip_text import CLIPTextConfig
+from .diffusers_configs import (
+    bigg_config,
+    clip_l_config,
+    text_encoder_config,
+    unet_config,
+    vae_config,
+)
 from .openclip_text import OpenCLIPTextConfig
-from .unet import UNetConfig
-from .vae import VAEConfig
 
-Op = Literal["copy", "conv1x1", "cat"]
+Op = Literal["copy", "conv1x1", "cat", "transpose"]
 Plan = dict[str, tuple[tuple[str, ...], Op]]
 
 # --- UNet ---------------------------------------------------------------------------------------------------------
@@ -45,6 +48,10 @@ UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    # SDXL: diffusers' "text_time" TimestepEmbedding on [pooled text ; size embeddings] is sgm's label_emb
+    # (num_classes: sequential): label_emb.0 = Sequential(Linear, SiLU, Linear)
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 # diffusers ResnetBlock2D → openaimodel.ResBlock (in_layers = [GroupNorm, SiLU, conv], emb_layers = [SiLU, Linear],
 # out_layers = [GroupNorm, SiLU, Dropout, conv]).
@@ -203,7 +210,9 @@ def clip_plan(keys: list[str]) -> Plan:
 
 
 def openclip_plan(keys: list[str]) -> Plan:
-    """SD2: the 23-layer transformers CLIPTextModel of a diffusers folder → OpenCLIP names (`model.*`)."""
+    """SD2: the 23-layer transformers CLIPTextModel of a diffusers folder → OpenCLIP names (`model.*`). SDXL: the
+    32-layer CLIPTextModelWithProjection of `text_encoder_2` (bigG), whose `text_projection` is a bias-free Linear:
+    its weight [embed, width] is OpenCLIP's `text_projection` [width, embed] transposed (x @ P = Linear(x))."""
     plan: Plan = {}
     for key in keys:
         inner = key.removeprefix("text_model.")
@@ -212,6 +221,8 @@ def openclip_plan(keys: list[str]) -> Plan:
         m = re.match(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", inner)
         if inner in OPENCLIP_TOP:
             plan[OPENCLIP_TOP[inner]] = ((key,), "copy")
+        elif inner == "text_projection.weight":
+            plan["model.text_projection"] = ((key,), "transpose")
         elif m and m.group(2) in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
             n, _, kind = m.groups()
             # nn.MultiheadAttention's in_proj is [q; k; v] stacked along the output dim.
@@ -234,181 +245,11 @@ def apply_plan(plan: Plan, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         elif op == "conv1x1":
             t = sd[src[0]]
             out[new] = t[:, :, None, None] if t.ndim == 2 else t
+        elif op == "transpose":
+            out[new] = sd[src[0]].t().contiguous()
         else:
             out[new] = sd[src[0]]
     return out
-
-
-# ================================================================================================================
-# Configs: a component's config.json -> our config
-# ================================================================================================================
-# Options of diffusers' UNet2DConditionModel that gbsd's UNet (openaimodel's, as SD uses it) does not have: a folder
-# may state them only with SD's value (absent means diffusers' default, which is SD's).
-UNET_FIXED: Mapping[str, Any] = MappingProxyType({
-    "norm_num_groups": 32, "norm_eps": 1e-5, "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0,
-    "downsample_padding": 1, "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "class_embed_type": None, "num_class_embeds": None, "addition_embed_type": None, "addition_time_embed_dim": None,
-    "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
-    "timestep_post_act": None, "time_cond_proj_dim": None, "resnet_time_scale_shift": "default",
-    "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "dual_cross_attention": False,
-    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "attention_type": "default", "cross_attention_norm": None, "projection_class_embeddings_input_dim": None,
-    "class_embeddings_concat": False, "reverse_transformer_layers_per_block": None,
-})
-# AutoencoderKL options with no counterpart in CompVis' KL autoencoder (SD3/Flux VAEs set the shift and drop the
-# quant convs).
-VAE_FIXED: Mapping[str, Any] = MappingProxyType({
-    "norm_num_groups": 32, "act_fn": "silu", "shift_factor": None, "use_quant_conv": True, "use_post_quant_conv": True,
-    "mid_block_add_attention": True, "latents_mean": None, "latents_std": None,
-})
-TEXT_FIXED: Mapping[str, Any] = MappingProxyType({"layer_norm_eps": 1e-5})
-
-
-def _fixed(cfg: Mapping[str, Any], table: Mapping[str, Any]) -> None:
-    for key, want in table.items():
-        if key in cfg and cfg[key] != want:
-            raise ValueError(f"{key} is {cfg[key]!r}; gbsd builds what SD has ({want!r})")
-
-
-def _int(cfg: Mapping[str, Any], key: str, default: int, lo: int = 1) -> int:
-    v = cfg.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{key} must be an integer >= {lo}, got {v!r}")
-    return v
-
-
-def _ints(cfg: Mapping[str, Any], key: str, default: Any, levels: int | None = None) -> tuple[int, ...]:
-    """An int or a list of ints (one per level): a tuple, `levels` long when given."""
-    v = cfg.get(key, default)
-    if levels is not None and isinstance(v, int) and not isinstance(v, bool):
-        v = [v] * levels
-    if (not isinstance(v, (list, tuple)) or not v or levels is not None and len(v) != levels
-            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)):
-        n = f"{levels} " if levels is not None else ""
-        raise ValueError(f"{key} must be a list of {n}positive integers, got {v!r}")
-    return tuple(v)
-
-
-def _strs(cfg: Mapping[str, Any], key: str, default: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
-    v = cfg.get(key, default)
-    if not isinstance(v, (list, tuple)) or not v or not all(isinstance(x, str) for x in v):
-        raise ValueError(f"{key} must be a list of block names, got {v!r}")
-    bad = [x for x in v if x not in allowed]
-    if bad:
-        raise ValueError(f"{key} has {bad[0]!r}; gbsd builds {' and '.join(allowed)} blocks")
-    return tuple(v)
-
-
-def _flag(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
-    v = cfg.get(key, default)
-    if not isinstance(v, bool):
-        raise ValueError(f"{key} must be true or false, got {v!r}")
-    return v
-
-
-def _same(key: str, values: tuple[int, ...]) -> int:
-    if len(set(values)) != 1:
-        raise ValueError(f"{key} {list(values)} differs between levels; gbsd's UNet uses one value for all")
-    return values[0]
-
-
-def unet_config(cfg: Mapping[str, Any]) -> UNetConfig:
-    """diffusers UNet2DConditionModel config.json -> UNetConfig (defaults: diffusers')."""
-    _fixed(cfg, UNET_FIXED)
-    only_cross = cfg.get("only_cross_attention", False)
-    if only_cross is True or isinstance(only_cross, list) and any(only_cross):
-        raise ValueError(f"only_cross_attention is {only_cross!r}; SD's transformer blocks have self-attention")
-    channels = _ints(cfg, "block_out_channels", (320, 640, 1280, 1280))
-    levels = len(channels)
-    down = _strs(cfg, "down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 ("CrossAttnDownBlock2D", "DownBlock2D"))
-    up = _strs(cfg, "up_block_types", ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, ("CrossAttnUpBlock2D", "UpBlock2D"))
-    attn = [t == "CrossAttnDownBlock2D" for t in down]
-    mirrored = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
-    if len(down) != levels or up != mirrored:
-        raise ValueError(f"down_block_types {list(down)} / up_block_types {list(up)} do not match the "
-                         f"{levels} levels of block_out_channels mirrored (expected up {list(mirrored)})")
-    mc = channels[0]
-    if any(c % mc for c in channels):
-        raise ValueError(f"block_out_channels {list(channels)} are not multiples of the first")
-    # diffusers' attention_head_dim is a head *count* (a long-standing misnomer); num_attention_heads, when set,
-    # is the same thing under its right name. Per level; the mid block uses the last level's.
-    heads_key = "num_attention_heads" if cfg.get("num_attention_heads") is not None else "attention_head_dim"
-    heads = _ints(cfg, heads_key, 8, levels)
-    used = [i for i in range(levels) if attn[i]] + [levels - 1]
-    if any(channels[i] % heads[i] for i in used):
-        raise ValueError(f"{heads_key} {list(heads)} does not divide block_out_channels {list(channels)}")
-    counts, widths = {heads[i] for i in used}, {channels[i] // heads[i] for i in used}
-    if len(counts) == 1:
-        num_heads, num_head_channels = counts.pop(), -1
-    elif len(widths) == 1:
-        num_heads, num_head_channels = -1, widths.pop()
-    else:
-        raise ValueError(f"{heads_key} {list(heads)}: head counts that are neither the same on every level nor of "
-                         "the same width are not what SD's UNet builds")
-    depths = _ints(cfg, "transformer_layers_per_block", 1, levels)
-    return UNetConfig(
-        in_channels=_int(cfg, "in_channels", 4), out_channels=_int(cfg, "out_channels", 4), model_channels=mc,
-        channel_mult=tuple(c // mc for c in channels),
-        num_res_blocks=_same("layers_per_block", _ints(cfg, "layers_per_block", 2, levels)),
-        attention_resolutions=tuple(2**i for i in range(levels) if attn[i]),
-        num_heads=num_heads, num_head_channels=num_head_channels,
-        context_dim=_int(cfg, "cross_attention_dim", 1280),
-        use_linear_in_transformer=_flag(cfg, "use_linear_projection", False),
-        transformer_depth=depths,  # per level (the mid block takes the last level's, as in diffusers)
-        upcast_attention=_flag(cfg, "upcast_attention", False),
-    )
-
-
-def unet_sample_size(cfg: Mapping[str, Any]) -> int | None:
-    """The latent side the UNet was trained at (diffusers' default image size is this x the VAE factor), if stated."""
-    v = cfg.get("sample_size")
-    if isinstance(v, list) and len(v) == 2 and v[0] == v[1]:
-        v = v[0]
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else None
-
-
-def vae_config(cfg: Mapping[str, Any]) -> VAEConfig:
-    """diffusers AutoencoderKL config.json -> VAEConfig, the scaling factor included (defaults: diffusers')."""
-    _fixed(cfg, VAE_FIXED)
-    channels = _ints(cfg, "block_out_channels", (64,))
-    down = _strs(cfg, "down_block_types", ("DownEncoderBlock2D",), ("DownEncoderBlock2D",))
-    up = _strs(cfg, "up_block_types", ("UpDecoderBlock2D",), ("UpDecoderBlock2D",))
-    if len(down) != len(channels) or len(up) != len(channels):
-        raise ValueError(f"down_block_types / up_block_types must have one block per block_out_channels entry "
-                         f"({len(channels)})")
-    ch = channels[0]
-    if any(c % ch for c in channels):
-        raise ValueError(f"block_out_channels {list(channels)} are not multiples of the first")
-    scale = cfg.get("scaling_factor", 0.18215)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scaling_factor must be a positive number, got {scale!r}")
-    latent = _int(cfg, "latent_channels", 4)
-    return VAEConfig(ch=ch, ch_mult=tuple(c // ch for c in channels), num_res_blocks=_int(cfg, "layers_per_block", 1),
-                     z_channels=latent, embed_dim=latent, in_channels=_int(cfg, "in_channels", 3),
-                     out_ch=_int(cfg, "out_channels", 3), scale_factor=float(scale))
-
-
-def text_encoder_config(cfg: Mapping[str, Any]) -> CLIPTextConfig | OpenCLIPTextConfig:
-    """transformers CLIPTextConfig (config.json) -> our CLIP (quick_gelu: SD1) or OpenCLIP (gelu: SD2) config.
-
-    SD2's folder holds OpenCLIP-H converted to a CLIPTextModel, its last block already dropped, so all of it runs
-    (penultimate=False) and it has no projection. Defaults: transformers'.
-    """
-    _fixed(cfg, TEXT_FIXED)
-    width, heads = _int(cfg, "hidden_size", 512), _int(cfg, "num_attention_heads", 8)
-    if width % heads:
-        raise ValueError(f"hidden_size {width} is not divisible by num_attention_heads {heads}")
-    common = dict(vocab_size=_int(cfg, "vocab_size", 49408), width=width, layers=_int(cfg, "num_hidden_layers", 12),
-                  heads=heads, context_length=_int(cfg, "max_position_embeddings", 77),
-                  mlp_ratio=_int(cfg, "intermediate_size", 2048) / width)
-    act = cfg.get("hidden_act", "quick_gelu")
-    if act == "quick_gelu":
-        return CLIPTextConfig(**common)
-    if act == "gelu":
-        return OpenCLIPTextConfig(**common, penultimate=False, has_projection=False)
-    raise ValueError(f"hidden_act {act!r} is not one of SD's text encoders (quick_gelu: SD1's CLIP, gelu: SD2's "
-                     "OpenCLIP)")
 
 
 def text_encoder_plan(sd: Mapping[str, torch.Tensor], config: object | None) -> Plan:
@@ -426,9 +267,11 @@ def text_encoder_plan(sd: Mapping[str, torch.Tensor], config: object | None) -> 
 # ================================================================================================================
 @dataclass(frozen=True)
 class DiffusersPart:
-    """One component folder: its weight files (in order of preference, full precision first), its config.json's
-    translation, and its key plan (from the tensors and the translated config, None without a config.json)."""
+    """One component folder: where its keys go in the original single-file layout (`prefix`), its weight files (in
+    order of preference, full precision first), its config.json's translation (diffusers_configs.py) and its key
+    plan (from the tensors and the translated config, None without a config.json)."""
 
+    prefix: str
     weights: tuple[str, ...]
     config: Callable[[Mapping[str, Any]], object]
     plan: Callable[[Mapping[str, torch.Tensor], object | None], Plan]
@@ -438,9 +281,34 @@ _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_
                       "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
 _TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin")
 
-# Folder name -> part; the names are also the original-layout parts (loading.PREFIXES).
-DIFFUSERS_PARTS: Mapping[str, DiffusersPart] = MappingProxyType({
-    "unet": DiffusersPart(_DIFFUSERS_WEIGHTS, unet_config, lambda sd, cfg: unet_plan(list(sd))),
-    "vae": DiffusersPart(_DIFFUSERS_WEIGHTS, vae_config, lambda sd, cfg: vae_plan(list(sd))),
-    "text_encoder": DiffusersPart(_TRANSFORMERS_WEIGHTS, text_encoder_config, text_encoder_plan),
+# The prefixes are the original files' subtrees (loading.PREFIXES, SDXL_PREFIXES): LatentDiffusion's
+# model.diffusion_model / first_stage_model / cond_stage_model, and sgm's conditioner.embedders.N for SDXL's towers.
+_UNET = DiffusersPart("model.diffusion_model.", _DIFFUSERS_WEIGHTS, unet_config, lambda sd, cfg: unet_plan(list(sd)))
+_VAE = DiffusersPart("first_stage_model.", _DIFFUSERS_WEIGHTS, vae_config, lambda sd, cfg: vae_plan(list(sd)))
+_CLIP_L = DiffusersPart("conditioner.embedders.0.", _TRANSFORMERS_WEIGHTS, clip_l_config,
+                        lambda sd, cfg: clip_plan(list(sd)))
+_BIGG = DiffusersPart("conditioner.embedders.1.", _TRANSFORMERS_WEIGHTS, bigg_config,
+                      lambda sd, cfg: openclip_plan(list(sd)))
+
+# Folder name -> part, per kind of pipeline. Which kind a folder is follows from its text encoders (`pipeline_parts`):
+# StableDiffusionPipeline (SD1/SD2) has `text_encoder`; StableDiffusionXLPipeline has `text_encoder` (CLIP-L) and
+# `text_encoder_2` (bigG), the refiner's StableDiffusionXLImg2ImgPipeline `text_encoder_2` alone, which sgm keeps as
+# its conditioner's first embedder.
+SD_PARTS: Mapping[str, DiffusersPart] = MappingProxyType({
+    "unet": _UNET, "vae": _VAE,
+    "text_encoder": DiffusersPart("cond_stage_model.", _TRANSFORMERS_WEIGHTS, text_encoder_config, text_encoder_plan),
 })
+SDXL_BASE_PARTS: Mapping[str, DiffusersPart] = MappingProxyType({
+    "unet": _UNET, "vae": _VAE, "text_encoder": _CLIP_L, "text_encoder_2": _BIGG,
+})
+SDXL_REFINER_PARTS: Mapping[str, DiffusersPart] = MappingProxyType({
+    "unet": _UNET, "vae": _VAE, "text_encoder_2": replace(_BIGG, prefix="conditioner.embedders.0."),
+})
+
+
+def pipeline_parts(has_folder: Callable[[str], bool]) -> Mapping[str, DiffusersPart]:
+    """The component folders of a pipeline, told apart by its text encoders (`has_folder(name)`: the folder holds
+    one of the part's weight files): `text_encoder_2` makes it SDXL, the base with `text_encoder`, else the refiner."""
+    if has_folder("text_encoder_2"):
+        return SDXL_BASE_PARTS if has_folder("text_encoder") else SDXL_REFINER_PARTS
+    return SD_PARTS

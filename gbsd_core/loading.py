@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Literal, Mapping
 import torch
 from torch import nn
 
-from . import diffusers_layout
+from . import diffusers_configs, diffusers_layout
 from .bundle import COMPONENTS, SDBundle, check_parts_fit, model_limits
 from .clip_text import CLIPTextConfig, CLIPTextEncoder
 from .ddim import DDIMScheduler
@@ -100,7 +100,8 @@ class RawCheckpoint:
     # From a diffusers folder's scheduler/scheduler_config.json, or the `prediction_type` metadata entry that
     # save_single_file writes into .safetensors headers (SD2 512-eps and 768-v files are otherwise indistinguishable).
     prediction_type: str | None = None
-    # A diffusers folder's configs, translated (diffusers_layout.DIFFUSERS_PARTS), per part that has a config.json.
+    # A diffusers folder's configs, translated (diffusers_configs.py), per component folder that has a config.json
+    # (for SDXL the towers' own: "text_encoder" is CLIP-L's, "text_encoder_2" bigG's).
     configs: dict[str, object] = field(default_factory=dict)
     native_size: int | None = None  # a diffusers folder's unet sample_size x its VAE factor
 
@@ -110,14 +111,20 @@ def _present(path: Path) -> bool:
 
 
 def _read_diffusers(folder: Path) -> RawCheckpoint:
-    """Each component folder of DIFFUSERS_PARTS: its weights, its config.json when present (checked, translated),
-    and its names mapped into the original layout."""
+    """Each component folder of the pipeline (diffusers_layout.pipeline_parts: SD, SDXL base or refiner): its weights,
+    its config.json when present (checked, translated), and its names mapped into the original layout."""
     sd: dict[str, torch.Tensor] = {}
     configs: dict[str, object] = {}
     sample_size = None
-    for name, part in diffusers_layout.DIFFUSERS_PARTS.items():
+
+    def weights_of(name: str, part: diffusers_layout.DiffusersPart) -> Path | None:
+        return next((folder / name / c for c in part.weights if _present(folder / name / c)), None)
+
+    parts = diffusers_layout.pipeline_parts(
+        lambda name: weights_of(name, diffusers_layout.SDXL_BASE_PARTS[name]) is not None)
+    for name, part in parts.items():
         sub = folder / name
-        file = next((sub / c for c in part.weights if _present(sub / c)), None)
+        file = weights_of(name, part)
         if file is None:
             raise CheckpointError(f"{folder}: not a Stable Diffusion diffusers folder, no {name}/ weights "
                                   f"(looked for {name}/{{{', '.join(part.weights)}}})")
@@ -131,12 +138,12 @@ def _read_diffusers(folder: Path) -> RawCheckpoint:
                 raise CheckpointError(f"{sub / 'config.json'}: {e}") from None
             configs[name] = config
             if name == "unet":
-                sample_size = diffusers_layout.unet_sample_size(raw)
+                sample_size = diffusers_configs.unet_sample_size(raw)
         try:
             converted = diffusers_layout.apply_plan(part.plan(tensors, config), tensors)
         except KeyError as e:
             raise CheckpointError(f"{sub}: {e.args[0]}") from e
-        sd.update({PREFIXES[name] + k: t for k, t in converted.items()})
+        sd.update({part.prefix + k: t for k, t in converted.items()})
 
     sched = folder / "scheduler" / "scheduler_config.json"
     prediction_type = read_json_object(sched).get("prediction_type") if _present(sched) else None
@@ -329,18 +336,33 @@ def _configs(raw: RawCheckpoint, parts: Mapping[str, Mapping[str, torch.Tensor]]
     if vae_cfg is None:  # a diffusers VAE config says its scaling factor; a single file does not: the family's
         vae_cfg = _infer("vae", lambda: VAEConfig.from_state_dict(parts["vae"]), path, prefixes)
         vae_cfg = replace(vae_cfg, scale_factor=fam.vae_scale_factor)
-    te_cfg = raw.configs.get("text_encoder")
-    if te_cfg is None and fam.text_encoder == "clip":
+    if fam.text_encoder.startswith("sdxl"):
+        te_cfg = _conditioner_config(raw, parts["text_encoder"], fam, path, prefixes)
+    elif "text_encoder" in raw.configs:
+        te_cfg = raw.configs["text_encoder"]
+    elif fam.text_encoder == "clip":
         te_cfg = _infer("text_encoder", lambda: CLIPTextConfig.from_state_dict(parts["text_encoder"]), path)
-    elif te_cfg is None and fam.text_encoder == "openclip":
+    else:
         # A diffusers folder's 23-layer tower already ends at the penultimate block, so all of it runs.
         penultimate = raw.layout != "diffusers"
         te_cfg = _infer("text_encoder",
                         lambda: OpenCLIPTextConfig.from_state_dict(parts["text_encoder"], penultimate=penultimate), path)
-    elif te_cfg is None:  # SDXL base or refiner: sgm's conditioner
-        te_cfg = _infer("text_encoder", lambda: SDXLConditionerConfig.from_state_dict(parts["text_encoder"]), path,
-                        prefixes)
     return {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": te_cfg}
+
+
+def _conditioner_config(raw: RawCheckpoint, sd: Mapping[str, torch.Tensor], fam: Family, path: Path,
+                        prefixes: Mapping[str, str]) -> SDXLConditionerConfig:
+    """sgm's conditioner: each text tower's config from its folder's config.json (a diffusers folder: `text_encoder`
+    is CLIP-L, `text_encoder_2` bigG), else from its shapes under `embedders.N.`."""
+    def tower(index: int, infer: Callable[[dict[str, torch.Tensor]], object]) -> object:
+        sub = f"embedders.{index}."
+        tensors = {k[len(sub):]: t for k, t in sd.items() if k.startswith(sub)}
+        return _infer("text_encoder", lambda: infer(tensors), path, {"text_encoder": prefixes["text_encoder"] + sub})
+
+    base = fam.text_encoder == "sdxl-clip+openclip"  # else the refiner: bigG alone, as embedders.0
+    clip = (raw.configs.get("text_encoder") or tower(0, CLIPTextConfig.from_state_dict)) if base else None
+    bigg = raw.configs.get("text_encoder_2") or tower(1 if base else 0, OpenCLIPTextConfig.from_state_dict)
+    return SDXLConditionerConfig.from_towers(clip, bigg)  # type: ignore[arg-type]
 
 
 def inspect_checkpoint(path: str | os.PathLike, family: str | Family | None = None) -> Checkpoint:

@@ -8,15 +8,16 @@ Stability's `FrozenOpenCLIPEmbedder` (stablediffusion, ldm/modules/encoders/modu
     x = token_embedding(tokens) + positional_embedding
     x = resblocks[0 .. N-2](x, attn_mask=causal)      # all blocks but the last
     x = ln_final(x)
-`text_projection` and `logit_scale` are never used for SD but are in every SD2 file, so they stay parameters here
-and the state dict matches strictly.
+`text_projection` and `logit_scale` are never used for SD2 but are in every SD2 file, so they stay parameters here
+and the state dict matches strictly (SDXL pools with the projection; `logit_scale` is unused everywhere).
 
 Blocks (open_clip transformer.py, ResidualAttentionBlock): pre-LN, `nn.MultiheadAttention` with one fused
 `in_proj_weight` holding Q, K, V stacked in that order along dim 0, exact (erf) GELU, LayerNorm eps 1e-5.
 
 diffusers' SD2 `text_encoder` folder stores a 23-layer HF CLIPTextModel (the last block already dropped). The loader
 maps it into these names and sets `penultimate=False`, so all (23) blocks run; it also has no projection, hence
-`has_projection=False`.
+`has_projection=False`. No diffusers folder has `logit_scale` (`has_logit_scale=False`); SDXL's `text_encoder_2` is
+the whole bigG tower with its projection.
 """
 from __future__ import annotations
 
@@ -44,7 +45,10 @@ class OpenCLIPTextConfig:
     context_length: int = 77
     embed_dim: int = 1024  # text_projection output size (open_clip's CLIP embed_dim)
     penultimate: bool = True  # True: skip the last block (Stability, layer="penultimate"); False: run all blocks
-    has_projection: bool = True  # whether `text_projection` / `logit_scale` exist (absent in diffusers folders)
+    has_projection: bool = True  # whether `text_projection` exists (absent in SD2's diffusers folders)
+    # whether `logit_scale` exists: CLIP's contrastive temperature, unused by SD, in every original file; diffusers'
+    # converters drop it, so no diffusers folder has it (SDXL's text_encoder_2 keeps the projection, not this)
+    has_logit_scale: bool = True
     mlp_ratio: float = 4.0  # MLP hidden width / width (open_clip's name): 4 in every released tower
 
     @property
@@ -75,7 +79,8 @@ class OpenCLIPTextConfig:
         embed_dim = sd["model.text_projection"].shape[1] if has_projection else cls.embed_dim
         return cls(vocab_size=tok.shape[0], width=width, layers=max(layer_ids) + 1, heads=heads,
                    context_length=pos.shape[0], embed_dim=embed_dim, penultimate=penultimate,
-                   has_projection=has_projection, mlp_ratio=c_fc.shape[0] / width)
+                   has_projection=has_projection, has_logit_scale="model.logit_scale" in sd,
+                   mlp_ratio=c_fc.shape[0] / width)
 
 
 class MultiheadSelfAttention(nn.Module):
@@ -137,6 +142,7 @@ class _OpenCLIPModel(nn.Module):
         self.ln_final = nn.LayerNorm(cfg.width, eps=1e-5)
         if cfg.has_projection:
             self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.embed_dim))
+        if cfg.has_logit_scale:
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # scalar, as open_clip initialises
 
 

@@ -82,12 +82,16 @@ class SDXLConditionerConfig:
             return {k[len(prefix):]: t for k, t in sd.items() if k.startswith(prefix)}
 
         if any(k.startswith("embedders.0.transformer.") for k in sd):
-            return cls(clip=CLIPTextConfig.from_state_dict(sub("embedders.0.")),
-                       openclip=OpenCLIPTextConfig.from_state_dict(sub("embedders.1.")))
+            return cls.from_towers(CLIPTextConfig.from_state_dict(sub("embedders.0.")),
+                                   OpenCLIPTextConfig.from_state_dict(sub("embedders.1.")))
         if any(k.startswith("embedders.0.model.") for k in sd):
-            return cls(clip=None, openclip=OpenCLIPTextConfig.from_state_dict(sub("embedders.0.")),
-                       micro_conditioning=REFINER_MICRO)
+            return cls.from_towers(None, OpenCLIPTextConfig.from_state_dict(sub("embedders.0.")))
         raise ValueError("no SDXL text embedders (embedders.0.transformer. or embedders.0.model.)")
+
+    @classmethod
+    def from_towers(cls, clip: CLIPTextConfig | None, openclip: OpenCLIPTextConfig) -> SDXLConditionerConfig:
+        """The base (both towers) or the refiner (bigG alone), each with its YAML's micro-conditioning."""
+        return cls(clip=clip, openclip=openclip, micro_conditioning=BASE_MICRO if clip is not None else REFINER_MICRO)
 
 
 class SDXLConditioner(nn.Module):

@@ -1,4 +1,4 @@
-"""Checkpoints broken in one way each, for the loader's refusals.
+"""Checkpoints broken in one way each, for the loader's refusals (SD1 and SDXL files and folders).
 
 tests/test_loading.py loads every one through the Python API (a `CheckpointError` naming the problem);
 tests/cli/test_model_files.py runs `gbsd info` on every one (one line, exit 2, no traceback, no hang). Each case is
@@ -30,12 +30,15 @@ VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
 TEXT = CLIPTextConfig(width=64, layers=1, heads=1)
 UNET_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 VAE_KEY = "first_stage_model.decoder.conv_out.weight"
+SDXL_UNET_KEY = "model.diffusion_model.output_blocks.1.1.transformer_blocks.0.attn2.to_v.weight"
+SDXL_BIGG_KEY = "conditioner.embedders.1.model.token_embedding.weight"
 
 
 @dataclass
 class Workshop:
     tmp: Path
     good_folder: Path  # a diffusers folder that loads (tests/_tiny.py save_tiny_pipe)
+    sdxl_folder: Path | None = None  # an SDXL base diffusers folder that loads (tests/_sdxl.py save_tiny_sdxl_pipe)
 
     def single(self, name: str = "m.safetensors", unet: UNetConfig = UNET, vae: VAEConfig = VAE,
                text: CLIPTextConfig = TEXT) -> Path:
@@ -62,6 +65,29 @@ class Workshop:
     def folder(self, edit: Callable[[Path], None]) -> Path:
         out = self.tmp / "pipe"
         shutil.copytree(self.good_folder, out)
+        edit(out)
+        return out
+
+    def sdxl(self, refiner_unet: bool = False, drop: str | None = None) -> Path:
+        """A tiny SDXL base single file (tests/_sdxl.py), its UNet the refiner's if `refiner_unet`, without the
+        tensor `drop`."""
+        from _sdxl import tiny_sdxl_modules
+
+        modules = tiny_sdxl_modules()
+        if refiner_unet:
+            modules["unet"] = tiny_sdxl_modules(refiner=True)["unet"]
+        path = save_single_file(modules, self.tmp / "xl.safetensors")
+        if drop is not None:
+            sd = dict(load_file(str(path)))
+            del sd[drop]
+            save_file(sd, str(path))
+        return path
+
+    def sdxl_pipe(self, edit: Callable[[Path], None]) -> Path:
+        if self.sdxl_folder is None:
+            raise ValueError("this Workshop was made without an SDXL folder")
+        out = self.tmp / "xl-pipe"
+        shutil.copytree(self.sdxl_folder, out)
         edit(out)
         return out
 
@@ -116,6 +142,14 @@ def _nan_at(key: str, value: float) -> Callable[[dict], None]:
     return edit
 
 
+def _drop_tensor(rel: str, key: str) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        sd = dict(load_file(str(folder / rel)))
+        del sd[key]
+        save_file(sd, str(folder / rel))
+    return edit
+
+
 def _dev_zero(w: Workshop) -> Path:
     (w.tmp / "zero.ckpt").symlink_to("/dev/zero")
     return w.tmp / "zero.ckpt"
@@ -161,8 +195,8 @@ BROKEN: list[tuple[str, Callable[[Workshop], Path], str]] = [
      "block_out_channels"),
     ("diffusers-config-bool-int", lambda w: w.folder(_edit_config("unet", layers_per_block=True)), "layers_per_block"),
     ("diffusers-norm-groups", lambda w: w.folder(_edit_config("unet", norm_num_groups=16)), "norm_num_groups"),
-    ("diffusers-sdxl-unet", lambda w: w.folder(_edit_config("unet", addition_embed_type="text_time")),
-     "addition_embed_type"),
+    ("diffusers-text-time-half-stated", lambda w: w.folder(_edit_config("unet", addition_embed_type="text_time")),
+     "addition_time_embed_dim"),
     ("diffusers-config-vs-weights", lambda w: w.folder(_edit_config("unet", block_out_channels=[32, 128])),
      "does not match"),
     ("diffusers-text-act", lambda w: w.folder(_edit_config("text_encoder", hidden_act="relu")), "hidden_act"),
@@ -179,4 +213,20 @@ BROKEN: list[tuple[str, Callable[[Workshop], Path], str]] = [
     ("diffusers-config-fifo", lambda w: w.folder(_replace_with_fifo("text_encoder/config.json")), "named pipe"),
     ("diffusers-scheduler-fifo", lambda w: w.folder(_replace_with_fifo("scheduler/scheduler_config.json")),
      "named pipe"),
+    # SDXL: single files (sgm's conditioner.*) and folders (text_encoder_2/)
+    ("sdxl-missing-unet-tensor", lambda w: w.sdxl(drop=SDXL_UNET_KEY), f"1 missing keys: {SDXL_UNET_KEY}"),
+    ("sdxl-missing-tower-tensor", lambda w: w.sdxl(drop=SDXL_BIGG_KEY), f"missing key {SDXL_BIGG_KEY}"),
+    ("sdxl-refiner-unet-base-conditioner", lambda w: w.sdxl(refiner_unet=True), "do not fit together"),
+    ("diffusers-sdxl-text-encoder-with-sd1-unet",
+     lambda w: w.folder(lambda f: shutil.copytree(w.sdxl_folder / "text_encoder_2", f / "text_encoder_2")),
+     "do not fit together"),
+    ("diffusers-sdxl-unet-with-sd1-text-encoder",
+     lambda w: w.sdxl_pipe(lambda f: shutil.rmtree(f / "text_encoder_2")), "vector y"),
+    ("diffusers-sdxl-te2-not-gelu", lambda w: w.sdxl_pipe(_edit_config("text_encoder_2", hidden_act="quick_gelu")),
+     "exact gelu"),
+    ("diffusers-sdxl-time-dim", lambda w: w.sdxl_pipe(_edit_config("unet", addition_time_embed_dim=8)),
+     "addition_time_embed_dim"),
+    ("diffusers-sdxl-missing-tensor", lambda w: w.sdxl_pipe(_drop_tensor("unet/diffusion_pytorch_model.safetensors",
+                                                                         "add_embedding.linear_1.weight")),
+     "1 missing keys: model.diffusion_model.label_emb.0.0.weight"),
 ]

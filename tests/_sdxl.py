@@ -67,3 +67,71 @@ def write_tiny_sdxl(folder: Path, refiner: bool = False, seed: int = 0) -> Path:
     """The tiny modules as an original-layout single file (`conditioner.*` keys), written by our writer."""
     name = "tiny-sdxl-refiner.safetensors" if refiner else "tiny-sdxl-base.safetensors"
     return save_single_file(tiny_sdxl_modules(refiner, seed), folder / name)
+
+
+# ------------------------------------------------------------------------------ a tiny SDXL diffusers pipeline
+def save_tiny_sdxl_pipe(folder: Path, refiner: bool = False, seed: int = 0) -> Path:
+    """A diffusers StableDiffusionXLPipeline folder (the refiner: StableDiffusionXLImg2ImgPipeline, bigG alone) built
+    by diffusers and transformers themselves from SDXL-shaped configs with seeded weights, and written by their own
+    save_pretrained (no network): a UNet with no attention at its first level, per-level transformer depths, head
+    *counts* in attention_head_dim (16-wide heads: only the config says so) and the "text_time" added embedding on
+    [pooled ; 256-wide size embeddings]; a CLIPTextModel (CLIP-L-shaped: quick_gelu, 4 heads of 8, MLP 37) and a
+    CLIPTextModelWithProjection (bigG-shaped: gelu, projection 32); an 8x VAE with SDXL's scaling factor; CompVis
+    DDIM. The UNet's sample_size 8 makes the folder's native size 64."""
+    from _reference import DDIM_CONFIG, clip_tokenizer
+    from _tiny import randomize_
+    from diffusers import AutoencoderKL as DAutoencoderKL
+    from diffusers import (
+        DDIMScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig as HFCLIPTextConfig
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    clip_width, bigg_width, projection = 32, 64, 32
+    if refiner:
+        levels = dict(block_out_channels=(32, 64, 64, 64), transformer_layers_per_block=2, attention_head_dim=(2, 4, 4, 4),
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+        context, sizes = bigg_width, 5  # original (h, w), crop (top, left), aesthetic score
+    else:
+        levels = dict(block_out_channels=(32, 64, 64), transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4),
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+        context, sizes = clip_width + bigg_width, 6  # original, crop, target
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, cross_attention_dim=context,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=projection + 256 * sizes, **levels)
+    vae = DAutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                         block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025, force_upcast=True)
+    bigg = CLIPTextModelWithProjection(HFCLIPTextConfig(
+        vocab_size=49408, hidden_size=bigg_width, intermediate_size=4 * bigg_width, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", projection_dim=projection))
+    with torch.no_grad():
+        randomize_(unet, seed)
+        for name, p in unet.named_parameters():  # make the conditioning visible in the image (tiny_sdxl_modules)
+            if ".attn2.to_v." in name or ".attn2.to_out.0.weight" in name or name.startswith("add_embedding.linear_2"):
+                p.mul_(4.0)
+        randomize_(vae, seed + 1)
+        randomize_(bigg, seed + 3)
+        bigg.text_projection.weight.mul_(8.0)
+    common = dict(vae=vae, text_encoder_2=bigg, tokenizer_2=clip_tokenizer(folder.parent / f"{folder.name}-tok2",
+                                                                            pad_token="!"),
+                  unet=unet, scheduler=DDIMScheduler(**DDIM_CONFIG))
+    if refiner:
+        pipe = StableDiffusionXLImg2ImgPipeline(text_encoder=None, tokenizer=None, requires_aesthetics_score=True,
+                                                force_zeros_for_empty_prompt=False, add_watermarker=False, **common)
+    else:
+        clip = CLIPTextModel(HFCLIPTextConfig(
+            vocab_size=49408, hidden_size=clip_width, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=77, hidden_act="quick_gelu"))
+        randomize_(clip, seed + 2)
+        pipe = StableDiffusionXLPipeline(text_encoder=clip, tokenizer=clip_tokenizer(folder.parent / f"{folder.name}-tok"),
+                                         force_zeros_for_empty_prompt=True, add_watermarker=False, **common)
+    pipe.save_pretrained(folder)
+    return folder

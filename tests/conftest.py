@@ -64,3 +64,11 @@ def responsive_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
                 p.mul_(6.0)
         b.vae.decoder.conv_out.weight.mul_(5.0)
     return save_single_file(b, tmp_path_factory.mktemp("responsive") / "tiny-responsive.safetensors")
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipe(tmp_path_factory) -> Path:
+    """A tiny SDXL base diffusers folder written by diffusers' own save_pretrained (tests/_sdxl.py)."""
+    from _sdxl import save_tiny_sdxl_pipe
+
+    return save_tiny_sdxl_pipe(tmp_path_factory.mktemp("sdxl-pipe") / "tiny-sdxl")

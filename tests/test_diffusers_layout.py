@@ -13,6 +13,7 @@ from _tiny import TOL, randomize_, save_tiny_pipe, tokens
 from _util import CONFIGS, GOLDEN, LDM_KEYS, meta_state_dict, read_keys_tsv, rel_err
 from safetensors.torch import load_file, save_file
 
+from gbsd_core import diffusers_configs as dc
 from gbsd_core import diffusers_layout as dl
 from gbsd_core.bundle import SDBundle
 from gbsd_core.clip_text import CLIPTextConfig
@@ -232,11 +233,11 @@ def test_tiny_pipe_configs_are_read_per_component(tiny_pipe: Path) -> None:
     """Each component's config.json decides what shapes cannot say: 8 heads on 32/64 channels (head widths 4 and 8),
     a text encoder of 4 heads of 8 with an MLP of 37, a 2-level VAE (factor 2) with SD's scaling factor."""
     cfg = {name: json.loads((tiny_pipe / name / "config.json").read_text()) for name in ("unet", "vae", "text_encoder")}
-    assert dl.unet_config(cfg["unet"]) == UNetConfig(
+    assert dc.unet_config(cfg["unet"]) == UNetConfig(
         model_channels=32, channel_mult=(1, 2), num_res_blocks=2, attention_resolutions=(2,), num_heads=8,
         context_dim=32)
-    assert dl.vae_config(cfg["vae"]) == VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=0.18215)
-    assert dl.text_encoder_config(cfg["text_encoder"]) == CLIPTextConfig(
+    assert dc.vae_config(cfg["vae"]) == VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=0.18215)
+    assert dc.text_encoder_config(cfg["text_encoder"]) == CLIPTextConfig(
         vocab_size=49408, width=32, layers=5, heads=4, context_length=77, mlp_ratio=37 / 32)
     b = load(tiny_pipe)
     assert b.family.name == "sd1" and b.text_encoder.config.heads == 4

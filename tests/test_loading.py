@@ -187,9 +187,10 @@ def good_pipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("case", BROKEN, ids=[c[0] for c in BROKEN])
-def test_broken_checkpoints_are_refused_naming_the_problem(case, tmp_path: Path, good_pipe: Path) -> None:
+def test_broken_checkpoints_are_refused_naming_the_problem(case, tmp_path: Path, good_pipe: Path,
+                                                          sdxl_pipe: Path) -> None:
     name, build, needle = case
-    path = build(Workshop(tmp_path, good_pipe))
+    path = build(Workshop(tmp_path, good_pipe, sdxl_pipe))
     with pytest.raises(CheckpointError) as e:
         load(path)
     print(f"{name}: {e.value}")

@@ -41,10 +41,20 @@ def tiny_open_clip(cfg: OpenCLIPTextConfig) -> torch.nn.Module:
 
 
 def test_openclip_without_projection_keys():
-    m = OpenCLIPTextEncoder(OpenCLIPTextConfig(width=32, layers=2, heads=4, has_projection=False))
+    m = OpenCLIPTextEncoder(OpenCLIPTextConfig(width=32, layers=2, heads=4, has_projection=False,
+                                               has_logit_scale=False))
     keys = set(m.state_dict())
     assert "model.text_projection" not in keys and "model.logit_scale" not in keys
     assert "model.ln_final.weight" in keys
+
+
+def test_logit_scale_is_its_own_part():
+    """SDXL's diffusers text_encoder_2 has the projection (the pooled vector) but no logit_scale."""
+    keys = set(OpenCLIPTextEncoder(OpenCLIPTextConfig(width=32, layers=2, heads=4, has_logit_scale=False)).state_dict())
+    assert "model.text_projection" in keys and "model.logit_scale" not in keys
+    sd = OpenCLIPTextEncoder(TINY_SD2).state_dict()
+    del sd["model.logit_scale"]
+    assert not OpenCLIPTextConfig.from_state_dict(sd, heads=4).has_logit_scale
 
 
 def test_openclip_config_from_state_dict():
@@ -52,8 +62,10 @@ def test_openclip_config_from_state_dict():
     with torch.device("meta"):
         full = OpenCLIPTextEncoder(OpenCLIPTextConfig()).state_dict()
     assert OpenCLIPTextConfig.from_state_dict(full) == OpenCLIPTextConfig()
-    # a diffusers-style tower: no projection (inferred from keys); 23 layers, all run (stated by the caller)
-    cfg = OpenCLIPTextConfig(width=128, layers=3, heads=2, penultimate=False, has_projection=False)
+    # a diffusers-style tower: no projection, no logit_scale (inferred from keys); 23 layers, all run (stated by the
+    # caller)
+    cfg = OpenCLIPTextConfig(width=128, layers=3, heads=2, penultimate=False, has_projection=False,
+                             has_logit_scale=False)
     sd = OpenCLIPTextEncoder(cfg).state_dict()
     assert OpenCLIPTextConfig.from_state_dict(sd, penultimate=False) == cfg
 

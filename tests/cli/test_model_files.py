@@ -66,9 +66,9 @@ def good_pipe(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", BROKEN, ids=[c[0] for c in BROKEN])
-def test_info_refuses_broken_checkpoints_in_one_line(case, tmp_path, good_pipe, capsys):
+def test_info_refuses_broken_checkpoints_in_one_line(case, tmp_path, good_pipe, sdxl_pipe, capsys):
     name, build, needle = case
-    path = build(Workshop(tmp_path, good_pipe))
+    path = build(Workshop(tmp_path, good_pipe, sdxl_pipe))
     code, _, err = run_cli(["info", path], capsys)
     print(f"{name}: {err.strip()}")
     assert code == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err

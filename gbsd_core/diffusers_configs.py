@@ -1,0 +1,241 @@
+"""diffusers component configs (each folder's config.json) -> our configs: the config half of the conversion seam
+(diffusers_layout.py maps the names).
+
+What shapes cannot say -- head counts, the MLP width of small towers, the VAE's scaling factor, the width of SDXL's
+vector y -- comes from the config. Every option our modules do not have must keep SD's value, or the folder is
+refused naming the option (`UNET_FIXED`, `VAE_FIXED`, `TEXT_FIXED`); a value of the wrong type is refused too, so a
+config.json is checked strictly before any weights are read. Defaults are the diffusers / transformers defaults a
+missing key means.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from .clip_text import CLIPTextConfig
+from .openclip_text import OpenCLIPTextConfig
+from .sdxl_conditioner import MICRO_DIM
+from .unet import UNetConfig
+from .vae import VAEConfig
+
+# Options of diffusers' UNet2DConditionModel that gbsd's UNet (openaimodel's, as SD uses it) does not have: a folder
+# may state them only with SD's value (absent means diffusers' default, which is SD's).
+UNET_FIXED: Mapping[str, Any] = MappingProxyType({
+    "norm_num_groups": 32, "norm_eps": 1e-5, "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0,
+    "downsample_padding": 1, "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "class_embed_type": None, "num_class_embeds": None, "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
+    "timestep_post_act": None, "time_cond_proj_dim": None, "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "dual_cross_attention": False,
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "attention_type": "default", "cross_attention_norm": None, "class_embeddings_concat": False, "reverse_transformer_layers_per_block": None,
+})
+# AutoencoderKL options with no counterpart in CompVis' KL autoencoder (SD3/Flux VAEs set the shift and drop the
+# quant convs).
+VAE_FIXED: Mapping[str, Any] = MappingProxyType({
+    "norm_num_groups": 32, "act_fn": "silu", "shift_factor": None, "use_quant_conv": True, "use_post_quant_conv": True,
+    "mid_block_add_attention": True, "latents_mean": None, "latents_std": None,
+})
+TEXT_FIXED: Mapping[str, Any] = MappingProxyType({"layer_norm_eps": 1e-5})
+
+
+def _fixed(cfg: Mapping[str, Any], table: Mapping[str, Any]) -> None:
+    for key, want in table.items():
+        if key in cfg and cfg[key] != want:
+            raise ValueError(f"{key} is {cfg[key]!r}; gbsd builds what SD has ({want!r})")
+
+
+def _int(cfg: Mapping[str, Any], key: str, default: int, lo: int = 1) -> int:
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{key} must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def _ints(cfg: Mapping[str, Any], key: str, default: Any, levels: int | None = None) -> tuple[int, ...]:
+    """An int or a list of ints (one per level): a tuple, `levels` long when given."""
+    v = cfg.get(key, default)
+    if levels is not None and isinstance(v, int) and not isinstance(v, bool):
+        v = [v] * levels
+    if (not isinstance(v, (list, tuple)) or not v or levels is not None and len(v) != levels
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)):
+        n = f"{levels} " if levels is not None else ""
+        raise ValueError(f"{key} must be a list of {n}positive integers, got {v!r}")
+    return tuple(v)
+
+
+def _strs(cfg: Mapping[str, Any], key: str, default: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    v = cfg.get(key, default)
+    if not isinstance(v, (list, tuple)) or not v or not all(isinstance(x, str) for x in v):
+        raise ValueError(f"{key} must be a list of block names, got {v!r}")
+    bad = [x for x in v if x not in allowed]
+    if bad:
+        raise ValueError(f"{key} has {bad[0]!r}; gbsd builds {' and '.join(allowed)} blocks")
+    return tuple(v)
+
+
+def _flag(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
+    v = cfg.get(key, default)
+    if not isinstance(v, bool):
+        raise ValueError(f"{key} must be true or false, got {v!r}")
+    return v
+
+
+def _same(key: str, values: tuple[int, ...]) -> int:
+    if len(set(values)) != 1:
+        raise ValueError(f"{key} {list(values)} differs between levels; gbsd's UNet uses one value for all")
+    return values[0]
+
+
+def unet_config(cfg: Mapping[str, Any]) -> UNetConfig:
+    """diffusers UNet2DConditionModel config.json -> UNetConfig (defaults: diffusers')."""
+    _fixed(cfg, UNET_FIXED)
+    only_cross = cfg.get("only_cross_attention", False)
+    if only_cross is True or isinstance(only_cross, list) and any(only_cross):
+        raise ValueError(f"only_cross_attention is {only_cross!r}; SD's transformer blocks have self-attention")
+    channels = _ints(cfg, "block_out_channels", (320, 640, 1280, 1280))
+    levels = len(channels)
+    down = _strs(cfg, "down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 ("CrossAttnDownBlock2D", "DownBlock2D"))
+    up = _strs(cfg, "up_block_types", ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, ("CrossAttnUpBlock2D", "UpBlock2D"))
+    attn = [t == "CrossAttnDownBlock2D" for t in down]
+    mirrored = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
+    if len(down) != levels or up != mirrored:
+        raise ValueError(f"down_block_types {list(down)} / up_block_types {list(up)} do not match the "
+                         f"{levels} levels of block_out_channels mirrored (expected up {list(mirrored)})")
+    mc = channels[0]
+    if any(c % mc for c in channels):
+        raise ValueError(f"block_out_channels {list(channels)} are not multiples of the first")
+    # diffusers' attention_head_dim is a head *count* (a long-standing misnomer); num_attention_heads, when set,
+    # is the same thing under its right name. Per level; the mid block uses the last level's.
+    heads_key = "num_attention_heads" if cfg.get("num_attention_heads") is not None else "attention_head_dim"
+    heads = _ints(cfg, heads_key, 8, levels)
+    used = [i for i in range(levels) if attn[i]] + [levels - 1]
+    if any(channels[i] % heads[i] for i in used):
+        raise ValueError(f"{heads_key} {list(heads)} does not divide block_out_channels {list(channels)}")
+    counts, widths = {heads[i] for i in used}, {channels[i] // heads[i] for i in used}
+    if len(counts) == 1:
+        num_heads, num_head_channels = counts.pop(), -1
+    elif len(widths) == 1:
+        num_heads, num_head_channels = -1, widths.pop()
+    else:
+        raise ValueError(f"{heads_key} {list(heads)}: head counts that are neither the same on every level nor of "
+                         "the same width are not what SD's UNet builds")
+    depths = _ints(cfg, "transformer_layers_per_block", 1, levels)
+    return UNetConfig(
+        in_channels=_int(cfg, "in_channels", 4), out_channels=_int(cfg, "out_channels", 4), model_channels=mc,
+        channel_mult=tuple(c // mc for c in channels),
+        num_res_blocks=_same("layers_per_block", _ints(cfg, "layers_per_block", 2, levels)),
+        attention_resolutions=tuple(2**i for i in range(levels) if attn[i]),
+        num_heads=num_heads, num_head_channels=num_head_channels,
+        context_dim=_int(cfg, "cross_attention_dim", 1280),
+        use_linear_in_transformer=_flag(cfg, "use_linear_projection", False),
+        transformer_depth=depths,  # per level (the mid block takes the last level's, as in diffusers)
+        adm_in_channels=_added_embedding(cfg),
+        upcast_attention=_flag(cfg, "upcast_attention", False),
+    )
+
+
+def _added_embedding(cfg: Mapping[str, Any]) -> int | None:
+    """The width of SDXL's vector y (UNetConfig.adm_in_channels), or None for SD1/SD2.
+
+    diffusers' `addition_embed_type: "text_time"` is sgm's label embedding of y = [pooled text ; size embeddings]:
+    each size value goes through a 256-wide sinusoid (`addition_time_embed_dim`, ConcatTimestepEmbedderND's fixed
+    outdim 256 in gbsd, sdxl_conditioner.MICRO_DIM), and `projection_class_embeddings_input_dim` is the width of y.
+    """
+    kind, time_dim = cfg.get("addition_embed_type"), cfg.get("addition_time_embed_dim")
+    width = cfg.get("projection_class_embeddings_input_dim")
+    if kind is None:
+        for key, value in (("addition_time_embed_dim", time_dim), ("projection_class_embeddings_input_dim", width)):
+            if value is not None:
+                raise ValueError(f"{key} is {value!r} without an addition_embed_type; SD's UNet has no added "
+                                 "embedding and SDXL's is 'text_time'")
+        return None
+    if kind != "text_time":
+        raise ValueError(f"addition_embed_type is {kind!r}; gbsd builds SD's UNet (none) and SDXL's ('text_time')")
+    if time_dim != MICRO_DIM:
+        raise ValueError(f"addition_time_embed_dim is {time_dim!r}; SDXL embeds each size value in {MICRO_DIM} "
+                         "channels")
+    if width is None:
+        raise ValueError("addition_embed_type 'text_time' needs projection_class_embeddings_input_dim (the width of "
+                         "the pooled text and size embeddings)")
+    return _int(cfg, "projection_class_embeddings_input_dim", 0)
+
+
+def unet_sample_size(cfg: Mapping[str, Any]) -> int | None:
+    """The latent side the UNet was trained at (diffusers' default image size is this x the VAE factor), if stated."""
+    v = cfg.get("sample_size")
+    if isinstance(v, list) and len(v) == 2 and v[0] == v[1]:
+        v = v[0]
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else None
+
+
+def vae_config(cfg: Mapping[str, Any]) -> VAEConfig:
+    """diffusers AutoencoderKL config.json -> VAEConfig, the scaling factor included (defaults: diffusers')."""
+    _fixed(cfg, VAE_FIXED)
+    channels = _ints(cfg, "block_out_channels", (64,))
+    down = _strs(cfg, "down_block_types", ("DownEncoderBlock2D",), ("DownEncoderBlock2D",))
+    up = _strs(cfg, "up_block_types", ("UpDecoderBlock2D",), ("UpDecoderBlock2D",))
+    if len(down) != len(channels) or len(up) != len(channels):
+        raise ValueError(f"down_block_types / up_block_types must have one block per block_out_channels entry "
+                         f"({len(channels)})")
+    ch = channels[0]
+    if any(c % ch for c in channels):
+        raise ValueError(f"block_out_channels {list(channels)} are not multiples of the first")
+    scale = cfg.get("scaling_factor", 0.18215)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scaling_factor must be a positive number, got {scale!r}")
+    latent = _int(cfg, "latent_channels", 4)
+    return VAEConfig(ch=ch, ch_mult=tuple(c // ch for c in channels), num_res_blocks=_int(cfg, "layers_per_block", 1),
+                     z_channels=latent, embed_dim=latent, in_channels=_int(cfg, "in_channels", 3),
+                     out_ch=_int(cfg, "out_channels", 3), scale_factor=float(scale))
+
+
+def _text_common(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields every text tower shares, from a transformers CLIPTextConfig (defaults: transformers')."""
+    _fixed(cfg, TEXT_FIXED)
+    width, heads = _int(cfg, "hidden_size", 512), _int(cfg, "num_attention_heads", 8)
+    if width % heads:
+        raise ValueError(f"hidden_size {width} is not divisible by num_attention_heads {heads}")
+    return dict(vocab_size=_int(cfg, "vocab_size", 49408), width=width, layers=_int(cfg, "num_hidden_layers", 12),
+                heads=heads, context_length=_int(cfg, "max_position_embeddings", 77),
+                mlp_ratio=_int(cfg, "intermediate_size", 2048) / width)
+
+
+def text_encoder_config(cfg: Mapping[str, Any]) -> CLIPTextConfig | OpenCLIPTextConfig:
+    """SD1/SD2's `text_encoder`: transformers CLIPTextConfig (config.json) -> our CLIP (quick_gelu: SD1) or OpenCLIP
+    (gelu: SD2) config.
+
+    SD2's folder holds OpenCLIP-H converted to a CLIPTextModel, its last block already dropped, so all of it runs
+    (penultimate=False), and it has neither projection nor logit_scale.
+    """
+    common = _text_common(cfg)
+    act = cfg.get("hidden_act", "quick_gelu")
+    if act == "quick_gelu":
+        return CLIPTextConfig(**common)
+    if act == "gelu":
+        return OpenCLIPTextConfig(**common, penultimate=False, has_projection=False, has_logit_scale=False)
+    raise ValueError(f"hidden_act {act!r} is not one of SD's text encoders (quick_gelu: SD1's CLIP, gelu: SD2's "
+                     "OpenCLIP)")
+
+
+def clip_l_config(cfg: Mapping[str, Any]) -> CLIPTextConfig:
+    """SDXL base's `text_encoder`: the CLIP ViT-L/14 text model of SD1 (a CLIPTextModel, quick_gelu)."""
+    common = _text_common(cfg)
+    act = cfg.get("hidden_act", "quick_gelu")
+    if act != "quick_gelu":
+        raise ValueError(f"hidden_act is {act!r}; SDXL's first text encoder is OpenAI's CLIP ViT-L (quick_gelu)")
+    return CLIPTextConfig(**common)
+
+
+def bigg_config(cfg: Mapping[str, Any]) -> OpenCLIPTextConfig:
+    """SDXL's `text_encoder_2` (the refiner's only one): OpenCLIP ViT-bigG/14's text tower as a transformers
+    CLIPTextModelWithProjection, exact GELU, every block (the conditioner reads the penultimate and pools the last),
+    its `projection_dim` the pooled vector's width; diffusers' converter dropped `logit_scale`."""
+    common = _text_common(cfg)
+    act = cfg.get("hidden_act", "quick_gelu")
+    if act != "gelu":
+        raise ValueError(f"hidden_act is {act!r}; SDXL's text_encoder_2 is OpenCLIP ViT-bigG (exact gelu)")
+    return OpenCLIPTextConfig(**common, embed_dim=_int(cfg, "projection_dim", 512), penultimate=True,
+                              has_projection=True, has_logit_scale=False)
