@@ -164,16 +164,52 @@ class SDBundle:
         return z * self.vae.config.scale_factor
 
     def describe(self) -> dict:
-        """Family, sizes and dtype, for `gbsd info`."""
+        """Family, parts, sizes and dtype, for `gbsd info`."""
         p = next(self.unet.parameters())
+        limits = self.limits()
+        parameters = {name: sum(t.numel() for t in getattr(self, name).parameters()) for name in COMPONENTS}
+        if isinstance(self.text_encoder, SDXLConditioner):  # and per text tower
+            parameters.update({f"text_encoder.embedders.{i}": sum(t.numel() for t in e.parameters())
+                               for i, e in enumerate(self.text_encoder.embedders)})
         return {
             "path": str(self.path) if self.path else None,
             "family": self.family.name,
             "prediction_type": self.family.prediction_type,
             "resolution": self.family.resolution,
+            "native_size": limits.native_size,
+            "max_size": limits.max_size,
             "dtype": str(p.dtype).removeprefix("torch."),
             "vae_dtype": str(next(self.vae.parameters()).dtype).removeprefix("torch."),
             "device": str(p.device),
-            "parameters": {name: sum(t.numel() for t in getattr(self, name).parameters()) for name in COMPONENTS},
+            "parts": describe_parts(self.unet.config, self.vae.config, self.text_encoder.config),
+            "parameters": parameters,
             "configs": {name: asdict(getattr(self, name).config) for name in COMPONENTS},
         }
+
+
+def _tower(config: CLIPTextConfig | OpenCLIPTextConfig) -> str:
+    kind = "CLIP" if isinstance(config, CLIPTextConfig) else "OpenCLIP"
+    return f"{kind} text transformer, {config.layers} layers x {config.width} wide, {config.heads} heads"
+
+
+def describe_parts(unet: UNetConfig, vae: VAEConfig, text: TextConfig) -> dict[str, str]:
+    """One line per network (per text tower for SDXL): what `gbsd info` says each part is."""
+    depth = unet.transformer_depth if isinstance(unet.transformer_depth, int) else list(unet.transformer_depth)
+    parts = {
+        "unet": (f"UNet, {len(unet.channel_mult)} levels of {[unet.model_channels * m for m in unet.channel_mult]} "
+                 f"channels, attention at ds {list(unet.attention_resolutions)} (depth {depth}), context "
+                 f"{unet.context_dim}" + (f", label embedding of a {unet.adm_in_channels}-wide vector y"
+                                          if unet.adm_in_channels else "")),
+        "vae": (f"KL autoencoder, {vae.downsample_factor}x downsampling, {vae.embed_dim} latent channels, scale "
+                f"{vae.scale_factor}"),
+    }
+    if not isinstance(text, SDXLConditionerConfig):
+        parts["text_encoder"] = _tower(text)
+        return parts
+    towers = [t for t in (text.clip, text.openclip) if t is not None]
+    for i, tower in enumerate(towers):
+        read = ("penultimate layer" if isinstance(tower, CLIPTextConfig)
+                else f"penultimate block, pooled {tower.embed_dim}")
+        parts[f"text_encoder.embedders.{i}"] = f"{_tower(tower)} ({read})"
+    parts["text_encoder.micro_conditioning"] = ", ".join(text.micro_conditioning)
+    return parts

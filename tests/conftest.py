@@ -72,3 +72,19 @@ def sdxl_pipe(tmp_path_factory) -> Path:
     from _sdxl import save_tiny_sdxl_pipe
 
     return save_tiny_sdxl_pipe(tmp_path_factory.mktemp("sdxl-pipe") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_ckpt(tmp_path_factory) -> Path:
+    """A tiny random SDXL base single file (sgm layout, tests/_sdxl.py), made to respond to its conditioning."""
+    from _sdxl import write_tiny_sdxl
+
+    return write_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_refiner_ckpt(tmp_path_factory) -> Path:
+    """The tiny SDXL refiner single file (bigG alone, aesthetic-score micro-conditioning)."""
+    from _sdxl import write_tiny_sdxl
+
+    return write_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl-refiner"), refiner=True, seed=1)

@@ -122,19 +122,24 @@ class CrossAttentionCollector:
         """A denoiser that collects during the UNet calls of the steps in stages named `stage_names`.
 
         `model` must end in the UNet this collector was built on (hooks sit on its attn2 modules); `cfg`: the model
-        is called on [uncond; cond] batches. Steps are recognised by their timestep (unique within a schedule).
+        is called on [uncond; cond] batches. Steps are recognised by their timestep (unique within a schedule). The
+        wrapper takes SDXL's fourth argument, the vector y, and passes it on unchanged.
         """
         active = {int(timesteps[i]) for st in stages if st.name in self.stage_names for i in st.steps}
 
-        def collecting(x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        def call(x: Tensor, t: Tensor, context: Tensor, y: Tensor | None) -> Tensor:
+            # SDXL's UNet also takes the vector y ([N, adm]); SD1/SD2 denoisers are called with three arguments
+            return model(x, t, context) if y is None else model(x, t, context, y)
+
+        def collecting(x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
             # x: [N,4,h,w], t: [N], context: [N,77,D]
             step_t = int(t.reshape(-1)[0])
             if step_t not in active:
-                return model(x, t, context)
+                return call(x, t, context, y)
             self._latent_hw, self._cfg = (x.shape[-2], x.shape[-1]), cfg
             handles = [s.module.register_forward_pre_hook(self._pre_hook) for s in self.sites]
             try:
-                out = model(x, t, context)
+                out = call(x, t, context, y)
             finally:
                 for handle in handles:
                     handle.remove()

@@ -24,7 +24,7 @@ def build_parser() -> Parser:
     from .model_files import add_model_file_commands
     from .rack import add_rack_command
 
-    parser = Parser(prog="gbsd", description="Generative Bokeh with Stage Diffusion on Stable Diffusion 1.x/2.x.")
+    parser = Parser(prog="gbsd", description="Generative Bokeh with Stage Diffusion on Stable Diffusion 1.x, 2.x and XL.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate_commands(sub)
     add_model_file_commands(sub)

@@ -2,6 +2,7 @@
 
     gbsd download                 # list the registry and what is present
     gbsd download sd15            # into $GBSD_WEIGHTS or ./weights
+    gbsd download sdxl            # SDXL 1.0 base (sdxl-refiner: the refiner)
     gbsd info weights/v1-5-pruned-emaonly.safetensors
 """
 from __future__ import annotations
@@ -16,14 +17,14 @@ from .common import EXIT_FAILURE, UsageError
 
 def add_model_file_commands(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("download", help="fetch a registry checkpoint into $GBSD_WEIGHTS or ./weights")
-    d.add_argument("name", nargs="?", help="sd15, sd21-base or sd21 (omit to list them)")
+    d.add_argument("name", nargs="?", help="sd15, sd21-base, sd21, sdxl or sdxl-refiner (omit to list them)")
     d.add_argument("--dir", help="target folder (default $GBSD_WEIGHTS or ./weights)")
     d.add_argument("--repo", help="fetch the file from this Hub repo instead (a mirror; the sha256 is still checked)")
     d.set_defaults(run=cmd_download)
 
-    n = sub.add_parser("info", help="family, parameter counts and dtype of a checkpoint")
+    n = sub.add_parser("info", help="family, parts, parameter counts and dtype of a checkpoint")
     n.add_argument("checkpoint", help="checkpoint file or diffusers folder")
-    n.add_argument("--family", help="force the model family (sd1, sd2-512, sd2-768-v)")
+    n.add_argument("--family", help="force the model family (sd1, sd2-512, sd2-768-v, sdxl-base, sdxl-refiner)")
     n.set_defaults(run=cmd_info)
 
 
@@ -37,7 +38,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     if args.name is None:
         for e in weights.REGISTRY.values():
             state = "present" if (directory / e.filename).exists() else "missing"
-            print(f"{e.name:10s} {e.family:10s} {e.size / 2**30:5.1f} GiB  {state:8s} {e.description}")
+            print(f"{e.name:12s} {e.family:12s} {e.size / 2**30:5.1f} GiB  {state:8s} {e.description}")
         return 0
     if args.name not in weights.REGISTRY:
         raise UsageError(f"unknown model {args.name!r}; known: {', '.join(weights.REGISTRY)}")

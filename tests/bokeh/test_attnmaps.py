@@ -8,7 +8,11 @@ import pytest
 import torch
 
 import gbsd_core
-from gbsd_core.bokeh.attnmaps import CrossAttentionCollector, attention_probs, word_positions
+from gbsd_core.bokeh.attnmaps import (
+    CrossAttentionCollector,
+    attention_probs,
+    word_positions,
+)
 from gbsd_core.pipeline import GenerationParams, generate, sweep
 from gbsd_core.sampling import CFGStep, Stage, denoise, focus_conditioning
 
@@ -193,3 +197,20 @@ def test_sweep_rows_match_single_runs_and_sigma_one_collects_nothing(bundle):
 def test_levels_must_exist(bundle):
     with pytest.raises(ValueError, match=r"no cross-attention at levels ds=\(4, 8\)"):
         CrossAttentionCollector(bundle.unet, [1], levels=(4, 8))
+
+
+def test_sdxl_four_argument_unet_call_is_collected_and_passed_on(tmp_path):
+    """SDXL's UNet takes the vector y as a fourth argument: the collector's wrapper passes it on (a UNet with a label
+    embedding refuses to run without it), the image stays bit-identical and the focus words' map is collected."""
+    from _sdxl import write_tiny_sdxl
+
+    xl = gbsd_core.load(write_tiny_sdxl(tmp_path))
+    params = GenerationParams(PROMPT, focus=FOCUS, layout=0.5, steps=4, seed=2, **SIZE)
+    collector = CrossAttentionCollector(xl.unet, word_positions(xl.tokenizer(FOCUS)))
+    probed = generate(xl, params, probe=collector)
+    plain = generate(xl, params)
+    assert np.array_equal(np.asarray(probed.image), np.asarray(plain.image))
+    assert collector.timesteps == [int(t) for t in xl.scheduler.timesteps(4)[2:]]  # the focus stage's two steps
+    m = collector.token_map()
+    assert m.shape == (1, 4, 4) and float(m.min()) >= 0 and float(m.max()) <= 1 and float(m.std()) > 0
+    assert collector.mask(0, (64, 64)).any()

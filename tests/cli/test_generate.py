@@ -253,10 +253,18 @@ BAD_INPUTS = [
      "multiple of 8"),
     ("rack-device-meta", ["rack", "p", "--from", "a", "--to", "b", "--device", "meta"], "--device"),
     ("trace-dir-name-too-long", ["generate", "p", "--trace", "{tmp}/" + "t" * 300], "too long"),
+    # --- SDXL ({sdxl}: the tiny SDXL base file): its size rules and its family
+    ("sdxl-size-odd", ["generate", "p", "--size", "1020x1023", "--weights", "{sdxl}"], "multiple of 8"),
+    ("sdxl-init-size-odd", ["img2img", "p", "--init", "{img60}", "--weights", "{sdxl}"], "multiple of 8"),
+    ("sdxl-size-beyond-4x", ["sweep", "p", "--focus", "f", "--alphas", "0", "--size", "4104x1024",
+                             "--weights", "{sdxl}"], "width"),
+    ("sdxl-as-sd1", ["generate", "p", "--weights", "{sdxl}", "--family", "sd1"], "expects a clip text encoder"),
+    ("sdxl-base-as-refiner", ["rack", "p", "--from", "a", "--to", "b", "--weights", "{sdxl}", "--family",
+                              "sdxl-refiner"], "sdxl-openclip"),
 ]
 
 
-def _crafted(work: Path, ckpt: Path, dummy: Path) -> dict[str, str]:
+def _crafted(work: Path, ckpt: Path, dummy: Path, sdxl: Path) -> dict[str, str]:
     """The files the BAD_INPUTS cases name, by their {placeholder}."""
     img = noise_png(work / "in.png")
     txt = work / "notes.png"
@@ -267,7 +275,7 @@ def _crafted(work: Path, ckpt: Path, dummy: Path) -> dict[str, str]:
     os.mkfifo(work / "pipe.safetensors")
     good = meta_png(work / "good.png", {"version": 1, "params": {"prompt": "p"}})
     meta = json.dumps({"version": 1, "params": {"prompt": "p"}})
-    return {"{tmp}": str(work), "{img60}": str(noise_png(work / "in60.png", size=(60, 64))), "{img}": str(img),
+    return {"{tmp}": str(work), "{sdxl}": str(sdxl), "{img60}": str(noise_png(work / "in60.png", size=(60, 64))), "{img}": str(img),
             "{txt}": str(txt), "{ckpt}": str(ckpt), "{bomb-meta}": str(bomb_png(work / "bombm.png", texts={"gbsd": meta})),
             "{zlib-meta}": str(broken_zlib_png(work / "zlibm.png", texts={"gbsd": meta})),
             "{bomb}": str(bomb_png(work / "bomb.png")), "{big}": str(bomb_png(work / "big.png", side=12000)),
@@ -283,13 +291,14 @@ def _snapshot(d: Path) -> dict[str, bytes | None]:
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_exits_2_before_loading(case, tmp_path, capsys, monkeypatch, no_load, dummy_weights, tiny_ckpt):
+def test_bad_input_exits_2_before_loading(case, tmp_path, capsys, monkeypatch, no_load, dummy_weights, tiny_ckpt,
+                                          tiny_sdxl_ckpt):
     name, argv, needle = case
     work = tmp_path / "work"
     work.mkdir()
     (work / "sub.png").mkdir()
     (work / "sub.webp").mkdir()
-    subs = _crafted(work, tiny_ckpt, dummy_weights)
+    subs = _crafted(work, tiny_ckpt, dummy_weights, tiny_sdxl_ckpt)
 
     def sub(a: str) -> str:
         if a.startswith("{meta:"):

@@ -17,7 +17,7 @@ from gbsd_core.family import family_by_name
 
 def test_registry_well_formed():
     assert weights.DEFAULT_MODEL in weights.REGISTRY
-    assert set(weights.REGISTRY) == {"sd15", "sd21-base", "sd21"}
+    assert set(weights.REGISTRY) == {"sd15", "sd21-base", "sd21", "sdxl", "sdxl-refiner"}
     files = set()
     for name, e in weights.REGISTRY.items():
         assert e.name == name
@@ -28,7 +28,7 @@ def test_registry_well_formed():
         assert e.size > 1_000_000_000
         assert e.mirror_repo_id is None or re.fullmatch(r"[\w.-]+/[\w.-]+", e.mirror_repo_id)
         files.add(e.filename)
-    assert len(files) == 3
+    assert len(files) == 5
     assert weights.REGISTRY["sd21"].family == "sd2-768-v" and weights.REGISTRY["sd21-base"].family == "sd2-512"
     with pytest.raises(TypeError):
         weights.REGISTRY["x"] = None  # read-only mapping, not a mutable global
