@@ -25,11 +25,14 @@ from .vae import VAEConfig
 UNET_FIXED: Mapping[str, Any] = MappingProxyType({
     "norm_num_groups": 32, "norm_eps": 1e-5, "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0,
     "downsample_padding": 1, "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "class_embed_type": None, "num_class_embeds": None, "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
+    "class_embed_type": None, "num_class_embeds": None, "time_embedding_type": "positional",
+    "time_embedding_dim": None, "time_embedding_act_fn": None,
     "timestep_post_act": None, "time_cond_proj_dim": None, "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "dual_cross_attention": False,
     "encoder_hid_dim": None, "encoder_hid_dim_type": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "attention_type": "default", "cross_attention_norm": None, "class_embeddings_concat": False, "reverse_transformer_layers_per_block": None,
+    "attention_type": "default", "cross_attention_norm": None, "class_embeddings_concat": False,
+    "reverse_transformer_layers_per_block": None,
+    # SDXL's "text_time" added embedding is sgm's label_emb: checked by _added_embedding
 })
 # AutoencoderKL options with no counterpart in CompVis' KL autoencoder (SD3/Flux VAEs set the shift and drop the
 # quant convs).

@@ -1,4 +1,5 @@
-"""The one conversion seam: diffusers-layout names → original (CompVis / Stability) names (configs: diffusers_configs.py).
+"""The one conversion seam: diffusers-layout names -> original (CompVis / Stability) names; the configs are
+diffusers_configs.py's.
 
 Everything in gbsd speaks the original names; a diffusers folder is translated *into* them here, once, on load. The
 table is declared as data (rename dicts) plus the block-index arithmetic of the UNet/VAE level loops, both read off

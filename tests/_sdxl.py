@@ -93,12 +93,14 @@ def save_tiny_sdxl_pipe(folder: Path, refiner: bool = False, seed: int = 0) -> P
     torch.manual_seed(seed)
     clip_width, bigg_width, projection = 32, 64, 32
     if refiner:
-        levels = dict(block_out_channels=(32, 64, 64, 64), transformer_layers_per_block=2, attention_head_dim=(2, 4, 4, 4),
+        levels = dict(block_out_channels=(32, 64, 64, 64), transformer_layers_per_block=2,
+                      attention_head_dim=(2, 4, 4, 4),
                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
         context, sizes = bigg_width, 5  # original (h, w), crop (top, left), aesthetic score
     else:
-        levels = dict(block_out_channels=(32, 64, 64), transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4),
+        levels = dict(block_out_channels=(32, 64, 64), transformer_layers_per_block=(1, 1, 2),
+                      attention_head_dim=(2, 4, 4),
                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
         context, sizes = clip_width + bigg_width, 6  # original, crop, target
@@ -131,7 +133,8 @@ def save_tiny_sdxl_pipe(folder: Path, refiner: bool = False, seed: int = 0) -> P
             vocab_size=49408, hidden_size=clip_width, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
             max_position_embeddings=77, hidden_act="quick_gelu"))
         randomize_(clip, seed + 2)
-        pipe = StableDiffusionXLPipeline(text_encoder=clip, tokenizer=clip_tokenizer(folder.parent / f"{folder.name}-tok"),
-                                         force_zeros_for_empty_prompt=True, add_watermarker=False, **common)
+        tokenizer = clip_tokenizer(folder.parent / f"{folder.name}-tok")
+        pipe = StableDiffusionXLPipeline(text_encoder=clip, tokenizer=tokenizer, force_zeros_for_empty_prompt=True,
+                                         add_watermarker=False, **common)
     pipe.save_pretrained(folder)
     return folder

@@ -9,8 +9,9 @@ The readable step is `sampling.CFGStep` (core); this one computes the same thing
 - the guidance scale is a 0-d tensor input too, so steppers with other CFG values share one compiled graph;
 - the η-noise is always an input (zeros when η = 0), the timestep an input tensor;
 - with CUDA graphs every input lives in a static buffer. A GBSD stage switch is a copy of the new [uncond; cond]
-  context into the static context buffer (and, with the K/V cache, an in-place update of the cached cross-attention
-  K/V that the graph reads), never a re-capture. Each shape (a sweep's focus stage branching the batch, another image
+  context into the static context buffer (SDXL: and of its vector y, [uncond; cond] pooled text + size embeddings,
+  into the static vector buffer; and, with the K/V cache, an in-place update of the cached cross-attention K/V that
+  the graph reads), never a re-capture. Each shape (a sweep's focus stage branching the batch, another image
   size) gets its own graph, kept with its own K/V buffers (up to `max_graphs`, sharing one memory pool), so
   alternating shapes, or a second `generate`, replay instead of capturing again.
 
@@ -191,6 +192,7 @@ class _Graph:
     noise: Tensor
     x_prev: Tensor
     x0: Tensor
+    vector: Tensor | None = None  # SDXL's y, [2B or B, adm]; None for SD1/SD2
     replay: Callable[[], None] | None = None
     kv: list[tuple[Tensor, Tensor]] | None = None  # the cached K, V of each cross-attention the graph reads
 
@@ -239,15 +241,13 @@ class FastStepper:
         return self._eta
 
     def set_context(self, context: Tensor, vector: Tensor | None = None) -> None:
-        # [2B or B, 77, D] -> the UNet's device and dtype, once per stage. Always a fresh inference-mode tensor: a
-        # compiled step guards on such tensor properties and would otherwise compile twice.
-        if vector is not None and self.capture is not None:
-            raise NotImplementedError("CUDA-graph capture of SDXL's vector conditioning is not implemented yet")
+        # [2B or B, 77, D] (SDXL: and y [2B or B, adm]) -> the UNet's device and dtype, once per stage. Always a fresh
+        # inference-mode tensor: a compiled step guards on such tensor properties and would otherwise compile twice.
         with torch.inference_mode():
             self._context = context.to(self.device, self.dtype, copy=True)
             self._vector = None if vector is None else vector.to(self.device, self.dtype, copy=True)
         if self.capture is not None:
-            self._context_dirty = True  # copied into the static buffer at the next step (its shape may be new)
+            self._context_dirty = True  # copied into the static buffers at the next step (its shape may be new)
         elif self.cache_context_kv:
             set_context_kv(self.unet, self._context)
 
@@ -323,7 +323,8 @@ class FastStepper:
         return self._coefs[(t, n)]
 
     def _graphed(self, x: Tensor, t: int, coefs: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
-        key = (tuple(x.shape), tuple(self._context.shape))
+        vector = None if self._vector is None else tuple(self._vector.shape)
+        key = (tuple(x.shape), tuple(self._context.shape), vector)
         g = self._graphs.get(key)
         if g is None:
             g = self._capture_graph(key, x, t, coefs, noise)
@@ -345,7 +346,8 @@ class FastStepper:
         while len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)  # least recently used; frees its buffers
         g = _Graph(key, x.clone(), torch.full((self._context.shape[0],), t, device=self.device, dtype=torch.long),
-                   self._context.clone(), coefs.clone(), noise.clone(), torch.empty_like(x), torch.empty_like(x))
+                   self._context.clone(), coefs.clone(), noise.clone(), torch.empty_like(x), torch.empty_like(x),
+                   None if self._vector is None else self._vector.clone())
         if self.cache_context_kv:
             set_context_kv(self.unet, None)  # this graph gets K/V buffers of its own (the others keep theirs)
         self._switch_context(g)
@@ -365,9 +367,12 @@ class FastStepper:
             and attn.context_kv[1] is k and attn.context_kv[2] is v for attn, (k, v) in zip(self._attn2, g.kv))
 
     def _switch_context(self, g: _Graph) -> None:
-        # The GBSD stage switch under a graph: a copy into the static buffer, then (K/V cache) the graph's own cached
-        # cross-attention K/V recomputed in place from it, outside the graph.
+        # The GBSD stage switch under a graph: a copy into the static buffers (SDXL: the vector y too, whose pooled half
+        # GBSD mixes like the context), then (K/V cache) the graph's own cached cross-attention K/V recomputed in place
+        # from the context, outside the graph.
         g.context.copy_(self._context)
+        if g.vector is not None:
+            g.vector.copy_(self._vector)
         if self.cache_context_kv:
             if g.kv is not None:
                 for attn, (k, v) in zip(self._attn2, g.kv):
@@ -381,6 +386,6 @@ class FastStepper:
 
     def _body(self, g: _Graph) -> None:
         x_prev, x0 = self._fn(self.unet, g.x, g.t_in, g.context, g.coefs, g.noise, self._guidance,
-                              self.channels_last)
+                              self.channels_last, g.vector)
         g.x_prev.copy_(x_prev)
         g.x0.copy_(x0)
