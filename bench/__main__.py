@@ -3,6 +3,8 @@
     python -m bench --arch sd15 --device cuda --dtype fp16 --size 512 --batch 1,4,8 --steps 50 \
         --configs eager,fast,graphs,graphs+compile,diffusers,diffusers+compile --json out.json
     python -m bench --tiny --steps 3 --size 64          # the smoke test's size
+    python -m bench --arch sdxl --device cuda --dtype fp16 --size 1024 --steps 20 \
+        --configs fast,graphs,graphs+compile,diffusers,diffusers+compile
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from .timing import Clock
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PARTS = ("step", "loop", "text", "vae", "e2e")  # measured in this order: step and loop first
+NATIVE_SIZE = {"sd15": 512, "sd21": 768, "sdxl": 1024}  # the default --size of each --arch
 
 
 def _int_list(text: str) -> list[int]:
@@ -40,14 +43,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=f"configurations (--configs):\n{presets}")
-    ap.add_argument("--arch", choices=("sd15", "sd21"), default="sd15")
+    ap.add_argument("--arch", choices=tuple(NATIVE_SIZE), default="sd15",
+                    help="sd15, sd21 (768-v) or sdxl (SDXL 1.0 base, 2.6B UNet, CLIP-L + bigG)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16, comma-separated for several "
                     "(default: fp16 on CUDA, fp32 on CPU)")
     ap.add_argument("--vae-dtype", choices=tuple(DTYPES), default=None,
                     help="VAE dtype for our fast configs (default: same as --dtype, as diffusers runs it)")
     ap.add_argument("--size", type=_int_list, default=None,
-                    help="image side(s) in pixels, comma-separated, multiples of 8 (default 512; sd21 768; tiny 64)")
+                    help="image side(s) in pixels, comma-separated, multiples of 8 (default: the arch's native 512 / 768 / 1024; tiny 64)")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps")
     ap.add_argument("--cfg", type=float, default=7.5, help="guidance scale (CFG doubles the UNet batch)")
     ap.add_argument("--batch", type=_int_list, default=[1],
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtypes = (args.dtype or ("fp16" if device.type == "cuda" else "fp32")).split(",")
-    sizes = args.size or [64 if args.tiny else 768 if args.arch == "sd21" else 512]
+    sizes = args.size or [64 if args.tiny else NATIVE_SIZE[args.arch]]
     shapes = tuple((size, batch) for size in sizes for batch in args.batch)
     clock = Clock(device)
     env = environment(device)

@@ -8,7 +8,8 @@ FLOPs over measured time, comparable across configurations; one that skips work 
 skips the 77-token K/V projections, ~0.1 % at 512²) shows it as a little more utilisation. Counting each
 implementation's own ops instead cannot work for all of them: compiled and graphed code and CPU-prepacked kernels
 are not ATen ops the counter sees. SD1.5 at 512² with CFG counts 1.607 TFLOP per step (GUIDE §5: 0.40 TMAC per
-sample at a 64×64 latent, i.e. 1.61 TFLOP per CFG step); tests/bench checks it.
+sample at a 64×64 latent, i.e. 1.61 TFLOP per CFG step); tests/bench checks it. SDXL base at 1024² (a 128×128
+latent) counts 13.52 TFLOP per CFG step, 8.4x SD1.5 at 512², as diffusers' own SDXL UNet does under the same counter.
 """
 from __future__ import annotations
 
@@ -31,7 +32,11 @@ def step_flops(arch: str, tiny: bool, size: int, batch: int, cfg: float) -> int:
     scheduler.timesteps(50)  # the run the step indexes into (every step costs the same)
     step = CFGStep(unet, scheduler, cfg)
     rows = batch if step.guidance_scale is None else 2 * batch
-    step.set_context(torch.empty(rows, 77, spec.unet.context_dim, device="meta"))
+    context = torch.empty(rows, 77, spec.unet.context_dim, device="meta")
+    if spec.unet.adm_in_channels is None:
+        step.set_context(context)
+    else:  # SDXL: the vector y [rows, 2816] through the label embedding too
+        step.set_context(context, torch.empty(rows, spec.unet.adm_in_channels, device="meta"))
     latents = torch.empty(batch, spec.unet.in_channels, size // 8, size // 8, device="meta")
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         step.step(latents, 0, None, None)

@@ -7,6 +7,7 @@ time cap keeps the step and loop figures, which come first):
     step_ms   one CFG step: UNet on [x; x] (batch 2B), guidance, DDIM update; median over timesteps of the schedule
     loop      the whole denoise loop of `steps` steps (it/s = steps / seconds); ours: `sampling.denoise` with the
               config's stepper; diffusers: `StableDiffusionPipeline(prompt_embeds=..., output_type="latent")`
+              (SDXL: `StableDiffusionXLPipeline`, with the pooled embeddings too)
     text_ms   the two text-encoder calls of a CFG run (negative and positive prompt, as both pipelines do)
     vae_ms    VAE decode of the final latents [B,4,h,w] -> [B,3,8h,8w]
     e2e_s     the user-level call: `pipeline.generate` / `pipe(prompt)` from prompt to PIL image (batch 1 only)
@@ -31,7 +32,14 @@ import torch
 from gbsd_core.bundle import SDBundle
 from gbsd_core.fast import FastOptions, accelerate, make_stepper, release_steppers
 from gbsd_core.pipeline import GenerationParams, GenerationResult, generate
-from gbsd_core.sampling import CFGStep, Stage, Stepper, denoise
+from gbsd_core.sampling import (
+    CFGStep,
+    Conditioning,
+    Stage,
+    Stepper,
+    cat_conditioning,
+    denoise,
+)
 
 from .models import build_bundle, parameter_counts
 from .presets import (
@@ -151,17 +159,26 @@ def ours_generate(bundle: SDBundle, params: GenerationParams, opts: FastOptions 
         return generate(bundle, params, stepper=step)
 
 
-def ours_step_call(stepper: Stepper, uncond: torch.Tensor, cond: torch.Tensor, x_T: torch.Tensor,
+def ours_step_call(stepper: Stepper, uncond: Conditioning, cond: Conditioning, x_T: torch.Tensor,
                    timesteps: torch.Tensor, s: Settings) -> Callable[[], torch.Tensor]:
     """One CFG step per call, cycling through steps spread over the schedule."""
-    stepper.set_context(torch.cat([uncond, cond]))
+    both = cat_conditioning([uncond, cond])
+    if both.vector is None:
+        stepper.set_context(both.context)
+    else:  # SDXL: the vector y as well
+        stepper.set_context(both.context, both.vector)
     steps = itertools.cycle(_step_indices(len(timesteps), s.warmup + s.repeat))
     return lambda: stepper.step(x_T, next(steps), None, None)
 
 
-def ours_contexts(bundle: SDBundle, s: Settings, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    uncond, cond = (bundle.encode_prompt(p).to(s.device, dtype) for p in (NEGATIVE, PROMPT))
-    return uncond.expand(s.batch, -1, -1), cond.expand(s.batch, -1, -1)
+def ours_contexts(bundle: SDBundle, s: Settings, dtype: torch.dtype) -> tuple[Conditioning, Conditioning]:
+    """(negative, prompt) conditioning at s's batch, as `pipeline.generate` builds them (SDXL: with the pooled text
+    and the size embeddings of an s.size² image)."""
+    def rows(c: Conditioning) -> Conditioning:
+        return c.map(lambda t: t.to(s.device, dtype).expand(s.batch, *t.shape[1:]))
+
+    return tuple(rows(bundle.conditioning(p, (s.size, s.size), negative=i == 0))  # type: ignore[return-value]
+                 for i, p in enumerate((NEGATIVE, PROMPT)))
 
 
 def run_ours_shape(bundle: SDBundle, opts: FastOptions | None, s: Settings, clock: Clock, rec: dict[str, Any],
@@ -212,15 +229,18 @@ def run_ours_shape(bundle: SDBundle, opts: FastOptions | None, s: Settings, cloc
 
 # ------------------------------------------------------------------------------------------------------ diffusers
 def build_diffusers(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any]):
-    """The diffusers StableDiffusionPipeline on the seeded weights, set up as the preset's recipe says."""
+    """The diffusers StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) on the seeded weights, set up as the
+    preset's recipe says."""
     from .reference import diffusers_sd_pipeline
+    from .reference_sdxl import diffusers_sdxl_pipeline
 
     t0 = time.perf_counter()
     bundle = build_bundle(s.arch, s.device, s.dtype, s.tiny, s.seed)
     rec["params"] = parameter_counts(bundle)
     # The twin takes the bundle's tensors (share=True: one copy in memory); SDPA attention in the text encoder, as a
     # diffusers user gets by default.
-    pipe = diffusers_sd_pipeline(bundle, s.tmp, share=True, attn_implementation="sdpa")
+    make = diffusers_sdxl_pipeline if bundle.unet.config.adm_in_channels else diffusers_sd_pipeline
+    pipe = make(bundle, s.tmp, share=True, attn_implementation="sdpa")
     del bundle
     pipe.set_progress_bar_config(disable=True)
     mode = compile_mode(preset, s.compile_mode, s.device.type)
@@ -242,9 +262,21 @@ def build_diffusers(preset: Preset, s: Settings, clock: Clock, rec: dict[str, An
     return pipe
 
 
-def diffusers_step_call(unet, sched, pe: torch.Tensor, npe: torch.Tensor, x_T: torch.Tensor,
-                        s: Settings) -> Callable[[], torch.Tensor]:
-    """One CFG step per call as StableDiffusionPipeline makes it, cycling through timesteps of the schedule."""
+def diffusers_added_cond(pooled: tuple[torch.Tensor, torch.Tensor] | None, s: Settings,
+                         dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """SDXL's `added_cond_kwargs` for [negative; prompt] rows: the pooled text embeddings and the size ids,
+    (original h, w, crop top, left, target h, w) = (size, size, 0, 0, size, size), as StableDiffusionXLPipeline
+    builds them by default (`_get_add_time_ids`). None for SD1/SD2."""
+    if pooled is None:
+        return None
+    time_ids = torch.tensor([[s.size, s.size, 0, 0, s.size, s.size]], device=s.device, dtype=dtype)
+    return {"text_embeds": torch.cat(pooled), "time_ids": time_ids.repeat(2 * s.batch, 1)}
+
+
+def diffusers_step_call(unet, sched, pe: torch.Tensor, npe: torch.Tensor, x_T: torch.Tensor, s: Settings,
+                        added: dict[str, torch.Tensor] | None = None) -> Callable[[], torch.Tensor]:
+    """One CFG step per call as StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline, `added`) makes it, cycling
+    through timesteps of the schedule."""
     sched.set_timesteps(s.steps, device=s.device)
     ctx = torch.cat([npe, pe])
     # t as the pipeline passes it: a 0-d tensor from the schedule (a Python int would make a compiled UNet
@@ -255,7 +287,7 @@ def diffusers_step_call(unet, sched, pe: torch.Tensor, npe: torch.Tensor, x_T: t
         t = next(ts)
         # the call exactly as StableDiffusionPipeline makes it (other kwargs = another compiled graph)
         out = unet(torch.cat([x_T, x_T]), t, encoder_hidden_states=ctx, timestep_cond=None,
-                   cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=False)[0]
+                   cross_attention_kwargs=None, added_cond_kwargs=added, return_dict=False)[0]
         out_uncond, out_cond = out.chunk(2)
         out = out_uncond + s.cfg * (out_cond - out_uncond)
         return sched.step(out, t, x_T).prev_sample
@@ -263,26 +295,44 @@ def diffusers_step_call(unet, sched, pe: torch.Tensor, npe: torch.Tensor, x_T: t
     return step
 
 
+def diffusers_negative(pipe) -> str | None:
+    """The negative prompt that makes diffusers condition as ours does: SDXL base's empty negative prompt is zeros in
+    ours (Family.force_zeros_for_empty_prompt, sgm's sampling), which diffusers does for negative_prompt=None."""
+    return None if not NEGATIVE and getattr(pipe.config, "force_zeros_for_empty_prompt", False) else NEGATIVE
+
+
 def run_diffusers_shape(pipe, s: Settings, clock: Clock, rec: dict[str, Any], flush: Flush) -> None:
     clock.reset_peak()
     h = w = s.size
+    negative = diffusers_negative(pipe)
     with torch.inference_mode():
-        pe, npe = pipe.encode_prompt(PROMPT, s.device, s.batch, True, negative_prompt=NEGATIVE)
+        # keywords: StableDiffusionXLPipeline.encode_prompt has prompt_2 second; it also returns the pooled pair
+        embeds = pipe.encode_prompt(PROMPT, device=s.device, num_images_per_prompt=s.batch,
+                                    do_classifier_free_guidance=True, negative_prompt=negative)
+        pe, npe = embeds[:2]
+        pooled = (embeds[3], embeds[2]) if len(embeds) == 4 else None  # [negative; prompt]
         x_T = make_inputs(s, s.dtype)
         if "step" in s.parts:
-            rec["step"] = clock.measure(diffusers_step_call(pipe.unet, pipe.scheduler, pe, npe, x_T, s), s.repeat,
-                                        s.warmup).as_dict()
+            added = diffusers_added_cond(pooled, s, pe.dtype)
+            rec["step"] = clock.measure(diffusers_step_call(pipe.unet, pipe.scheduler, pe, npe, x_T, s, added),
+                                        s.repeat, s.warmup).as_dict()
             flush(rec)
         latents = x_T  # what the VAE decodes when the loop is not run (the same values on both sides)
         if "loop" in s.parts:
+            extra = {} if pooled is None else {"negative_pooled_prompt_embeds": pooled[0],
+                                               "pooled_prompt_embeds": pooled[1]}
+
             def loop() -> torch.Tensor:
                 return pipe(prompt_embeds=pe, negative_prompt_embeds=npe, num_inference_steps=s.steps,
-                            guidance_scale=s.cfg, height=h, width=w, latents=x_T, output_type="latent").images
+                            guidance_scale=s.cfg, height=h, width=w, latents=x_T, output_type="latent",
+                            **extra).images
 
             rec["loop"], latents = _time_loop(clock, loop, s)
             flush(rec)
         if "text" in s.parts:
-            rec["text"] = clock.measure(lambda: pipe.encode_prompt(PROMPT, s.device, 1, True, negative_prompt=NEGATIVE),
+            rec["text"] = clock.measure(lambda: pipe.encode_prompt(PROMPT, device=s.device, num_images_per_prompt=1,
+                                                                   do_classifier_free_guidance=True,
+                                                                   negative_prompt=negative),
                                         s.repeat, s.warmup).as_dict()
             flush(rec)
         if "vae" in s.parts:
@@ -292,7 +342,7 @@ def run_diffusers_shape(pipe, s: Settings, clock: Clock, rec: dict[str, Any], fl
             flush(rec)
         if "e2e" in s.parts and s.batch == 1:
             def e2e():
-                return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=s.steps, guidance_scale=s.cfg,
+                return pipe(PROMPT, negative_prompt=negative, num_inference_steps=s.steps, guidance_scale=s.cfg,
                             height=h, width=w, latents=x_T, output_type="pil").images
 
             rec["e2e"] = clock.measure(e2e, s.e2e_repeat, 1).as_dict()

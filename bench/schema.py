@@ -46,7 +46,7 @@ RECORD_FIELDS = {
     "recipe": "what the configuration runs, in words",
     "machine": "environment.machine of the run that measured it",
     "source": "merged files only: index into the top-level 'sources' list of the file the record came from",
-    "arch": "'sd15' or 'sd21'",
+    "arch": "'sd15', 'sd21' or 'sdxl'",
     "tiny": "tiny stand-in models (smoke runs)",
     "device": "torch device",
     "dtype": "UNet (and text encoder) dtype",

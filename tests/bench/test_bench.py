@@ -103,3 +103,55 @@ def test_cli_rejects_unknown_names(capsys):
     assert "warp-speed" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--sweep", "diffusers"])  # GBSD is ours only
+
+
+def test_sdxl_tiny_run_and_its_two_steps_compute_the_same(tmp_path, capsys):
+    """--arch sdxl: ours and diffusers' StableDiffusionXLPipeline run and are compared in one table; the step each
+    side times is the same computation (the same x_{t-1} from the same seeded weights: the pooled embeddings and size
+    ids diffusers gets are the ones our conditioning holds), and the FLOPs are SDXL's."""
+    import torch
+
+    from bench.flops import step_flops
+    from bench.models import build_bundle
+    from bench.reference_sdxl import diffusers_sdxl_pipeline
+    from bench.run import (
+        NEGATIVE,
+        PROMPT,
+        Settings,
+        diffusers_added_cond,
+        diffusers_negative,
+        diffusers_step_call,
+        make_inputs,
+        ours_contexts,
+        ours_step_call,
+    )
+    from gbsd_core.sampling import CFGStep
+
+    out = tmp_path / "xl.json"
+    rc = main(["--arch", "sdxl", "--tiny", "--device", "cpu", "--threads", "1", "--steps", "3", "--repeat", "1",
+               "--parts", "step,loop,text,vae", "--configs", "fast,diffusers", "--json", str(out)])
+    capsys.readouterr()
+    assert rc == 0
+    recs = {r["config"]: r for r in json.loads(out.read_text())["results"]}
+    for r in recs.values():
+        assert r["complete"] and r["arch"] == "sdxl" and r["size"] == 64 and "error" not in r
+        assert r["flops_per_step"] == step_flops("sdxl", True, 64, 1, 7.5) and r["loop_it_s"] > 0
+    assert recs["fast"]["step_vs_diffusers"] > 0
+
+    s = Settings(arch="sdxl", device=torch.device("cpu"), dtype=torch.float32, size=64, steps=3, cfg=7.5, batch=1,
+                 repeat=1, warmup=0, loop_repeat=1, e2e_repeat=0, tiny=True, seed=0, compile_mode=None, tmp=tmp_path)
+    bundle = build_bundle("sdxl", "cpu", torch.float32, tiny=True, seed=0)
+    pipe = diffusers_sdxl_pipeline(bundle, tmp_path)
+    assert NEGATIVE == "" and diffusers_negative(pipe) is None  # both sides: zeros for the empty negative prompt
+    with torch.inference_mode():
+        uncond, cond = ours_contexts(bundle, s, torch.float32)
+        x_T = make_inputs(s, torch.float32)
+        ours = ours_step_call(CFGStep(bundle.unet, bundle.scheduler, 7.5), uncond, cond, x_T,
+                              bundle.scheduler.timesteps(3), s)()[0]
+        pe, npe, pooled, npooled = pipe.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=True, negative_prompt=None)
+        added = diffusers_added_cond((npooled, pooled), s, pe.dtype)
+        theirs = diffusers_step_call(pipe.unet, pipe.scheduler, pe, npe, x_T, s, added)()
+    err = float((ours - theirs).abs().max() / theirs.abs().max())
+    print(f"bench SDXL step, ours vs diffusers: rel err {err:.1e}")
+    assert err <= 1e-5
