@@ -62,7 +62,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("graphs+compile-max", "ours", dict(_FAST, compile="max-autotune-no-cudagraphs", cuda_graphs=True),
            compile="max-autotune-no-cudagraphs", cuda_only=True,
            recipe="ours, fast + torch.compile(step, mode='max-autotune-no-cudagraphs') in our CUDA graph"),
-    Preset("diffusers", "diffusers", recipe="diffusers 0.42 StableDiffusionPipeline, eager, SDPA"),
+    Preset("diffusers", "diffusers", recipe="diffusers 0.42 StableDiffusionPipeline (--arch sdxl: "
+                                            "StableDiffusionXLPipeline), eager, SDPA"),
     Preset("diffusers+compile", "diffusers", compile="reduce-overhead",
            recipe="diffusers: fuse_qkv_projections(), UNet+VAE channels-last, torch.compile(unet, fullgraph), "
                   "mode reduce-overhead (inductor's CUDA graphs; CPU: default)"),
