@@ -325,3 +325,23 @@ def test_earlier_step_outputs_survive_later_steps_under_modes_with_graphs(monkey
         err = max_rel(kept, eager)
         print(f"{name}: kept states vs eager run {err:.2e}")
         assert err <= 1e-6, name
+
+
+def test_aot_eager_traces_the_ancestral_and_multistep_steps(monkeypatch, dynamo_reset):
+    """The σ samplers' steps (Euler a's noise input, DPM++'s history input, fractional t) through dynamo + AOTAutograd
+    (fullgraph), as inductor would receive them: equal to the eager fast step, one compile for both samplers' runs."""
+    from _fast import compile_as
+
+    import torch._dynamo
+
+    compile_as(monkeypatch, "aot_eager")
+    unet = tiny_unet()
+    for name in ("euler_a", "dpmpp_2m"):
+        eager = gbsd_run(unet, FastStepper(unet, None, 7.5, 0.0), sampler=name, schedule="karras")
+        # the first run compiles; the second sampler's whole run (its other stepper too) must not compile again
+        with torch._dynamo.config.patch(error_on_recompile=name == "dpmpp_2m"):
+            traced = gbsd_run(unet, FastStepper(unet, None, 7.5, 0.0, compile_mode="default"), sampler=name,
+                              schedule="karras")
+        err = max_rel(traced, eager)
+        print(f"{name} karras, aot_eager vs eager fast step: {err:.2e}")
+        assert err <= 1e-6
