@@ -177,6 +177,25 @@ def test_cuda_graphs_real(fresh, dtype):
     assert make_stepper(b2, opts, 7.5).captures == 1  # generate reuses the graph the denoise above captured
 
 
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (bench/gpu.sh runs it)")
+@pytest.mark.parametrize("sampler, schedule", [("euler_a", "karras"), ("dpmpp_2m", "karras"), ("euler", "normal")])
+def test_cuda_graphs_real_for_the_sigma_samplers(fresh, sampler, schedule):
+    """Real CUDA graphs of a σ sampler's step (Euler a's noise, DPM++'s history and the fractional t in static buffers):
+    one capture for the whole GBSD run, the image as the eager fast path's."""
+    p = GenerationParams(PROMPT, focus=FOCUS, alpha=0.3, layout=0.5, steps=8, seed=3, sampler=sampler,
+                         schedule=schedule, **SIZE)
+    images = []
+    for graphs in (False, True):
+        b = fresh()
+        b.unet.cuda(), b.vae.cuda(), b.text_encoder.cuda()
+        opts = FastOptions(dtype=torch.float16, cache_context_kv=True, fuse_qkv=True, cuda_graphs=graphs)
+        images.append(fast_generate(b, p, opts).image)
+        if graphs:
+            assert make_stepper(b, opts, 7.5, 0.0, sampler, schedule).captures == 1
+    print(f"CUDA graphs {sampler} {schedule}: PSNR vs eager fast {psnr(images[1], images[0]):.1f} dB")
+    assert psnr(images[1], images[0]) >= 40.0
+
+
 # ----------------------------------------------------------------------------------------------------- compile
 def test_torch_compile_cpu_matches_eager_without_recompiling_at_stage_switch():
     """torch.compile (inductor, CPU: needs the C++ compiler) of the whole step. One compile for a whole GBSD run:
