@@ -5,6 +5,7 @@
     python -m bench --tiny --steps 3 --size 64          # the smoke test's size
     python -m bench --arch sdxl --device cuda --dtype fp16 --size 1024 --steps 20 \
         --configs fast,graphs,graphs+compile,diffusers,diffusers+compile
+    python -m bench --samplers ddim,euler,euler_a,dpmpp_2m --configs eager,fast --parts loop --steps 20
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .interleave import run_interleaved
 from .presets import PRESETS
 from .report import add_ratios, environment, sweep_table, table, write
 from .run import Settings, describe, run_config
+from .samplers import SAMPLERS, samplers_table
 from .schema import SCHEMA
 from .sweep import run_sweep
 from .timing import Clock
@@ -71,6 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     ap.add_argument("--compile-mode", default=None,
                     help="override the compile presets' torch.compile mode (default / reduce-overhead / max-autotune)")
+    ap.add_argument("--samplers", default=None, metavar="A,B,...",
+                    help=f"our configurations also time the loop of each of these samplers, round-robin (from "
+                         f"{', '.join(SAMPLERS)}; needs --parts loop)")
+    ap.add_argument("--schedule", choices=("normal", "karras"), default="normal",
+                    help="the σ samplers' schedule in --samplers (normal)")
     ap.add_argument("--sweep", default="none", help="configuration for the GBSD sweep cost, or 'none'")
     ap.add_argument("--sweep-k", type=int, default=10)
     ap.add_argument("--sweep-layout", type=float, default=0.8, help="sigma")
@@ -96,6 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--sweep must be 'none' or one of {list(PRESETS)}")
     if args.sweep != "none" and PRESETS[args.sweep].impl != "ours":
         ap.error("--sweep runs GBSD, which only our pipeline has; pick one of our configurations")
+    args.sampler_list = [] if args.samplers is None else args.samplers.split(",")
+    if [n for n in args.sampler_list if n not in SAMPLERS] or args.samplers == "":
+        ap.error(f"--samplers {args.samplers!r}: choose from {', '.join(SAMPLERS)}")
+    if args.sampler_list and ("loop" not in args.parts.split(",") or args.interleave):
+        ap.error("--samplers times whole loops: it needs 'loop' in --parts, and not --interleave")
     if args.size and any(v % 8 for v in args.size):
         ap.error(f"--size must be multiples of 8 (the VAE downsamples by 8), got {args.size}")
     return args
@@ -130,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                      tiny=args.tiny, seed=args.seed, compile_mode=args.compile_mode,
                      parts=tuple(p for p in PARTS if p in args.parts.split(",")),
                      vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None, shapes=shapes, flops=flops,
-                     machine=env["machine"], gpu=env.get("gpu"))
+                     machine=env["machine"], gpu=env.get("gpu"), samplers=tuple(args.sampler_list),
+                     schedule=args.schedule)
         if args.interleave:
             for shape in s.each_shape():
                 print(f"[bench] {','.join(args.config_list)} {dt} {shape.size}px batch {shape.batch} interleaved ...",
@@ -180,6 +193,8 @@ def render(out: dict[str, Any]) -> str:
                      f"{env['date']}" + (", steps timed interleaved (round-robin over the configurations)"
                                           if a.get("interleave") else ""))
     parts = list(dict.fromkeys(heads)) + ["", table(out["results"])]
+    if samplers_table(out["results"]):
+        parts += ["", samplers_table(out["results"])]
     machines = list(dict.fromkeys(r.get("machine") for r in out["results"] if r.get("machine")))
     if len(machines) > 1:
         parts += ["", "Side by side:", "", compare_table(out["results"], machines)]

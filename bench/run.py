@@ -11,6 +11,7 @@ time cap keeps the step and loop figures, which come first):
     text_ms   the two text-encoder calls of a CFG run (negative and positive prompt, as both pipelines do)
     vae_ms    VAE decode of the final latents [B,4,h,w] -> [B,3,8h,8w]
     e2e_s     the user-level call: `pipeline.generate` / `pipe(prompt)` from prompt to PIL image (batch 1 only)
+    samplers  ours, with --samplers: the loop of each sampler, timed round-robin (bench/samplers.py)
     warmup_s  the first step call (compilation, CUDA-graph capture, cuDNN autotuning land here)
     peak_gb   peak GPU memory allocated during the shape (CPU: the process' peak RSS)
 
@@ -48,6 +49,7 @@ from .presets import (
     compile_mode,
     fast_options_kwargs,
 )
+from .samplers import sampler_loops
 from .schema import derive
 from .timing import Clock
 
@@ -80,6 +82,8 @@ class Settings:
     flops: dict[tuple[int, int], int] = field(default_factory=dict)  # (size, batch) -> FLOPs per step
     machine: str = ""
     gpu: str | None = None
+    samplers: tuple[str, ...] = ()  # --samplers: our per-sampler loops (bench/samplers.py)
+    schedule: str = "normal"  # the σ samplers' schedule there
     tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="gbsd-bench-")))
 
     @property
@@ -207,6 +211,9 @@ def run_ours_shape(bundle: SDBundle, opts: FastOptions | None, s: Settings, cloc
                     return out
 
                 rec["loop"], latents = _time_loop(clock, loop, s)
+                flush(rec)
+            if s.samplers:
+                rec["samplers"] = sampler_loops(bundle, opts, s, clock, (uncond, cond), x_T)
                 flush(rec)
         finally:
             if hasattr(stepper, "close"):

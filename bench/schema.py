@@ -14,7 +14,7 @@ from typing import Any
 
 from .peaks import peak_for
 
-SCHEMA = "gbsd-bench/2.0"
+SCHEMA = "gbsd-bench/2.1"  # 2.1: "samplers"
 
 ENVIRONMENT_FIELDS = {
     "date": "local time the run started",
@@ -71,6 +71,8 @@ RECORD_FIELDS = {
     "vae": "VAE decode of the final latents: {first_s, median_s, runs_s}",
     "e2e": "prompt to PIL image (batch 1 only): {first_s, median_s, runs_s}",
     "compile_mode": "diffusers: the torch.compile mode it used",
+    "samplers": "ours, --samplers: {sampler: {first_s, median_s, runs_s, schedule, loop_it_s, step_ms, x_ddim}}, the "
+                "loop of each sampler timed round-robin; x_ddim = its time per step / DDIM's (bench/samplers.py)",
     # derived (derive())
     "step_ms": "median step, ms",
     "warmup_s": "the first step, s (compilation and CUDA-graph capture land here)",

@@ -16,7 +16,7 @@ whatever the UNet's dtype: the UNet casts its input, and the sampler's update ru
 
 `params.sampler` / `params.schedule` pick the sampler (samplers.py; DDIM 50, the paper's, by default). The step itself
 is a `Stepper` (sampling.py): by default the readable `CFGStep`; gbsd_core.fast makes faster ones (reduced precision,
-compiled, CUDA-graphed; DDIM for now) that are passed in as `stepper=`.
+compiled, CUDA-graphed; any sampler) that are passed in as `stepper=`.
 """
 from __future__ import annotations
 
@@ -205,7 +205,7 @@ def generate(
     `probe`: watches the UNet calls, e.g. gbsd_core.bokeh.attnmaps.CrossAttentionCollector (focus-stage maps).
     `stepper`: runs each step (default: `CFGStep` with the bundle's UNet and the sampler `params.sampler` /
     `params.schedule` names); it must have been made with `params.cfg` and `params.eta` and run that sampler (e.g.
-    `gbsd_core.fast.make_stepper(bundle, options, params.cfg, params.eta)`, DDIM).
+    `gbsd_core.fast.make_stepper(bundle, options, params.cfg, params.eta, params.sampler, params.schedule)`).
     `watch`: sees every step's state on the way, e.g. gbsd_core.bokeh.trace.Tracer (the x̂_0 filmstrip).
     """
     local_prompts = [p for p in (params.focus, params.focus_to) if p is not None]

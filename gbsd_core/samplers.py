@@ -10,8 +10,10 @@
 
 All four call the UNet once per step, so a 20-step run costs 20 UNet evaluations (with classifier-free guidance each
 is one batched call on [uncond; cond]); 20–25 steps of DPM++ 2M or Euler look like 50 of DDIM. The σ samplers take a
-`schedule`, "normal" or "karras", and a `spacing`, "leading" (diffusers with SD1.5's and SDXL's shipped configs) or
-"k-diffusion" (A1111's); sigmas.py explains both, and the σ-space denoiser D(x; σ) = c_skip·x + c_out·F they share.
+`schedule`, "normal" or "karras", and a `spacing`: "leading" (the default: diffusers with `timestep_spacing=
+"leading"`, SDXL's shipped config, CompVis' DDIM spacing), "linspace" (diffusers' class default, what a `from_config`
+swap on SD1.5's shipped config gets) or "k-diffusion" (A1111's); sigmas.py explains them, and the σ-space
+denoiser D(x; σ) = c_skip·x + c_out·F they share.
 
 The interface (`Sampler`) is index-keyed: `timesteps(n, strength)` fixes a run and returns the UNet's timesteps, then
 executed step i = 0, 1, … is `update(i, x, out)`. `sampling.CFGStep` calls the UNet on `model_input(x, i)` at
@@ -44,7 +46,7 @@ class Sampler(Protocol):
     name: str  # one of SAMPLERS
     prediction_type: str  # "epsilon" | "v_prediction": what the UNet predicts
     schedule: str  # "normal" | "karras"
-    spacing: str  # "leading" | "k-diffusion"
+    spacing: str  # "leading" | "linspace" | "k-diffusion"
     num_inference_steps: int | None  # n of the full schedule (img2img runs its last len(run_timesteps) steps)
     run_timesteps: Tensor | None  # the UNet's timestep at each executed step [n_run] (long; float64 if fractional)
     sigmas: Tensor | None  # noise level σ entering each executed step, then after the last; float64 [n_run + 1]

@@ -32,6 +32,13 @@ Spacing (`spacing=`): which timesteps, and which σ_min / σ_max.
         DPM++ 2M (DPMSolverMultistepScheduler):  t_i = (n−i)·⌊T/(n+1)⌋ + 1 (20 steps: 941, 894, …, 48);
             karras between σ(0) and σ(T−1), the UNet at t(σ_i) rounded to an integer.
         x_T is taken as the VP sample at the first step: x = √(σ_0²+1)·x_T (diffusers' `init_noise_sigma`).
+    "linspace": what diffusers runs where the scheduler config names no spacing, SD1.5's shipped config among them:
+        a `from_config` swap to EulerDiscreteScheduler / DPMSolverMultistepScheduler gets the class default,
+        "linspace" (diffusers' own DDIM swap keeps DDIMScheduler's default, "leading"), each as its class derives it:
+        Euler, Euler a:  t_i = linspace(T−1, 0, n) (fractional), σ interpolated *linearly in σ* (np.interp), karras
+            between σ(0) and σ(T−1) at t(σ_i); x = σ_0·x_T (`init_noise_sigma` is σ_max for this spacing).
+        DPM++ 2M:  t_i = round(linspace(0, T−1, n+1)) reversed, the last (t = 0) dropped (20 steps: 999, 949, …, 50);
+            karras as under "leading"; x_T the VP sample at t_0, as always for DPM++.
     "k-diffusion": k-diffusion's DiscreteSchedule.get_sigmas / get_sigmas_karras, what A1111 runs (quantization off):
         t_i = linspace(T−1, 0, n) with σ interpolated in log σ; karras between σ(0) and σ(T−1); the UNet at the
         fractional t(σ_i); x = σ_0·x_T.
@@ -53,7 +60,7 @@ from torch import Tensor
 from .ddim import PREDICTION_TYPES, executed_steps
 
 SCHEDULES = ("normal", "karras")
-SPACINGS = ("leading", "k-diffusion")
+SPACINGS = ("leading", "linspace", "k-diffusion")
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5: "ρ = 7 ... a good compromise"
 
 # A spacing rule: (σ_t table [T], n, schedule) -> (model timesteps [n], σ_0 … σ_{n−1} [n] float64)
@@ -126,6 +133,30 @@ def dpm_multistep_spacing(sigmas_t: Tensor, n: int, schedule: str) -> tuple[Tens
     return t, sigmas_t[t]
 
 
+def euler_linspace_spacing(sigmas_t: Tensor, n: int, schedule: str) -> tuple[Tensor, Tensor]:
+    """diffusers EulerDiscreteScheduler.set_timesteps, timestep_spacing="linspace" (interpolation_type="linear")."""
+    T = len(sigmas_t)
+    # numpy's linspace(0, T−1, n) reversed (one step: t = 0, numpy's start), σ interpolated linearly *in σ* (np.interp)
+    t = torch.linspace(0, T - 1, n, dtype=torch.float64).flip(0)
+    low = t.floor().long().clamp(max=T - 2)
+    w = t - low.double()
+    sigmas = (1.0 - w) * sigmas_t[low] + w * sigmas_t[low + 1]
+    if schedule == "karras":  # between that schedule's ends (σ(0) and σ(T−1), k-diffusion's range), at t(σ)
+        sigmas = karras_sigmas(n, float(sigmas[-1]), float(sigmas[0]))
+        t = sigma_to_t(sigmas, sigmas_t)
+    return t, sigmas
+
+
+def dpm_linspace_spacing(sigmas_t: Tensor, n: int, schedule: str) -> tuple[Tensor, Tensor]:
+    """diffusers DPMSolverMultistepScheduler.set_timesteps, timestep_spacing="linspace"."""
+    if schedule == "karras":
+        return dpm_multistep_spacing(sigmas_t, n, schedule)  # the whole training range, whatever the spacing
+    T = len(sigmas_t)
+    # n + 1 points from T−1 down to 0, rounded half to even (numpy's round), the last (t = 0) dropped
+    t = torch.linspace(0, T - 1, n + 1, dtype=torch.float64).round().long().flip(0)[:-1]
+    return t, sigmas_t[t]
+
+
 def k_diffusion_spacing(sigmas_t: Tensor, n: int, schedule: str) -> tuple[Tensor, Tensor]:
     """k-diffusion DiscreteSchedule.get_sigmas(n) / get_sigmas_karras(n, σ(0), σ(T−1)) (A1111's samplers)."""
     T = len(sigmas_t)
@@ -145,8 +176,12 @@ class SigmaSampler:
     """
 
     name = ""  # set by each method
-    # The diffusers class whose "leading" derivation (timesteps, Karras range) the method follows.
+    # The diffusers class whose "leading" / "linspace" derivations (timesteps, Karras range) the method follows.
     leading_spacing: Spacing = staticmethod(euler_discrete_spacing)
+    linspace_spacing: Spacing = staticmethod(euler_linspace_spacing)
+    # The spacings under which x_T enters σ-space as x = σ_0·x_T (diffusers' Euler `init_noise_sigma` under
+    # "linspace"; k-diffusion's samplers); under the others x = √(σ_0²+1)·x_T: x_T is the VP sample at t_0, as DDIM's.
+    ve_start_spacings: tuple[str, ...] = ("linspace", "k-diffusion")
 
     def __init__(self, alphas_cumprod: Tensor, prediction_type: str = "epsilon", schedule: str = "normal",
                  spacing: str = "leading") -> None:
@@ -169,7 +204,8 @@ class SigmaSampler:
         the run's σ_i, which the other methods index by the executed-step index i."""
         n = num_inference_steps
         n_run = executed_steps(n, strength, len(self.sigmas_t))
-        rule = k_diffusion_spacing if self.spacing == "k-diffusion" else self.leading_spacing
+        rule = {"leading": self.leading_spacing, "linspace": self.linspace_spacing,
+                "k-diffusion": k_diffusion_spacing}[self.spacing]
         t, sigmas = rule(self.sigmas_t, n, self.schedule)
         # Integral timesteps stay integers (the UNet embeds them exactly as DDIM's); fractional ones are float64.
         if t.is_floating_point() and bool((t == t.round()).all()):
@@ -189,12 +225,13 @@ class SigmaSampler:
 
     # ----------------------------------------------------------------- the σ-space denoiser
     def start_latents(self, noise: Tensor, x0: Tensor | None = None) -> Tensor:
-        """The σ-space latent entering step 0: txt2img scales x_T = `noise` by √(σ_0²+1) ("leading": x_T is the VP
-        sample at t_0, as DDIM has it) or σ_0 ("k-diffusion"); img2img is x_0 + σ_0·ε."""
+        """The σ-space latent entering step 0: txt2img scales x_T = `noise` by √(σ_0²+1) (x_T is the VP sample at
+        t_0, as DDIM has it) or by σ_0, as the reference of this method and spacing does (`ve_start_spacings`); img2img is
+        x_0 + σ_0·ε."""
         s = self.sigma(0)
         if x0 is not None:
             return x0 + s * noise
-        return noise * (s if self.spacing == "k-diffusion" else math.sqrt(s * s + 1.0))
+        return noise * (s if self.spacing in self.ve_start_spacings else math.sqrt(s * s + 1.0))
 
     def model_input(self, x: Tensor, i: int) -> Tensor:
         """c_in·x = x/√(σ_i²+1): the VP sample x_t the UNet was trained on."""

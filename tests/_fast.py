@@ -11,6 +11,7 @@ from gbsd_core.ddim import DDIMScheduler
 from gbsd_core.fast import make_stepper
 from gbsd_core.fast.attention import swap_attention
 from gbsd_core.pipeline import generate, sweep
+from gbsd_core.samplers import make_sampler
 from gbsd_core.sampling import CFGStep, denoise, gbsd_stages
 from gbsd_core.unet import UNetConfig, UNetModel
 
@@ -38,30 +39,34 @@ def fast_unet(seed: int = 0) -> UNetModel:
     return unet
 
 
-def gbsd_run(unet, stepper=None, n=6, sigma=0.5, rows=1, seed=0):
-    """Latents after every step of a GBSD run (stage switch at round(σn)); `rows` > 1 branches the focus stage."""
+def gbsd_run(unet, stepper=None, n=6, sigma=0.5, rows=1, seed=0, sampler="ddim", schedule="normal",
+             prediction_type="epsilon"):
+    """Latents after every step of a GBSD run of `sampler` (stage switch at round(σn)); `rows` > 1 branches the focus
+    stage (a sweep). The stepper (default: the plain CFGStep) is given the run's sampler; fresh noise (euler_a) comes
+    from a generator seeded with `seed`, so two runs see the same noise."""
     g = torch.Generator().manual_seed(seed)
     d = unet.config.context_dim
     glob, loc, unc = (torch.randn(1, 77, d, generator=g) for _ in range(3))
     focus = loc.repeat(rows, 1, 1) * torch.linspace(0.5, 1.5, rows).view(-1, 1, 1)
-    sched = DDIMScheduler()
+    sched = make_sampler(DDIMScheduler(prediction_type), sampler, schedule)
     ts = sched.timesteps(n)
-    x = torch.randn(1, 4, 8, 8, generator=g)
+    x = sched.start_latents(torch.randn(1, 4, 8, 8, generator=g))
     if stepper is not None:
         stepper.scheduler = sched
     with torch.inference_mode():
         step = stepper if stepper is not None else CFGStep(unet, sched, 7.5)
-        return [s.latents for s in denoise(step, x, ts, gbsd_stages(glob, focus, n, sigma), unc)]
+        return [s.latents for s in denoise(step, x, ts, gbsd_stages(glob, focus, n, sigma), unc,
+                                           generator=torch.Generator().manual_seed(seed))]
 
 
 def fast_generate(bundle, params, opts):
     """generate() through a fast stepper made for the params, as the CLI runs it."""
-    with make_stepper(bundle, opts, params.cfg, params.eta) as step:
+    with make_stepper(bundle, opts, params.cfg, params.eta, params.sampler, params.schedule) as step:
         return generate(bundle, params, stepper=step)
 
 
 def fast_sweep(bundle, params, opts, **kw):
-    with make_stepper(bundle, opts, params.cfg, params.eta) as step:
+    with make_stepper(bundle, opts, params.cfg, params.eta, params.sampler, params.schedule) as step:
         return sweep(bundle, params, stepper=step, **kw)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from _reference import DDIM_CONFIG, diffusers_sd_pipeline
-from _samplers import COMBOS, diffusers_scheduler, inject_ancestral_noise, vp_scale
+from _samplers import COMBOS, SD15_SHIPPED, diffusers_scheduler, inject_ancestral_noise, vp_scale
 from _util import rel_err
 from PIL import Image
 
@@ -155,6 +155,26 @@ def test_txt2img_equals_diffusers_at_every_step(bundle, pipe, name, schedule, pr
     if switch:  # the boundary is recorded, from the sampler's own schedule
         assert result.boundary_timestep == states[k].timestep and result.boundary_sigma == states[k].sigma
         assert [s.stage for s in states] == ["layout"] * k + ["focus"] * (N - k)
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_a", "dpmpp_2m"])
+def test_linspace_spacing_equals_a_diffusers_swap_on_sd15s_shipped_config(bundle, pipe, name, ancestral_noise):
+    """spacing="linspace" (through a stepper: GenerationParams keeps the default spacing) is what a diffusers user
+    gets from `XScheduler.from_config(sd15_pipe.scheduler.config)`: SD1.5's config names no spacing."""
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(21))
+    params = GenerationParams(PROMPT, steps=N, seed=4, sampler=name, **SIZE)
+    step = CFGStep(bundle.unet, make_sampler(bundle.scheduler, name, "normal", spacing="linspace"), 7.5)
+    result = generate(bundle, params, x_T=x_T, stepper=step)
+    if name == "euler_a":
+        ancestral_noise.extend(our_noise_draws(params.seed, N))
+    ref_sched = diffusers_scheduler(name, config=SD15_SHIPPED)
+    assert ref_sched.config.timestep_spacing == "linspace"
+    _, ref_image = reference_run(pipe, ref_sched, x_T, N)
+    px = _pixel_diff(result.image, ref_image)
+    print(f"{name} linspace (SD1.5's shipped config): max pixel diff {px * 255:.3f}/255")
+    assert px <= 1 / 255
+    leading = generate(bundle, params, x_T=x_T)  # the default spacing is another schedule: the check can fail
+    assert np.abs(np.asarray(leading.image, np.int16) - np.asarray(result.image, np.int16)).max() > 2
 
 
 @pytest.mark.parametrize("schedule", ["normal", "karras"])

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from _samplers import COMBOS, diffusers_scheduler
+from _samplers import COMBOS, SD15_SHIPPED, diffusers_scheduler
 from _util import rel_err
 
 from gbsd_core.ddim import DDIMScheduler
@@ -35,15 +35,21 @@ def _check_run(s, ref, label) -> None:
     assert float(s.sigmas[-1]) == 0.0 and float(ref.sigmas[-1]) == 0.0  # both end at σ = 0
 
 
+@pytest.mark.parametrize("spacing", ["leading", "linspace"])
 @pytest.mark.parametrize("name, schedule", COMBOS)
 @pytest.mark.parametrize("n", STEPS)
-def test_run_equals_diffusers_set_timesteps(name, schedule, n):
-    s, ref = ours(name, schedule), diffusers_scheduler(name, schedule)
+def test_run_equals_diffusers_set_timesteps(name, schedule, n, spacing):
+    """"leading" against diffusers configured so; "linspace" against SD1.5's shipped config as it is (no spacing key:
+    diffusers' from_config gives the class default, linspace)."""
+    s = ours(name, schedule, spacing=spacing)
+    ref = diffusers_scheduler(name, schedule, config=SD15_SHIPPED) if spacing == "linspace" else \
+        diffusers_scheduler(name, schedule)
+    assert ref.config.timestep_spacing == spacing
     s.timesteps(n)
     ref.set_timesteps(n)
-    _check_run(s, ref, (name, schedule, n))
-    # The txt2img start: x_T times diffusers' init_noise_sigma (Euler: √(σ_max²+1) under "leading"; DPM++ keeps the VP
-    # x_T, which is x_T·√(σ_0²+1) in σ-space).
+    _check_run(s, ref, (name, schedule, n, spacing))
+    # The txt2img start: x_T times diffusers' init_noise_sigma (Euler: √(σ_max²+1) under "leading", σ_max under
+    # "linspace"; DPM++ keeps the VP x_T, which is x_T·√(σ_0²+1) in σ-space).
     scale = float(s.start_latents(torch.ones(1, dtype=torch.float64))[0])
     want = float(ref.init_noise_sigma) if name != "dpmpp_2m" else (float(ref.sigmas[0]) ** 2 + 1) ** 0.5
     assert abs(scale - want) / want <= SIGMA_TOL
@@ -54,21 +60,27 @@ def test_leading_timesteps_as_documented():
     assert e.timesteps(20).tolist() == list(range(951, 0, -50))  # DDIM's own
     assert torch.equal(e.run_timesteps, DDIMScheduler().timesteps(20))
     assert d.timesteps(20).tolist() == list(range(941, 47, -47))  # 941, 894, …, 48
+    lin = ours("dpmpp_2m", "normal", spacing="linspace")
+    assert lin.timesteps(20).tolist()[:3] == [999, 949, 899] and int(lin.run_timesteps[-1]) == 50
+    assert ours("euler", "normal", spacing="linspace").timesteps(7).tolist() == [999.0, 832.5, 666.0, 499.5, 333.0,
+                                                                                 166.5, 0.0]
     k = ours("dpmpp_2m", "karras")
     k.timesteps(20)
     assert k.run_timesteps.dtype == torch.long and int(k.run_timesteps[0]) == 999  # rounded t(σ_max)
     assert abs(float(k.sigmas[0]) - float(train_sigmas(DDIMScheduler().alphas_cumprod)[-1])) < 1e-12
 
 
+@pytest.mark.parametrize("spacing", ["leading", "linspace"])
 @pytest.mark.parametrize("name, schedule", COMBOS)
 @pytest.mark.parametrize("n, strength", [(10, 0.5), (20, 0.75), (25, 0.3), (7, 0.99), (50, 0.05)])
-def test_img2img_runs_what_the_img2img_pipeline_runs(name, schedule, n, strength):
+def test_img2img_runs_what_the_img2img_pipeline_runs(name, schedule, n, strength, spacing):
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    ref = diffusers_scheduler(name, schedule)
+    ref = diffusers_scheduler(name, schedule, config=SD15_SHIPPED) if spacing == "linspace" else \
+        diffusers_scheduler(name, schedule)
     ref.set_timesteps(n)
     want, n_run = StableDiffusionImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=ref), n, strength, "cpu")
-    s = ours(name, schedule)
+    s = ours(name, schedule, spacing=spacing)
     got = s.timesteps(n, strength)
     assert len(got) == n_run == int(n * strength)
     assert float((got.double() - want.double()).abs().max()) <= 1e-3

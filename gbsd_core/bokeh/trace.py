@@ -92,7 +92,7 @@ class TraceFrame:
 
     step: int  # executed-step index, 0-based
     n: int  # executed steps in the run
-    timestep: int
+    timestep: int | float  # fractional where a Karras σ falls between training timesteps
     stage: str
     sigma: float | None  # the step state's noise level (σ-based samplers), None for DDIM
     starts_stage: bool  # the first step of a stage after the first: the marker goes here
@@ -100,7 +100,7 @@ class TraceFrame:
 
     def caption(self) -> str:
         """Three lines: "step 41/50", "t 181" (+ "  sigma 0.94" when known), "focus" or "focus starts"."""
-        t = f"t {self.timestep}" + (f"  sigma {self.sigma:.3g}" if self.sigma is not None else "")
+        t = f"t {self.timestep:g}" + (f"  sigma {self.sigma:.3g}" if self.sigma is not None else "")
         return "\n".join((f"step {self.step + 1}/{self.n}", t, self.stage + (" starts" if self.starts_stage else "")))
 
 

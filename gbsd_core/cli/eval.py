@@ -2,6 +2,7 @@
 
     gbsd eval                                   # the 28 shipped prompt pairs (gbsd_core/cli/data/pairs.jsonl)
     gbsd eval my_pairs.jsonl -o eval_out/ --alpha 0.5 --layout 0.8 --steps 50
+    gbsd eval -o eval_dpmpp/ --sampler dpmpp_2m --schedule karras --steps 20   # the table for another sampler
     gbsd eval pairs.jsonl --init-dir eval_out/ -o eval_i2i/            # image to image: GBSD vs its input
     torchrun --nproc_per_node 8 -m gbsd_core.cli.eval pairs.jsonl -o eval_out/   # one model copy per GPU
 
@@ -13,7 +14,8 @@ words (gbsd_core/bokeh/attnmaps.py), Otsu-thresholded. Target = inside the mask,
 
 Output folder: run.json (settings), pairs/<id>/ (the images, mask.png, overlay.png, heatmap_*.png, record.json),
 results.csv and results.json (one row per image), table.md (means over pairs in the form of the paper's Table 1).
-A pair whose record.json exists is skipped when the command is run again (resume); the settings must match.
+A pair whose record.json exists is skipped when the command is run again (resume); the settings must match (the sampler
+and schedule among them: a folder holds one sampler's table; a run.json written before they were recorded is DDIM's).
 
 Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK in the environment) pairs are dealt out round by round, one per rank;
 each round's results are gathered on rank 0, which writes every file, so an interrupted run still resumes. The
@@ -26,7 +28,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +36,7 @@ from . import common
 from .common import (EXIT_FAILURE, Parser, UsageError, check_output_dir, parse_or_exit, parse_size, run_main,
                      usage_errors, write_text_atomic)
 from .evaltable import finished_record, write_pair, write_summary
+from .generate import add_sampler_args
 from .pairs import DEFAULT_PAIRS, Pair, read_pairs
 
 if TYPE_CHECKING:
@@ -61,13 +64,16 @@ class Settings:
     width: int | None = None
     height: int | None = None
     strength: float = 0.75
+    sampler: str = "ddim"  # samplers.SAMPLERS: the paper's table is DDIM 50
+    schedule: str = "normal"
 
     def params(self, pair: Pair, focus: str | None) -> GenerationParams:
         from ..params import GenerationParams
 
         return GenerationParams(pair.prompt, focus=focus, alpha=self.alpha, layout=self.layout, steps=self.steps,
                                 cfg=self.cfg, negative=self.negative, seed=pair.seed, width=self.width,
-                                height=self.height, strength=self.strength)
+                                height=self.height, strength=self.strength, sampler=self.sampler,
+                                schedule=self.schedule)
 
 
 @dataclass
@@ -203,7 +209,10 @@ def _pending(out: Path, pairs: list[Pair], settings: Settings) -> list[str]:
         if not isinstance(previous, dict):
             raise UsageError(f"{run_file}: damaged (not the JSON object gbsd eval writes); use another --output, or "
                              "delete it to start over")
-        diff = [f"{k}: {previous.get(k)!r} there, {v!r} now" for k, v in current.items() if previous.get(k) != v]
+        # A run.json from before a setting was recorded ran that setting's default (the sampler: DDIM)
+        defaults = {f.name: f.default for f in fields(Settings) if f.default is not MISSING}
+        diff = [f"{k}: {previous.get(k, defaults.get(k))!r} there, {v!r} now" for k, v in current.items()
+                if previous.get(k, defaults.get(k)) != v]
         if diff:
             raise UsageError(f"{out} holds a run with other settings ({'; '.join(diff)}); use another --output")
     folders = [out / "pairs", *(out / "pairs" / p.id for p in pairs)]
@@ -262,7 +271,7 @@ def run_eval(args: argparse.Namespace) -> int:
     width, height = parse_size(args.size) if args.size else (None, None)
     model_path, family = common.resolve_model(args, None)
     settings = Settings(model_path.name, args.alpha, args.layout, args.steps, args.cfg, args.negative, width, height,
-                        args.strength)
+                        args.strength, args.sampler or "ddim", args.schedule or "normal")
     with usage_errors():
         params = settings.params(pairs[0], pairs[0].focus)  # the flags by the core's rules (pairs' fields: pairs.py)
     for img2img in {p.init is not None for p in pairs}:  # the schedule of each mode the pairs use
@@ -345,7 +354,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default="eval_out", help="output folder, resumed if it exists (eval_out)")
     p.add_argument("--alpha", type=float, default=0.5, help="GBSD focus-stage mix α (0.5)")
     p.add_argument("--layout", type=float, default=0.8, help="GBSD σ, fraction of steps in the layout stage (0.8)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (50)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (50)")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (7.5)")
     p.add_argument("--negative", default="", help="negative prompt ('')")
     p.add_argument("--size", metavar="WxH", help="image size (family default, or the input image's)")
@@ -353,6 +362,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                                                      "of an earlier eval")
     p.add_argument("--strength", type=float, default=0.75, help="img2img: fraction of the schedule re-run (0.75)")
     p.add_argument("--limit", type=int, help="only the first N pairs")
+    add_sampler_args(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     common.add_model_args(p)
 

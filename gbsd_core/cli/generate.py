@@ -3,6 +3,7 @@
     gbsd generate "a bunny and a carrot in a garden, bokeh" --focus "a carrot" --seed 1 -o bokeh.png
     gbsd img2img "a watercolor garden" --init photo.png --strength 0.6 -o out.png
     gbsd sweep "a bunny and a carrot, bokeh" --focus-stack "a carrot" "a bunny" --alphas 0,0.5,1 -o sweeps/
+    gbsd generate "a bunny and a carrot, bokeh" --focus "a carrot" --sampler dpmpp_2m --schedule karras --steps 20
     gbsd generate --from-png bokeh.png --seed 2 -o again.png     # every other parameter from bokeh.png
     gbsd generate "a bunny and a carrot, bokeh" --focus "a carrot" --trace trace/ -o bokeh.png   # + x̂0 filmstrip
 
@@ -56,19 +57,31 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
                    help="fast path in --dtype: channels-last, fused QKV, cross-attention K/V once per stage, "
                         "weights prepacked for oneDNN on CPU, Triton kernels on CUDA")
     g.add_argument("--compile", choices=("default", "reduce-overhead", "max-autotune"),
-                   help="torch.compile the whole CFG+DDIM step (implies --fast; first step compiles)")
+                   help="torch.compile the whole CFG step, any sampler (implies --fast; first step compiles)")
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """The flags of every GBSD run besides its prompts (generate, img2img, sweep, rack); defaults None (see below)."""
     p.add_argument("--alpha", type=float, help="focus-stage mix α·E(prompt) + (1-α)·E(focus), in [0,1] (0.5)")
     p.add_argument("--layout", type=float, help="σ: fraction of steps in the layout stage, in [0,1] (0.8)")
-    p.add_argument("--steps", type=int, help="DDIM steps (50)")
+    p.add_argument("--steps", type=int, help="sampler steps (50)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (7.5)")
     p.add_argument("--negative", help="negative prompt ('')")
     p.add_argument("--seed", type=int, help="noise seed (0)")
     p.add_argument("--size", metavar="WxH", help="image size, multiples of 8 (family default, or the input's size)")
-    p.add_argument("--eta", type=float, help="DDIM η (0 = deterministic)")
+    p.add_argument("--eta", type=float, help="DDIM η (0 = deterministic; ddim only)")
+    add_sampler_args(p)
+
+
+# The names of samplers.SAMPLERS / sigmas.SCHEDULES, written out so `--help` imports no torch (a test holds them equal)
+SAMPLER_HELP = "ddim (default, the paper's), euler, euler_a (ancestral), dpmpp_2m (DPM++ 2M)"
+SCHEDULE_HELP = "normal (default) or karras: the σ schedule of euler, euler_a and dpmpp_2m"
+
+
+def add_sampler_args(p: argparse.ArgumentParser) -> None:
+    """--sampler / --schedule, checked by the core's rules (params.FIELDS) like every other parameter."""
+    p.add_argument("--sampler", metavar="NAME", help=SAMPLER_HELP)
+    p.add_argument("--schedule", metavar="NAME", help=SCHEDULE_HELP)
 
 
 def add_params_args(p: argparse.ArgumentParser, *, img2img: bool | None) -> None:
@@ -147,10 +160,7 @@ def params_from_args(args: argparse.Namespace, base: dict[str, Any]) -> Generati
         with usage_errors(f"--from-png {args.from_png}: " if field in from_png else ""):
             check_field(field, v)
     with usage_errors(f"--from-png {args.from_png}: " if from_png else ""):  # the rules that tie fields together
-        params = GenerationParams(**values)
-    if params.sampler != "ddim":  # only a --from-png file can name another sampler; the flags come with --sampler
-        raise UsageError(f"the PNG was made with sampler {params.sampler!r}; the command line runs DDIM only so far")
-    return params
+        return GenerationParams(**values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,14 +267,20 @@ def execute(p: Plan) -> None:
              f"this is {sha[:10]} ({p.model_path.name}): the image will differ")
     init_image = p.init_image
     if init_image is not None:
-        executed = len(bundle.scheduler.timesteps(p.params.steps, p.params.strength))
-        print(f"img2img: strength {p.params.strength} runs {executed} of {p.params.steps} steps", file=sys.stderr)
+        from ..samplers import make_sampler
+
+        # the chosen sampler's own truncation of its schedule (the one the run will make)
+        sampler = make_sampler(bundle.scheduler, p.params.sampler, p.params.schedule)
+        executed = len(sampler.timesteps(p.params.steps, p.params.strength))
+        label = pngmeta.sampler_label(p.params.sampler, p.params.schedule)
+        print(f"img2img: strength {p.params.strength} runs {executed} of {p.params.steps} steps ({label})",
+              file=sys.stderr)
 
     stepper, tracer = None, trace_cli.make_tracer(p.trace, bundle) if p.trace is not None else None
     if p.fast is not None:
         from ..fast import make_stepper
 
-        stepper = make_stepper(bundle, p.fast, p.params.cfg, p.params.eta)
+        stepper = make_stepper(bundle, p.fast, p.params.cfg, p.params.eta, p.params.sampler, p.params.schedule)
     try:
         if p.mode == "sweep":
             results = pipeline.sweep(bundle, p.params, alphas=p.alphas, focus_prompts=p.focus_stack,

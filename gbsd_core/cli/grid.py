@@ -9,6 +9,7 @@ its cells take the mask of the same row at the nearest σ that has one. Masks an
 size before any weights load.
 
     gbsd grid "a bunny and a carrot on grass" --focus "a carrot" --alphas 0,0.5,1 --layouts 0.7,0.8,0.9 -o grid/
+    gbsd grid "a bunny and a carrot on grass" --focus "a carrot" --sampler dpmpp_2m --schedule karras --steps 20
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 from . import common
 from .common import (UsageError, check_box, check_image, check_output_dir, parse_floats, parse_size, usage_errors,
                      write_text_atomic)
+from .generate import add_sampler_args
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -67,7 +69,8 @@ def run_grid(args: argparse.Namespace) -> int:
             raise UsageError(f"-o {out}: {name} there is not a file; use another -o")
     with usage_errors():
         base = GenerationParams(args.prompt, focus=args.focus, steps=args.steps, cfg=args.cfg, negative=args.negative,
-                                seed=args.seed, width=width, height=height)
+                                seed=args.seed, width=width, height=height, sampler=args.sampler or "ddim",
+                                schedule=args.schedule or "normal")
     with usage_errors(f"--steps {base.steps}: "):
         check_schedule(base, img2img=False)
     has_focus = [layout_steps(base.steps, s) < base.steps for s in layouts]
@@ -131,7 +134,9 @@ def run_grid(args: argparse.Namespace) -> int:
               "target": asdict(reports[i][j].target), "background": asdict(reports[i][j].background)}
              for i, a in enumerate(alphas) for j, s in enumerate(layouts)]
     write_text_atomic(out / "grid.json", json.dumps({"prompt": args.prompt, "focus": args.focus, "seed": args.seed,
-                                               "model": model_path.name, "cells": cells}, indent=1))
+                                                     "steps": base.steps, "sampler": base.sampler,
+                                                     "schedule": base.schedule, "model": model_path.name,
+                                                     "cells": cells}, indent=1))
     return 0
 
 
@@ -141,13 +146,14 @@ def add_grid_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--focus", required=True, help="the local prompt (the object kept sharp)")
     p.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="rows: α values (0,0.25,0.5,0.75,1)")
     p.add_argument("--layouts", default="0.7,0.8,0.9", help="columns: σ values (0.7,0.8,0.9)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (50)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (50)")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (7.5)")
     p.add_argument("--negative", default="", help="negative prompt ('')")
     p.add_argument("--seed", type=int, default=0, help="noise seed (0)")
     p.add_argument("--size", metavar="WxH", help="image size (family default)")
     p.add_argument("--mask", metavar="PNG", help="target mask for every cell (default: each cell's attention mask)")
     p.add_argument("--box", metavar="X0,Y0,X1,Y1", help="target box for every cell, in pixels")
+    add_sampler_args(p)
     p.add_argument("-o", "--output", default="grid", help="output folder (grid)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     common.add_model_args(p)

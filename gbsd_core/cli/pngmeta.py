@@ -13,6 +13,18 @@ Two text chunks are written:
   JSON string (A1111's `quote()` rule), so it survives the split. "Model hash" is the first 10 hex digits of the
   file's sha256 (A1111's current hash). GBSD's own keys are prefixed "GBSD " so they cannot clash with A1111's.
 
+  Samplers by A1111's names (`SAMPLER_NAMES`): "DDIM", "Euler", "Euler a", "DPM++ 2M". Since v1.9 A1111 writes the
+  noise schedule apart, as `Schedule type:` (processing.create_infotext writes `p.scheduler`, "Automatic" unless one
+  is chosen; the k-diffusion sampler then overrides it with the label of the schedule it resolved, so DPM++ 2M on
+  "Automatic" is written "Schedule type: Karras", its default there). Written here for the σ samplers only, and never
+  "Automatic" (it means the sampler's own default, Karras for DPM++ 2M): "Karras", or "Uniform" (A1111's name for
+  the model's evenly spaced σ) for the normal schedule. DDIM lines carry none, as before. Read back: those labels,
+  "Normal", "Automatic" (the sampler's default in A1111 >= 1.9, the only versions that write the key), or none (the
+  model's own schedule: A1111 < 1.9 put Karras into the sampler's name, "DPM++ 2M Karras", which is read too). A name
+  gbsd does not implement ("Heun", "Exponential") is kept as it is, so the parameter check refuses it by name unless
+  `--sampler` / `--schedule` override it. The same method and schedule is not the same image: A1111 spaces the σ
+  samplers' steps as k-diffusion does, gbsd as diffusers' "leading" (sigmas.py).
+
 * `gbsd` -- machine-readable JSON with every `GenerationParams` field exactly (floats via JSON's shortest
   round-trip repr), the model file name and its full sha256. `read_params` prefers it; the infotext parser is the
   fallback for images whose JSON chunk was stripped, or that came from elsewhere.
@@ -37,7 +49,12 @@ if TYPE_CHECKING:  # pipeline imports torch; keep this module importable without
 JSON_KEY = "gbsd"
 INFOTEXT_KEY = "parameters"
 FORMAT_VERSION = 1
-SAMPLER_NAME = "DDIM"  # the only sampler: CompVis DDIM (gbsd_core/ddim.py)
+# samplers.SAMPLERS by A1111's names (modules/sd_samplers_kdiffusion.py, sd_samplers_timesteps.py) and back
+SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M"}
+SCHEDULE_LABELS = {"normal": "Uniform", "karras": "Karras"}  # A1111's modules/sd_schedulers.py labels
+# What A1111's other labels for our two schedules mean when read (its "Normal" is evenly spaced in t as well)
+_SCHEDULES_READ = {"uniform": "normal", "normal": "normal", "karras": "karras"}
+_AUTOMATIC = {"dpmpp_2m": "karras"}  # A1111 >= 1.9: a sampler's default schedule where it is not the model's own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,20 +91,36 @@ def model_label(model_file: str) -> str:
     return p.stem if p.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin") else p.name
 
 
-def _check_sampler(params: GenerationParams) -> None:
-    """The infotext names DDIM only so far: the other samplers' A1111 names (`Sampler:`, `Schedule type:`) come with
-    their own change, so an image of another sampler is refused here rather than labelled DDIM."""
-    if (params.sampler, params.schedule) != ("ddim", "normal"):
-        raise ValueError(f"PNG metadata describes DDIM images only for now; this one was made with sampler "
-                         f"{params.sampler!r}, schedule {params.schedule!r}")
+def sampler_label(sampler: str, schedule: str) -> str:
+    """A sampler and schedule as one A1111-style name: "DDIM", "Euler a", "DPM++ 2M Karras" (tables, captions)."""
+    return SAMPLER_NAMES[sampler] + (" Karras" if schedule == "karras" else "")
+
+
+def _read_sampler(pairs: dict[str, str]) -> dict[str, str]:
+    """The `sampler` / `schedule` fields an infotext's `Sampler:` and `Schedule type:` stand for (see the module
+    docstring); {} without a Sampler key (the defaults apply)."""
+    if "Sampler" not in pairs:
+        return {}
+    by_name = {v.lower(): k for k, v in SAMPLER_NAMES.items()}
+    # No Schedule type: an image of A1111 < 1.9 (which named Karras in the sampler) or of gbsd's DDIM: the model's own
+    # schedule. A1111 >= 1.9 always writes one.
+    name, label = pairs["Sampler"].strip(), pairs.get("Schedule type", "Uniform").strip()
+    sampler = by_name.get(name.lower())
+    if sampler is None and name.lower().endswith(" karras") and name[:-len(" karras")].lower() in by_name:
+        sampler, label = by_name[name[:-len(" karras")].lower()], "Karras"  # A1111 < 1.9: "DPM++ 2M Karras"
+    if sampler is None:
+        return {"sampler": name}  # not one of ours: the parameter check names it
+    if label.lower() == "automatic":
+        return {"sampler": sampler, "schedule": _AUTOMATIC.get(sampler, "normal")}
+    return {"sampler": sampler, "schedule": _SCHEDULES_READ.get(label.lower(), label)}
 
 
 def infotext(params: GenerationParams, record: ImageRecord) -> str:
     """The A1111-style `parameters` text for one image (see module docstring)."""
-    _check_sampler(params)
-    fields: list[tuple[str, Any]] = [
-        ("Steps", params.steps),
-        ("Sampler", SAMPLER_NAME),
+    fields: list[tuple[str, Any]] = [("Steps", params.steps), ("Sampler", SAMPLER_NAMES[params.sampler])]
+    if params.sampler != "ddim":
+        fields.append(("Schedule type", SCHEDULE_LABELS[params.schedule]))
+    fields += [
         ("CFG scale", _num(params.cfg)),
         ("Seed", params.seed),
         ("Size", f"{record.width}x{record.height}"),
@@ -117,7 +150,6 @@ def infotext(params: GenerationParams, record: ImageRecord) -> str:
 def json_text(params: GenerationParams, record: ImageRecord, extra: dict[str, Any] | None = None) -> str:
     """The machine-readable `gbsd` chunk: all GenerationParams fields plus the record, plus `extra`'s entries (e.g.
     "trace" or "rack": what else the picture shows; readers ignore keys they do not know)."""
-    _check_sampler(params)
     payload = {
         "version": FORMAT_VERSION,
         "params": dataclasses.asdict(params),
@@ -157,7 +189,8 @@ _PAIR = re.compile(r'\s*([A-Za-z][A-Za-z0-9 _/\-]*):\s*("(?:\\.|[^\\"])*"|[^,]*)
 def parse_infotext(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Parse A1111 infotext into (GenerationParams field values, other facts: size, model, ...).
 
-    Keys this program does not know (other samplers' fields, hires fix, ...) are ignored.
+    Keys this program does not know (hires fix, other samplers' options, ...) are ignored; `Sampler:` and
+    `Schedule type:` as the module docstring says.
     """
     lines = text.strip("\n").split("\n")
     last = lines[-1] if lines else ""
@@ -194,6 +227,7 @@ def parse_infotext(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
                 params[field] = kind(pairs[key])
             except ValueError:
                 raise ValueError(f"unreadable {key!r} value {pairs[key]!r:.40} in PNG parameters") from None
+    params.update(_read_sampler(pairs))
     if "Size" in pairs:
         m = re.fullmatch(r"(\d+)x(\d+)", pairs["Size"])
         if not m:

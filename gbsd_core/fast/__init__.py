@@ -7,8 +7,8 @@
 
 options.py (what each option does), apply.py (`accelerate`: applying them to a bundle in place; `make_stepper`, cached
 per bundle), modules.py (the UNet's module swaps: native half GroupNorm, the Triton modules), vae.py (the VAE's),
-attention.py (fused QKV, the per-stage K/V cache, explicit softmax), step.py (the compiled / CUDA-graphed CFG + DDIM
-step), prepack.py (CPU weight prepacking), kernels/ (Triton GroupNorm+SiLU and GEGLU, opt-in).
+attention.py (fused QKV, the per-stage K/V cache, explicit softmax), step.py (the compiled / CUDA-graphed CFG step of
+every sampler), prepack.py (CPU weight prepacking), kernels/ (Triton GroupNorm+SiLU and GEGLU, opt-in).
 It imports the core and is never imported by it.
 """
 from .apply import accelerate, make_stepper, release_steppers

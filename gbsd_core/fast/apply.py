@@ -6,6 +6,9 @@
         generate(bundle, params, stepper=step)                       # params.cfg must be 7.5 too
         # or drive the loop yourself:
         for state in denoise(step, x_T, timesteps, stages, uncond): ...
+    p = replace(params, sampler="dpmpp_2m", schedule="karras")       # every sampler runs fast
+    with make_stepper(bundle, opts, p.cfg, p.eta, p.sampler, p.schedule) as step:
+        generate(bundle, p, stepper=step)                            # (the stepper must run p's sampler)
 
 What each option does, and why it is safe, is in options.py; the module swaps are in modules.py (UNet) and vae.py.
 
@@ -97,7 +100,7 @@ def accelerate(bundle: SDBundle, options: FastOptions) -> None:
         prepack_(unet)
         prepack_(bundle.vae)
     unet.fast_options = options
-    unet.fast_steppers = {}  # make_stepper's cache: (options, guidance, η) -> FastStepper
+    unet.fast_steppers = {}  # make_stepper's cache: (options, guidance, η, sampler, schedule, spacing, ᾱ) -> FastStepper
 
 
 def sdpa_backend(options: FastOptions) -> SDPBackend | None:
@@ -109,25 +112,30 @@ def sdpa_backend(options: FastOptions) -> SDPBackend | None:
     return SDPBackend.FLASH_ATTENTION if options.attention == "flash" else SDPBackend.EFFICIENT_ATTENTION
 
 
-def make_stepper(bundle: SDBundle, options: FastOptions, guidance_scale: float | None,
-                 eta: float = 0.0) -> FastStepper:
-    """A `sampling.Stepper` for `denoise` / `generate(stepper=)`: eager, compiled and/or CUDA-graphed per `options`.
+def make_stepper(bundle: SDBundle, options: FastOptions, guidance_scale: float | None, eta: float = 0.0,
+                 sampler: str = "ddim", schedule: str = "normal", spacing: str = "leading") -> FastStepper:
+    """A `sampling.Stepper` for `denoise` / `generate(stepper=)`: eager, compiled and/or CUDA-graphed per `options`,
+    running the sampler `sampler` / `schedule` / `spacing` (samplers.make_sampler) on the bundle's noise schedule.
 
     guidance_scale None or 1.0 means no classifier-free guidance (one UNet row per latent). Accelerates the bundle
-    first if needed. The stepper is cached on the bundle (its UNet) per (options, guidance, η): a second call returns
-    the same object, whose compiled step, coefficient table and CUDA graphs (one per shape, with their K/V buffers)
-    serve every later run, so a second `generate` neither compiles nor captures again. Close it (or use `with`) after
-    a run to take its K/V cache off the UNet; `release_steppers(bundle)` frees the graphs' memory.
+    first if needed. The stepper is cached on the bundle (its UNet) per (options, guidance, η, sampler, schedule,
+    spacing, the bundle's scheduler): a second call returns the same object, whose compiled step, coefficient tables
+    and CUDA graphs (one per shape, with their K/V buffers) serve every later run, so a second `generate` neither
+    compiles nor captures again. Steppers of other samplers share the compiled step (it does not specialise on the
+    sampler). Close it (or use `with`) after a run to take its K/V cache off the UNet; `release_steppers(bundle)` frees
+    the graphs' memory.
     """
+    from ..samplers import make_sampler
+
     accelerate(bundle, options)
     guidance = None if guidance_scale is None or guidance_scale == 1.0 else float(guidance_scale)
-    key = (options, guidance, float(eta))
+    key = (options, guidance, float(eta), sampler, schedule, spacing, bundle.scheduler)
     cache = bundle.unet.fast_steppers
     stepper = cache.get(key)
-    if stepper is None or stepper.scheduler is not bundle.scheduler:
+    if stepper is None:
         stepper = FastStepper(
             bundle.unet,
-            bundle.scheduler,
+            make_sampler(bundle.scheduler, sampler, schedule, spacing),
             guidance,
             float(eta),
             cache_context_kv=options.cache_context_kv,

@@ -1,25 +1,29 @@
-"""The fast CFG + DDIM step: one function for the whole step (UNet on [x; x], guidance, DDIM update), run eagerly,
-through torch.compile, or replayed from a CUDA graph.
+"""The fast CFG step: one function for the whole step (c_in, UNet on [x; x], guidance, the sampler's update), run
+eagerly, through torch.compile, or replayed from a CUDA graph, for every sampler (DDIM, Euler, Euler a, DPM++ 2M).
 
 The readable step is `sampling.CFGStep` (core); this one computes the same thing in a form that compiles and captures:
 
-- the DDIM update is written with per-timestep coefficients held in a tensor (`ddim_coefficients`), so neither
+- every sampler's update is linear in (x, guided model output, previous x̂_0, fresh noise), and its model input is
+  c_in·x = x / √(σ²+1), so a step is written with seven per-step coefficients held in a tensor (`step_coefficients`: the sampler's
+  own `update` and `model_input` evaluated on unit inputs in float64, one source of truth for the math). Neither
   torch.compile nor a CUDA graph sees a Python float that changes every step (no recompiles, nothing baked in); a
-  schedule's coefficients are uploaded in one copy, once per stepper;
-- the guidance scale is a 0-d tensor input too, so steppers with other CFG values share one compiled graph;
-- the η-noise is always an input (zeros when η = 0), the timestep an input tensor;
-- with CUDA graphs every input lives in a static buffer. A GBSD stage switch is a copy of the new [uncond; cond]
-  context into the static context buffer (SDXL: and of its vector y, [uncond; cond] pooled text + size embeddings,
-  into the static vector buffer; and, with the K/V cache, an in-place update of the cached cross-attention K/V that
-  the graph reads), never a re-capture. Each shape (a sweep's focus stage branching the batch, another image
-  size) gets its own graph, kept with its own K/V buffers (up to `max_graphs`, sharing one memory pool), so
-  alternating shapes, or a second `generate`, replay instead of capturing again.
+  run's coefficients are uploaded in one copy, once per run and stepper;
+- the timestep is a float32 tensor input (fractional under Karras σ; the UNet embeds t in fp32 anyway), the guidance
+  scale a 0-d tensor (steppers with other CFG values share one compiled graph), the fresh noise and the previous x̂_0
+  (DPM++ 2M's history) always inputs, zeros where a step has none: the first-order and second-order steps of DPM++,
+  the ancestral and deterministic ones, all run the same graph;
+- with CUDA graphs every input lives in a static buffer, the history included. A GBSD stage switch is a copy of the new
+  [uncond; cond] context into the static context buffer (SDXL: and its vector y, [uncond; cond] pooled text + size
+  embeddings, into the static vector buffer; and, with the K/V cache, an in-place update of the cached
+  cross-attention K/V that the graph reads), never a re-capture. Each shape (a sweep's focus stage branching the
+  batch, another image size) gets its own graph, kept with its own K/V buffers (up to `max_graphs`, sharing one
+  memory pool), so alternating shapes, or a second `generate`, replay instead of capturing again.
 
-Compiled steps: all steppers share one compiled function (dynamo keeps its graphs on `cfg_ddim_step`'s code), which
-still specialises on batch, size, dtype and CFG on/off. Its recompile limit is raised to `RECOMPILE_LIMIT` for this
-function's calls only, and past it the stepper warns and runs the step eagerly: a long-running process never fails
-on a new shape. Under compile modes with inductor's own CUDA graphs the outputs are copied (the next replay would
-overwrite them).
+Compiled steps: all steppers share one compiled function (dynamo keeps its graphs on `cfg_step`'s code), which
+still specialises on batch, size, dtype and CFG on/off, not on the sampler. Its recompile limit is raised to
+`RECOMPILE_LIMIT` for this function's calls only, and past it the stepper warns and runs the step eagerly: a
+long-running process never fails on a new shape. Under compile modes with inductor's own CUDA graphs the outputs are
+copied (the next replay would overwrite them).
 
 The capture itself is `CudaGraphCapture`, a few lines; everything else (buffers, copies, stage switches) is plain
 tensor code that `FastStepper(capture=eager_capture)` exercises on CPU, where "replay" runs the step on the buffers.
@@ -42,7 +46,7 @@ from .options import CUDAGRAPH_COMPILE_MODES
 if TYPE_CHECKING:
     from torch.nn.attention import SDPBackend
 
-    from ..ddim import DDIMScheduler
+    from ..samplers import Sampler
     from ..unet import UNetModel
 
 # capture(body) runs `body` as needed to record it and returns a replay function
@@ -51,44 +55,59 @@ Capture = Callable[[Callable[[], None]], Callable[[], None]]
 # Distinct (batch, size, dtype, CFG) variants the shared compiled step may compile before steppers fall back to eager
 # steps. torch's own default is 8, and under fullgraph=True the 9th variant is a hard error.
 RECOMPILE_LIMIT = 64
+# The layout of one step's coefficient vector (`step_coefficients`), as `cfg_step` reads it.
+COEFFICIENTS = ("in_scale", "a_x", "a_out", "a_prev", "a_noise", "d_x", "d_out")
+RUN_TABLES = 8  # coefficient tables (one per run: sampler, steps, strength) a stepper keeps on the device
 
 
-def ddim_coefficients(scheduler: DDIMScheduler, t: int, eta: float) -> Tensor:
-    """[c_x, c_out, d_x, d_out, σ] in float64, such that for this step
+def step_coefficients(sampler: Sampler, i: int, eta: float, second_order: bool) -> Tensor:
+    """[in_scale, a_x, a_out, a_prev, a_noise, d_x, d_out] in float64, such that executed step i of `sampler`'s run is
 
-        x_prev = c_x·x_t + c_out·out + σ·z        x̂_0 = d_x·x_t + d_out·out
+        UNet input = x / in_scale    x_next = a_x·x + a_out·out + a_prev·x̂_0,prev + a_noise·z    x̂_0 = d_x·x + d_out·out
 
-    (out = the guided model output, ε or v). DDIM's update is linear in (x_t, out) for both prediction types (see
-    ddim.py), so the coefficients are the scheduler's own `step()` evaluated on unit inputs in float64: one source of
-    truth for the math. Needs `scheduler.timesteps(n)` called first, like `step()`.
+    (out = the guided model output, ε or v; x̂_0,prev = the previous step's x̂_0, DPM++ 2M's history; z = the fresh
+    noise). Every sampler's update is linear in these for both prediction types (ddim.py, euler.py,
+    euler_ancestral.py, dpmpp_2m.py), so the coefficients are its own `update` and `model_input` evaluated on unit
+    inputs in float64; in_scale = 1/c_in, √(σ²+1) for the σ samplers, 1 for DDIM (a division, as `model_input` does
+    it, so the UNet sees the very bits the plain step gives it). `second_order`: the step gets a history (DPM++ 2M's second-order step; the single-step samplers
+    ignore it, and step 0 never has one). Needs `sampler.timesteps(n)` called first, like `update`.
     """
     one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
-    c_x, d_x = scheduler.step(zero, t, one, eta=eta, noise=zero)
-    c_out, d_out = scheduler.step(one, t, zero, eta=eta, noise=zero)
-    return torch.cat([c_x, c_out, d_x, d_out, torch.tensor([scheduler.sigma(t, eta)], dtype=torch.float64)])
+    prev = zero if second_order and i > 0 else None
+
+    def update(x: Tensor, out: Tensor, history: Tensor | None, z: Tensor) -> tuple[Tensor, Tensor]:
+        return sampler.update(i, x, out, eta=eta, noise=z, prev_x0=history)
+
+    a_x, d_x = update(one, zero, prev, zero)
+    a_out, d_out = update(zero, one, prev, zero)
+    a_prev = update(zero, zero, one, zero)[0] if prev is not None else zero
+    a_noise = update(zero, zero, prev, one)[0]
+    in_scale = 1.0 / sampler.model_input(one, i)
+    return torch.cat([in_scale, a_x, a_out, a_prev, a_noise, d_x, d_out])
 
 
-def cfg_ddim_step(unet: UNetModel, x: Tensor, t_in: Tensor, context: Tensor, coefs: Tensor, noise: Tensor,
-                  guidance: Tensor | None, channels_last: bool,
-                  vector: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """One step. x, noise: [B,4,h,w] fp32; t_in: [2B] (CFG) or [B] long; context: [2B or B,77,D] in the UNet's dtype;
-    coefs: [5] fp32 from `ddim_coefficients`; guidance: 0-d fp32 (None: no CFG); vector: SDXL's y [2B or B, adm]
-    (else None). -> (x_prev, x̂_0), fp32 [B,4,h,w]."""
-    x_in = torch.cat([x, x]) if guidance is not None else x
+def cfg_step(unet: UNetModel, x: Tensor, t_in: Tensor, context: Tensor, coefs: Tensor, noise: Tensor,
+             prev_x0: Tensor, guidance: Tensor | None, channels_last: bool,
+             vector: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One step. x, noise, prev_x0: [B,4,h,w] fp32 (noise, prev_x0 zeros where the step has none); t_in: [2B] (CFG) or
+    [B] fp32; context: [2B or B,77,D] in the UNet's dtype; coefs: [7] fp32 from `step_coefficients`; guidance: 0-d
+    fp32 (None: no CFG); vector: SDXL's y [2B or B, adm] (else None). -> (x_next, x̂_0), fp32 [B,4,h,w]."""
+    x_in = x / coefs[0]  # c_in·x: the σ samplers' x_t = x/√(σ²+1); DDIM's latent is x_t itself (in_scale = 1)
+    x_in = torch.cat([x_in, x_in]) if guidance is not None else x_in
     if channels_last:
         x_in = x_in.contiguous(memory_format=torch.channels_last)
     out = unet(x_in, t_in, context, vector).float()
     if guidance is not None:
         out_uncond, out_cond = out.chunk(2)
         out = out_uncond + guidance * (out_cond - out_uncond)
-    x_prev = coefs[0] * x + coefs[1] * out + coefs[4] * noise
-    x0 = coefs[2] * x + coefs[3] * out
-    return x_prev, x0
+    x_next = coefs[1] * x + coefs[2] * out + coefs[3] * prev_x0 + coefs[4] * noise
+    x0 = coefs[5] * x + coefs[6] * out
+    return x_next, x0
 
 
 def compile_step(mode: str, device: torch.device) -> Callable:
-    """torch.compile of `cfg_ddim_step`, compiled once per shape: every per-step value is a tensor input, so the 50
-    steps share one graph. fullgraph: a graph break would leave parts in Python (and break CUDA-graph capture).
+    """torch.compile of `cfg_step`, compiled once per shape: every per-step value is a tensor input, so the 50
+    steps (of any sampler) share one graph. fullgraph: a graph break would leave parts in Python (and break CUDA-graph capture).
 
     On CPU the modes mean little (no CUDA graphs, no Triton autotuning); what makes compiled convolutions and matmuls
     fast there is inductor's *freezing*: the weights become constants, pre-packed once for oneDNN. So on CPU every
@@ -97,8 +116,8 @@ def compile_step(mode: str, device: torch.device) -> Callable:
     """
     if device.type == "cpu":
         options = {"freezing": True, "max_autotune": mode.startswith("max-autotune")}
-        return torch.compile(cfg_ddim_step, options=options, fullgraph=True, dynamic=False)
-    return torch.compile(cfg_ddim_step, mode=None if mode == "default" else mode, fullgraph=True, dynamic=False)
+        return torch.compile(cfg_step, options=options, fullgraph=True, dynamic=False)
+    return torch.compile(cfg_step, mode=None if mode == "default" else mode, fullgraph=True, dynamic=False)
 
 
 class CompiledStep:
@@ -120,7 +139,7 @@ class CompiledStep:
 
     def __call__(self, *args) -> tuple[Tensor, Tensor]:
         if self.eager:
-            return cfg_ddim_step(*args)
+            return cfg_step(*args)
         import torch._dynamo
 
         limit = max(RECOMPILE_LIMIT, getattr(torch._dynamo.config, self._limit_key))
@@ -135,7 +154,7 @@ class CompiledStep:
             warnings.warn(f"the compiled step reached its recompile limit ({limit} shapes/dtypes in this process); "
                           f"this stepper runs eager steps from now on ({type(e).__name__})")
             self.eager = True
-            return cfg_ddim_step(*args)
+            return cfg_step(*args)
         if self.copy_outputs:  # inductor's CUDA graphs write every replay's outputs into the same memory
             x_prev, x0 = x_prev.clone(), x0.clone()
         return x_prev, x0
@@ -190,7 +209,8 @@ class _Graph:
     context: Tensor
     coefs: Tensor
     noise: Tensor
-    x_prev: Tensor
+    prev_x0: Tensor  # DPM++ 2M's history (zeros for a first-order step and the single-step samplers)
+    x_next: Tensor
     x0: Tensor
     vector: Tensor | None = None  # SDXL's y, [2B or B, adm]; None for SD1/SD2
     replay: Callable[[], None] | None = None
@@ -198,12 +218,13 @@ class _Graph:
 
 
 class FastStepper:
-    """A `sampling.Stepper` running `cfg_ddim_step` eagerly, compiled (`compile_mode`), and/or from CUDA graphs
-    (`capture`). Latents stay fp32 whatever the UNet's dtype. Made (and cached per bundle) by `fast.make_stepper`;
-    `close()` (or leaving a `with` block) removes the K/V cache from the UNet and keeps the compiled step and the
-    graphs for the next run; `release()` drops those too. One run at a time per stepper."""
+    """A `sampling.Stepper` running `cfg_step` eagerly, compiled (`compile_mode`), and/or from CUDA graphs
+    (`capture`), for the sampler `scheduler` (any samplers.Sampler). Latents stay fp32 whatever the UNet's dtype. Made
+    (and cached per bundle) by `fast.make_stepper`; `close()` (or leaving a `with` block) removes the K/V cache from
+    the UNet and keeps the compiled step and the graphs for the next run; `release()` drops those too. One run at a
+    time per stepper."""
 
-    def __init__(self, unet: UNetModel, scheduler: DDIMScheduler, guidance_scale: float | None, eta: float, *,
+    def __init__(self, unet: UNetModel, scheduler: Sampler, guidance_scale: float | None, eta: float, *,
                  cache_context_kv: bool = False, channels_last: bool = False, compile_mode: str | None = None,
                  capture: Capture | None = None, sdpa_backend: SDPBackend | None = None, max_graphs: int = 4) -> None:
         self.unet, self.scheduler = unet, scheduler
@@ -214,7 +235,7 @@ class FastStepper:
         # a device tensor, so the compiled step does not specialise on its value (and a graph reads it in place)
         self._guidance = None if guidance_scale is None else torch.tensor(guidance_scale, device=self.device)
         self._sdpa_backend = sdpa_backend
-        self._fn: Callable[..., tuple[Tensor, Tensor]] = cfg_ddim_step
+        self._fn: Callable[..., tuple[Tensor, Tensor]] = cfg_step
         if compile_mode is not None:
             self._fn = CompiledStep(compile_mode, self.device)
         self._attn2: list[FastCrossAttention] = []
@@ -225,8 +246,8 @@ class FastStepper:
         self._context: Tensor | None = None
         self._vector: Tensor | None = None  # SDXL's y
         self._context_dirty = False
-        self._coefs: dict[tuple[int, int | None], Tensor] = {}  # (t, n) -> device fp32 [5]
-        self._coefs_scheduler: DDIMScheduler | None = None
+        # run -> per executed step (first-order, second-order) device fp32 [7], least recently used first
+        self._tables: OrderedDict[tuple, list[tuple[Tensor, Tensor]]] = OrderedDict()
         self.max_graphs = max_graphs
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()  # least recently used first
         self.captures = 0  # graphs recorded so far (tests check stage switches and reruns do not add any)
@@ -251,32 +272,30 @@ class FastStepper:
         elif self.cache_context_kv:
             set_context_kv(self.unet, self._context)
 
-    def __call__(self, latents: Tensor, t: int, noise: Tensor | None) -> tuple[Tensor, Tensor]:
+    def step(self, latents: Tensor, i: int, noise: Tensor | None,
+             prev_x0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Executed step i of the sampler's run (`scheduler.timesteps(n, strength)` fixes it): latents [B,4,h,w] ->
+        (next latents, x̂_0). `noise`: the step's fresh noise, None when it adds none; `prev_x0`: step i−1's x̂_0, None
+        at a first-order step (what `sampling.denoise` passes)."""
         if self._context is None:
             raise RuntimeError("set_context() must be called before the first step")
         with torch.inference_mode():
-            x = latents.to(self.device, torch.float32, copy=True)  # fresh inference tensors (see set_context)
+            coefs = self._coefficients(i, prev_x0 is not None)
+            t = float(self.scheduler.run_timesteps[i])  # the UNet embeds t in fp32: float32(t) is what it sees
+            # fresh inference tensors (see set_context); zeros where the step has no noise or no history
+            x = latents.to(self.device, torch.float32, copy=True)
             noise = torch.zeros_like(x) if noise is None else noise.to(self.device, torch.float32, copy=True)
-            coefs = self._coefficients(t)
+            prev = torch.zeros_like(x) if prev_x0 is None else prev_x0.to(self.device, torch.float32, copy=True)
             if self.capture is not None:
-                return self._graphed(x, t, coefs, noise)
+                return self._graphed(x, t, coefs, noise, prev)
             if self.cache_context_kv and not self._kv_cached_for(self._context):
                 # Another stepper (or a caller, or close()) re-pointed the UNet's K/V cache; compiled code no longer
                 # checks the context's identity, so re-install ours here, in Python.
                 set_context_kv(self.unet, self._context)
-            t_in = torch.full((self._context.shape[0],), t, device=self.device, dtype=torch.long)
+            t_in = torch.full((self._context.shape[0],), t, device=self.device, dtype=torch.float32)
             with self._attention_backend():
-                return self._fn(self.unet, x, t_in, self._context, coefs, noise, self._guidance, self.channels_last,
-                                self._vector)
-
-    def step(self, latents: Tensor, i: int, noise: Tensor | None,
-             prev_x0: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Executed step i of the scheduler's run (the loop's entry, `sampling.Stepper.step`): DDIM only for now, a
-        single-step sampler, so `prev_x0` is unused."""
-        if getattr(self.scheduler, "name", "ddim") != "ddim":
-            raise ValueError(f"the fast step runs DDIM only; sampler {self.scheduler.name!r} runs with the plain "
-                             "CFGStep")
-        return self(latents, int(self.scheduler.run_timesteps[i]), noise)
+                return self._fn(self.unet, x, t_in, self._context, coefs, noise, prev, self._guidance,
+                                self.channels_last, self._vector)
 
     # ----------------------------------------------------------------- helpers
     def close(self) -> None:
@@ -307,27 +326,37 @@ class FastStepper:
     def _kv_cached_for(self, context: Tensor) -> bool:
         return all(attn.context_kv is not None and attn.context_kv[0] is context for attn in self._attn2)
 
-    def _coefficients(self, t: int) -> Tensor:
-        # The whole schedule's coefficients in one host->device copy, once per (schedule length, stepper): a cached
-        # stepper's later runs copy nothing.
-        n = self.scheduler.num_inference_steps
-        if self._coefs_scheduler is not self.scheduler:
-            self._coefs, self._coefs_scheduler = {}, self.scheduler
-        if (t, n) not in self._coefs:
-            ts = [int(s) for s in self.scheduler.timesteps(n)] if n is not None else []
-            ts = ts if t in ts else [t]
-            table = torch.stack([ddim_coefficients(self.scheduler, s, self.eta) for s in ts]).to(torch.float32)
-            rows = to_device(table, self.device).unbind(0)
+    def _coefficients(self, i: int, second_order: bool) -> Tensor:
+        """Step i's coefficients on the device. The whole run's table in one host->device copy, once per run (the
+        sampler, its steps, strength and σ): a cached stepper's later runs copy nothing."""
+        sampler = self.scheduler
+        if sampler.run_timesteps is None:
+            raise ValueError("call scheduler.timesteps(num_inference_steps) first: it fixes the run the steps index into")
+        key = (sampler, sampler.num_inference_steps, sampler.run_timesteps.numpy().tobytes(),
+               sampler.sigmas.numpy().tobytes())
+        table = self._tables.get(key)
+        if table is None:
+            n = len(sampler.run_timesteps)
+            rows = torch.stack([step_coefficients(sampler, j, self.eta, order) for j in range(n)
+                                for order in (False, True)]).to(torch.float32)
+            rows = to_device(rows, self.device).unbind(0)
             # each its own tensor (aligned storage, as compiled code expects of its inputs)
-            self._coefs.update({(s, n): row.clone() for s, row in zip(ts, rows)})
-        return self._coefs[(t, n)]
+            table = [(rows[2 * j].clone(), rows[2 * j + 1].clone()) for j in range(n)]
+            while len(self._tables) >= RUN_TABLES:
+                self._tables.popitem(last=False)
+            self._tables[key] = table
+        else:
+            self._tables.move_to_end(key)
+        if not 0 <= i < len(table):
+            raise ValueError(f"step index {i} is outside the run's {len(table)} steps")
+        return table[i][second_order]
 
-    def _graphed(self, x: Tensor, t: int, coefs: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    def _graphed(self, x: Tensor, t: float, coefs: Tensor, noise: Tensor, prev: Tensor) -> tuple[Tensor, Tensor]:
         vector = None if self._vector is None else tuple(self._vector.shape)
         key = (tuple(x.shape), tuple(self._context.shape), vector)
         g = self._graphs.get(key)
         if g is None:
-            g = self._capture_graph(key, x, t, coefs, noise)
+            g = self._capture_graph(key, x, t, coefs, noise, prev)
         else:
             self._graphs.move_to_end(key)
             if self._context_dirty or not self._kv_installed(g):
@@ -338,16 +367,17 @@ class FastStepper:
         g.t_in.fill_(t)
         g.coefs.copy_(coefs)
         g.noise.copy_(noise)
+        g.prev_x0.copy_(prev)
         g.replay()
         # The buffers are overwritten by the next replay; callers (and the yielded StepStates) keep their own copies.
-        return g.x_prev.clone(), g.x0.clone()
+        return g.x_next.clone(), g.x0.clone()
 
-    def _capture_graph(self, key: tuple, x: Tensor, t: int, coefs: Tensor, noise: Tensor) -> _Graph:
+    def _capture_graph(self, key: tuple, x: Tensor, t: float, coefs: Tensor, noise: Tensor, prev: Tensor) -> _Graph:
         while len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)  # least recently used; frees its buffers
-        g = _Graph(key, x.clone(), torch.full((self._context.shape[0],), t, device=self.device, dtype=torch.long),
-                   self._context.clone(), coefs.clone(), noise.clone(), torch.empty_like(x), torch.empty_like(x),
-                   None if self._vector is None else self._vector.clone())
+        t_in = torch.full((self._context.shape[0],), t, device=self.device, dtype=torch.float32)
+        g = _Graph(key, x.clone(), t_in, self._context.clone(), coefs.clone(), noise.clone(), prev.clone(),
+                   torch.empty_like(x), torch.empty_like(x), None if self._vector is None else self._vector.clone())
         if self.cache_context_kv:
             set_context_kv(self.unet, None)  # this graph gets K/V buffers of its own (the others keep theirs)
         self._switch_context(g)
@@ -385,7 +415,7 @@ class FastStepper:
         self._context_dirty = False
 
     def _body(self, g: _Graph) -> None:
-        x_prev, x0 = self._fn(self.unet, g.x, g.t_in, g.context, g.coefs, g.noise, self._guidance,
+        x_next, x0 = self._fn(self.unet, g.x, g.t_in, g.context, g.coefs, g.noise, g.prev_x0, self._guidance,
                               self.channels_last, g.vector)
-        g.x_prev.copy_(x_prev)
+        g.x_next.copy_(x_next)
         g.x0.copy_(x0)

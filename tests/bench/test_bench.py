@@ -155,3 +155,29 @@ def test_sdxl_tiny_run_and_its_two_steps_compute_the_same(tmp_path, capsys):
     err = float((ours - theirs).abs().max() / theirs.abs().max())
     print(f"bench SDXL step, ours vs diffusers: rel err {err:.1e}")
     assert err <= 1e-5
+
+
+def test_per_sampler_loops(tmp_path, capsys):
+    """--samplers: each of our configurations times the loop of every sampler (fast: through the fast stepper of that
+    sampler), round-robin; the figures are consistent and the table says how a step compares to DDIM's."""
+    out = tmp_path / "samplers.json"
+    rc = main(["--tiny", "--device", "cpu", "--threads", "1", "--steps", "3", "--repeat", "2", "--parts", "loop",
+               "--configs", "eager,fast", "--samplers", "ddim,euler,euler_a,dpmpp_2m", "--schedule", "karras",
+               "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    for r in json.loads(out.read_text())["results"]:
+        loops = r["samplers"]
+        assert list(loops) == ["ddim", "euler", "euler_a", "dpmpp_2m"]
+        assert [t["schedule"] for t in loops.values()] == ["normal", "karras", "karras", "karras"]
+        for t in loops.values():
+            assert len(t["runs_s"]) == 1 and t["median_s"] == t["runs_s"][0] > 0
+            assert t["loop_it_s"] == pytest.approx(3 / t["median_s"]) and t["step_ms"] == pytest.approx(
+                1e3 * t["median_s"] / 3)
+            assert t["x_ddim"] == pytest.approx(t["step_ms"] / loops["ddim"]["step_ms"])
+        assert loops["ddim"]["x_ddim"] == 1.0
+    assert "Per-sampler denoise loop" in printed and "| fast | float32 | 64 | 1 | dpmpp_2m | karras | 3 |" in printed
+    for bad in (["--samplers", "heun"], ["--samplers", "ddim", "--parts", "step"]):
+        with pytest.raises(SystemExit):
+            main(["--tiny", *bad])
+    assert "--samplers" in capsys.readouterr().err

@@ -91,6 +91,33 @@ def test_resume_skips_finished_pairs(single_run, amp_ckpt, pairs_file, tmp_path,
     assert cli_main([*argv, "--alpha", "0.3"]) == 2
     err = capsys.readouterr().err
     assert "other settings" in err and "alpha" in err
+    assert cli_main([*argv, "--sampler", "euler"]) == 2  # a folder holds one sampler's table
+    err = capsys.readouterr().err
+    assert "other settings" in err and "sampler: 'ddim' there, 'euler' now" in err
+    # A run.json from before the sampler was recorded is DDIM's: it resumes as DDIM, and refuses another sampler.
+    run = json.loads((out / "run.json").read_text())
+    assert (run["sampler"], run["schedule"]) == ("ddim", "normal")
+    (out / "run.json").write_text(json.dumps({k: v for k, v in run.items() if k not in ("sampler", "schedule")}))
+    calls.clear()
+    assert cli_main(argv) == 0 and calls == []
+    assert cli_main([*argv, "--sampler", "dpmpp_2m", "--schedule", "karras"]) == 2
+    assert "sampler: 'ddim' there, 'dpmpp_2m' now" in capsys.readouterr().err
+
+
+def test_eval_with_another_sampler_records_it(amp_ckpt, pairs_file, tmp_path, monkeypatch, capsys):
+    seen = []
+    real = pipeline.generate
+    monkeypatch.setattr(pipeline, "generate", lambda b, p, **k: seen.append((p.sampler, p.schedule, p.focus))
+                        or real(b, p, **k))
+    out = tmp_path / "dpmpp"
+    argv = ["eval", str(pairs_file), "-o", str(out), "--weights", str(amp_ckpt), "--limit", "1", "--sampler",
+            "dpmpp_2m", "--schedule", "karras", *EVAL_ARGS]
+    assert cli_main(argv) == 0, capsys.readouterr().err
+    assert seen == [("dpmpp_2m", "karras", "a carrot"), ("dpmpp_2m", "karras", None)]  # GBSD and its baseline
+    run = json.loads((out / "run.json").read_text())
+    assert (run["sampler"], run["schedule"], run["steps"]) == ("dpmpp_2m", "karras", 4)
+    assert (out / "table.md").read_text().startswith("# Bokeh evaluation: ") and \
+        "4 DPM++ 2M Karras steps" in (out / "table.md").read_text().splitlines()[0]
 
 
 def test_img2img_mode_measures_output_against_input(single_run, amp_ckpt, pairs_file, tmp_path):
@@ -197,6 +224,10 @@ def test_a_truncated_record_reruns_its_pair(content, single_run, pairs_file, amp
     (["-o", "{long}"], "too long"),
     (["-o", "{file}"], "not a folder"),
     (["--device", "meta"], "--device"),
+    (["--sampler", "heun"], "sampler must be one of"),
+    (["--sampler", "euler", "--schedule", "exponential"], "schedule must be one of"),
+    (["--schedule", "karras"], "for the σ samplers"),
+    (["--sampler", "dpmpp_2m", "--steps", "999"], "t=1000"),
 ])
 def test_bad_flags_are_refused_before_loading(argv, match, pairs_file, amp_ckpt, tmp_path, capsys, no_load):
     (tmp_path / "file").write_text("x")

@@ -28,6 +28,20 @@ def test_grid_contact_sheets(amp_ckpt, tmp_path, monkeypatch, capsys):
     assert len({c["target"]["laplacian_var"] for c in cells}) == 4
 
 
+def test_grid_runs_the_chosen_sampler(amp_ckpt, tmp_path, monkeypatch, capsys):
+    seen = []
+    real = pipeline.sweep
+    monkeypatch.setattr(pipeline, "sweep", lambda b, p, **k: seen.append((p.sampler, p.schedule)) or real(b, p, **k))
+    out = tmp_path / "grid"
+    argv = ["grid", "a bunny and a carrot on grass", "--focus", "a carrot", "--alphas", "0,1", "--layouts", "0.5",
+            "--steps", "4", "--size", "64x64", "--sampler", "euler_a", "--schedule", "karras", "--weights",
+            str(amp_ckpt), "-o", str(out), "-q"]
+    assert cli_main(argv) == 0, capsys.readouterr().err
+    assert seen == [("euler_a", "karras")]
+    data = json.loads((out / "grid.json").read_text())
+    assert (data["sampler"], data["schedule"], data["steps"]) == ("euler_a", "karras", 4)
+
+
 def test_grid_sigma_one_takes_its_masks_from_the_other_cells(amp_ckpt, tmp_path, capsys):
     """σ = 1 is plain SD on the global prompt (no focus stage, so no attention map of its own): each row's σ = 1
     cell is measured on the mask of the same row's nearest σ with a focus stage."""
@@ -69,6 +83,9 @@ GRID_BAD = [
     (["-o", "{file}"], "-o"),
     (["-o", "{long}"], "too long"),
     (["--device", "meta"], "--device"),
+    (["--sampler", "heun"], "sampler must be one of"),
+    (["--schedule", "karras"], "for the σ samplers"),
+    (["--sampler", "dpmpp_2m", "--steps", "999"], "t=1000"),
 ]
 
 

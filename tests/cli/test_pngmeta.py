@@ -66,6 +66,7 @@ def test_parse_real_a1111_text():
     assert (params["width"], params["height"]) == (512, 768) and params["strength"] == 0.6
     assert extra == {"img2img": True, "model_hash": "6ce0161689", "model": "v1-5-pruned-emaonly"}
     assert "focus" not in params  # not a GBSD image: GenerationParams defaults apply
+    assert (params["sampler"], params["schedule"]) == ("dpmpp_2m", "karras")  # A1111 < 1.9's "DPM++ 2M Karras"
 
 
 @pytest.mark.parametrize("focus", ["a carrot", 'a "red", shiny: carrot\nwith leaves', None])
@@ -212,13 +213,78 @@ def test_extra_entries_are_written_and_read_back(tmp_path):
         pngmeta.json_text(_params(), _record(), {"params": {}})
 
 
-def test_metadata_refuses_other_samplers_until_it_names_them():
-    """The format names DDIM only so far: an image of another sampler must not be labelled `Sampler: DDIM`."""
-    from gbsd_core.cli.pngmeta import ImageRecord, pnginfo
-    from gbsd_core.pipeline import GenerationParams
+def png_text(path: Path, key: str) -> str:
+    with Image.open(path) as im:
+        return im.text[key]
 
-    record = ImageRecord(width=64, height=64, model_file="m.safetensors", model_sha256=None, img2img=False,
-                         executed_steps=4, layout_steps=None)
-    pnginfo(GenerationParams("a", steps=4), record)  # DDIM: as before
-    with pytest.raises(ValueError, match="sampler 'dpmpp_2m'"):
-        pnginfo(GenerationParams("a", steps=4, sampler="dpmpp_2m", schedule="karras"), record)
+
+SAMPLER_CASES = [("ddim", "normal")] + [(n, sch) for n in ("euler", "euler_a", "dpmpp_2m") for sch in ("normal", "karras")]
+
+
+@pytest.mark.parametrize("sampler, schedule", SAMPLER_CASES)
+def test_every_sampler_and_schedule_round_trips_through_both_chunks(sampler, schedule, tmp_path):
+    p = _params(sampler=sampler, schedule=schedule)
+    text = pngmeta.infotext(p, _record())
+    names = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M"}  # A1111's labels
+    expected = f"Sampler: {names[sampler]}" + ("" if sampler == "ddim" else
+                                               f", Schedule type: {'Karras' if schedule == 'karras' else 'Uniform'}")
+    assert f"Steps: 4, {expected}, CFG scale: 6.5" in text
+    parsed, _ = pngmeta.parse_infotext(text)
+    assert pngmeta.params_from_dict(parsed) == dataclasses.replace(p, strength=0.75)  # txt2img: no strength written
+    out = _png(tmp_path, p, _record())
+    assert pngmeta.read_params(out) == p  # the JSON chunk
+    data = json.loads(png_text(out, "gbsd"))
+    assert (data["params"]["sampler"], data["params"]["schedule"]) == (sampler, schedule)
+    stripped = tmp_path / "infotext-only.png"
+    info = pngmeta.PngInfo()
+    info.add_text("parameters", png_text(out, "parameters"))
+    Image.open(out).save(stripped, pnginfo=info)
+    assert pngmeta.read_metadata(stripped)["source"] == "infotext"
+    assert pngmeta.read_params(stripped) == dataclasses.replace(p, strength=0.75)
+
+
+# Parameter lines as A1111 writes them (typed from A1111's create_infotext / sd_samplers code, not produced by us):
+# v1.9+ writes "Schedule type" apart (the resolved label: DPM++ 2M on Automatic says Karras), older versions put
+# Karras into the sampler's name.
+A1111_LINES = [
+    ("Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, Version: v1.10.1",
+     "dpmpp_2m", "karras"),
+    ("Steps: 20, Sampler: DPM++ 2M, Schedule type: Automatic, CFG scale: 7, Seed: 1, Size: 512x512", "dpmpp_2m",
+     "karras"),
+    ("Steps: 30, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 1, Size: 512x512, Version: v1.9.4",
+     "euler_a", "normal"),
+    ("Steps: 30, Sampler: Euler, Schedule type: Uniform, CFG scale: 7, Seed: 1, Size: 512x512", "euler", "normal"),
+    ("Steps: 30, Sampler: Euler, Schedule type: Normal, CFG scale: 7, Seed: 1, Size: 512x512", "euler", "normal"),
+    ("Steps: 30, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512", "euler_a", "karras"),
+    ("Steps: 50, Sampler: DDIM, Schedule type: Automatic, CFG scale: 7.5, Seed: 1, Size: 512x512", "ddim", "normal"),
+    ("Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 512x512, Version: v1.6.0", "dpmpp_2m",
+     "karras"),
+    ("Steps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 1, Size: 512x512, Version: v1.6.0", "dpmpp_2m", "normal"),
+    ("Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Version: v1.5.1", "euler_a", "normal"),
+]
+
+
+@pytest.mark.parametrize("line, sampler, schedule", A1111_LINES)
+def test_a1111_sampler_names_are_read(line, sampler, schedule):
+    params, _ = pngmeta.parse_infotext("a photo of a cat\n" + line)
+    p = pngmeta.params_from_dict(params)
+    assert (p.sampler, p.schedule) == (sampler, schedule)
+
+
+@pytest.mark.parametrize("line, match", [
+    ("Steps: 20, Sampler: Heun, CFG scale: 7, Seed: 1", "sampler must be one of ddim, euler, euler_a, dpmpp_2m, "
+                                                        "got 'Heun'"),
+    ("Steps: 20, Sampler: DPM++ SDE Karras, CFG scale: 7, Seed: 1", "got 'DPM\\+\\+ SDE Karras'"),
+    ("Steps: 20, Sampler: Euler, Schedule type: Exponential, CFG scale: 7, Seed: 1",
+     "schedule must be one of normal, karras, got 'Exponential'"),
+    ("Steps: 20, Sampler: DDIM, Schedule type: Karras, CFG scale: 7, Seed: 1", "for the σ samplers"),
+])
+def test_samplers_gbsd_does_not_have_are_refused_by_name(line, match):
+    params, _ = pngmeta.parse_infotext("p\n" + line)
+    with pytest.raises(ValueError, match=match):
+        pngmeta.params_from_dict(params)
+
+
+def test_sampler_labels():
+    assert [pngmeta.sampler_label(*c) for c in SAMPLER_CASES] == [
+        "DDIM", "Euler", "Euler Karras", "Euler a", "Euler a Karras", "DPM++ 2M", "DPM++ 2M Karras"]

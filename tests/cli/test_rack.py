@@ -53,11 +53,28 @@ def test_from_png_reproduces_a_frame_and_the_whole_rack(amp_ckpt, tmp_path, caps
         assert np.abs(px(again) - px(tmp_path / f"rack_{k:02d}.png")).max() <= 1
         assert pngmeta.read_params(again) == pngmeta.read_params(tmp_path / f"rack_{k:02d}.png")
     # rack --from-png on the sheet: the same rack (frames count from the sheet's "rack" entry).
-    (tmp_path / "re").mkdir()
-    code, _, err = run_cli(["rack", "--from-png", tmp_path / "rack_sheet.png", "--weights", amp_ckpt, "-q",
-                            "-o", tmp_path / "re" / "r.webp"], capsys)
-    assert code == 0, err
-    for k in range(4):
-        assert np.array_equal(px(tmp_path / "re" / f"r_{k:02d}.png"), px(tmp_path / f"rack_{k:02d}.png"))
+    _rack_again_from_the_sheet(amp_ckpt, tmp_path, capsys, frames=4)
     with Image.open(tmp_path / "rack.gif") as im:
         assert im.n_frames == 4
+
+
+def test_rack_with_another_sampler_records_and_reproduces_it(amp_ckpt, tmp_path, capsys):
+    """--sampler / --schedule reach the rack's sweep (Euler a's noise shared by the frames' branches) and every PNG;
+    the sheet's --from-png runs the same sampler again."""
+    argv = [*RACK, "--frames", "2", "--sampler", "euler_a", "--schedule", "karras", "--weights", amp_ckpt]
+    assert run_cli([*argv, "-o", tmp_path / "rack.webp"], capsys)[0] == 0
+    for name in ("rack_00.png", "rack_01.png", "rack_sheet.png"):
+        p = pngmeta.read_params(tmp_path / name)
+        assert (p.sampler, p.schedule) == ("euler_a", "karras")
+        assert "Sampler: Euler a, Schedule type: Karras" in png_texts(tmp_path / name)["parameters"]
+    _rack_again_from_the_sheet(amp_ckpt, tmp_path, capsys, frames=2)
+
+
+def _rack_again_from_the_sheet(ckpt, tmp_path, capsys, frames: int) -> None:
+    """`gbsd rack --from-png rack_sheet.png` into re/: every frame equals the first rack's."""
+    (tmp_path / "re").mkdir()
+    code, _, err = run_cli(["rack", "--from-png", tmp_path / "rack_sheet.png", "--weights", ckpt, "-q",
+                            "-o", tmp_path / "re" / "r.webp"], capsys)
+    assert code == 0, err
+    for k in range(frames):
+        assert np.array_equal(px(tmp_path / "re" / f"r_{k:02d}.png"), px(tmp_path / f"rack_{k:02d}.png"))

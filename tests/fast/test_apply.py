@@ -339,25 +339,25 @@ def _tiny_bundle_with(vae):
 # ----------------------------------------------------------------------------------------------------- stepper cache
 def test_make_stepper_is_cached_per_options_guidance_and_eta(fresh, plain, monkeypatch):
     """Issue item 9: every generate() built a new stepper, so with CUDA graphs every image re-captured (and uploaded
-    its coefficient vectors again). The bundle keeps one stepper per (options, guidance, η): a second generate gets the
-    same object, captures nothing and uploads nothing. (CUDA graphs run on the CPU stand-in here.)"""
+    its coefficient vectors again). The bundle keeps one stepper per (options, guidance, η, sampler): a second generate
+    gets the same object, captures nothing and uploads nothing. (CUDA graphs run on the CPU stand-in here.)"""
     import gbsd_core.fast.step as fast_step
     from gbsd_core.fast.step import eager_capture
 
     monkeypatch.setattr(fast_apply, "_check_device", lambda options, device: None)  # cuda_graphs on the CPU
     monkeypatch.setattr(fast_apply, "CudaGraphCapture", lambda: eager_capture)
-    uploads = []
-    real = fast_step.ddim_coefficients
-    monkeypatch.setattr(fast_step, "ddim_coefficients", lambda *a: uploads.append(a[1]) or real(*a))
+    uploads = []  # the coefficient rows computed: (step, first/second order) per executed step of a run
+    real = fast_step.step_coefficients
+    monkeypatch.setattr(fast_step, "step_coefficients", lambda *a: uploads.append(a[1]) or real(*a))
     b = fresh()
     opts = FastOptions(cuda_graphs=True, cache_context_kv=True, fuse_qkv=True)
     p = GenerationParams(PROMPT, focus=FOCUS, alpha=0.3, layout=0.5, steps=4, seed=3, **SIZE)
     first = fast_generate(b, p, opts)
     stepper = make_stepper(b, opts, p.cfg, p.eta)
-    assert stepper is make_stepper(b, opts, 7.5, 0.0) and stepper.captures == 1 and len(uploads) == 4
+    assert stepper is make_stepper(b, opts, 7.5, 0.0) and stepper.captures == 1 and len(uploads) == 2 * 4
     assert make_stepper(b, opts, 5.0) is not stepper and make_stepper(b, opts, 7.5, 0.5) is not stepper
     second = fast_generate(b, p, opts)
-    assert stepper.captures == 1 and len(uploads) == 4  # no capture, no coefficients computed or copied again
+    assert stepper.captures == 1 and len(uploads) == 2 * 4  # no capture, no coefficients computed or copied again
     assert np.array_equal(np.asarray(first.image), np.asarray(second.image))
     diff = np.abs(np.asarray(first.image, np.int16) - np.asarray(generate(plain, p).image, np.int16)).max()
     assert diff <= 1

@@ -1,8 +1,9 @@
-"""The fast CFG + DDIM step (gbsd_core/fast/step.py): the coefficient form of DDIM, the K/V cache across stage
+"""The fast CFG step (gbsd_core/fast/step.py): the coefficient form of every sampler, the K/V cache across stage
 switches, the CUDA-graph buffer logic (CPU stand-in for the capture), torch.compile on CPU, real CUDA graphs where
-CUDA is available."""
+CUDA is available. Every sampler's fast runs against the plain CFGStep: tests/fast/test_step_samplers.py."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from _fast import (
@@ -22,24 +23,39 @@ from gbsd_core.ddim import DDIMScheduler
 from gbsd_core.fast import FastOptions, make_stepper
 from gbsd_core.fast.attention import set_context_kv
 from gbsd_core.fast.prepack import prepack_
-from gbsd_core.fast.step import FastStepper, ddim_coefficients, eager_capture
+from gbsd_core.fast.step import FastStepper, eager_capture, step_coefficients
 from gbsd_core.pipeline import GenerationParams
+from gbsd_core.samplers import make_sampler
 from gbsd_core.sampling import denoise, gbsd_stages
 
 
-# ----------------------------------------------------------------------------------------------------- DDIM form
+# ----------------------------------------------------------------------------------------------------- the form
+FORMS = [("ddim", "normal", eta) for eta in (0.0, 1.0)] + [
+    (name, schedule, 0.0) for name in ("euler", "euler_a", "dpmpp_2m") for schedule in ("normal", "karras")]
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_coefficient_form_reproduces_scheduler_step(prediction_type, eta):
-    sched = DDIMScheduler(prediction_type)
+@pytest.mark.parametrize("name, schedule, eta", FORMS)
+def test_coefficient_form_reproduces_the_samplers_update(name, schedule, eta, prediction_type):
+    """x / in_scale is what the sampler's model_input gives (bit for bit), and a_x·x + a_out·out + a_prev·prev + a_noise·z / d_x·x +
+    d_out·out what its update gives, at every step of a 20-step run, first and second order, on random fp32 inputs."""
+    sampler = make_sampler(DDIMScheduler(prediction_type), name, schedule)
     gen = torch.Generator().manual_seed(0)
-    for t in sched.timesteps(20):
-        out, x, z = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(3))
-        ref_prev, ref_x0 = sched.step(out, int(t), x, eta=eta, noise=z)
-        c = ddim_coefficients(sched, int(t), eta).float()
-        err = max(rel_err(c[0] * x + c[1] * out + c[4] * z, ref_prev), rel_err(c[2] * x + c[3] * out, ref_x0))
-        assert err <= 1e-6, (int(t), err)
-    print(f"coefficient form vs scheduler.step ({prediction_type}, η={eta}): ok")
+    worst = 0.0
+    for i in range(len(sampler.timesteps(20))):
+        x, out, prev, z = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(4))
+        needs_noise = sampler.noise_std(i, eta) > 0
+        for second in (False, True) if i > 0 else (False,):
+            ref_next, ref_x0 = sampler.update(i, x, out, eta=eta, noise=z if needs_noise else None,
+                                              prev_x0=prev if second else None)
+            c = step_coefficients(sampler, i, eta, second).float()
+            mine = c[1] * x + c[2] * out + c[3] * (prev if second else 0) + c[4] * z
+            worst = max(worst, rel_err(mine, ref_next), rel_err(c[5] * x + c[6] * out, ref_x0))
+            assert torch.equal(x / c[0], sampler.model_input(x, i))
+    print(f"coefficient form vs {name} {schedule} update ({prediction_type}, η={eta}): {worst:.2e}")
+    assert worst <= 1e-6
+    if name != "dpmpp_2m":  # only the multistep sampler reads its history
+        assert all(float(step_coefficients(sampler, i, eta, True)[3]) == 0.0 for i in range(20))
 
 
 def _count_calls(modules) -> list[int]:
@@ -95,15 +111,15 @@ def test_graphed_step_buffers_with_cpu_stand_in():
     # again, and its K/V never move (a real graph reads them by address).
     ctx, x = torch.randn(2, 77, 48), torch.randn(1, 4, 8, 8)
     graphed.set_context(ctx)
-    first = graphed(x, 981, None)
+    first = graphed.step(x, 0, None)
     set_context_kv(unet, torch.randn(6, 77, 48))
-    second = graphed(x, 981, None)
+    second = graphed.step(x, 0, None)
     assert graphed.captures == 1 and torch.equal(first[0], second[0]) and _kv_ptrs(graphed) == kv_ptrs[0]
     graphed.close()
     reference = FastStepper(unet, graphed.scheduler, 7.5, 0.0)
     reference.set_context(ctx)
     with torch.inference_mode():
-        assert rel_err(first[0], reference(x, 981, None)[0]) <= 1e-6
+        assert rel_err(first[0], reference.step(x, 0, None)[0]) <= 1e-6
 
 
 def test_graph_rechecks_v_as_well_as_k():
@@ -114,11 +130,11 @@ def test_graph_rechecks_v_as_well_as_k():
     graphed.scheduler.timesteps(10)
     ctx, x = torch.randn(2, 77, 48), torch.randn(1, 4, 8, 8)
     graphed.set_context(ctx)
-    first = graphed(x, 901, None)
+    first = graphed.step(x, 0, None)
     attn = graphed._attn2[0]
     source, k, v = attn.context_kv
     attn.context_kv = (source, k, torch.zeros_like(v))  # another V tensor; K and the context are the graph's own
-    second = graphed(x, 901, None)
+    second = graphed.step(x, 0, None)
     assert attn.context_kv[2] is v and graphed.captures == 1
     assert torch.equal(first[0], second[0])
 
@@ -161,6 +177,25 @@ def test_cuda_graphs_real(fresh, dtype):
     assert make_stepper(b2, opts, 7.5).captures == 1  # generate reuses the graph the denoise above captured
 
 
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (bench/gpu.sh runs it)")
+@pytest.mark.parametrize("sampler, schedule", [("euler_a", "karras"), ("dpmpp_2m", "karras"), ("euler", "normal")])
+def test_cuda_graphs_real_for_the_sigma_samplers(fresh, sampler, schedule):
+    """Real CUDA graphs of a σ sampler's step (Euler a's noise, DPM++'s history and the fractional t in static buffers):
+    one capture for the whole GBSD run, the image as the eager fast path's."""
+    p = GenerationParams(PROMPT, focus=FOCUS, alpha=0.3, layout=0.5, steps=8, seed=3, sampler=sampler,
+                         schedule=schedule, **SIZE)
+    images = []
+    for graphs in (False, True):
+        b = fresh()
+        b.unet.cuda(), b.vae.cuda(), b.text_encoder.cuda()
+        opts = FastOptions(dtype=torch.float16, cache_context_kv=True, fuse_qkv=True, cuda_graphs=graphs)
+        images.append(fast_generate(b, p, opts).image)
+        if graphs:
+            assert make_stepper(b, opts, 7.5, 0.0, sampler, schedule).captures == 1
+    print(f"CUDA graphs {sampler} {schedule}: PSNR vs eager fast {psnr(images[1], images[0]):.1f} dB")
+    assert psnr(images[1], images[0]) >= 40.0
+
+
 # ----------------------------------------------------------------------------------------------------- compile
 def test_torch_compile_cpu_matches_eager_without_recompiling_at_stage_switch():
     """torch.compile (inductor, CPU: needs the C++ compiler) of the whole step. One compile for a whole GBSD run:
@@ -181,25 +216,24 @@ def test_torch_compile_cpu_matches_eager_without_recompiling_at_stage_switch():
     assert err <= 1e-4
 
 
-def test_fast_steps_run_ddim_only_for_now(fresh):
-    """The loop's entry `step(latents, i, ...)` is DDIM's step at run_timesteps[i]; a σ sampler is refused clearly
-    (the fast σ samplers are a later phase), by the stepper and by generate()."""
+def test_generate_runs_every_sampler_through_the_fast_stepper(fresh, plain):
+    """make_stepper(..., sampler, schedule) runs that sampler (Euler a's noise from the run's generator, DPM++'s history
+    across the switch): generate through it equals the plain generate within 1/255; a stepper of another sampler is
+    refused by generate()."""
     from gbsd_core.pipeline import generate
-    from gbsd_core.samplers import make_sampler
 
     b = fresh()
-    with make_stepper(b, FastOptions(), 7.5) as stepper:
-        ts = b.scheduler.timesteps(6)
-        stepper.set_context(torch.randn(2, 77, b.unet.config.context_dim))
-        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-        with torch.inference_mode():
-            assert torch.equal(stepper.step(x, 2, None)[0], stepper(x, int(ts[2]), None)[0])
-        with pytest.raises(ValueError, match="the stepper runs sampler 'ddim'"):
-            generate(b, GenerationParams(PROMPT, steps=4, sampler="euler", **SIZE), stepper=stepper)
-        stepper.scheduler = make_sampler(b.scheduler, "euler")
-        stepper.scheduler.timesteps(6)
-        with pytest.raises(ValueError, match="DDIM only"):
-            stepper.step(x, 0, None)
+    opts = FastOptions(cache_context_kv=True, fuse_qkv=True)
+    for name, schedule in (("euler_a", "karras"), ("dpmpp_2m", "normal"), ("euler", "karras")):
+        p = GenerationParams(PROMPT, focus=FOCUS, alpha=0.3, layout=0.5, steps=6, seed=3, sampler=name,
+                             schedule=schedule, **SIZE)
+        fast = fast_generate(b, p, opts)
+        diff = np.abs(np.asarray(fast.image, np.int16) - np.asarray(generate(plain, p).image, np.int16)).max()
+        print(f"generate {name} {schedule}, fast fp32 vs plain: max pixel diff {diff}/255")
+        assert diff <= 1 and fast.boundary_sigma == generate(plain, p).boundary_sigma
+    with make_stepper(b, opts, 7.5) as stepper, pytest.raises(ValueError, match="the stepper runs sampler 'ddim'"):
+        generate(b, GenerationParams(PROMPT, steps=4, sampler="euler", **SIZE), stepper=stepper)
+    assert make_stepper(b, opts, 7.5, 0.0, "euler") is not make_stepper(b, opts, 7.5)
 
 
 # ----------------------------------------------------------------------------------------------------- recompiles
@@ -241,12 +275,12 @@ def _step_vs_plain(step, plain, scheduler, guidance, batch, hw, seed) -> float:
     g = torch.Generator().manual_seed(seed)
     ctx = torch.randn(2 * batch, 77, 48, generator=g)
     x = torch.randn(batch, 4, hw, hw, generator=g)
-    t = int(scheduler.timesteps(10)[3])
+    scheduler.timesteps(10)
     step.set_context(ctx)
     ref_step = CFGStep(plain.unet, scheduler, guidance)
     ref_step.set_context(ctx)
     with torch.inference_mode():
-        return rel_err(step(x, t, None)[0], ref_step.step(x, 3, None, None)[0])
+        return rel_err(step.step(x, 3, None)[0], ref_step.step(x, 3, None, None)[0])
 
 
 def test_past_the_recompile_limit_the_stepper_warns_and_runs_eager_steps(monkeypatch, dynamo_reset):
@@ -310,3 +344,23 @@ def test_earlier_step_outputs_survive_later_steps_under_modes_with_graphs(monkey
         err = max_rel(kept, eager)
         print(f"{name}: kept states vs eager run {err:.2e}")
         assert err <= 1e-6, name
+
+
+def test_aot_eager_traces_the_ancestral_and_multistep_steps(monkeypatch, dynamo_reset):
+    """The σ samplers' steps (Euler a's noise input, DPM++'s history input, fractional t) through dynamo + AOTAutograd
+    (fullgraph), as inductor would receive them: equal to the eager fast step, one compile for both samplers' runs."""
+    from _fast import compile_as
+
+    import torch._dynamo
+
+    compile_as(monkeypatch, "aot_eager")
+    unet = tiny_unet()
+    for name in ("euler_a", "dpmpp_2m"):
+        eager = gbsd_run(unet, FastStepper(unet, None, 7.5, 0.0), sampler=name, schedule="karras")
+        # the first run compiles; the second sampler's whole run (its other stepper too) must not compile again
+        with torch._dynamo.config.patch(error_on_recompile=name == "dpmpp_2m"):
+            traced = gbsd_run(unet, FastStepper(unet, None, 7.5, 0.0, compile_mode="default"), sampler=name,
+                              schedule="karras")
+        err = max_rel(traced, eager)
+        print(f"{name} karras, aot_eager vs eager fast step: {err:.2e}")
+        assert err <= 1e-6
