@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from _reference import diffusers_sdxl_pipeline
+from _samplers import COMBOS, diffusers_scheduler, inject_ancestral_noise
 from _sdxl import write_tiny_sdxl
 from _util import max_pixel_diff
 from PIL import Image
@@ -148,6 +149,37 @@ def test_gbsd_equals_diffusers_with_both_embeddings_switched(bundle, reference, 
     # and the pooled half of the switch matters on its own: switching the context alone is another image
     context_only, _ = _switch(reference, alpha, n_layout, pooled=False)
     assert np.abs(_reference_image(reference, PROMPT, n, x_T, context_only) - ref).max() > 2 / 255
+
+
+@pytest.mark.parametrize("name, schedule", COMBOS)
+def test_every_sampler_runs_gbsd_on_sdxl_as_diffusers_does(bundle, reference, name, schedule, monkeypatch):
+    """Euler (SDXL's own default), Euler a and DPM++ 2M, normal and Karras σ: GBSD on the tiny SDXL base equals
+    StableDiffusionXLPipeline with the matching diffusers scheduler (tests/_samplers.py) and both embeddings switched
+    at the same executed step, within 1/255; Euler a's noise is the z our run draws (injected into diffusers)."""
+    n, alpha, sigma, seed = 10, 0.5, 0.7, 4
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(23))
+    params = GenerationParams(PROMPT, focus=FOCUS, alpha=alpha, layout=sigma, steps=n, seed=seed, sampler=name,
+                              schedule=schedule, **SIZE)
+    ours = generate(bundle, params, x_T=x_T)
+    given = inject_ancestral_noise(monkeypatch)
+    if name == "euler_a":
+        g = torch.Generator().manual_seed(seed)
+        given.extend(torch.randn(1, 4, 8, 8, generator=g) for _ in range(n))
+    n_layout = layout_steps(n, sigma)
+    switch, switched = _switch(reference, alpha, n_layout)
+    ddim, reference.scheduler = reference.scheduler, diffusers_scheduler(name, schedule)
+    try:
+        ref = _reference_image(reference, PROMPT, n, x_T, switch)
+    finally:
+        reference.scheduler = ddim
+    diff = max_pixel_diff(pixels(ours), ref)
+    print(f"SDXL GBSD {name} {schedule} vs diffusers: max pixel diff {diff * 255:.3f}/255, focus stage from "
+          f"σ = {ours.boundary_sigma:.3f}")
+    assert switched == [n_layout - 1] and not given  # diffusers switched where we did, and took all of our noise
+    assert diff <= 1 / 255
+    ddim_image = pixels(generate(bundle, GenerationParams(PROMPT, focus=FOCUS, alpha=alpha, layout=sigma, steps=n,
+                                                          seed=seed, **SIZE), x_T=x_T))
+    assert np.abs(ddim_image - pixels(ours)).max() > 2  # the sampler is not DDIM under another name
 
 
 def test_refiner_img2img_equals_diffusers(refiner, tmp_path):
