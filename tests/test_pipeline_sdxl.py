@@ -179,7 +179,12 @@ def test_every_sampler_runs_gbsd_on_sdxl_as_diffusers_does(bundle, reference, na
     assert diff <= 1 / 255
     ddim_image = pixels(generate(bundle, GenerationParams(PROMPT, focus=FOCUS, alpha=alpha, layout=sigma, steps=n,
                                                           seed=seed, **SIZE), x_T=x_T))
-    assert np.abs(ddim_image - pixels(ours)).max() > 2  # the sampler is not DDIM under another name
+    # DDIM (η = 0) is Euler's method on x/√ᾱ_t in σ (Song et al. 2021, eq. 14; Karras et al. 2022, sec. 3), so on
+    # the same timesteps Euler's normal schedule gives DDIM's image; every other sampler makes another one.
+    if (name, schedule) == ("euler", "normal"):
+        assert np.abs(ddim_image - pixels(ours)).max() <= 1
+    else:
+        assert np.abs(ddim_image - pixels(ours)).max() > 2  # the sampler is not DDIM under another name
 
 
 def test_refiner_img2img_equals_diffusers(refiner, tmp_path):
