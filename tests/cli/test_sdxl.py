@@ -113,6 +113,26 @@ def test_base_then_refiner_img2img(weights_dir, tmp_path, capsys):
     assert not np.array_equal(pixels(base), pixels(refined))
 
 
+def test_sdxl_with_euler_and_dpmpp_karras_and_the_fast_path(weights_dir, tmp_path, capsys, monkeypatch):
+    """--sampler / --schedule on SDXL: recorded as A1111 names them, --from-png runs the same sampler again; --fast
+    runs it through the fast step (vector y and DPM++'s history in its inputs)."""
+    monkeypatch.setenv("GBSD_WEIGHTS", str(weights_dir))
+    base = weights_dir / "tiny-sdxl-base.safetensors"
+    args = ["generate", PROMPT, "--focus", FOCUS, "--seed", "2", "--weights", base, *TINY]
+    for sampler, schedule, name in (("euler", "normal", "Euler"), ("dpmpp_2m", "karras", "DPM++ 2M")):
+        src, again, fast = (tmp_path / f"{sampler}-{k}.png" for k in ("src", "again", "fast"))
+        code, _, err = run_cli([*args, "--sampler", sampler, "--schedule", schedule, "-q", "-o", src], capsys)
+        assert code == 0, err
+        assert f"Sampler: {name}" in png_texts(src)["parameters"]
+        assert (pngmeta.read_params(src).sampler, pngmeta.read_params(src).schedule) == (sampler, schedule)
+        assert run_cli(["generate", "--from-png", src, "-q", "-o", again], capsys)[0] == 0
+        assert np.array_equal(pixels(src), pixels(again))
+        assert run_cli([*args, "--sampler", sampler, "--schedule", schedule, "--fast", "-q", "-o", fast],
+                       capsys)[0] == 0
+        assert np.abs(pixels(src) - pixels(fast)).max() <= 2
+    assert not np.array_equal(pixels(tmp_path / "euler-src.png"), pixels(tmp_path / "dpmpp_2m-src.png"))
+
+
 def test_sweep_on_sdxl(tiny_sdxl_ckpt, tmp_path, capsys):
     out = tmp_path / "sweep"
     out.mkdir()
