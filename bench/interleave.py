@@ -16,12 +16,12 @@ import torch
 
 from .presets import Preset
 from .run import (
-    NEGATIVE,
-    PROMPT,
     Settings,
     build_diffusers,
     build_ours,
     describe,
+    diffusers_added_cond,
+    diffusers_embeddings,
     diffusers_step_call,
     free_memory,
     make_inputs,
@@ -43,8 +43,9 @@ def _prepare(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any]) -> 
         call = ours_step_call(stepper, uncond, cond, make_inputs(s, lat_dtype), bundle.scheduler.timesteps(s.steps), s)
         return call, getattr(stepper, "close", lambda: None)
     pipe = build_diffusers(preset, s, clock, rec)
-    pe, npe = pipe.encode_prompt(PROMPT, s.device, s.batch, True, negative_prompt=NEGATIVE)
-    return diffusers_step_call(pipe.unet, pipe.scheduler, pe, npe, make_inputs(s, s.dtype), s), lambda: None
+    pe, npe, pooled = diffusers_embeddings(pipe, s)  # SDXL: and the pooled pair, for its added_cond_kwargs
+    added = diffusers_added_cond(pooled, s, pe.dtype)
+    return diffusers_step_call(pipe.unet, pipe.scheduler, pe, npe, make_inputs(s, s.dtype), s, added), lambda: None
 
 
 def run_interleaved(presets: list[Preset], s: Settings, clock: Clock, records: list[dict[str, Any]],

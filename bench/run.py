@@ -308,16 +308,23 @@ def diffusers_negative(pipe) -> str | None:
     return None if not NEGATIVE and getattr(pipe.config, "force_zeros_for_empty_prompt", False) else NEGATIVE
 
 
+def diffusers_embeddings(pipe, s: Settings) -> tuple[torch.Tensor, torch.Tensor,
+                                                      tuple[torch.Tensor, torch.Tensor] | None]:
+    """(prompt embeds, negative embeds, SDXL's pooled pair [negative; prompt] or None) as the pipeline encodes them
+    for s.batch images, with the negative prompt that conditions as ours does (`diffusers_negative`)."""
+    # keywords: StableDiffusionXLPipeline.encode_prompt has prompt_2 second; it also returns the pooled pair
+    embeds = pipe.encode_prompt(PROMPT, device=s.device, num_images_per_prompt=s.batch,
+                                do_classifier_free_guidance=True, negative_prompt=diffusers_negative(pipe))
+    pooled = (embeds[3], embeds[2]) if len(embeds) == 4 else None
+    return embeds[0], embeds[1], pooled
+
+
 def run_diffusers_shape(pipe, s: Settings, clock: Clock, rec: dict[str, Any], flush: Flush) -> None:
     clock.reset_peak()
     h = w = s.size
     negative = diffusers_negative(pipe)
     with torch.inference_mode():
-        # keywords: StableDiffusionXLPipeline.encode_prompt has prompt_2 second; it also returns the pooled pair
-        embeds = pipe.encode_prompt(PROMPT, device=s.device, num_images_per_prompt=s.batch,
-                                    do_classifier_free_guidance=True, negative_prompt=negative)
-        pe, npe = embeds[:2]
-        pooled = (embeds[3], embeds[2]) if len(embeds) == 4 else None  # [negative; prompt]
+        pe, npe, pooled = diffusers_embeddings(pipe, s)
         x_T = make_inputs(s, s.dtype)
         if "step" in s.parts:
             added = diffusers_added_cond(pooled, s, pe.dtype)

@@ -97,6 +97,19 @@ def test_interleaved_step_timing(tmp_path, capsys):
     assert "--parts step" in capsys.readouterr().err
 
 
+def test_interleaved_sdxl_steps(tmp_path, capsys):
+    """--arch sdxl --interleave: diffusers' step gets SDXL's pooled embeddings and size ids there too (it used to
+    call encode_prompt positionally, which StableDiffusionXLPipeline reads as prompt_2, and fail)."""
+    out = tmp_path / "xl-inter.json"
+    rc = main(["--arch", "sdxl", "--tiny", "--device", "cpu", "--threads", "1", "--steps", "3", "--repeat", "2",
+               "--parts", "step", "--interleave", "--configs", "fast,diffusers", "--json", str(out)])
+    capsys.readouterr()
+    assert rc == 0
+    for r in json.loads(out.read_text())["results"]:
+        assert r["complete"] and "error" not in r and r["arch"] == "sdxl" and r["step"]["interleaved"]
+    assert r["step_ms"] > 0
+
+
 def test_cli_rejects_unknown_names(capsys):
     with pytest.raises(SystemExit):
         main(["--configs", "eager,warp-speed"])
