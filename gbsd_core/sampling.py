@@ -214,22 +214,12 @@ def _mix(global_emb: Tensor, local_emb: Tensor, alpha: float | Tensor) -> Tensor
 def blend_embeddings(from_emb: Cond, to_emb: Cond, mix: float | Tensor) -> Cond:
     """(1−m)·E(from) + m·E(to): a local prompt part way between two (rack focus); m may be a [K] tensor.
 
-    m = 0 and m = 1 give E(from) and E(to) exactly, and being element-wise a row comes out the same bits whether it is
-    computed alone (generate) or in a batch (sweep). For SDXL the pooled embeddings blend the same way and the
-    micro-conditioning (the image's size) stays as it is.
+    The same weighted sum as `focus_conditioning`, with E(to) in the weighted place: m = 0 and m = 1 give E(from) and
+    E(to) exactly, and being element-wise a row comes out the same bits whether it is computed alone (generate) or in
+    a batch (sweep). For SDXL the pooled embeddings blend the same way and the micro-conditioning (the image's size,
+    the same in both) stays as it is.
     """
-    if not isinstance(from_emb, Conditioning):
-        return _blend(from_emb, to_emb, mix)
-    to = as_conditioning(to_emb)
-    context = _blend(from_emb.context, to.context, mix)
-    pooled = None if from_emb.pooled is None else _blend(from_emb.pooled, to.pooled, mix)
-    micro = None if from_emb.micro is None else from_emb.micro.expand(context.shape[0], -1)
-    return Conditioning(context, pooled, micro)
-
-
-def _blend(a: Tensor, b: Tensor, mix: float | Tensor) -> Tensor:
-    mix = torch.as_tensor(mix, dtype=a.dtype, device=a.device).reshape(-1, *[1] * (a.ndim - 1))
-    return (1.0 - mix) * a + mix * b
+    return focus_conditioning(to_emb, from_emb, mix)
 
 
 def gbsd_stages(global_emb: Cond, focus_emb: Cond, n: int, layout: float) -> list[Stage]:
