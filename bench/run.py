@@ -84,7 +84,6 @@ class Settings:
     gpu: str | None = None
     samplers: tuple[str, ...] = ()  # --samplers: our per-sampler loops (bench/samplers.py)
     schedule: str = "normal"  # the σ samplers' schedule there
-    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="gbsd-bench-")))
 
     @property
     def latent_hw(self) -> int:
@@ -247,7 +246,9 @@ def build_diffusers(preset: Preset, s: Settings, clock: Clock, rec: dict[str, An
     # The twin takes the bundle's tensors (share=True: one copy in memory); SDPA attention in the text encoder, as a
     # diffusers user gets by default.
     make = diffusers_sdxl_pipeline if bundle.unet.config.adm_in_channels else diffusers_sd_pipeline
-    pipe = make(bundle, s.tmp, share=True, attn_implementation="sdpa")
+    # The tokenizer files are read into memory while the pipeline is built, so their folder need not outlive it.
+    with tempfile.TemporaryDirectory(prefix="gbsd-bench-") as tmp:
+        pipe = make(bundle, Path(tmp), share=True, attn_implementation="sdpa")
     del bundle
     pipe.set_progress_bar_config(disable=True)
     mode = compile_mode(preset, s.compile_mode, s.device.type)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import tempfile
 import time
 
 import pytest
@@ -20,8 +21,13 @@ MEASURED = ("text_ms", "step_ms", "loop_it_s", "loop_s", "vae_ms", "e2e_s", "pea
             "images_s", "tflops")
 
 
-def test_tiny_run_prints_table_and_writes_json(tmp_path, capsys):
+def test_tiny_run_prints_table_and_writes_json(tmp_path, capsys, monkeypatch):
     t0 = time.perf_counter()
+    # Everything the run puts in the temp folder it removes again (it once left a diffusers tokenizer folder
+    # per run in /tmp); torch's own compile cache may stay.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     out = tmp_path / "bench.json"
     md = tmp_path / "bench.md"
     steps, k, sigma = 5, 3, 0.8
@@ -31,6 +37,7 @@ def test_tiny_run_prints_table_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     print(printed)
     assert rc == 0
+    assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
 
     data = json.loads(out.read_text())
     assert data["schema"] == SCHEMA
@@ -152,7 +159,7 @@ def test_sdxl_tiny_run_and_its_two_steps_compute_the_same(tmp_path, capsys):
     assert recs["fast"]["step_vs_diffusers"] > 0
 
     s = Settings(arch="sdxl", device=torch.device("cpu"), dtype=torch.float32, size=64, steps=3, cfg=7.5, batch=1,
-                 repeat=1, warmup=0, loop_repeat=1, e2e_repeat=0, tiny=True, seed=0, compile_mode=None, tmp=tmp_path)
+                 repeat=1, warmup=0, loop_repeat=1, e2e_repeat=0, tiny=True, seed=0, compile_mode=None)
     bundle = build_bundle("sdxl", "cpu", torch.float32, tiny=True, seed=0)
     pipe = diffusers_sdxl_pipeline(bundle, tmp_path)
     assert NEGATIVE == "" and diffusers_negative(pipe) is None  # both sides: zeros for the empty negative prompt
