@@ -142,7 +142,9 @@ def _free_port() -> int:
 
 def test_torchrun_two_processes_give_the_same_table(single_run, amp_ckpt, pairs_file, tmp_path):
     out = tmp_path / "dist"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "CUDA_VISIBLE_DEVICES": ""}
+    # TMPDIR: torchrun's agent makes a torchelastic_* folder there and leaves it behind
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "CUDA_VISIBLE_DEVICES": "",
+           "TMPDIR": str(tmp_path)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "gbsd_core.cli.eval", str(pairs_file), "-o", str(out),
            "--weights", str(amp_ckpt), "--device", "cpu", *EVAL_ARGS]
