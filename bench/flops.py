@@ -7,7 +7,7 @@ configuration at that shape (ours, compiled, graphed, diffusers: the same networ
 FLOPs over measured time, comparable across configurations; one that skips work (the cross-attention K/V cache
 skips the 77-token K/V projections, ~0.1 % at 512²) shows it as a little more utilisation. Counting each
 implementation's own ops instead cannot work for all of them: compiled and graphed code and CPU-prepacked kernels
-are not ATen ops the counter sees. SD1.5 at 512² with CFG counts 1.607 TFLOP per step (GUIDE §5: 0.40 TMAC per
+are not ATen ops the counter sees. SD1.5 at 512² with CFG counts 1.607 TFLOP per step (by hand: 0.40 TMAC per
 sample at a 64×64 latent, i.e. 1.61 TFLOP per CFG step); tests/bench checks it. SDXL base at 1024² (a 128×128
 latent) counts 13.52 TFLOP per CFG step, 8.4x SD1.5 at 512², as diffusers' own SDXL UNet does under the same counter.
 """

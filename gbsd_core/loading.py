@@ -410,7 +410,7 @@ def load(path: str | os.PathLike, family: str | Family | None = None, dtype: tor
     `family` ("sd1", "sd2-512", "sd2-768-v", "sdxl-base", "sdxl-refiner") overrides detection; it matters for SD2,
     whose 512-eps and 768-v files have identical tensors (see family.detect for the hints used otherwise). `dtype` is
     the UNet's and the text encoder's; the VAE stays in `vae_dtype`, fp32 by default, because the SD decoder's
-    activations overflow fp16 (diffusers' `force_upcast` for the same reason; GUIDE §1.11).
+    activations overflow fp16 (diffusers' `force_upcast` for the same reason).
     """
     return build(inspect_checkpoint(path, family), dtype, device, vae_dtype)
 

@@ -81,7 +81,7 @@ def accelerate(bundle: SDBundle, options: FastOptions) -> None:
     unet.to(options.dtype)
     attentions = swap_attention(unet)
     if options.dtype == torch.float16 and bundle.family.prediction_type == "v_prediction":
-        for attn in attentions:  # SD2-768-v overflows fp16 attention logits (GUIDE §2); SDPA accumulates in fp32 anyway
+        for attn in attentions:  # SD2-768-v overflows fp16 attention logits (Stability's _ATTN_PRECISION); SDPA accumulates in fp32 anyway
             attn.upcast = True
     if options.attention == "math":
         for attn in attentions:
