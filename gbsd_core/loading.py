@@ -44,7 +44,7 @@ from .readers import (
     read_weights_file,
 )
 from .sdxl_conditioner import SDXLConditioner, SDXLConditionerConfig
-from .unet import UNetConfig, UNetModel
+from .unet import UNetConfig, UNetModel, unet_config_from_state_dict
 from .vae import AutoencoderKL, VAEConfig
 
 # Subtrees of a LatentDiffusion state dict: model (DiffusionWrapper).diffusion_model, first_stage_model, cond_stage_model.
@@ -326,7 +326,7 @@ class Checkpoint:
 def _configs(raw: RawCheckpoint, parts: Mapping[str, Mapping[str, torch.Tensor]], fam: Family, path: Path,
              prefixes: Mapping[str, str]) -> dict[str, object]:
     """Each part's config: a diffusers folder's config.json translated, else inferred from the tensors' shapes."""
-    unet_cfg = raw.configs.get("unet") or _infer("unet", lambda: UNetConfig.from_state_dict(parts["unet"]), path,
+    unet_cfg = raw.configs.get("unet") or _infer("unet", lambda: unet_config_from_state_dict(parts["unet"]), path,
                                                  prefixes)
     if fam.prediction_type == "v_prediction":
         # Stability's 768-v model overflows fp16 in attention softmax; diffusers' sd2-1 config sets

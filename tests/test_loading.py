@@ -36,7 +36,7 @@ from gbsd_core.loading import (
     split_components,
 )
 from gbsd_core.openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
-from gbsd_core.unet import UNetConfig, UNetModel
+from gbsd_core.unet import UNetConfig, UNetModel, unet_config_from_state_dict
 from gbsd_core.vae import AutoencoderKL, VAEConfig
 
 
@@ -325,7 +325,7 @@ def test_golden_file_passes_strict_loading(family: str, with_ema: bool) -> None:
         rows.update(read_keys_tsv(LDM_KEYS / GOLDEN[family].replace(".tsv", ".model_ema.tsv")))
     parts = split_components(meta_state_dict(rows), Path(GOLDEN[family]))
     sd1 = family == "sd1"
-    assert UNetConfig.from_state_dict(parts["unet"]) == (UNetConfig.sd1() if sd1 else UNetConfig.sd2())
+    assert unet_config_from_state_dict(parts["unet"]) == (UNetConfig.sd1() if sd1 else UNetConfig.sd2())
     assert VAEConfig.from_state_dict(parts["vae"]) == VAEConfig()
     te_cfg = (CLIPTextConfig.from_state_dict(parts["text_encoder"]) if sd1
               else OpenCLIPTextConfig.from_state_dict(parts["text_encoder"]))

@@ -22,7 +22,7 @@ from gbsd_core.loading import (
     split_components,
 )
 from gbsd_core.sdxl_conditioner import SDXLConditioner, SDXLConditionerConfig
-from gbsd_core.unet import UNetConfig, UNetModel
+from gbsd_core.unet import UNetConfig, UNetModel, unet_config_from_state_dict
 from gbsd_core.vae import AutoencoderKL, VAEConfig
 
 GOLDEN = {"sdxl-base": "sdxl_base.tsv", "sdxl-refiner": "sdxl_refiner.tsv"}
@@ -66,7 +66,7 @@ def test_golden_file_passes_strict_loading(family: str) -> None:
     assert detect(sd.keys(), path) is family_by_name(family)
     parts = split_components(sd, path, SDXL_PREFIXES)
     unet_cfg, cond_cfg = CONFIGS[family]
-    assert UNetConfig.from_state_dict(parts["unet"]) == unet_cfg
+    assert unet_config_from_state_dict(parts["unet"]) == unet_cfg
     assert VAEConfig.from_state_dict(parts["vae"]) == VAEConfig()
     assert SDXLConditionerConfig.from_state_dict(parts["text_encoder"]) == cond_cfg
     assert cond_cfg.vector_dim == unet_cfg.adm_in_channels

@@ -37,7 +37,8 @@ from torch import Tensor
 from ..attention import CrossAttention
 from ..sampling import Denoiser, Stage
 from ..tokenizer import EOT_TOKEN_ID, SOT_TOKEN_ID
-from ..unet import UNetModel, query_hw
+from ..attention_sites import attention_sites, query_hw
+from ..unet import UNetModel
 from .masks import attention_to_mask
 
 MIDDLE_LEVELS = (2, 4)  # downsampling factors ds of the collected attn2 layers (32x32 and 16x16 for 512² images)
@@ -82,9 +83,9 @@ class CrossAttentionCollector:
 
     def __init__(self, unet: UNetModel, positions: Sequence[int], levels: Sequence[int] = MIDDLE_LEVELS,
                  stage_names: Collection[str] = ("focus",)) -> None:
-        self.sites = [s for s in unet.attention_sites(cross=True) if s.ds in set(levels)]
+        self.sites = [s for s in attention_sites(unet, cross=True) if s.ds in set(levels)]
         if not self.sites:
-            have = sorted({s.ds for s in unet.attention_sites(cross=True)})
+            have = sorted({s.ds for s in attention_sites(unet, cross=True)})
             raise ValueError(f"the UNet has no cross-attention at levels ds={tuple(levels)} (it has ds={have})")
         positions = sorted(set(int(p) for p in positions))
         if not positions:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..attention_sites import attention_sites
 from .attention import swap_attention
 from .kernels import triton_available
 from .modules import (
@@ -93,7 +94,7 @@ def accelerate(bundle: SDBundle, options: FastOptions) -> None:
     if options.dtype != torch.float32:
         swap_group_norms(unet)
     if options.fuse_qkv:  # last: it must see the final dtype/device (see CrossAttention.fuse_qkv)
-        for site in unet.attention_sites(cross=False):
+        for site in attention_sites(unet, cross=False):
             site.module.fuse_qkv()
     accelerate_vae(bundle.vae, options.vae_dtype or torch.float32)
     if use_prepack:  # after every cast and layout change (the packed copies would follow them anyway, see prepack.py)

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..attention_sites import attention_sites
 from .attention import FastCrossAttention, set_context_kv, swap_attention
 from .options import CUDAGRAPH_COMPILE_MODES
 
@@ -242,7 +243,7 @@ class FastStepper:
         if cache_context_kv:
             # The K/V cache lives in FastCrossAttention (`accelerate` has swapped it in already; swapping is idempotent).
             swap_attention(unet)
-            self._attn2 = [site.module for site in unet.attention_sites()]
+            self._attn2 = [site.module for site in attention_sites(unet)]
         self._context: Tensor | None = None
         self._vector: Tensor | None = None  # SDXL's y
         self._context_dirty = False

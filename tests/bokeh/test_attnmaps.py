@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import gbsd_core
+from gbsd_core.attention_sites import attention_sites
 from gbsd_core.bokeh.attnmaps import (
     CrossAttentionCollector,
     attention_probs,
@@ -60,7 +61,7 @@ def test_attention_probs_reproduce_every_modules_output(bundle, embeddings):
     through to_out gives the module's own output, for self- and cross-attention alike."""
     uncond, g, _ = embeddings
     unet = bundle.unet
-    sites = [*unet.attention_sites(cross=False), *unet.attention_sites()]
+    sites = [*attention_sites(unet, cross=False), *attention_sites(unet)]
     seen = []
 
     def check(module, args, out):
@@ -120,7 +121,7 @@ def test_only_the_focus_stage_counts_and_only_the_conditional_half(bundle, embed
     timesteps = bundle.scheduler.timesteps(n)
     words = word_positions(bundle.tokenizer(FOCUS))
     collector = CrossAttentionCollector(bundle.unet, words)
-    ds_of = {id(s.module): s.ds for s in bundle.unet.attention_sites()}
+    ds_of = {id(s.module): s.ds for s in attention_sites(bundle.unet)}
     current = {}
     expected: list[torch.Tensor] = []
     uncond_half: list[torch.Tensor] = []
@@ -136,7 +137,7 @@ def test_only_the_focus_stage_counts_and_only_the_conditional_half(bundle, embed
         return bundle.unet(x, t, context)
 
     focus_t = [int(timesteps[i]) for i in range(2, 4)]
-    handles = [site.module.register_forward_pre_hook(ref_hook) for site in bundle.unet.attention_sites()]
+    handles = [site.module.register_forward_pre_hook(ref_hook) for site in attention_sites(bundle.unet)]
     try:
         _run(bundle, collector.wrap(tracking, timesteps, stages, cfg=True), stages, n, embeddings[0])
     finally:
@@ -168,7 +169,7 @@ def test_collection_does_not_change_the_image_and_hooks_are_removed(bundle, monk
     collected = generate(bundle, params, probe=collector)
     assert len(calls) == 2 * 4  # 2 focus steps (n_layout = 3 of 5) x 4 attn2 layers at ds 2
     assert np.array_equal(np.asarray(plain.image), np.asarray(collected.image))
-    for site in bundle.unet.attention_sites():
+    for site in attention_sites(bundle.unet):
         assert not site.module._forward_pre_hooks
 
 

@@ -24,6 +24,7 @@ from _util import REPO, rel_err
 
 import gbsd_core
 import gbsd_core.fast.apply as fast_apply
+from gbsd_core.attention_sites import attention_sites
 from gbsd_core.fast import FastOptions, accelerate, make_stepper
 from gbsd_core.fast.apply import KernelGroupNorm, UpcastingAutoencoderKL
 from gbsd_core.fast.prepack import PackedConv2d, PackedLinear
@@ -43,7 +44,7 @@ def test_fused_cached_channels_last_fast_pipeline_equals_plain_fp32(fresh, plain
         assert diff <= 1 and a.unet_calls == b.unet_calls == 6
     # The bundle really is accelerated, and the stepper dropped its K/V cache when the run ended.
     assert fast_bundle.unet.fast_options == opts
-    assert all(site.module.context_kv is None for site in fast_bundle.unet.attention_sites())
+    assert all(site.module.context_kv is None for site in attention_sites(fast_bundle.unet))
 
 
 def test_sweep_branching_with_cache_equals_independent_fast_runs(fresh, plain):

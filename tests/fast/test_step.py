@@ -19,6 +19,7 @@ from _fast import (
 )
 from _util import rel_err
 
+from gbsd_core.attention_sites import attention_sites
 from gbsd_core.ddim import DDIMScheduler
 from gbsd_core.fast import FastOptions, make_stepper
 from gbsd_core.fast.attention import set_context_kv
@@ -70,10 +71,10 @@ def test_gbsd_stage_switch_with_cache_equals_uncached_run():
     unet = tiny_unet()
     plain_run = gbsd_run(unet)
     uncached = gbsd_run(unet, FastStepper(unet, None, 7.5, 0.0))
-    to_k = _count_calls(site.module.to_k for site in unet.attention_sites())
+    to_k = _count_calls(site.module.to_k for site in attention_sites(unet))
     with FastStepper(unet, None, 7.5, 0.0, cache_context_kv=True) as stepper:
         cached = gbsd_run(unet, stepper)
-    n_attn2 = len(list(unet.attention_sites()))
+    n_attn2 = len(list(attention_sites(unet)))
     assert to_k[0] == 2 * n_attn2  # K computed once per stage (2 stages), not once per step (6)
     err_cache, err_plain = max_rel(cached, uncached), max_rel(cached, plain_run)
     print(f"GBSD σ=0.5 cached vs uncached: {err_cache:.2e}; fast vs plain CFGStep: {err_plain:.2e}")
@@ -150,7 +151,7 @@ def test_graphs_survive_close_and_alternate_shapes_without_recapture():
         out = gbsd_run(unet, graphed, rows=rows)
         graphed.close()
         assert all(torch.equal(a, b) for a, b in zip(out, ref))
-        assert all(site.module.context_kv is None for site in unet.attention_sites())  # close() took the cache off
+        assert all(site.module.context_kv is None for site in attention_sites(unet))  # close() took the cache off
     assert graphed.captures == 2  # batch 1 and batch 3, once each
 
 

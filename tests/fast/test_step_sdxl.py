@@ -15,6 +15,7 @@ from _sdxl import TINY_UNET, write_tiny_sdxl
 from _util import rel_err
 
 import gbsd_core
+from gbsd_core.attention_sites import attention_sites
 from gbsd_core.ddim import DDIMScheduler
 from gbsd_core.fast import FastOptions, make_stepper
 from gbsd_core.fast import apply as fast_apply
@@ -173,7 +174,7 @@ def test_fast_sdxl_bundle_is_close_to_the_plain_pipeline(xl_ckpt, plain, dtype, 
     print(f"SDXL fast path {dtype}: PSNR vs plain fp32 {quality:.1f} dB")
     assert b.unet.input_blocks[0][0].weight.dtype == dtype
     assert b.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
-    assert all(hasattr(s.module, "qkv_weight") for s in b.unet.attention_sites(cross=False))
+    assert all(hasattr(s.module, "qkv_weight") for s in attention_sites(b.unet, cross=False))
     assert quality >= min_psnr
     assert (np.asarray(fast.image) != np.asarray(generate(plain, GenerationParams(PROMPT, steps=4, seed=3,
                                                                                   **SIZE)).image)).any()
