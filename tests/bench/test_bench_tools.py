@@ -164,6 +164,27 @@ def test_check_says_what_broke_and_filters_configurations(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == "fast,graphs,diffusers"
 
 
+def test_cudnn_benchmark_runs_stay_apart_and_a_cut_sweep_shows_what_it_measured():
+    """A record measured with cudnn.benchmark on is compared only with a diffusers baseline measured with it on, and
+    is marked in the table; a sweep cut short (bench/gpu.sh's caps) prints the part it measured."""
+    from bench.report import add_ratios, progress, sweep_table, table
+
+    def rec(config: str, ms: float, cudnn: bool) -> dict:
+        r = {"config": config, "dtype": "float16", "size": 512, "batch": 1, "steps": 50, "machine": "H",
+             "cudnn_benchmark": cudnn, "complete": True, "step": {"first_s": 1.0, "median_s": ms / 1e3, "runs_s": []}}
+        derive(r, "H")
+        return r
+
+    records = [rec("diffusers", 20.0, False), rec("fast", 10.0, True), rec("fast", 16.0, False)]
+    add_ratios(records)
+    assert "step_vs_diffusers" not in records[1] and records[2]["step_vs_diffusers"] == pytest.approx(1.25)
+    assert "| fast [cudnn.benchmark] | float16 | 512 | 1 | 10.0 |" in table(records)
+    assert progress(records[1]) == "[bench] fast [cudnn.benchmark] float16 512px batch 1: step 10.00 ms, warm-up 1.00 s"
+    cut = {"config": "graphs", "k": 10, "shared_s": 1.5, "independent_runs_s": [0.5, 0.25]}
+    assert sweep_table(cut) == ("GBSD sweep (graphs, K = 10): cut short; shared layout stage 1.50 s; 2 of 10 "
+                                "independent runs measured (0.75 s)")
+
+
 # ----------------------------------------------------------------------------------------------------- gpu.sh
 def test_gpu_sh_plumbing_on_the_cpu(tmp_path):
     """GBSD_GPU_SMOKE=1: the whole script (smoke part, then full part) at tiny size on the CPU. Both parts run their
