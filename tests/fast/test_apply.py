@@ -386,7 +386,7 @@ def test_make_stepper_is_cached_per_options_guidance_and_eta(fresh, plain, monke
     assert diff <= 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh's smoke part runs it)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh's call 3 runs it)")
 def test_cuda_triton_modules_traced_compiled_and_captured(fresh, plain, monkeypatch):
     """Items 1 and 11 on the GPU: the Triton modules wired (real kernels) run eagerly inside a real CUDA graph, and
     the compiled step (dynamo + AOT, fullgraph) traces through them; both match the plain fp32 image."""
