@@ -71,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--e2e-repeat", type=int, default=None,
                     help="timed end-to-end calls after the first (default: --repeat // 2, >= 1; 0: the first only)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
+    ap.add_argument("--cudnn-benchmark", choices=("off", "on"), default="off",
+                    help="torch.backends.cudnn.benchmark for the whole run, ours and diffusers alike (off: torch's "
+                         "default, cuDNN's heuristics pick each convolution's algorithm; on: the first call of each "
+                         "shape times the candidates, which lands in warm-up). Set once per process: cuDNN caches "
+                         "its choice per shape, so flipping it mid-run would not re-pick")
     ap.add_argument("--compile-mode", default=None,
                     help="override the compile presets' torch.compile mode (default / reduce-overhead / max-autotune)")
     ap.add_argument("--samplers", default=None, metavar="A,B,...",
@@ -118,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"  # before anything runs a convolution
     dtypes = (args.dtype or ("fp16" if device.type == "cuda" else "fp32")).split(",")
     sizes = args.size or [64 if args.tiny else NATIVE_SIZE[args.arch]]
     shapes = tuple((size, batch) for size in sizes for batch in args.batch)
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                      parts=tuple(p for p in PARTS if p in args.parts.split(",")),
                      vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None, shapes=shapes, flops=flops,
                      machine=env["machine"], gpu=env.get("gpu"), samplers=tuple(args.sampler_list),
-                     schedule=args.schedule)
+                     schedule=args.schedule, cudnn_benchmark=args.cudnn_benchmark == "on")
         if args.interleave:
             for shape in s.each_shape():
                 print(f"[bench] {','.join(args.config_list)} {dt} {shape.size}px batch {shape.batch} interleaved ...",
@@ -167,10 +173,15 @@ def main(argv: list[str] | None = None) -> int:
             flush()
     if args.sweep != "none" and s is not None:
         print(f"[bench] GBSD sweep with {args.sweep} ...", file=sys.stderr, flush=True)
-        out["sweep"] = run_sweep(PRESETS[args.sweep], s, clock, k=args.sweep_k, layout=args.sweep_layout,
-                                 size=args.sweep_size or sizes[0], steps=args.sweep_steps or args.steps,
-                                 independent=args.sweep_independent or ("measure" if device.type == "cuda"
-                                                                        else "estimate"))
+
+        def flush_sweep(rec: dict[str, Any]) -> None:  # after each measurement: a run cut short keeps them
+            out["sweep"] = rec
+            flush()
+
+        run_sweep(PRESETS[args.sweep], s, clock, k=args.sweep_k, layout=args.sweep_layout,
+                  size=args.sweep_size or sizes[0], steps=args.sweep_steps or args.steps,
+                  independent=args.sweep_independent or ("measure" if device.type == "cuda" else "estimate"),
+                  flush=flush_sweep)
     out["environment"]["load_average_end"] = environment(device)["load_average"]
     flush()
     print(render(out))
@@ -187,7 +198,8 @@ def render(out: dict[str, Any]) -> str:
         env, a = src["environment"], src["args"]
         where = env.get("gpu") or f"{env['cpu']} ({env['torch_threads']} threads)"
         versions = f"torch {env['torch']}, triton {env.get('triton')}, diffusers {env.get('diffusers')}" + (
-            f", CUDA {env.get('cuda')}, driver {env.get('driver')}" if env.get("gpu") else "")
+            f", CUDA {env.get('cuda')}, driver {env.get('driver')}, cudnn.benchmark "
+            f"{'on' if env.get('cudnn_benchmark') else 'off'}" if env.get("gpu") else "")
         heads.append(f"{a['arch']}{' (tiny)' if a['tiny'] else ''}, {where}, {versions}, {a['steps']} DDIM steps, "
                      f"CFG {a['cfg']}, load average {env['load_average']} -> {env.get('load_average_end')}, "
                      f"{env['date']}" + (", steps timed interleaved (round-robin over the configurations)"

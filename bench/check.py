@@ -1,7 +1,7 @@
 """`python -m bench.check FILE.json ...`: one line per measured record (OK / FAIL / SKIP / CUT SHORT, with the error),
-exit status 1 if any configuration failed or was cut short. bench/gpu.sh prints it after its smoke part, so the log
-says exactly what broke; with `--keep LIST` it prints LIST without the configurations that failed (the full part
-then skips them instead of spending its minutes on a known crash).
+exit status 1 if any configuration failed or was cut short. bench/gpu.sh prints it after its merge, so the log says
+exactly what broke or was cut; with `--keep LIST` it prints LIST without the configurations that failed (for a
+script that would rather skip a known crash than spend minutes on it).
 """
 from __future__ import annotations
 

@@ -1,95 +1,161 @@
 #!/usr/bin/env bash
-# One prepared script for a lent H100/H200 (bench/README.md, "On a lent GPU"), in two parts sized to the device
-# budget (15 minutes per task including the machine's start, 10 minutes per command):
+# The prepared script for a lent H100/H200 (bench/README.md, "On a lent GPU"). A lease is 15 minutes of device time
+# with the machine's start (a minute or two) and 10 minutes at most per command, so a plan is ONE call of at most
+# 540 s, leaving time for one retry, and it returns numbers even when it is cut:
 #
-#   GBSD_GPU_PART=smoke  (<= 2 min)  versions; the CUDA test cases only; one compiled and one graphed step of every
-#                                    configuration at 256^2; a summary that says exactly what broke
-#   GBSD_GPU_PART=full   (<= 9 min)  kernel micro-benchmark; the SD1.5 512^2 fp16 table: batch 1,4,8 steps, then
-#                                    step+loop before text/VAE/e2e at batch 1, the K=10 sweep, the compiled
-#                                    configurations each in their own process with a cap sized for a cold compile;
-#                                    then SDXL base at 1024^2 fp16, CFG, batch 1: a few steps' step+loop timing of
-#                                    ours (fast, graphs, graphs+compile, cold compile included) against diffusers'
-#                                    StableDiffusionXLPipeline (eager, +compile) on the same weights
-#   GBSD_GPU_PART=all    (default)   both in one command (about 10.5 min: over one command's limit on the lent
-#                                    machines; use two calls there)
-#   GBSD_GPU_PART=max                the max-autotune recipes (long cold compiles; for a bigger budget)
+#   - every section is its own process with its own cap (timeout; pytest gets SIGINT, so it prints its summary), and
+#     a section is never fatal: the next one starts when it ends, fails or is cut;
+#   - the call has a deadline (GBSD_GPU_BUDGET, 540 s): a section's cap is cut to the time left before it (less the
+#     final merge's reserve), and a section with too little left is skipped and says so;
+#   - each bench section rewrites its JSON (and markdown table) after every measurement, and prints each figure to
+#     the log as it is measured, so a cut section keeps what it measured;
+#   - after every section, everything measured so far is packed into $OUT/measured.tgz (the device tool brings back
+#     at most 8 files: gpu.log, tests.log, measured.tgz, results.json, RESULTS-gpu.md come back, even from a cut call);
+#   - diffusers comes first in every list of configurations: a sticky CUDA error of ours cannot cost the baseline.
 #
-#   call 1: run(command="GBSD_GPU_PART=smoke bash bench/gpu.sh", carry=[".whl"], timeout_s=170)
-#   call 2, while the machine is still warm (it stays ~30 s): command="GBSD_GPU_PART=full bash bench/gpu.sh",
-#   timeout_s=560. The full part skips configurations that failed in the smoke part (its results stay on the
-#   machine, in $WORK). Sections' caps: smoke 40+25+40 s, full 30+65+80+115+90+45+75 s (the last two: SDXL), plus
-#   set-up and merges. The SDXL sections have never run on a GPU: their caps are estimates (a cold inductor compile of
-#   the SDXL UNet was not measured); what a cut section measured before its cap is kept.
+# Before the call, here: `python -m bench.wheels` (downloads exactly the wheels this script installs into .whl/, and
+# checks them). The call: run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=570), then give_back.
 #
-# Every section is one process with its own time cap (timeout, then KILL 10 s later) and JSON; the bench rewrites the
-# JSON after each measurement, so a section cut short keeps what it measured and the next section runs anyway. At
-# most 8 files come back from $OUT: gpu.log, tests.log, smoke.json, smoke.md, kernels.json, results.json,
-# RESULTS-gpu.md (section files stay in $WORK and are merged).
+#   GBSD_GPU_CALL=1 (default)  versions + wheels; the CUDA tests without the Triton variants; SD1.5 512² fp16 batch 1
+#                              step + loop of diffusers, graphs, fast, eager (+ graphs/fast without channels-last); the
+#                              headline graphs+compile (cold compile included); diffusers+compile; batch 4 and 8 steps
+#                              of diffusers and graphs; SDXL 1024² eager diffusers, graphs, fast (4 steps);
+#                              cudnn.benchmark on for diffusers, graphs, fast; merge
+#   GBSD_GPU_CALL=2            what call 1 cannot hold (a later lease): SDXL graphs+compile and diffusers+compile (cold
+#                              compiles of the 2.6B UNet), then SD1.5 fast+compile
+#   GBSD_GPU_CALL=3            the Triton kernels (tests, bench.kernels, fast+triton), text / VAE / e2e, the K=10 sweep
 #
-# Without a GPU, `GBSD_GPU_SMOKE=1 PY=/path/to/python bash bench/gpu.sh` runs the same script end to end on the CPU
-# at tiny size (no wheels, no tests, no compile), to check its plumbing (tests/bench/test_gpu_sh.py does).
+# Section caps and the seconds planned for each: the CAP and PLAN tables below (bench/README.md explains each
+# estimate). GBSD_GPU_CAPS="name=seconds ..." overrides caps. Without a GPU, `GBSD_GPU_SMOKE=1 PY=/path/to/python
+# bash bench/gpu.sh` runs the same plan tiny on the CPU (no wheels, no compile: compiled configurations are stood in
+# by their eager twins), to check its plumbing (tests/bench/test_gpu_sh.py does).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gbsd-gpu-out}
 WORK=${GBSD_GPU_WORK:-/tmp/gbsd-gpu-work}
-PART=${GBSD_GPU_PART:-all}
+CALL=${GBSD_GPU_CALL:-1}
 SMOKE=${GBSD_GPU_SMOKE:-0}
+BUDGET=${GBSD_GPU_BUDGET:-540}
 PY=${PY:-python3}
-mkdir -p "$OUT" "$WORK"
+SITE=/tmp/site  # where the carried wheels are installed (the device README's recipe)
+RESERVE=20      # seconds kept for the final merge
+GRACE=10        # a process that ignores its signal is killed this long after it
+MIN_SECTION=20  # a section with less than this left is skipped
+case $CALL in 1|2|3) ;; *) echo "GBSD_GPU_CALL must be 1, 2 or 3, got '$CALL'"; exit 2;; esac
+mkdir -p "$OUT" "$WORK"; rm -f "$WORK"/*
 exec > >(tee -a "$OUT/gpu.log") 2>&1
+TEE=$!
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 stamp() { echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
-case $PART in smoke|full|all|max) ;; *) echo "GBSD_GPU_PART must be smoke, full, all or max, got '$PART'"; exit 2;; esac
 
-# What each part runs. The plumbing check (GBSD_GPU_SMOKE=1) swaps in tiny CPU runs of the same shape.
+# Seconds: each section's cap, and the time planned for it (how each was estimated: bench/README.md).
+declare -A CAP=(
+  [setup]=40 [tests]=45 [sd15-eager]=80 [sd15-graphs-compile]=140 [sd15-diffusers-compile]=120 [sd15-batch]=40
+  [sdxl-eager]=70 [sd15-cudnn]=35
+  [sdxl-graphs-compile]=240 [sdxl-diffusers-compile]=220 [sd15-fast-compile]=110
+  [tests-triton]=90 [kernels]=40 [sd15-triton]=60 [sd15-parts]=80 [sd15-sweep]=90
+)
+declare -A PLAN=(
+  [setup]=20 [tests]=35 [sd15-eager]=60 [sd15-graphs-compile]=105 [sd15-diffusers-compile]=90 [sd15-batch]=30
+  [sdxl-eager]=55 [sd15-cudnn]=25
+  [sdxl-graphs-compile]=200 [sdxl-diffusers-compile]=180 [sd15-fast-compile]=90
+  [tests-triton]=70 [kernels]=30 [sd15-triton]=40 [sd15-parts]=60 [sd15-sweep]=60
+)
+for kv in ${GBSD_GPU_CAPS:-}; do CAP[${kv%%=*}]=${kv#*=}; done
+
+# What each section runs: the real sizes on the GPU; tiny CPU stand-ins of the same plan for the plumbing check.
 if [[ $SMOKE == 1 ]]; then
-  BENCH=("$PY" -m bench --arch sd15 --tiny --device cpu --dtype fp32 --steps 2 --threads 1)
-  SDXL=("$PY" -m bench --arch sdxl --tiny --device cpu --dtype fp32 --steps 2 --threads 1 --size 64)
-  SDXL_EAGER=fast,diffusers; SDXL_COMPILED=fast
-  SMOKE_SIZE=(--size 64); FULL_SIZE=(--size 64); BATCHES=1,2
-  EAGER=eager,fast,graphs,diffusers; COMPILED_OURS=fast; COMPILED_DIFFUSERS=diffusers  # no compile on a CPU check
-  MAX_CONFIGS=fast; KERNELS=(env TRITON_INTERPRET=1 "$PY" -m bench.kernels --tiny --device cpu --repeat 1)
-  REPEAT=(--repeat 1 --warmup 1 --loop-repeat 1 --e2e-repeat 0)
+  SD15=("$PY" -m bench --arch sd15 --tiny --device cpu --dtype fp32 --threads 1 --size 64 --steps 2)
+  SDXL=("$PY" -m bench --arch sdxl --tiny --device cpu --dtype fp32 --threads 1 --size 64 --steps 2)
+  TIMES=(--repeat 1 --warmup 1 --loop-repeat 1 --e2e-repeat 0); SDXL_TIMES=("${TIMES[@]}"); BATCHES=1,2
+  # no compile in a CPU check: each compiled configuration is stood in by its eager twin
+  GRAPHS_COMPILE=fast; DIFFUSERS_COMPILE=diffusers; FAST_COMPILE=fast; FAST_TRITON=fast
+  KERNELS=(env TRITON_INTERPRET=1 "$PY" -m bench.kernels --tiny --device cpu --repeat 1)
+  SWEEP=(--sweep fast --sweep-k 2 --sweep-steps 2 --sweep-independent measure)
+  # the same pytest commands on one quick file each (on a CPU every CUDA case skips anyway)
+  TESTS1=(tests/fast/test_step_lifecycle.py); TESTS3=(tests/fast/kernels)
 else
-  BENCH=("$PY" -m bench --arch sd15 --device cuda --dtype fp16 --steps 50 --cfg 7.5)
-  # SDXL: 4 steps (it/s over the loop), 3 timed steps; the first step of a compiled configuration is its cold compile
-  SDXL=("$PY" -m bench --arch sdxl --device cuda --dtype fp16 --steps 4 --cfg 7.5 --size 1024 --batch 1)
-  SDXL_EAGER=fast,graphs,diffusers; SDXL_COMPILED=graphs+compile,diffusers+compile
-  SMOKE_SIZE=(--size 256); FULL_SIZE=(--size 512); BATCHES=1,4,8
-  EAGER=eager,fast,fast+triton,graphs,diffusers; COMPILED_OURS=fast+compile,graphs+compile
-  COMPILED_DIFFUSERS=diffusers+compile; MAX_CONFIGS=graphs+compile-max,diffusers+compile-max
+  SD15=("$PY" -m bench --arch sd15 --device cuda --dtype fp16 --size 512 --steps 50 --cfg 7.5)
+  # SDXL: 4 steps (it/s over the loop), 3 timed steps; a compiled configuration's first step is its cold compile
+  SDXL=("$PY" -m bench --arch sdxl --device cuda --dtype fp16 --size 1024 --steps 4 --cfg 7.5)
+  TIMES=(--repeat 10 --warmup 2 --loop-repeat 2 --e2e-repeat 2); SDXL_TIMES=(--repeat 3 --warmup 1 --loop-repeat 1)
+  BATCHES=4,8
+  GRAPHS_COMPILE=graphs+compile; DIFFUSERS_COMPILE=diffusers+compile; FAST_COMPILE=fast+compile
+  FAST_TRITON=fast+triton
   KERNELS=("$PY" -m bench.kernels --device cuda --dtype fp16)
-  REPEAT=(--repeat 10 --warmup 2 --loop-repeat 2 --e2e-repeat 2)
+  SWEEP=(--sweep graphs --sweep-k 10 --sweep-layout 0.8 --sweep-independent measure)
+  # the crash items' file first; every CUDA case but the Triton kernels' variants (each a JIT compile: call 3)
+  TESTS1=(tests/fast/test_step_lifecycle.py tests/fast/test_step.py tests/fast/test_step_sdxl.py
+          tests/fast/test_attention.py tests/fast/test_apply.py tests/test_sampling.py)
+  TESTS3=(tests/fast/kernels tests/fast/test_apply.py)
 fi
 
-section() {  # section NAME SECONDS command... : one process, its own cap, never fatal
-  local name=$1 secs=$2; shift 2
-  stamp "section $name (cap ${secs}s): $*"
-  timeout --kill-after=10 "$secs" "$@"
-  local rc=$?
-  if (( rc == 124 || rc == 137 )); then echo "section $name: CUT at its ${secs}s cap (rc=$rc)"; else
-    echo "section $name rc=$rc"; fi
+pack() {  # everything measured so far -> $OUT/measured.tgz (renamed into place: a cut call never leaves half a tar)
+  tar -czf "$OUT/.measured.tgz" -C "$WORK" . && mv -f "$OUT/.measured.tgz" "$OUT/measured.tgz" \
+    || echo "packing $WORK failed"
 }
 
-merge_into() {  # merge_into BASENAME MARKDOWN section-json... : one JSON + one markdown in $OUT
-  local base=$1 md=$2; shift 2
-  local inputs=()
-  for f in "$@"; do [[ -s $f ]] && inputs+=("$f"); done
-  if (( ${#inputs[@]} )); then
-    "$PY" -m bench.merge "$OUT/$base.json" "${inputs[@]}" --markdown "$OUT/$md" >/dev/null 2>&1 \
-      || echo "merge into $base failed; section files are in $WORK"
+cap_for() {  # cap_for NAME: the section's cap, cut to the call's time left (0: skip it)
+  local name=$1 left
+  left=$(( T0 + BUDGET - RESERVE - GRACE - $(date +%s) ))
+  if (( left < MIN_SECTION )); then echo 0
+  elif (( left < CAP[$name] )); then echo "$left"
+  else echo "${CAP[$name]}"; fi
+}
+
+section() {  # section NAME SIGNAL command... : one process under its cap (SIGNAL at the cap, KILL GRACE s later);
+  # its output goes to the log, or to SECTION_LOG when that is set
+  local name=$1 sig=$2 cap rc; shift 2
+  cap=$(cap_for "$name")
+  if (( cap == 0 )); then
+    stamp "section $name SKIPPED: under ${MIN_SECTION}s of the call's ${BUDGET}s left"; return
   fi
+  stamp "section $name (cap ${cap}s, planned ${PLAN[$name]}s): $*"
+  if [[ -n ${SECTION_LOG:-} ]]; then
+    timeout -s "$sig" --kill-after=$GRACE "$cap" "$@" > "$SECTION_LOG" 2>&1
+  else
+    timeout -s "$sig" --kill-after=$GRACE "$cap" "$@"
+  fi
+  rc=$?
+  if (( rc == 124 || rc == 137 )); then stamp "section $name: CUT at its ${cap}s cap (rc=$rc)"; else
+    stamp "section $name rc=$rc"; fi
+  pack
 }
 
-versions() {
-  stamp "machine and versions"
-  if [[ $SMOKE == 1 ]]; then echo "GBSD_GPU_SMOKE=1: tiny CPU run of this script's plumbing"; fi
+bench() {  # bench NAME command... : a bench section writing $WORK/NAME.json and NAME.md as it measures
+  local name=$1; shift
+  section "$name" TERM "$@" --json "$WORK/$name.json" --markdown "$WORK/$name.md"
+}
+
+setup() {  # not one process: each step has its own timeout, all within the setup's cap
+  stamp "section setup: machine, versions, carried wheels (cap ${CAP[setup]}s, planned ${PLAN[setup]}s)"
+  local deadline=$(( $(date +%s) + CAP[setup] ))
+  left() { local s=$(( deadline - $(date +%s) )); echo $(( s > 5 ? s : 5 )); }
+  {
+    [[ $SMOKE == 1 ]] && echo "GBSD_GPU_SMOKE=1: the plan's plumbing, tiny, on the CPU"
+    echo "GBSD_GPU_CALL=$CALL, budget ${BUDGET}s, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    if [[ $SMOKE != 1 ]]; then
+      timeout 20 nvidia-smi --format=csv \
+        --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
+        || echo "nvidia-smi failed"
+    fi
+    uptime || true
+  } | tee "$WORK/versions.txt"
   if [[ $SMOKE != 1 ]]; then
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
-      --format=csv || echo "nvidia-smi failed"
+    if ls .whl/*.whl >/dev/null 2>&1; then
+      timeout "$(left)" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" .whl/*.whl || echo "wheel install failed"
+      export PYTHONPATH=$SITE:$PWD
+      # each carried wheel's needs against what this machine has (versions printed), then the imports
+      timeout "$(left)" "$PY" -m bench.wheels --installed "$SITE" | tee -a "$WORK/versions.txt" \
+        || echo "WHEELS NOT READY: the diffusers configurations will fail; ours still run"
+    else
+      echo "no .whl/ carried (python -m bench.wheels here first, then carry=[\".whl\"]): diffusers will be missing"
+      export PYTHONPATH=$PWD
+    fi
   fi
-  "$PY" - <<'EOF' || echo "version probe failed"
+  timeout "$(left)" "$PY" - <<'EOF' 2>&1 | tee -a "$WORK/versions.txt"
 import platform, torch
 try:
     import triton; tv = triton.__version__
@@ -103,88 +169,65 @@ if cuda:
     print("device", torch.cuda.get_device_name(0), f"| sm_{p.major}{p.minor}", "|", p.multi_processor_count, "SMs |",
           round(p.total_memory / 2**30, 1), "GiB")
 EOF
-  uptime || true
+  stamp "section setup done"
+  pack
 }
 
-install_wheels() {
-  [[ $SMOKE == 1 ]] && return 0
-  stamp "carried wheels (diffusers, open_clip, ftfy, wcwidth) -> /tmp/site"
-  if ! ls .whl/*.whl >/dev/null 2>&1; then
-    echo "no .whl/ carried: see bench/README.md (run with carry=[\".whl\"])"; exit 2
+tests() {  # tests NAME -k-EXPRESSION FILES... : pytest under SIGINT at its cap, so it still prints its summary
+  local name=$1 expr=$2; shift 2
+  SECTION_LOG=$WORK/$name.log section "$name" INT "$PY" -m pytest -q -p no:cacheprovider -m "not fullsize" -k "$expr" \
+    -rfEs --durations=5 "$@"
+  [[ -f $WORK/$name.log ]] || return  # skipped
+  grep -E "passed|failed|error|FAILED|ERROR|KeyboardInterrupt|skipped|no tests ran" "$WORK/$name.log" | tail -n 25
+  cp "$WORK/$name.log" "$OUT/$name.log"
+}
+
+merge() {  # within the reserve left at the end of the budget (10 s at least)
+  stamp "merge"
+  local inputs=() left
+  for f in "$WORK"/sd*.json; do [[ -s $f ]] && inputs+=("$f"); done
+  if (( ${#inputs[@]} )); then
+    left=$(( T0 + BUDGET - 5 - $(date +%s) ))
+    timeout $(( left > 10 ? left : 10 )) "$PY" -m bench.merge "$OUT/results.json" "${inputs[@]}" \
+      --markdown "$OUT/RESULTS-gpu.md" || echo "merge failed; the section files are in measured.tgz"
+    timeout 10 "$PY" -m bench.check "${inputs[@]}"
   fi
-  timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl || echo "wheel install failed"
-  "$PY" -c 'import diffusers, open_clip, transformers; print("diffusers", diffusers.__version__, "open_clip",
-open_clip.__version__, "transformers", transformers.__version__)' || echo "reference libraries do not import"
-}
-export PYTHONPATH=/tmp/site:$PWD
-
-smoke_part() {
-  stamp "SMOKE PART (<= 2 min)"
-  rm -f "$WORK"/smoke-*.json
-  if [[ $SMOKE != 1 ]]; then
-    # the issue's crash items first, the Triton kernel cases (one JIT compile per variant) last
-    stamp "CUDA test cases only (-k cuda; cap 40 s)"
-    timeout --kill-after=5 40 "$PY" -m pytest -q -p no:cacheprovider -m "not fullsize" -k cuda -rfEs \
-      tests/fast/test_attention.py tests/fast/test_apply.py tests/fast/test_step.py tests/fast/test_step_sdxl.py \
-      tests/test_sampling.py \
-      tests/fast/kernels > "$OUT/tests.log" 2>&1
-    echo "tests rc=$? (124: cut at the cap)"; grep -E "passed|failed|error|FAILED|ERROR" "$OUT/tests.log" | tail -n 25
-  fi
-  # one warm-up (compiled / captured) step and one timed step of every configuration; real SD1.5 size for the
-  # eager and graphed ones, the tiny stand-in for the compiled ones (a cold SD1.5 compile alone takes minutes)
-  section smoke-eager 25 "${BENCH[@]}" "${SMOKE_SIZE[@]}" --steps 2 --repeat 1 --warmup 1 --parts step \
-    --configs "$EAGER" --json "$WORK/smoke-eager.json"
-  section smoke-compiled 40 "${BENCH[@]}" --tiny "${SMOKE_SIZE[@]}" --steps 2 --repeat 1 --warmup 1 --parts step \
-    --configs "$COMPILED_OURS,$COMPILED_DIFFUSERS" --json "$WORK/smoke-compiled.json"
-  merge_into smoke smoke.md "$WORK/smoke-eager.json" "$WORK/smoke-compiled.json"
-  stamp "SMOKE SUMMARY (what broke)"
-  "$PY" -m bench.check "$WORK"/smoke-*.json && echo "SMOKE OK" || echo "SMOKE FOUND FAILURES (above)"
+  pack
 }
 
-keep() {  # keep LIST: LIST without the configurations that failed in this machine's smoke part
-  if ls "$WORK"/smoke-*.json >/dev/null 2>&1; then "$PY" -m bench.check "$WORK"/smoke-*.json --keep "$1"; else
-    echo "$1"; fi
+call1() {
+  tests tests "cuda and not triton" "${TESTS1[@]}"
+  bench sd15-eager "${SD15[@]}" --batch 1 --parts step,loop "${TIMES[@]}" \
+    --configs diffusers,graphs,fast,eager,graphs-nchw,fast-nchw
+  # the headline: our graph around our compiled step; its cold compile is its warmup_s
+  bench sd15-graphs-compile "${SD15[@]}" --batch 1 --parts step,loop "${TIMES[@]}" --configs "$GRAPHS_COMPILE"
+  bench sd15-diffusers-compile "${SD15[@]}" --batch 1 --parts step,loop "${TIMES[@]}" --configs "$DIFFUSERS_COMPILE"
+  bench sd15-batch "${SD15[@]}" --batch "$BATCHES" --parts step "${TIMES[@]}" --configs diffusers,graphs
+  bench sdxl-eager "${SDXL[@]}" --batch 1 --parts step,loop "${SDXL_TIMES[@]}" --configs diffusers,graphs,fast
+  # cudnn.benchmark is set once per process (cuDNN caches its per-shape choice), so "on" is its own section
+  bench sd15-cudnn "${SD15[@]}" --batch 1 --parts step "${TIMES[@]}" --cudnn-benchmark on \
+    --configs diffusers,graphs,fast
 }
 
-full_part() {
-  stamp "FULL PART (<= 9 min)"
-  rm -f "$WORK"/full-*.json
-  local eager compiled_ours compiled_diffusers
-  eager=$(keep "$EAGER"); compiled_ours=$(keep "$COMPILED_OURS"); compiled_diffusers=$(keep "$COMPILED_DIFFUSERS")
-  echo "configurations (after the smoke part): eager [$eager] compiled [$compiled_ours] [$compiled_diffusers]"
-  section kernels 30 "${KERNELS[@]}" --json "$OUT/kernels.json"
-  [[ -n $eager ]] && section batch 65 "${BENCH[@]}" "${FULL_SIZE[@]}" --batch "$BATCHES" --parts step \
-    "${REPEAT[@]}" --configs "$eager" --json "$WORK/full-batch.json"
-  [[ -n $eager ]] && section batch1 80 "${BENCH[@]}" "${FULL_SIZE[@]}" --batch 1 --parts step,loop,text,vae,e2e \
-    "${REPEAT[@]}" --configs "$eager" --sweep fast --sweep-k 10 --sweep-layout 0.8 --sweep-independent measure \
-    --json "$WORK/full-batch1.json"
-  # compiled: a cold inductor compile of the SD1.5 step is measured as warmup_s; step and loop come before VAE/e2e
-  [[ -n $compiled_ours ]] && section ours-compiled 115 "${BENCH[@]}" "${FULL_SIZE[@]}" --batch 1 \
-    --parts step,loop,text,vae,e2e "${REPEAT[@]}" --configs "$compiled_ours" --json "$WORK/full-ours-compiled.json"
-  [[ -n $compiled_diffusers ]] && section diffusers-compiled 90 "${BENCH[@]}" "${FULL_SIZE[@]}" --batch 1 \
-    --parts step,loop,text,vae,e2e "${REPEAT[@]}" --configs "$compiled_diffusers" \
-    --json "$WORK/full-diffusers-compiled.json"
-  # SDXL base 1024^2: the 2.6B UNet is 13.5 TFLOP per CFG step (8.4x SD1.5 at 512^2); step then loop, eager first
-  section sdxl 45 "${SDXL[@]}" --parts step,loop "${REPEAT[@]}" --repeat 3 --configs "$SDXL_EAGER" \
-    --json "$WORK/full-sdxl.json"
-  section sdxl-compiled 75 "${SDXL[@]}" --parts step,loop "${REPEAT[@]}" --repeat 3 --configs "$SDXL_COMPILED" \
-    --json "$WORK/full-sdxl-compiled.json"
-  merge_into results RESULTS-gpu.md "$WORK"/full-*.json
-  "$PY" -m bench.check "$WORK"/full-*.json || true
+call2() {
+  bench sdxl-graphs-compile "${SDXL[@]}" --batch 1 --parts step,loop "${SDXL_TIMES[@]}" --configs "$GRAPHS_COMPILE"
+  bench sdxl-diffusers-compile "${SDXL[@]}" --batch 1 --parts step,loop "${SDXL_TIMES[@]}" \
+    --configs "$DIFFUSERS_COMPILE"
+  bench sd15-fast-compile "${SD15[@]}" --batch 1 --parts step,loop "${TIMES[@]}" --configs "$FAST_COMPILE"
 }
 
-max_part() {
-  stamp "MAX-AUTOTUNE PART"
-  section max 560 "${BENCH[@]}" "${FULL_SIZE[@]}" --batch 1 --parts step,loop "${REPEAT[@]}" \
-    --configs "$MAX_CONFIGS" --json "$WORK/max.json"
-  merge_into results-max RESULTS-gpu-max.md "$WORK/max.json"
+call3() {
+  tests tests-triton "cuda and (triton or kernel)" "${TESTS3[@]}"
+  section kernels TERM "${KERNELS[@]}" --json "$WORK/kernels.json"
+  bench sd15-triton "${SD15[@]}" --batch 1 --parts step,loop "${TIMES[@]}" --configs "diffusers,$FAST_TRITON"
+  bench sd15-parts "${SD15[@]}" --batch 1 --parts text,vae,e2e "${TIMES[@]}" --configs diffusers,fast,graphs
+  bench sd15-sweep "${SD15[@]}" --batch 1 --configs none "${SWEEP[@]}" "${TIMES[@]}"
 }
 
-versions
-install_wheels
-[[ $PART == smoke || $PART == all ]] && smoke_part
-[[ $PART == full || $PART == all ]] && full_part
-[[ $PART == max ]] && max_part
-stamp "done"
+setup
+"call$CALL"
+merge
+stamp "done (${BUDGET}s budget)"
+exec >&- 2>&-
+wait "$TEE"
 exit 0

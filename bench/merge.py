@@ -46,12 +46,13 @@ def merge(paths: list[str]) -> dict:
             r["source"] = len(merged["sources"]) - 1
         merged["results"] += data["results"]
         merged["sweep"] = merged["sweep"] or data.get("sweep")
-    # One table in the usual order: per machine and dtype, configurations as PRESETS lists them, then size and batch.
+    # One table in the usual order: per machine and dtype, configurations as PRESETS lists them (with cudnn.benchmark
+    # after without), then size and batch.
     machines = {m: i for i, m in enumerate(dict.fromkeys(r.get("machine") for r in merged["results"]))}
     order = {name: i for i, name in enumerate(PRESETS)}
     merged["results"].sort(key=lambda r: (machines.get(r.get("machine"), 0), r.get("dtype", ""),
-                                          order.get(r.get("config"), len(order)), r.get("size") or 0,
-                                          r.get("batch") or 0))
+                                          order.get(r.get("config"), len(order)), bool(r.get("cudnn_benchmark")),
+                                          r.get("size") or 0, r.get("batch") or 0))
     add_ratios(merged["results"])
     return merged
 

@@ -16,6 +16,11 @@ its "Fused projection matrices" section, `pipeline.fuse_qkv_projections()`.
 
 Ours with and without our CUDA graph (`graphs*`), compiled or not, so each comparison is labelled: `graphs+compile`
 (our graph around the compiled step) against `diffusers+compile` (inductor's graphs around the compiled UNet).
+
+`fast-nchw` / `graphs-nchw`: the eager fast paths without channels-last, measured rather than assumed. cuDNN's
+convolutions prefer NHWC in half precision, but ATen's CUDA GroupNorm has no channels-last kernel: it copies a
+channels-last input to NCHW at each of the UNet's ~61 norms. Which way wins on a given GPU is a measurement (under
+torch.compile inductor generates its own norms, so the compiled configurations keep channels-last).
 """
 from __future__ import annotations
 
@@ -49,6 +54,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("fast", "ours", dict(_FAST), recipe=f"ours, {_FAST_DOC}"),
     Preset("fast-noprepack", "ours", dict(_FAST, cpu_prepack=False),
            recipe="ours, fast without the CPU weight prepacking (what prepacking adds)"),
+    Preset("fast-nchw", "ours", dict(_FAST, channels_last=False),
+           recipe="ours, fast without channels-last (NCHW; what channels-last adds or costs)"),
     Preset("fast+triton", "ours", dict(_FAST, triton=True), cuda_only=True,
            recipe="ours, fast + the Triton GroupNorm+SiLU / GEGLU kernels (opt-in until measured faster than ATen)"),
     Preset("fast+compile", "ours", dict(_FAST, compile="default"), compile="default",
@@ -57,6 +64,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            recipe="ours, fast + torch.compile(step, mode='max-autotune'): inductor's CUDA graphs (long compile)"),
     Preset("graphs", "ours", dict(_FAST, cuda_graphs=True), cuda_only=True,
            recipe="ours, fast + the whole eager CFG+DDIM step captured in our CUDA graph"),
+    Preset("graphs-nchw", "ours", dict(_FAST, channels_last=False, cuda_graphs=True), cuda_only=True,
+           recipe="ours, graphs without channels-last (NCHW)"),
     Preset("graphs+compile", "ours", dict(_FAST, compile="default", cuda_graphs=True), compile="default",
            cuda_only=True, recipe="ours, fast + torch.compile(step, mode default) captured in our CUDA graph"),
     Preset("graphs+compile-max", "ours", dict(_FAST, compile="max-autotune-no-cudagraphs", cuda_graphs=True),

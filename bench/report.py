@@ -78,6 +78,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "load_average": load_average(),
     }
     env["machine"] = env["cpu"]
@@ -104,13 +105,13 @@ def _cpu_name() -> str:
 
 
 def _shape_key(r: dict[str, Any]) -> tuple:
-    return r.get("machine"), r.get("dtype"), r.get("size"), r.get("batch")
+    return r.get("machine"), r.get("dtype"), r.get("size"), r.get("batch"), bool(r.get("cudnn_benchmark"))
 
 
 def add_ratios(records: list[dict[str, Any]]) -> None:
-    """Speed ratios against the diffusers baselines measured on the same machine at the same dtype, size and batch
-    (> 1: ours faster); from the same source file when a merge holds one there (the same process: the same state of
-    the machine), else from another file of that machine."""
+    """Speed ratios against the diffusers baselines measured on the same machine at the same dtype, size and batch,
+    and with the same cudnn.benchmark setting (> 1: ours faster); from the same source file when a merge holds one
+    there (the same process: the same state of the machine), else from another file of that machine."""
     base: dict[tuple, dict[str, Any]] = {}
     for r in records:
         if r.get("config") in ("diffusers", "diffusers+compile") and "error" not in r and "skipped" not in r:
@@ -130,6 +131,21 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
             r["loop_vs_diffusers_compile"] = r["loop_it_s"] / dc["loop_it_s"]
 
 
+def progress(r: dict[str, Any]) -> str:
+    """One line with what a record has measured so far (printed after each measurement, so a run's log holds its
+    figures even when the run is cut before its table)."""
+    figures = [f"{label} {fmt.format(r[key])}{unit}" for label, key, fmt, unit in (
+        ("step", "step_ms", "{:.2f}", " ms"), ("warm-up", "warmup_s", "{:.2f}", " s"),
+        ("loop", "loop_it_s", "{:.2f}", " it/s"), ("text", "text_ms", "{:.1f}", " ms"), ("VAE", "vae_ms", "{:.0f}", " ms"),
+        ("e2e", "e2e_s", "{:.2f}", " s"), ("peak", "peak_gb", "{:.2f}", " GB")) if r.get(key) is not None]
+    return f"[bench] {_label(r)} {r.get('dtype')} {r.get('size')}px batch {r.get('batch')}: " + ", ".join(figures)
+
+
+def _label(r: dict[str, Any]) -> str:
+    """The configuration's name, marked where cudnn.benchmark was on (two runs' rows of one config stay apart)."""
+    return r["config"] + (" [cudnn.benchmark]" if r.get("cudnn_benchmark") else "")
+
+
 def _cell(r: dict[str, Any], key: str, fmt: str) -> str:
     v = r.get(key)
     return "–" if v is None else fmt.format(v)
@@ -141,10 +157,11 @@ def table(records: list[dict[str, Any]]) -> str:
     for r in records:
         if "error" in r or "skipped" in r:
             note = r.get("error") or f"skipped: {r['skipped']}"
-            lines.append(f"| {r['config']} | {r['dtype']} | {r.get('size', '')} | {r.get('batch', '')} | "
+            lines.append(f"| {_label(r)} | {r['dtype']} | {r.get('size', '')} | {r.get('batch', '')} | "
                          + note.replace("|", "/").replace("\n", " ")[:200] + " |" + " |" * (len(COLUMNS) - 5))
             continue
         cells = [_cell(r, key, fmt) for _, key, fmt in COLUMNS]
+        cells[0] = _label(r)
         if not r.get("complete", True):  # cut short (timeout): the parts it finished
             cells[0] += " (cut short)"
         lines.append("| " + " | ".join(cells) + " |")
@@ -187,6 +204,11 @@ def compare_table(records: list[dict[str, Any]], machines: list[str]) -> str:
 def sweep_table(rec: dict[str, Any]) -> str:
     if "error" in rec:
         return f"GBSD sweep ({rec['config']}): error: {rec['error']}"
+    if "speedup" not in rec:  # cut short: what it measured
+        runs = rec.get("independent_runs_s", [])
+        return (f"GBSD sweep ({rec['config']}, K = {rec['k']}): cut short; shared layout stage "
+                + (f"{rec['shared_s']:.2f} s" if "shared_s" in rec else "not measured")
+                + f"; {len(runs)} of {rec['k']} independent runs measured ({sum(runs):.2f} s)")
     how = "measured" if rec["independent_mode"] == "measure" else "K x one measured run"
     return "\n".join([
         f"GBSD sweep, K = {rec['k']} alpha values, sigma = {rec['layout']}, {rec['steps']} steps, "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -43,6 +44,7 @@ from gbsd_core.sampling import (
 )
 
 from .models import build_bundle, parameter_counts
+from .report import progress
 from .presets import (
     TUTORIAL_INDUCTOR_OPTIONS,
     Preset,
@@ -84,6 +86,7 @@ class Settings:
     gpu: str | None = None
     samplers: tuple[str, ...] = ()  # --samplers: our per-sampler loops (bench/samplers.py)
     schedule: str = "normal"  # the σ samplers' schedule there
+    cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark during the run (both sides)
 
     @property
     def latent_hw(self) -> int:
@@ -387,6 +390,7 @@ def describe(preset: Preset, s: Settings, rec: dict[str, Any]) -> bool:
             or (preset.impl == "diffusers" and mode in ("reduce-overhead", "max-autotune")))),
         "fast_options": None if opts is None else {k: _name(v) for k, v in opts.__dict__.items()},
         "flops_per_step": s.flops.get((s.size, s.batch)),
+        "cudnn_benchmark": s.cudnn_benchmark,
         "complete": False,
     })
     if opts_error:
@@ -411,6 +415,7 @@ def run_config(preset: Preset, s: Settings, clock: Clock, recs: list[dict[str, A
         r["peak_gb"] = clock.peak_memory_gb()
         derive(r, s.gpu)
         flush(r)
+        print(progress(r), file=sys.stderr, flush=True)  # the log has each figure as soon as it exists
 
     try:
         built = build_ours(preset, s, clock, todo[0][1]) if preset.impl == "ours" else \

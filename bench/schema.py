@@ -14,7 +14,7 @@ from typing import Any
 
 from .peaks import peak_for
 
-SCHEMA = "gbsd-bench/2.1"  # 2.1: "samplers"
+SCHEMA = "gbsd-bench/2.2"  # 2.1: "samplers"; 2.2: "cudnn_benchmark"
 
 ENVIRONMENT_FIELDS = {
     "date": "local time the run started",
@@ -35,6 +35,7 @@ ENVIRONMENT_FIELDS = {
     "cpu": "CPU model name",
     "cpu_count": "logical CPUs",
     "torch_threads": "torch.get_num_threads() during the run",
+    "cudnn_benchmark": "torch.backends.cudnn.benchmark during the run (--cudnn-benchmark; ours and diffusers alike)",
     "load_average": "1/5/15-minute load average at the start",
     "load_average_end": "the same at the end",
 }
@@ -59,6 +60,7 @@ RECORD_FIELDS = {
     "compile": "torch.compile mode, or null",
     "cuda_graphs": "whether the step replays a CUDA graph (ours, or inductor's in diffusers' reduce-overhead/max)",
     "fast_options": "our FastOptions fields, or null",
+    "cudnn_benchmark": "torch.backends.cudnn.benchmark during the run (the table marks the config '[cudnn.benchmark]')",
     "complete": "false if the configuration was cut short (timeout) or failed",
     "skipped": "why it did not run here (e.g. 'needs CUDA')",
     "error": "the exception that stopped it",

@@ -2,6 +2,7 @@
 runs (same seed, same images), in UNet evaluations and seconds."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -34,8 +35,9 @@ def ours_sweep(bundle, params: GenerationParams, alphas: list[float],
 
 
 def run_sweep(preset: Preset, s: Settings, clock: Clock, k: int, layout: float, size: int, steps: int,
-              independent: str) -> dict[str, Any]:
-    """GBSD sweep cost: K α values sharing one layout stage vs K independent runs (same seed, same images)."""
+              independent: str, flush: Callable[[dict[str, Any]], None] = lambda rec: None) -> dict[str, Any]:
+    """GBSD sweep cost: K α values sharing one layout stage vs K independent runs (same seed, same images).
+    `flush(rec)` after each measurement (the shared sweep, each independent run), so a run cut short keeps them."""
     alphas = [i / (k - 1) for i in range(k)] if k > 1 else [0.5]
     rec: dict[str, Any] = {"config": preset.name, "k": k, "layout": layout, "size": size, "steps": steps,
                            "alphas": alphas, "independent_mode": independent}
@@ -51,12 +53,14 @@ def run_sweep(preset: Preset, s: Settings, clock: Clock, k: int, layout: float, 
             t_shared, results = clock.once(lambda: ours_sweep(bundle, params, alphas, opts))
             rec["shared_s"] = t_shared
             rec["shared_unet_calls"] = results[0].unet_calls
+            flush(rec)
             if independent == "measure":
-                times, calls = [], 0
+                times, calls = rec.setdefault("independent_runs_s", []), 0
                 for a in alphas:
                     t, r = clock.once(lambda: ours_generate(bundle, replace(params, alpha=a), opts))
                     times.append(t)
                     calls += r.unet_calls
+                    flush(rec)
                 rec["independent_s"], rec["independent_unet_calls"] = sum(times), calls
             else:  # K x one measured run: each independent run does the same work
                 t, r = clock.once(lambda: ours_generate(bundle, replace(params, alpha=alphas[0]), opts))
@@ -69,4 +73,5 @@ def run_sweep(preset: Preset, s: Settings, clock: Clock, k: int, layout: float, 
     except Exception as e:
         rec["error"] = f"{type(e).__name__}: {e}"[:2000]
     free_memory()
+    flush(rec)
     return rec

@@ -40,10 +40,11 @@ def fast_unet(seed: int = 0) -> UNetModel:
 
 
 def gbsd_run(unet, stepper=None, n=6, sigma=0.5, rows=1, seed=0, sampler="ddim", schedule="normal",
-             prediction_type="epsilon"):
+             prediction_type="epsilon", inference=True):
     """Latents after every step of a GBSD run of `sampler` (stage switch at round(σn)); `rows` > 1 branches the focus
     stage (a sweep). The stepper (default: the plain CFGStep) is given the run's sampler; fresh noise (euler_a) comes
-    from a generator seeded with `seed`, so two runs see the same noise."""
+    from a generator seeded with `seed`, so two runs see the same noise. `inference=False` drives `denoise` outside
+    inference mode, as a caller may."""
     g = torch.Generator().manual_seed(seed)
     d = unet.config.context_dim
     glob, loc, unc = (torch.randn(1, 77, d, generator=g) for _ in range(3))
@@ -53,7 +54,7 @@ def gbsd_run(unet, stepper=None, n=6, sigma=0.5, rows=1, seed=0, sampler="ddim",
     x = sched.start_latents(torch.randn(1, 4, 8, 8, generator=g))
     if stepper is not None:
         stepper.scheduler = sched
-    with torch.inference_mode():
+    with torch.inference_mode(inference):
         step = stepper if stepper is not None else CFGStep(unet, sched, 7.5)
         return [s.latents for s in denoise(step, x, ts, gbsd_stages(glob, focus, n, sigma), unc,
                                            generator=torch.Generator().manual_seed(seed))]

@@ -211,7 +211,7 @@ def test_eta_noise_is_drawn_once_per_run_with_the_per_step_draws():
     assert len({s.untyped_storage().data_ptr() for s in seen}) == 1  # views into one buffer: one draw, one copy
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh's smoke part runs it)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh runs it)")
 def test_cuda_eta_noise_comes_from_the_cpu_generator_in_one_copy():
     """On CUDA the run's noise is drawn on the CPU generator (same image on any device), pinned, moved once."""
     sched = DDIMScheduler()

@@ -55,7 +55,8 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speed (gbsd_core.fast; the default is the plain fp32 path)")
     g.add_argument("--fast", action="store_true",
                    help="fast path in --dtype: channels-last, fused QKV, cross-attention K/V once per stage, "
-                        "weights prepacked for oneDNN on CPU, Triton kernels on CUDA")
+                        "weights prepacked for oneDNN on CPU (the Triton kernels stay off: opt-in from Python, "
+                        "FastOptions(triton=True))")
     g.add_argument("--compile", choices=("default", "reduce-overhead", "max-autotune"),
                    help="torch.compile the whole CFG step, any sampler (implies --fast; first step compiles)")
 

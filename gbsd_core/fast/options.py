@@ -7,7 +7,8 @@ What each option does and why it is safe:
   attention upcasting, which that model needs (Stability's `_ATTN_PRECISION = "fp32"`), where it matters: on the
   explicit-softmax path. SDPA's kernels get fp16 q/k/v and accumulate in fp32 themselves (fast/attention.py).
 - `vae_dtype`: None keeps the VAE in fp32 (the default; the SD decoder overflows fp16). fp16/bf16 decodes in that
-  dtype, and the VAE becomes an `UpcastingAutoencoderKL`, which switches to fp32 by itself when a decode overflows.
+  dtype, and the VAE becomes an `UpcastingAutoencoderKL`, which switches to fp32 by itself when a decode or an
+  encode overflows.
 - `attention`: "sdpa" lets PyTorch pick; "flash" / "efficient" force that SDPA backend (`sdpa_kernel`; "efficient" is
   CUDA only, flash also has a CPU kernel); "math" is the explicit softmax(QKᵀ)V in plain ops.
 - `channels_last`: NHWC convolution weights and UNet input (cuDNN / oneDNN prefer it).

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -169,13 +170,19 @@ def eager_capture(body: Callable[[], None]) -> Callable[[], None]:
 class CudaGraphCapture:
     """Records a body into a CUDA graph and returns its replay. The warm-up runs on a side stream first, as PyTorch's
     CUDA-graph notes require (lazy initialisation, cuBLAS/cuDNN workspace and algorithm choice happen outside the
-    capture). All graphs of one instance share one memory pool: a stepper's graphs (one per shape) never run at the
-    same time, and no tensor allocated inside a capture outlives it (the static inputs and outputs are allocated
-    before), so each graph uses the pool as scratch and the pool costs the largest graph, not their sum."""
+    capture). The graphs of one instance that are alive at the same time share one memory pool: a stepper's graphs
+    (one per shape) never run at the same time, and no tensor allocated inside a capture outlives it (the static
+    inputs and outputs are allocated before), so each graph uses the pool as scratch and the pool costs the largest
+    graph, not their sum.
+
+    A pool lives while a graph holds it. Once every graph captured into it is gone (`FastStepper.release()`), the
+    caching allocator keeps the pool registered with a use count of 0 until `empty_cache` frees it, and a capture
+    into it trips its `use_count > 0` assert: so a capture with no live graph begins a new round in a fresh pool."""
 
     def __init__(self, warmup: int = 2) -> None:
         self.warmup = warmup
         self.pool = None
+        self._graphs: weakref.WeakSet = weakref.WeakSet()  # this round's graphs that are still alive
 
     def __call__(self, body: Callable[[], None]) -> Callable[[], None]:
         side = torch.cuda.Stream()
@@ -184,11 +191,14 @@ class CudaGraphCapture:
             for _ in range(self.warmup):
                 body()
         torch.cuda.current_stream().wait_stream(side)
+        if not self._graphs:
+            self.pool = None  # a new round: the old pool (if any) is held by no graph
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             body()
         if self.pool is None:
             self.pool = graph.pool()
+        self._graphs.add(graph)
         return graph.replay
 
 
@@ -268,10 +278,12 @@ class FastStepper:
         with torch.inference_mode():
             self._context = context.to(self.device, self.dtype, copy=True)
             self._vector = None if vector is None else vector.to(self.device, self.dtype, copy=True)
-        if self.capture is not None:
-            self._context_dirty = True  # copied into the static buffers at the next step (its shape may be new)
-        elif self.cache_context_kv:
-            set_context_kv(self.unet, self._context)
+            if self.capture is not None:
+                self._context_dirty = True  # copied into the static buffers at the next step (its shape may be new)
+            elif self.cache_context_kv:
+                # Inside inference mode: the K/V it replaces may be inference tensors (another stepper's, say a graphed
+                # one that was not closed), which same-shaped K/V are written into in place.
+                set_context_kv(self.unet, self._context)
 
     def step(self, latents: Tensor, i: int, noise: Tensor | None,
              prev_x0: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -374,8 +386,6 @@ class FastStepper:
         return g.x_next.clone(), g.x0.clone()
 
     def _capture_graph(self, key: tuple, x: Tensor, t: float, coefs: Tensor, noise: Tensor, prev: Tensor) -> _Graph:
-        while len(self._graphs) >= self.max_graphs:
-            self._graphs.popitem(last=False)  # least recently used; frees its buffers
         t_in = torch.full((self._context.shape[0],), t, device=self.device, dtype=torch.float32)
         g = _Graph(key, x.clone(), t_in, self._context.clone(), coefs.clone(), noise.clone(), prev.clone(),
                    torch.empty_like(x), torch.empty_like(x), None if self._vector is None else self._vector.clone())
@@ -385,6 +395,10 @@ class FastStepper:
         with self._attention_backend():
             g.replay = self.capture(lambda: self._body(g))
         self.captures += 1
+        # Evict only now: the graphs share one memory pool, which lives while a graph holds it, so the new graph is
+        # captured into it before the least recently used one (its buffers, its K/V) is dropped.
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
         self._graphs[key] = g
         return g
 

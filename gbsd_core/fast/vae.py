@@ -1,7 +1,8 @@
-"""The VAE side of `accelerate`: its dtype, a decode that upcasts itself on fp16 overflow, native half GroupNorm, and
-attention tokens SDPA's fused kernels accept.
+"""The VAE side of `accelerate`: its dtype, a decode and an encode that upcast themselves on fp16 overflow, native half
+GroupNorm, and attention tokens SDPA's fused kernels accept.
 
-- `UpcastingAutoencoderKL`: an fp16/bf16 VAE that redoes a decode in fp32 when it overflows (diffusers' `upcast_vae`).
+- `UpcastingAutoencoderKL`: an fp16/bf16 VAE that redoes a decode or an encode in fp32 when it overflows
+  (diffusers' `upcast_vae`).
 - GroupNorm: in fp16/bf16 every GroupNorm32 becomes a `KernelGroupNorm` (fast/modules.py): statistics still in fp32,
   without the two full fp32 copies of each activation the core's explicit round trip costs.
 - `FastAttnBlock`: the mid-block attention with contiguous [B, 1, H·W, C] tokens. The core's tokens are a transposed
@@ -18,24 +19,39 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..vae import AttnBlock, AutoencoderKL
+from ..vae import AttnBlock, AutoencoderKL, DiagonalGaussian
 from .modules import swap_group_norms
 
 
 class UpcastingAutoencoderKL(AutoencoderKL):
-    """An fp16/bf16 VAE that switches itself to fp32 when a decode overflows (what diffusers' `upcast_vae` does).
+    """An fp16/bf16 VAE that switches itself to fp32 when a decode or an encode overflows (what diffusers' `upcast_vae`
+    does).
 
-    The SD decoder's activations can exceed fp16's range (65504) and come out inf/NaN. The check costs one reduction
-    and a device sync per decode, nothing next to the decoder itself.
+    The SD decoder's activations can exceed fp16's range (65504) and come out inf/NaN, and so can the encoder's on
+    some images (img2img). The check costs one reduction and a device sync per call, nothing next to the network.
     """
 
     def decode(self, z: Tensor) -> Tensor:
         x = super().decode(z)
-        if self.dtype in (torch.float16, torch.bfloat16) and not bool(torch.isfinite(x).all()):
-            warnings.warn(f"VAE decode overflowed in {self.dtype}; the VAE is upcast to float32 from now on")
-            self.float()
+        if self._overflowed("decode", x):
             x = super().decode(z)
         return x
+
+    def encode(self, x: Tensor) -> DiagonalGaussian:
+        posterior = super().encode(x)
+        # The log-variance is clamped to [-30, 20] (an overflow to ±inf lands where fp32 would clamp it too), so a
+        # NaN there and a non-finite mean are what an overflow leaves.
+        if self._overflowed("encode", posterior.mean, posterior.logvar):
+            posterior = super().encode(x)
+        return posterior
+
+    def _overflowed(self, what: str, *outputs: Tensor) -> bool:
+        """Whether a half-precision call's outputs are not all finite; if so, warn and upcast the VAE to fp32."""
+        if self.dtype not in (torch.float16, torch.bfloat16) or all(bool(torch.isfinite(t).all()) for t in outputs):
+            return False
+        warnings.warn(f"VAE {what} overflowed in {self.dtype}; the VAE is upcast to float32 from now on")
+        self.float()
+        return True
 
 
 class FastAttnBlock(AttnBlock):

@@ -1,4 +1,5 @@
-"""The `gbsd` entry point: `--help` imports nothing heavy, and the console script runs in a fresh interpreter."""
+"""The `gbsd` entry point: `--help` imports nothing heavy and says what --fast turns on, and the console script runs in
+a fresh interpreter."""
 from __future__ import annotations
 
 import os
@@ -35,3 +36,16 @@ def test_console_script_subprocess(tiny_ckpt, tmp_path):
     bad = subprocess.run([*cmd[:-2], "--alpha", "2", "-o", str(tmp_path / "bad.png")], capture_output=True,
                          text=True, timeout=300, cwd=tmp_path, env=env)
     assert bad.returncode == 2 and "alpha" in bad.stderr and not (tmp_path / "bad.png").exists()
+
+
+def test_the_fast_help_says_the_triton_kernels_stay_off():
+    """--fast's help listed "Triton kernels on CUDA", but the CLI never turns them on (FastOptions(triton=...) is
+    opt-in, off until a GPU measures the kernels faster than ATen): the help says they stay off."""
+    import argparse
+
+    from gbsd_core.cli.generate import add_speed_args
+
+    parser = argparse.ArgumentParser()
+    add_speed_args(parser)
+    text = " ".join(parser.format_help().split())
+    assert "Triton kernels on CUDA" not in text and "Triton kernels stay off" in text

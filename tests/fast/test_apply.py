@@ -140,6 +140,29 @@ def test_vae_fp16_decode_upcasts_on_overflow():
     assert err <= 1e-5
 
 
+
+def test_vae_fp16_encode_upcasts_on_overflow():
+    """Issue 19: the half VAE's overflow guard covered decode only; img2img's encode of an image whose encoder
+    activations pass fp16's 65504 returned an inf/NaN posterior. It must redo the encode in fp32, as decode does."""
+    torch.manual_seed(0)
+    vae = UpcastingAutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1)).eval()
+    with torch.no_grad():
+        vae.encoder.conv_out.weight.mul_(3e5)  # encoder outputs far beyond fp16's 65504
+    vae = vae.half()
+    ref = copy.deepcopy(vae).float()  # fp32 with the same (fp16-rounded) weights
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        expected = ref.encode(x)
+        plain = copy.deepcopy(vae)
+        plain.__class__ = AutoencoderKL
+        assert not torch.isfinite(plain.encode(x).mean).all()  # it does overflow in fp16, and the core does not hide it
+        with pytest.warns(UserWarning, match="upcast"):
+            out = vae.encode(x)
+    assert vae.dtype == torch.float32 and out.mean.dtype == torch.float32
+    err = max(rel_err(out.mean, expected.mean), rel_err(out.logvar, expected.logvar))
+    print(f"fp16 VAE encode overflow -> fp32 redo: rel err vs fp32 encode {err:.2e}")
+    assert err <= 1e-5
+
 # ----------------------------------------------------------------------------------------------------- triton
 TRITON_SCRIPT = r"""
 import json, sys, torch
@@ -364,7 +387,7 @@ def test_make_stepper_is_cached_per_options_guidance_and_eta(fresh, plain, monke
     assert diff <= 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh's smoke part runs it)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh's call 3 runs it)")
 def test_cuda_triton_modules_traced_compiled_and_captured(fresh, plain, monkeypatch):
     """Items 1 and 11 on the GPU: the Triton modules wired (real kernels) run eagerly inside a real CUDA graph, and
     the compiled step (dynamo + AOT, fullgraph) traces through them; both match the plain fp32 image."""

@@ -147,7 +147,7 @@ def test_upcast_only_on_the_explicit_softmax_path(monkeypatch):
     assert overflowed and all(e <= 5e-3 for e in errs.values())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh's smoke part runs it)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh runs it)")
 @pytest.mark.parametrize("attention", ["flash", "efficient", "sdpa"])
 def test_cuda_sd2_v_fp16_forced_backends_run(attention):
     """Issue item 3 on the GPU itself: an fp16 v-model with a forced backend steps without 'No available kernel'."""
