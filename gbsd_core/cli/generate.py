@@ -126,6 +126,9 @@ def add_generate_commands(sub: argparse._SubParsersAction) -> None:
 
 def sweep_outputs(output: str, cells: Sequence[tuple[str | None, float]], seed: int) -> list[Path]:
     """One distinct .png path per (focus, α) cell, in the pipeline's (focus-major) result order."""
+    problem = common.link_problem(Path(output))
+    if problem:
+        raise UsageError(f"-o {common.shown(output)}: {problem}")
     try:
         pattern = str(Path(output) / SWEEP_PATTERN) if Path(output).is_dir() else output
     except (OSError, ValueError) as e:  # a name too long to stat, a NUL
