@@ -362,7 +362,10 @@ SWEEP_FIELDS = ("index", "alpha", "focus", "seed")
 
 def format_names(pattern: str, cells: Sequence[Mapping[str, object]], flag: str = "-o") -> list[str]:
     """`pattern.format(**cell)` per cell, for file-name patterns such as "{focus}_{alpha:.2f}.png": only the plain
-    fields SWEEP_FIELDS, with a format spec but no attribute, index, conversion or nested field."""
+    fields SWEEP_FIELDS, with a format spec but no attribute, index, conversion or nested field.
+
+    Folders are the pattern's own: a field's text may hold no path separator (`{seed:c}` of seed 47 is "/", a fill
+    character may be one, `{alpha:/>8}`) nor NUL, and may not turn a folder of the pattern into "." or ".."."""
     fields = " ".join(f"{{{f}}}" for f in SWEEP_FIELDS)
     bad = f"{flag} {pattern}: bad pattern"
     try:
@@ -379,10 +382,35 @@ def format_names(pattern: str, cells: Sequence[Mapping[str, object]], flag: str 
                              f"nested fields); fields are {fields}")
         if any(int(d) > 255 for d in re.findall(r"\d+", spec)):
             raise UsageError(f"{bad} ({{{field}:{spec}}} is wider than a file name can be)")
-    try:
-        return [pattern.format(**cell) for cell in cells]
-    except (ValueError, TypeError) as e:  # a spec the value's type does not take, e.g. {alpha:q} or {focus:d}
-        raise UsageError(f"{bad} ({e}); fields are {fields}") from None
+    separators = re.compile("[" + re.escape(os.sep + (os.altsep or "")) + "]")
+    names = []
+    for cell in cells:
+        made, own = [], []  # the name, and the pattern's own text in it (each field's text as one NUL)
+        for literal, field, spec, _ in parsed:
+            made.append(literal)
+            own.append(literal)
+            if field is None:
+                continue
+            what = f"{{{field}{':' + spec if spec else ''}}} of {field} {cell[field]!r}"
+            try:
+                text = format(cell[field], spec)
+            except (ValueError, TypeError, OverflowError) as e:  # a spec the value's type does not take, e.g.
+                # {alpha:q} or {focus:d}; {seed:c} beyond Unicode's last character
+                raise UsageError(f"{bad} ({what}: {e}); fields are {fields}") from None
+            if "\0" in text:
+                raise UsageError(f"{bad} ({what} is {text!r}: a NUL, which no file name may hold)")
+            if separators.search(text):
+                raise UsageError(f"{bad} ({what} is {text!r}, a path separator: only the pattern's own text may "
+                                 "name folders)")
+            made.append(text)
+            own.append("\0")
+        name = "".join(made)
+        for part, mine in zip(separators.split(name), separators.split("".join(own)), strict=True):
+            if part in (".", "..") and part != mine:
+                raise UsageError(f"{bad} (its fields make the folder {part!r} in {name!r}: only the pattern's own "
+                                 "text may name folders)")
+        names.append(name)
+    return names
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -162,3 +162,15 @@ def test_a_path_too_long_for_the_files_inside_is_refused(argv, tmp_path, capsys,
     print(err.strip()[-200:])
     assert code == 2 and "too long" in err and err.count("\n") == 1
     assert os.listdir(deep.parent) == []
+
+
+# ------------------------------------------------------------------------------------------------ sweep patterns
+
+
+def test_folders_the_pattern_writes_itself_are_fine(tmp_path, capsys, tiny_ckpt):
+    """The pattern's own separators make folders as before, and a {seed:c} that is a plain character is a name."""
+    (tmp_path / "by-seed").mkdir()
+    code, out, err = run_cli(["sweep", "p", "--focus", "f", "--alphas", "0,1", "--seed", "65", *TINY,
+                              "--weights", tiny_ckpt, "-o", tmp_path / "by-seed" / "{seed:c}_{index}.png"], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "by-seed")) == ["A_0.png", "A_1.png"]
