@@ -178,9 +178,10 @@ def _file_problem(path: Path) -> str | None:
     return None if kind is None else f"is {kind}, not a regular file"
 
 
-def read_image(path: str | os.PathLike, flag: str, mode: str | None = None) -> Image.Image:
+def read_image(path: str | os.PathLike, flag: str, rgb: bool = False) -> Image.Image:
     """An input image decoded whole (a broken stream behind valid checksums is found here, not after the model has
-    run), refused above IMAGE_MAX_PIXELS from its header alone; converted to `mode` when given."""
+    run), refused above IMAGE_MAX_PIXELS from its header alone; with `rgb`, as the 8-bit RGB the model takes
+    (`images.to_rgb`: 16-bit scaled, transparency flattened, a mode without a white level refused)."""
     from PIL import Image
 
     what = f"{flag} {path}"
@@ -197,7 +198,6 @@ def read_image(path: str | os.PathLike, flag: str, mode: str | None = None) -> I
                 raise UsageError(f"{what}: claims {w}x{h} = {w * h:,} pixels, more than the {IMAGE_MAX_PIXELS:,} gbsd "
                                  "decodes (a decompression bomb?)")
             image.load()
-            return image.convert(mode) if mode is not None and image.mode != mode else image
     except UsageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -205,11 +205,17 @@ def read_image(path: str | os.PathLike, flag: str, mode: str | None = None) -> I
     except Exception as e:  # Pillow's decoders raise many classes on hostile data (OSError, SyntaxError, zlib.error,
         # struct.error, ValueError, EOFError, ...); whichever it is, the file is not an image gbsd can use
         raise UsageError(f"{what}: not a readable image ({type(e).__name__}: {one_line(e)[:120]})") from None
+    if not rgb:
+        return image
+    from ..images import to_rgb
+
+    with usage_errors(f"{what}: "):
+        return to_rgb(image)
 
 
-def check_image(path: str | os.PathLike, flag: str) -> tuple[int, int]:
-    """(width, height) of an image file that `read_image` accepts."""
-    with read_image(path, flag) as image:
+def check_image(path: str | os.PathLike, flag: str, rgb: bool = False) -> tuple[int, int]:
+    """(width, height) of an image file that `read_image` accepts (with `rgb`: also as the model's RGB)."""
+    with read_image(path, flag, rgb) as image:
         return image.size
 
 

@@ -88,9 +88,11 @@ class PairResult:
 def _open_init(pair: Pair) -> Image.Image:
     from PIL import Image
 
+    from ..images import to_rgb
+
     with Image.open(pair.init) as im:
-        image = im.convert("RGB")
-    return image
+        im.load()
+        return to_rgb(im)  # read_pairs checked that it converts
 
 
 def evaluate_pair(bundle: SDBundle, pair: Pair, settings: Settings, progress: bool = False) -> PairResult:

@@ -207,7 +207,7 @@ def plan(args: argparse.Namespace) -> Plan:
     params = params_from_args(args, png_meta["params"] if png_meta else {})
 
     init_path = getattr(args, "init", None)
-    init_image = read_image(init_path, "--init", mode="RGB") if init_path is not None else None
+    init_image = read_image(init_path, "--init", rgb=True) if init_path is not None else None
     # The schedule's own rule (the scheduler applies the same): img2img runs int(strength * steps) steps.
     with usage_errors(f"--steps {params.steps}" + (f" --strength {params.strength}: " if init_path else ": ")):
         check_schedule(params, img2img=init_path is not None)

@@ -55,6 +55,9 @@ BAD_INPUTS = [
     ("init-missing-flag", ["img2img", "p"], "--init"),
     ("init-missing-file", ["img2img", "p", "--init", "{tmp}/nope.png"], "no such file"),
     ("init-not-image", ["img2img", "p", "--init", "{txt}"], "not a readable image"),
+    ("init-float", ["img2img", "p", "--init", "{imgF}"], "floating-point image (mode F)"),
+    ("init-32-bit-beyond-16", ["img2img", "p", "--init", "{imgI32}"], "beyond 16 bits"),
+    ("sweep-init-float", ["sweep", "p", "--focus", "f", "--alphas", "0", "--init", "{imgF}"], "mode F"),
     ("init-size-not-8", ["img2img", "p", "--init", "{img60}", "--weights", "{ckpt}"], "multiple of 8"),
     ("weights-missing", ["generate", "p", "--weights", "{tmp}/missing.safetensors"], "weights file not found"),
     ("weights-default-absent", ["generate", "p", "{no-weights}"], "gbsd download sd15"),
@@ -313,6 +316,8 @@ def _crafted(work: Path, ckpt: Path, dummy: Path, sdxl: Path) -> dict[str, str]:
     os.mkfifo(work / "pipe.png")
     os.mkfifo(work / "pipe.safetensors")
     good = meta_png(work / "good.png", {"version": 1, "params": {"prompt": "p"}})
+    Image.new("F", (64, 64), 0.5).save(work / "f.tif")  # float and 32-bit TIFFs: no white level gbsd can know
+    Image.fromarray(np.full((64, 64), 70000, dtype=np.int32)).save(work / "i32.tif")
     meta = json.dumps({"version": 1, "params": {"prompt": "p"}})
     return {"{tmp}": str(work), "{sdxl}": str(sdxl), "{img60}": str(noise_png(work / "in60.png", size=(60, 64))), "{img}": str(img),
             "{txt}": str(txt), "{ckpt}": str(ckpt), "{bomb-meta}": str(bomb_png(work / "bombm.png", texts={"gbsd": meta})),
@@ -320,7 +325,8 @@ def _crafted(work: Path, ckpt: Path, dummy: Path, sdxl: Path) -> dict[str, str]:
             "{bomb}": str(bomb_png(work / "bomb.png")), "{big}": str(bomb_png(work / "big.png", side=12000)),
             "{zlib}": str(broken_zlib_png(work / "zlib.png")), "{cut}": str(cut), "{fifo}": str(work / "pipe.png"),
             "{good-meta}": str(good), "{img2064}": str(noise_png(work / "wide.png", size=(2064, 8))),
-            "{fifo-weights}": str(work / "pipe.safetensors"),
+            "{fifo-weights}": str(work / "pipe.safetensors"), "{imgF}": str(work / "f.tif"),
+            "{imgI32}": str(work / "i32.tif"),
             "{unet9}": str(Workshop(work, work).single("unet9.safetensors", unet=replace(UNET, in_channels=9)))}
 
 
@@ -524,6 +530,22 @@ def test_img2img(tiny_ckpt, tmp_path, capsys):
     assert "Denoising strength: 0.5" in texts["parameters"]
     data = json.loads(texts["gbsd"])
     assert data["mode"] == "img2img" and data["executed_steps"] == 2 and data["params"]["strength"] == 0.5
+
+
+@pytest.mark.parametrize("fmt", ["png", "tif"])
+def test_img2img_from_a_16_bit_file_is_its_8_bit_twin(fmt, tiny_ckpt, tmp_path, capsys):
+    """A 16-bit greyscale init (each 8-bit level v stored as 257·v) makes the image its 8-bit grey makes: scaled,
+    not clipped to white by Pillow's convert("RGB")."""
+    grey8 = np.random.default_rng(3).integers(0, 256, (64, 64), dtype=np.uint8)
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / f"i16.{fmt}")
+    Image.fromarray(grey8).save(tmp_path / "l8.png")
+    outs = []
+    for name in (f"i16.{fmt}", "l8.png"):
+        outs.append(tmp_path / f"out-{name}.png")
+        code, _, err = run_cli(["img2img", "a painting", "--init", tmp_path / name, "--strength", "0.5", "--steps", "4",
+                                "-q", "--weights", tiny_ckpt, "-o", outs[-1]], capsys)
+        assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(outs[0])), np.asarray(Image.open(outs[1])))
 
 
 def test_sweep_writes_one_png_per_cell(tiny_ckpt, tmp_path, capsys):
