@@ -195,7 +195,12 @@ def read_from_png(path: str | None) -> dict[str, Any] | None:
         return None
     png = read_image(path, "--from-png")
     with usage_errors(f"--from-png {path}: "):
-        return pngmeta.read_metadata(png)
+        meta = pngmeta.read_metadata(png)
+    if meta.get("hires"):
+        hires = ", ".join(f"{k}: {v}" for k, v in meta["hires"].items() if v is not None)
+        warn(f"--from-png {path}: made with A1111's hires fix ({hires}); gbsd makes its first pass only, the "
+             "txt2img image at its Size")
+    return meta
 
 
 def plan(args: argparse.Namespace) -> Plan:

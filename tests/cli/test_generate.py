@@ -409,6 +409,12 @@ FAIR_INPUTS = [
                                   "euler", "--schedule", "normal"]),
     ("sweep-sampler", ["sweep", "p", "--focus", "f", "--alphas", "0", "--sampler", "dpmpp_2m"]),
     ("prompt-unicode", ["generate", "ünïcödé 🐰, a \"quoted\": prompt\nwith two lines"]),
+    # A1111 infotexts: the hires fix at denoise 0 (an upscale alone), DDIM with the schedule A1111 >= 1.9 writes for
+    # every sampler, Windows line ends
+    ("info-hires-denoise-0", ["generate", "--from-png", INFO(A1111 + ", Denoising strength: 0, Hires upscale: 2, "
+                                                         "Hires upscaler: Latent")]),
+    ("info-ddim-karras", ["generate", "--from-png", INFO(A1111.replace("DDIM", "DDIM, Schedule type: Karras"))]),
+    ("info-crlf", ["generate", "--from-png", INFO(A1111 + "\r\n", prompt="a cat\r\nNegative prompt: dog\r")]),
 ]
 
 
@@ -421,6 +427,7 @@ def test_fair_input_is_accepted(case, tmp_path, monkeypatch, no_load, tiny_ckpt)
     Image.new("P", (64, 64), 3).save(tmp_path / "p.png")
     subs.update({"{img16}": tmp_path / "i16.png", "{imgP}": tmp_path / "p.png"})
     argv = [str(meta_png(tmp_path / "meta.png", gbsd=a[len("{meta:"):-1])) if a.startswith("{meta:")
+            else str(meta_png(tmp_path / "info.png", parameters=a[len("{info:"):-1])) if a.startswith("{info:")
             else str(subs.get(a, a)) for a in argv]
     with pytest.raises(Loaded):
         cli_main([*argv, "--weights", str(tiny_ckpt), "-o", str(tmp_path / "out.png")])
@@ -515,6 +522,22 @@ def test_from_png_round_trip_and_override(tiny_ckpt, tmp_path, capsys):
     p_src, p_other = pngmeta.read_params(src), pngmeta.read_params(other)
     assert p_other.alpha == 0.9 and p_other == type(p_src)(**{**p_src.__dict__, "alpha": 0.9})
     assert not np.array_equal(np.asarray(Image.open(src)), np.asarray(Image.open(other)))
+
+
+def test_a1111_infotext_from_windows_with_the_hires_fix_is_its_first_pass(tiny_ckpt, tmp_path, capsys):
+    """An A1111 image (no gbsd chunk) made with the hires fix at denoise 0, its text with CRLF line ends: gbsd makes
+    the first pass, a txt2img at Size, says that the hires pass is not reproduced, and keeps no "\r" in the prompts."""
+    text = ("a cat on a sofa\r\nNegative prompt: blurry\r\nSteps: 3, Sampler: DDIM, Schedule type: Karras, CFG scale: 7, "
+            "Seed: 9, Size: 64x64, Denoising strength: 0, Hires upscale: 2, Hires upscaler: Latent\r\n")
+    src = meta_png(tmp_path / "a1111.png", parameters=text)
+    code, _, err = run_cli(["generate", "--from-png", src, "--weights", tiny_ckpt, "-q", "-o", tmp_path / "o.png"],
+                           capsys)
+    assert code == 0, err
+    assert "hires fix" in err and "Hires upscale: 2" in err and "first pass" in err
+    data = json.loads(png_texts(tmp_path / "o.png")["gbsd"])
+    assert data["mode"] == "txt2img" and data["size"] == [64, 64]
+    assert (data["params"]["prompt"], data["params"]["negative"], data["params"]["sampler"]) == (
+        "a cat on a sofa", "blurry", "ddim")
 
 
 def test_img2img(tiny_ckpt, tmp_path, capsys):
