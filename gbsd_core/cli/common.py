@@ -6,7 +6,9 @@ problem is a `UsageError`: one line on stderr, exit status 2, before any weights
 (`run_main`). The parameter rules themselves are the core's (gbsd_core/params.py), so the Python API refuses the
 same values with the same words. Input files are checked for what they are before they are opened (a named pipe
 would block) and images are decoded whole, within a pixel limit, before they are accepted. Exit 1 is a failure
-after that point (an unexpected one included: one line, no traceback); 130 is Ctrl-C.
+after that point (an unexpected one included: one line, no traceback). Ctrl-C, SIGTERM and SIGHUP end a command the
+same way (`signals_as_interrupts`): it unwinds, so no temporary file stays behind, and exits with 128 + the signal's
+number, what a shell reports for a process its signal ended (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP).
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ import contextlib
 import errno
 import os
 import re
+import signal
 import string
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -31,7 +35,7 @@ if TYPE_CHECKING:
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130: Ctrl-C; SIGTERM and SIGHUP exit with 128 + theirs
 DTYPES = ("fp32", "fp16", "bf16")
 # The most pixels an input image may have: 8192 x 8192, a large photo. Checked from the header, before decoding; a
 # file claiming more (a "decompression bomb": a few bytes that inflate to gigabytes) is refused.
@@ -41,6 +45,45 @@ DEBUG_ENV = "GBSD_DEBUG"  # set to 1 to get the traceback of an unexpected error
 
 class UsageError(Exception):
     """Bad input found before any compute: printed as one line, exit status 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread while a command runs (`signals_as_interrupts`). A
+    KeyboardInterrupt, so whatever cleans up after Ctrl-C cleans up after it too."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# The signals that end a command as Ctrl-C does. Python's default action for them ends the process on the spot,
+# running no `finally` and no `except`: the atomic writer's temporary file stayed behind. (No SIGHUP on Windows.)
+_ENDING_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s)
+
+
+@contextlib.contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """While inside, SIGTERM and SIGHUP raise `Terminated` in the main thread, as Ctrl-C raises KeyboardInterrupt.
+
+    Only a signal whose handler is the default is taken: one that is ignored stays ignored (`nohup` ignores SIGHUP
+    so that a run survives its terminal), and another program's handler is left alone. A second signal of the same
+    kind during the cleanup gets the default action again. The previous handlers are restored on the way out (tests
+    run commands in their own process). Outside the main thread Python cannot set handlers: nothing changes.
+    """
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        raise Terminated(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in _ENDING_SIGNALS:
+            if signal.getsignal(sig) == signal.SIG_DFL:
+                previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class Parser(argparse.ArgumentParser):
@@ -59,18 +102,22 @@ def one_line(text: object) -> str:
 
 def run_main(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace,
              interrupted: str = "interrupted (no output written for unfinished images)") -> int:
-    """Run a parsed command under the contract: UsageError -> one line, exit 2; Ctrl-C -> exit 130; stdout closed
-    by its reader (`gbsd info | head`) -> exit 1 quietly; anything unexpected -> one line naming it, exit 1."""
+    """Run a parsed command under the contract: UsageError -> one line, exit 2; Ctrl-C, SIGTERM, SIGHUP -> one line,
+    exit 128 + the signal (130, 143, 129); stdout closed by its reader (`gbsd info | head`) -> exit 1 quietly;
+    anything unexpected -> one line naming it, exit 1."""
     try:
-        code = command(args)
-        sys.stdout.flush()  # here, not at interpreter exit, so a closed pipe is seen in the handler below
+        with signals_as_interrupts():
+            code = command(args)
+            sys.stdout.flush()  # here, not at interpreter exit, so a closed pipe is seen in the handler below
         return code
     except UsageError as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{prog}: {interrupted}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:  # Ctrl-C, or Terminated (SIGTERM, SIGHUP)
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        print(f"{prog}: " + (f"{signal.Signals(signum).name}: " if signum != signal.SIGINT else "") + interrupted,
+              file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:
         # The reader is gone: send the rest to /dev/null, so the final flush at exit cannot fail again (the recipe of
         # Python's `signal` docs, "Note on SIGPIPE").
