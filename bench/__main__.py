@@ -10,7 +10,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +33,15 @@ PARTS = ("step", "loop", "text", "vae", "e2e")  # measured in this order: step a
 NATIVE_SIZE = {"sd15": 512, "sd21": 768, "sdxl": 1024}  # the default --size of each --arch
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
+# ------------------------------------------------------------------------------ argument types: bad input, exit 2
+# Every flag is parsed and checked by argparse (a `type` or `choices`), so a bad value is one line and exit status 2
+# before anything is built (gbsd_core.cli.common.Parser); the generation values by the core's own rules
+# (gbsd_core/params.py), the device by the CLI's.
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",")]
@@ -40,22 +52,98 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _at_least(lo: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {value}")
+        return value
+
+    return convert
+
+
+def _field(name: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A value of GenerationParams' field `name`, by its rule: steps in [1, 1000], a finite CFG in [0, 100], ..."""
+    from gbsd_core.params import check_field
+
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if parse is int else 'a number'}, got "
+                                             f"{text!r}") from None
+        try:
+            return check_field(name, value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
+
+
+def _dtypes(text: str) -> str:
+    """fp32 | fp16 | bf16, comma-separated; kept as written (it is recorded in the JSON's args)."""
+    bad = [d for d in text.split(",") if d not in DTYPES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, bad))}: choose from {', '.join(DTYPES)}, "
+                                         "comma-separated")
+    return text
+
+
+def _device(text: str) -> str:
+    """A device this machine has (cpu, cuda[:N], mps), by the CLI's rule (gbsd_core.cli.common.device_dtype)."""
+    from gbsd_core.cli.common import UsageError, device_dtype
+
+    try:
+        device_dtype(argparse.Namespace(device=text, dtype="fp32"))
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--device {text}: ")) from None
+    return text
+
+
+def _output(text: str) -> str:
+    """A file the run writes (--json, --markdown): its folder (made if missing, as report.write does) takes it under
+    its name, probed now rather than after the run (gbsd_core.cli.common's checks)."""
+    from gbsd_core.cli.common import UsageError, check_files_in, link_problem
+
+    path = Path(text)
+    folder = path.parent
+    try:
+        problem = link_problem(path) or ("is a folder" if path.is_dir() else None)
+        while problem is None and not folder.is_dir():  # the nearest existing ancestor must be a folder
+            problem = link_problem(folder) or (f"{folder} is not a folder" if os.path.lexists(folder) else None)
+            folder = folder.parent
+        if problem is None:
+            check_files_in(path.parent, [path.name], text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"{text}: ")) from None
+    except (OSError, ValueError) as e:
+        problem = getattr(e, "strerror", None) or str(e)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from gbsd_core.cli.common import Parser
+
     presets = "\n".join(f"  {p.name:<22} {p.recipe}" for p in PRESETS.values())
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=f"configurations (--configs):\n{presets}")
+    ap = Parser(prog="python -m bench", description=__doc__.split("\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog=f"configurations (--configs):\n{presets}")
     ap.add_argument("--arch", choices=tuple(NATIVE_SIZE), default="sd15",
                     help="sd15, sd21 (768-v) or sdxl (SDXL 1.0 base, 2.6B UNet, CLIP-L + bigG)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16, comma-separated for several "
+    ap.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", type=_dtypes, default=None, help="fp32 | fp16 | bf16, comma-separated for several "
                     "(default: fp16 on CUDA, fp32 on CPU)")
     ap.add_argument("--vae-dtype", choices=tuple(DTYPES), default=None,
                     help="VAE dtype for our fast configs (default: same as --dtype, as diffusers runs it)")
     ap.add_argument("--size", type=_int_list, default=None,
                     help="image side(s) in pixels, comma-separated, multiples of 8 (default: the arch's native 512 / 768 / 1024; tiny 64)")
-    ap.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    ap.add_argument("--cfg", type=float, default=7.5, help="guidance scale (CFG doubles the UNet batch)")
+    ap.add_argument("--steps", type=_field("steps", int), default=50, help="DDIM steps")
+    ap.add_argument("--cfg", type=_field("cfg", float), default=7.5, help="guidance scale (CFG doubles the UNet batch)")
     ap.add_argument("--batch", type=_int_list, default=[1],
                     help="images per prompt, comma-separated (e.g. 1,4,8: where the GPU saturates; e2e at batch 1 "
                          "only)")
@@ -65,35 +153,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--interleave", action="store_true",
                     help="time the step of all --configs round-robin in one pass (needs --parts step; see "
                          "bench/interleave.py): ratios that hold while the machine's speed drifts")
-    ap.add_argument("--repeat", type=int, default=5, help="timed calls per measurement (median reported)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed calls before them (the first is reported)")
-    ap.add_argument("--loop-repeat", type=int, default=None, help="timed full loops (default: --repeat // 2, >= 1)")
-    ap.add_argument("--e2e-repeat", type=int, default=None,
+    ap.add_argument("--repeat", type=_at_least(1), default=5, help="timed calls per measurement (median reported)")
+    ap.add_argument("--warmup", type=_at_least(0), default=1, help="untimed calls before them (the first is reported)")
+    ap.add_argument("--loop-repeat", type=_at_least(1), default=None,
+                    help="timed full loops (default: --repeat // 2, >= 1)")
+    ap.add_argument("--e2e-repeat", type=_at_least(0), default=None,
                     help="timed end-to-end calls after the first (default: --repeat // 2, >= 1; 0: the first only)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
+    ap.add_argument("--threads", type=_at_least(1), default=None, help="torch.set_num_threads (default: all cores)")
     ap.add_argument("--cudnn-benchmark", choices=("off", "on"), default="off",
                     help="torch.backends.cudnn.benchmark for the whole run, ours and diffusers alike (off: torch's "
                          "default, cuDNN's heuristics pick each convolution's algorithm; on: the first call of each "
                          "shape times the candidates, which lands in warm-up). Set once per process: cuDNN caches "
                          "its choice per shape, so flipping it mid-run would not re-pick")
-    ap.add_argument("--compile-mode", default=None,
-                    help="override the compile presets' torch.compile mode (default / reduce-overhead / max-autotune)")
+    ap.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                    help="override the compile presets' torch.compile mode")
     ap.add_argument("--samplers", default=None, metavar="A,B,...",
                     help=f"our configurations also time the loop of each of these samplers, round-robin (from "
                          f"{', '.join(SAMPLERS)}; needs --parts loop)")
     ap.add_argument("--schedule", choices=("normal", "karras"), default="normal",
                     help="the σ samplers' schedule in --samplers (normal)")
     ap.add_argument("--sweep", default="none", help="configuration for the GBSD sweep cost, or 'none'")
-    ap.add_argument("--sweep-k", type=int, default=10)
-    ap.add_argument("--sweep-layout", type=float, default=0.8, help="sigma")
-    ap.add_argument("--sweep-size", type=int, default=None, help="default: --size")
-    ap.add_argument("--sweep-steps", type=int, default=None, help="default: --steps")
+    ap.add_argument("--sweep-k", type=_at_least(1), default=10, help="α values sharing the layout stage (10)")
+    ap.add_argument("--sweep-layout", type=_field("layout", float), default=0.8,
+                    help="the layout fraction: the share of steps in the shared layout stage (0.8)")
+    ap.add_argument("--sweep-size", type=_at_least(8), default=None, help="default: --size")
+    ap.add_argument("--sweep-steps", type=_field("steps", int), default=None, help="default: --steps")
     ap.add_argument("--sweep-independent", choices=("measure", "estimate"), default=None,
                     help="run the K independent runs (default on CUDA) or time one and multiply by K")
     ap.add_argument("--tiny", action="store_true", help="tiny models of the same structure (smoke test)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None, help="write all results here (rewritten after each configuration)")
-    ap.add_argument("--markdown", default=None, help="write the table here too")
+    ap.add_argument("--seed", type=_field("seed", int), default=0)
+    ap.add_argument("--json", type=_output, default=None,
+                    help="write all results here (rewritten after each configuration)")
+    ap.add_argument("--markdown", type=_output, default=None, help="write the table here too")
     args = ap.parse_args(argv)
     args.config_list = [] if args.configs == "none" else args.configs.split(",")
     unknown = [c for c in args.config_list if c not in PRESETS]
@@ -113,13 +204,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--samplers {args.samplers!r}: choose from {', '.join(SAMPLERS)}")
     if args.sampler_list and ("loop" not in args.parts.split(",") or args.interleave):
         ap.error("--samplers times whole loops: it needs 'loop' in --parts, and not --interleave")
-    if args.size and any(v % 8 for v in args.size):
-        ap.error(f"--size must be multiples of 8 (the VAE downsamples by 8), got {args.size}")
+    largest = 4 * NATIVE_SIZE[args.arch]  # gbsd's rule for the family: at most 4x its native side
+    for flag, sizes in (("--size", args.size or []), ("--sweep-size", [args.sweep_size] if args.sweep_size else [])):
+        if any(v % 8 for v in sizes):
+            ap.error(f"{flag} must be multiples of 8 (the VAE downsamples by 8), got {sizes}")
+        if any(v > largest for v in sizes):
+            ap.error(f"{flag} {sizes}: at most {largest} for {args.arch} (4x its native side)")
+    # every sampler timed must be able to run --steps (and the sweep's steps) on its own schedule
+    from gbsd_core.params import GenerationParams, check_schedule
+
+    for flag, steps in (("--steps", args.steps), ("--sweep-steps", args.sweep_steps)):
+        for sampler in dict.fromkeys(["ddim", *args.sampler_list]) if steps is not None else ():
+            try:
+                check_schedule(GenerationParams("p", steps=steps, sampler=sampler,
+                                                schedule=args.schedule if sampler != "ddim" else "normal"), False)
+            except ValueError as e:
+                ap.error(f"{flag} {steps}: {e}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse (bad input: one line, exit 2), then run. Ctrl-C, SIGTERM and SIGHUP end the run as the `gbsd` commands
+    do: no temporary file left by the JSON writer, one line, exit 128 + the signal (130, 143, 129)."""
+    import signal
+
+    from gbsd_core.cli.common import Terminated, signals_as_interrupts
+
     args = parse_args(argv)
+    try:
+        with signals_as_interrupts():
+            return run(args)
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        print(f"[bench] {signal.Signals(signum).name}: interrupted; --json holds what was measured so far",
+              file=sys.stderr)
+        return 128 + signum
+
+
+def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

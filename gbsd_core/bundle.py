@@ -157,7 +157,9 @@ class SDBundle:
         if not isinstance(images, torch.Tensor):
             import numpy as np
 
-            arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])  # [B, H, W, 3]
+            from .images import to_rgb
+
+            arr = np.stack([np.asarray(to_rgb(im), dtype=np.float32) for im in images])  # [B, H, W, 3]
             images = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
         posterior = self.vae.encode(images.to(next(self.vae.parameters()).device))
         z = posterior.sample(generator) if sample else posterior.mode()

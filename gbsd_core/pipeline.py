@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .images import to_rgb
 from .params import GenerationParams, image_size
 from .samplers import Sampler, make_sampler
 from .sampling import (
@@ -82,10 +83,9 @@ def _check_inputs(init_image: object, x_T: object) -> None:
 
 
 def _image_to_tensor(image: Image.Image, size: tuple[int, int]) -> Tensor:
-    """PIL → [1,3,H,W] in [-1, 1] (the VAE's input range)."""
+    """PIL (8-bit RGB: `images.to_rgb`) → [1,3,H,W] in [-1, 1] (the VAE's input range)."""
     import numpy as np
 
-    image = image.convert("RGB")
     if image.size != size:
         image = image.resize(size, Image.Resampling.LANCZOS)
     arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
@@ -124,6 +124,8 @@ def _start(bundle: SDBundle, params: GenerationParams, local_prompts: Sequence[s
     if not isinstance(params, GenerationParams):
         raise ValueError(f"params must be a GenerationParams, got {type(params).__name__}")
     _check_inputs(init_image, x_T)
+    if init_image is not None:
+        init_image = to_rgb(init_image)  # 16-bit scaled, transparency flattened; no white level: ValueError here
     sampler = _sampler(bundle, params, stepper)
     limits = bundle.limits()
     w, h = image_size(params, limits, init_image.size if init_image is not None else None)

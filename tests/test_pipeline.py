@@ -87,6 +87,20 @@ def test_img2img_runs_the_truncated_schedule(bundle):
     assert np.array_equal(pixels(a), pixels(b))
 
 
+def test_a_16_bit_init_image_is_its_8_bit_twin(bundle):
+    """A 16-bit greyscale init (I;16, each 8-bit level v stored as 257·v) gives the image of the 8-bit grey it
+    holds, through generate and through encode_images (convert("RGB") clipped it: 99.6 % white); a floating-point
+    init has no white level and is refused before any compute."""
+    grey8 = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    i16, rgb8 = Image.fromarray(grey8.astype(np.uint16) * 257), Image.fromarray(grey8).convert("RGB")
+    assert i16.mode == "I;16"
+    params = GenerationParams(PROMPT, focus=FOCUS, steps=6, strength=0.5, seed=1)
+    assert np.array_equal(pixels(generate(bundle, params, init_image=i16)), pixels(generate(bundle, params, init_image=rgb8)))
+    assert torch.equal(bundle.encode_images([i16], sample=False), bundle.encode_images([rgb8], sample=False))
+    with pytest.raises(ValueError, match="mode F"):
+        generate(bundle, params, init_image=Image.new("F", (64, 64), 0.5))
+
+
 def test_img2img_needs_a_multiple_of_8_or_a_size(bundle):
     init = Image.new("RGB", (60, 64))
     with pytest.raises(ValueError, match="not a multiple of 8"):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 OTSU_BINS = 256
+_LIGHTNESS = {"YCbCr": 0, "LAB": 0, "HSV": 2}  # the channel that is zero for black alone
 
 
 def otsu_threshold(values: np.ndarray | torch.Tensor) -> float:
@@ -91,13 +92,22 @@ def box_to_mask(box: tuple[float, float, float, float], size: tuple[int, int]) -
 def load_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     """Read a mask image (PNG or any Pillow format): a pixel is object where any colour channel is nonzero;
     alpha is ignored. ``size`` is the (H, W) of the image it belongs to; a different size is an error (we do
-    not resample masks silently: that shifts the region the metrics are measured on)."""
+    not resample masks silently: that shifts the region the metrics are measured on).
+
+    Nonzero at any bit depth (16-bit, 32-bit and float greyscale are read as they are, never clipped to 8 bits),
+    and "not black" in every colour space: CMYK is converted to RGB (its white is all zeros), and in YCbCr, LAB
+    and HSV, whose black is not all zeros (YCbCr's and LAB's is (0, 128, 128)), the lightness channel decides
+    (Y, L, V: zero only for black)."""
     with Image.open(path) as img:
         if img.mode == "P":
             img = img.convert("RGBA")
+        elif img.mode == "CMYK":
+            img = img.convert("RGB")
         arr = np.asarray(img)
         mode = img.mode
-    if arr.ndim == 3:
+    if mode in _LIGHTNESS:
+        mask = arr[..., _LIGHTNESS[mode]] != 0
+    elif arr.ndim == 3:
         colour = arr[..., :-1] if mode in ("RGBA", "LA", "PA", "RGBa", "La") else arr
         mask = (colour != 0).any(axis=-1)
     else:

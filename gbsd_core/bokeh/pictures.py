@@ -219,8 +219,14 @@ def tile(cells: Sequence[Image.Image], columns: int | None = None) -> Image.Imag
 
 
 def save_animation(frames: Sequence[Image.Image], path: str | os.PathLike, duration_ms: int = 250) -> Path:
-    """A looping animation of equal-size frames: animated WebP (.webp, lossy quality 90) or GIF (.gif, 256 colours
-    per frame), Pillow's own writers, written atomically (`loading.atomic_write`)."""
+    """A looping animation of equal-size frames: animated WebP (.webp, lossless) or GIF (.gif, 256 colours per
+    frame), Pillow's own writers, written atomically (`loading.atomic_write`).
+
+    Lossless, because an animation encoder stores a frame as its change from the one before, and lossy WebP takes a
+    pixel within a few levels of the last as unchanged: a rack whose frames differ subtly (with real weights, the
+    focus moving is exactly such a change) came out as one still frame. A frame identical to the one before is
+    merged into it by both writers (it is shown for longer); GIF's palette also makes nearly equal frames identical.
+    `animation_frames` counts what was kept."""
     path = Path(path)
     fmt = ANIMATION_FORMATS.get(path.suffix.lower())
     if fmt is None:
@@ -232,8 +238,14 @@ def save_animation(frames: Sequence[Image.Image], path: str | os.PathLike, durat
     def write(tmp: Path) -> None:
         if fmt == "WEBP":
             rgb[0].save(tmp, format=fmt, save_all=True, append_images=rgb[1:], duration=duration_ms, loop=0,
-                        quality=90)
+                        lossless=True)
         else:
             rgb[0].save(tmp, format=fmt, save_all=True, append_images=rgb[1:], duration=duration_ms, loop=0)
 
     return atomic_write(path, write)
+
+
+def animation_frames(path: str | os.PathLike) -> int:
+    """How many frames an animation file holds (frames equal to the one before them were merged when written)."""
+    with Image.open(path) as im:
+        return getattr(im, "n_frames", 1)

@@ -6,7 +6,9 @@ problem is a `UsageError`: one line on stderr, exit status 2, before any weights
 (`run_main`). The parameter rules themselves are the core's (gbsd_core/params.py), so the Python API refuses the
 same values with the same words. Input files are checked for what they are before they are opened (a named pipe
 would block) and images are decoded whole, within a pixel limit, before they are accepted. Exit 1 is a failure
-after that point (an unexpected one included: one line, no traceback); 130 is Ctrl-C.
+after that point (an unexpected one included: one line, no traceback). Ctrl-C, SIGTERM and SIGHUP end a command the
+same way (`signals_as_interrupts`): it unwinds, so no temporary file stays behind, and exits with 128 + the signal's
+number, what a shell reports for a process its signal ended (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP).
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ import contextlib
 import errno
 import os
 import re
+import signal
 import string
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -31,7 +35,7 @@ if TYPE_CHECKING:
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130: Ctrl-C; SIGTERM and SIGHUP exit with 128 + theirs
 DTYPES = ("fp32", "fp16", "bf16")
 # The most pixels an input image may have: 8192 x 8192, a large photo. Checked from the header, before decoding; a
 # file claiming more (a "decompression bomb": a few bytes that inflate to gigabytes) is refused.
@@ -41,6 +45,45 @@ DEBUG_ENV = "GBSD_DEBUG"  # set to 1 to get the traceback of an unexpected error
 
 class UsageError(Exception):
     """Bad input found before any compute: printed as one line, exit status 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread while a command runs (`signals_as_interrupts`). A
+    KeyboardInterrupt, so whatever cleans up after Ctrl-C cleans up after it too."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# The signals that end a command as Ctrl-C does. Python's default action for them ends the process on the spot,
+# running no `finally` and no `except`: the atomic writer's temporary file stayed behind. (No SIGHUP on Windows.)
+_ENDING_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s)
+
+
+@contextlib.contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """While inside, SIGTERM and SIGHUP raise `Terminated` in the main thread, as Ctrl-C raises KeyboardInterrupt.
+
+    Only a signal whose handler is the default is taken: one that is ignored stays ignored (`nohup` ignores SIGHUP
+    so that a run survives its terminal), and another program's handler is left alone. A second signal of the same
+    kind during the cleanup gets the default action again. The previous handlers are restored on the way out (tests
+    run commands in their own process). Outside the main thread Python cannot set handlers: nothing changes.
+    """
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        raise Terminated(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in _ENDING_SIGNALS:
+            if signal.getsignal(sig) == signal.SIG_DFL:
+                previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class Parser(argparse.ArgumentParser):
@@ -59,18 +102,22 @@ def one_line(text: object) -> str:
 
 def run_main(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace,
              interrupted: str = "interrupted (no output written for unfinished images)") -> int:
-    """Run a parsed command under the contract: UsageError -> one line, exit 2; Ctrl-C -> exit 130; stdout closed
-    by its reader (`gbsd info | head`) -> exit 1 quietly; anything unexpected -> one line naming it, exit 1."""
+    """Run a parsed command under the contract: UsageError -> one line, exit 2; Ctrl-C, SIGTERM, SIGHUP -> one line,
+    exit 128 + the signal (130, 143, 129); stdout closed by its reader (`gbsd info | head`) -> exit 1 quietly;
+    anything unexpected -> one line naming it, exit 1."""
     try:
-        code = command(args)
-        sys.stdout.flush()  # here, not at interpreter exit, so a closed pipe is seen in the handler below
+        with signals_as_interrupts():
+            code = command(args)
+            sys.stdout.flush()  # here, not at interpreter exit, so a closed pipe is seen in the handler below
         return code
     except UsageError as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{prog}: {interrupted}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:  # Ctrl-C, or Terminated (SIGTERM, SIGHUP)
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        print(f"{prog}: " + (f"{signal.Signals(signum).name}: " if signum != signal.SIGINT else "") + interrupted,
+              file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:
         # The reader is gone: send the rest to /dev/null, so the final flush at exit cannot fail again (the recipe of
         # Python's `signal` docs, "Note on SIGPIPE").
@@ -178,9 +225,10 @@ def _file_problem(path: Path) -> str | None:
     return None if kind is None else f"is {kind}, not a regular file"
 
 
-def read_image(path: str | os.PathLike, flag: str, mode: str | None = None) -> Image.Image:
+def read_image(path: str | os.PathLike, flag: str, rgb: bool = False) -> Image.Image:
     """An input image decoded whole (a broken stream behind valid checksums is found here, not after the model has
-    run), refused above IMAGE_MAX_PIXELS from its header alone; converted to `mode` when given."""
+    run), refused above IMAGE_MAX_PIXELS from its header alone; with `rgb`, as the 8-bit RGB the model takes
+    (`images.to_rgb`: 16-bit scaled, transparency flattened, a mode without a white level refused)."""
     from PIL import Image
 
     what = f"{flag} {path}"
@@ -197,7 +245,6 @@ def read_image(path: str | os.PathLike, flag: str, mode: str | None = None) -> I
                 raise UsageError(f"{what}: claims {w}x{h} = {w * h:,} pixels, more than the {IMAGE_MAX_PIXELS:,} gbsd "
                                  "decodes (a decompression bomb?)")
             image.load()
-            return image.convert(mode) if mode is not None and image.mode != mode else image
     except UsageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -205,12 +252,34 @@ def read_image(path: str | os.PathLike, flag: str, mode: str | None = None) -> I
     except Exception as e:  # Pillow's decoders raise many classes on hostile data (OSError, SyntaxError, zlib.error,
         # struct.error, ValueError, EOFError, ...); whichever it is, the file is not an image gbsd can use
         raise UsageError(f"{what}: not a readable image ({type(e).__name__}: {one_line(e)[:120]})") from None
+    if not rgb:
+        return image
+    from ..images import to_rgb
+
+    with usage_errors(f"{what}: "):
+        return to_rgb(image)
 
 
-def check_image(path: str | os.PathLike, flag: str) -> tuple[int, int]:
-    """(width, height) of an image file that `read_image` accepts."""
-    with read_image(path, flag) as image:
+def check_image(path: str | os.PathLike, flag: str, rgb: bool = False) -> tuple[int, int]:
+    """(width, height) of an image file that `read_image` accepts (with `rgb`: also as the model's RGB)."""
+    with read_image(path, flag, rgb) as image:
         return image.size
+
+
+def link_problem(path: Path) -> str | None:
+    """Why `path` is a symbolic link that cannot be followed -- "is a symlink to nothing" or "is a symlink loop" (or
+    "leads through a symlink loop": a loop in a folder above it) -- else None. `Path.exists()` is False for both, so a
+    check that asks only that takes them for a free name, and the write fails after the work is done."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symlink loop" if os.path.islink(path) else "leads through a symlink loop"
+        if os.path.islink(path):
+            return f"is a symlink to nothing (it points to {os.readlink(path)!r:.80}, which does not exist)"
+    except ValueError:  # a NUL in the name: the callers name that themselves
+        pass
+    return None
 
 
 def check_writable(folder: Path, label: str, name: str = "probe") -> None:
@@ -233,9 +302,15 @@ def shown(path: Path | str) -> str:
     return str(path if len(name) <= 60 else path.parent / f"{name[:30]}...{name[-20:]}")
 
 
+def _folder_state(folder: Path) -> str:
+    """Why `folder`, which is not a directory, cannot hold an output: a broken link, a file, or nothing there."""
+    return link_problem(folder) or ("is not a directory" if os.path.lexists(folder) else "does not exist")
+
+
 def check_output(path: Path, flag: str = "-o", suffixes: tuple[str, ...] = (".png",)) -> None:
-    """An output file: one of `suffixes` (PNG: its metadata goes into PNG text chunks), not a folder, in a folder
-    that exists and accepts it under its name (probed, since os.access lies for root)."""
+    """An output file: one of `suffixes` (PNG: its metadata goes into PNG text chunks), not a folder nor a symlink
+    that cannot be followed, in a folder that exists and accepts it under its name (probed, since os.access lies
+    for root)."""
     what = f"{flag} {shown(path)}"
     if "\0" in str(path):
         raise UsageError(f"{flag} {str(path)!r}: contains a NUL character")
@@ -243,35 +318,79 @@ def check_output(path: Path, flag: str = "-o", suffixes: tuple[str, ...] = (".pn
         raise UsageError(f"{what}: output must be a {' or '.join(suffixes)} file"
                          + (" (metadata is stored in PNG text chunks)" if suffixes == (".png",) else ""))
     try:
+        problem = link_problem(path)
+        if problem:
+            raise UsageError(f"{what}: {problem}")
         if path.is_dir():
             raise UsageError(f"{what}: is a directory, expected a {path.suffix} file name")
         parent = path.parent
         if not parent.is_dir():
-            state = "is not a directory" if parent.exists() else "does not exist"
-            raise UsageError(f"{what}: output directory {parent} {state}")
+            raise UsageError(f"{what}: output directory {parent} {_folder_state(parent)}")
     except OSError as e:
         raise UsageError(f"{what}: {'file name too long' if e.errno == errno.ENAMETOOLONG else e.strerror}") from None
     check_writable(parent, what, path.name)
 
 
 def check_output_dir(path: Path, flag: str = "-o") -> None:
-    """An output folder: an existing folder, or a new one whose parent folder exists; either must take files."""
+    """An output folder: an existing folder, or a new one whose parent folder exists; either must take files. A
+    symlink that cannot be followed is refused by name (a link to a folder is a folder)."""
     what = f"{flag} {shown(path)}"
     if "\0" in str(path):
         raise UsageError(f"{flag} {str(path)!r}: contains a NUL character")
     try:
+        problem = link_problem(path)
+        if problem:
+            raise UsageError(f"{what}: {problem}")
         if path.exists():
             if not path.is_dir():
                 raise UsageError(f"{what}: {'is a file' if path.is_file() else 'exists'}, not a folder")
             check_writable(path, what)
             return
         if not path.parent.is_dir():
-            raise UsageError(f"{what}: parent folder {path.parent} does not exist")
+            raise UsageError(f"{what}: parent folder {path.parent} {_folder_state(path.parent)}")
         if len(os.fsencode(path.name)) > os.pathconf(path.parent, "PC_NAME_MAX"):
             raise UsageError(f"{what}: folder name too long for the file system ({len(os.fsencode(path.name))} bytes)")
     except OSError as e:
         raise UsageError(f"{what}: {'name too long' if e.errno == errno.ENAMETOOLONG else e.strerror}") from None
-    check_writable(path.parent, what, path.name)
+    check_writable(path.parent, what)  # the new folder is made there, so its files go on that file system
+
+
+# loading.temp_beside names a file's temporary twin ".NAME." + 8 random characters + ".tmp" (tempfile.mkstemp)
+_TWIN_EXTRA = len("..") + 8 + len(".tmp")
+
+
+def check_files_in(folder: Path, names: Sequence[str], label: str) -> None:
+    """The files a command will write into `folder` (which check_output_dir accepted: an existing folder, or a new
+    one that the command makes, with any folders between, e.g. eval's pairs/<id>/): each name is free or a regular
+    file, and each name and path, with its temporary twin, fits the file system. The names are probed in the nearest
+    folder that exists (the new ones are made there, on its file system), so nothing is created up front; the path
+    is held to PATH_MAX. The trace's NAME_trace.webp under a long -o once failed after the image was written."""
+    from ..readers import file_kind
+
+    home = folder
+    while not home.is_dir():  # check_output_dir found an existing parent
+        home = home.parent
+    try:
+        name_max, path_max = os.pathconf(home, "PC_NAME_MAX"), os.pathconf(home, "PC_PATH_MAX")
+    except OSError as e:
+        raise UsageError(f"{label}: {folder} cannot be checked ({e.strerror})") from None
+    for part in folder.relative_to(home).parts if home != folder else ():
+        if len(os.fsencode(part)) > name_max:
+            raise UsageError(f"{label}: folder name too long for the file system ({len(os.fsencode(part))} bytes)")
+    for name in names:
+        path = folder / name
+        longest = len(os.fsencode(os.path.abspath(path))) + _TWIN_EXTRA  # mkstemp makes it by its absolute path
+        if longest >= path_max:  # PATH_MAX counts the terminating NUL
+            raise UsageError(f"{label}: the path of {shown(path)} is too long for the file system ({longest} bytes "
+                             f"with its temporary twin, {path_max - 1} at most)")
+        if home == folder:
+            problem = link_problem(path)
+            if problem is None and os.path.lexists(path):
+                kind = file_kind(path)
+                problem = None if kind is None else f"is {kind}"
+            if problem:
+                raise UsageError(f"{label}: {shown(path)} {problem}, where gbsd writes a file")
+        check_writable(home, f"{label}: {shown(path)}", name)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -296,7 +415,10 @@ SWEEP_FIELDS = ("index", "alpha", "focus", "seed")
 
 def format_names(pattern: str, cells: Sequence[Mapping[str, object]], flag: str = "-o") -> list[str]:
     """`pattern.format(**cell)` per cell, for file-name patterns such as "{focus}_{alpha:.2f}.png": only the plain
-    fields SWEEP_FIELDS, with a format spec but no attribute, index, conversion or nested field."""
+    fields SWEEP_FIELDS, with a format spec but no attribute, index, conversion or nested field.
+
+    Folders are the pattern's own: a field's text may hold no path separator (`{seed:c}` of seed 47 is "/", a fill
+    character may be one, `{alpha:/>8}`) nor NUL, and may not turn a folder of the pattern into "." or ".."."""
     fields = " ".join(f"{{{f}}}" for f in SWEEP_FIELDS)
     bad = f"{flag} {pattern}: bad pattern"
     try:
@@ -313,10 +435,35 @@ def format_names(pattern: str, cells: Sequence[Mapping[str, object]], flag: str 
                              f"nested fields); fields are {fields}")
         if any(int(d) > 255 for d in re.findall(r"\d+", spec)):
             raise UsageError(f"{bad} ({{{field}:{spec}}} is wider than a file name can be)")
-    try:
-        return [pattern.format(**cell) for cell in cells]
-    except (ValueError, TypeError) as e:  # a spec the value's type does not take, e.g. {alpha:q} or {focus:d}
-        raise UsageError(f"{bad} ({e}); fields are {fields}") from None
+    separators = re.compile("[" + re.escape(os.sep + (os.altsep or "")) + "]")
+    names = []
+    for cell in cells:
+        made, own = [], []  # the name, and the pattern's own text in it (each field's text as one NUL)
+        for literal, field, spec, _ in parsed:
+            made.append(literal)
+            own.append(literal)
+            if field is None:
+                continue
+            what = f"{{{field}{':' + spec if spec else ''}}} of {field} {cell[field]!r}"
+            try:
+                text = format(cell[field], spec)
+            except (ValueError, TypeError, OverflowError) as e:  # a spec the value's type does not take, e.g.
+                # {alpha:q} or {focus:d}; {seed:c} beyond Unicode's last character
+                raise UsageError(f"{bad} ({what}: {e}); fields are {fields}") from None
+            if "\0" in text:
+                raise UsageError(f"{bad} ({what} is {text!r}: a NUL, which no file name may hold)")
+            if separators.search(text):
+                raise UsageError(f"{bad} ({what} is {text!r}, a path separator: only the pattern's own text may "
+                                 "name folders)")
+            made.append(text)
+            own.append("\0")
+        name = "".join(made)
+        for part, mine in zip(separators.split(name), separators.split("".join(own)), strict=True):
+            if part in (".", "..") and part != mine:
+                raise UsageError(f"{bad} (its fields make the folder {part!r} in {name!r}: only the pattern's own "
+                                 "text may name folders)")
+        names.append(name)
+    return names
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import common
-from .common import (EXIT_FAILURE, Parser, UsageError, check_output_dir, parse_or_exit, parse_size, run_main,
-                     usage_errors, write_text_atomic)
+from .common import (EXIT_FAILURE, Parser, UsageError, check_files_in, check_output_dir, link_problem, parse_or_exit,
+                     parse_size, run_main, shown, usage_errors, write_text_atomic)
 from .evaltable import finished_record, write_pair, write_summary
 from .generate import add_sampler_args
 from .pairs import DEFAULT_PAIRS, Pair, read_pairs
@@ -88,9 +88,11 @@ class PairResult:
 def _open_init(pair: Pair) -> Image.Image:
     from PIL import Image
 
+    from ..images import to_rgb
+
     with Image.open(pair.init) as im:
-        image = im.convert("RGB")
-    return image
+        im.load()
+        return to_rgb(im)  # read_pairs checked that it converts
 
 
 def evaluate_pair(bundle: SDBundle, pair: Pair, settings: Settings, progress: bool = False) -> PairResult:
@@ -190,8 +192,11 @@ RUN_FILES = ("run.json", "results.json", "results.csv", "table.md")
 def _not_a_file(path: Path) -> None:
     from ..readers import file_kind
 
-    if os.path.lexists(path) and file_kind(path) is not None:
-        raise UsageError(f"{path}: is {file_kind(path)}, where gbsd eval writes a file; use another --output")
+    problem = link_problem(path)
+    if problem is None and os.path.lexists(path) and file_kind(path) is not None:
+        problem = f"is {file_kind(path)}"
+    if problem:
+        raise UsageError(f"{path}: {problem}, where gbsd eval writes a file; use another --output")
 
 
 def _pending(out: Path, pairs: list[Pair], settings: Settings) -> list[str]:
@@ -218,7 +223,8 @@ def _pending(out: Path, pairs: list[Pair], settings: Settings) -> list[str]:
     folders = [out / "pairs", *(out / "pairs" / p.id for p in pairs)]
     for d in folders:
         if os.path.lexists(d) and not d.is_dir():
-            raise UsageError(f"{d}: is not a folder, where gbsd eval keeps a pair's files; use another --output")
+            raise UsageError(f"{d}: {link_problem(d) or 'is not a folder'}, where gbsd eval keeps a pair's files; use "
+                             "another --output")
     pending = []
     for p in pairs:
         if finished_record(out / "pairs" / p.id / "record.json", p) is not None:
@@ -279,6 +285,9 @@ def run_eval(args: argparse.Namespace) -> int:
             check_schedule(params, img2img)
     out = Path(args.output)
     check_output_dir(out)
+    # every name the run writes fits: the run's files, and a pair's files in the folder of the longest id
+    check_files_in(out, RUN_FILES, f"-o {shown(out)}")
+    check_files_in(out / "pairs" / max((p.id for p in pairs), key=len), PAIR_FILES, f"-o {shown(out)}")
     device, dtype = common.device_dtype(args)
     checkpoint = common.inspect_checkpoint(model_path, family)
     _check_sizes(pairs, settings, checkpoint.limits(), source)

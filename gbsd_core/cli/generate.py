@@ -127,6 +127,9 @@ def add_generate_commands(sub: argparse._SubParsersAction) -> None:
 
 def sweep_outputs(output: str, cells: Sequence[tuple[str | None, float]], seed: int) -> list[Path]:
     """One distinct .png path per (focus, α) cell, in the pipeline's (focus-major) result order."""
+    problem = common.link_problem(Path(output))
+    if problem:
+        raise UsageError(f"-o {common.shown(output)}: {problem}")
     try:
         pattern = str(Path(output) / SWEEP_PATTERN) if Path(output).is_dir() else output
     except (OSError, ValueError) as e:  # a name too long to stat, a NUL
@@ -193,7 +196,12 @@ def read_from_png(path: str | None) -> dict[str, Any] | None:
         return None
     png = read_image(path, "--from-png")
     with usage_errors(f"--from-png {path}: "):
-        return pngmeta.read_metadata(png)
+        meta = pngmeta.read_metadata(png)
+    if meta.get("hires"):
+        hires = ", ".join(f"{k}: {v}" for k, v in meta["hires"].items() if v is not None)
+        warn(f"--from-png {path}: made with A1111's hires fix ({hires}); gbsd makes its first pass only, the "
+             "txt2img image at its Size")
+    return meta
 
 
 def plan(args: argparse.Namespace) -> Plan:
@@ -205,7 +213,7 @@ def plan(args: argparse.Namespace) -> Plan:
     params = params_from_args(args, png_meta["params"] if png_meta else {})
 
     init_path = getattr(args, "init", None)
-    init_image = read_image(init_path, "--init", mode="RGB") if init_path is not None else None
+    init_image = read_image(init_path, "--init", rgb=True) if init_path is not None else None
     # The schedule's own rule (the scheduler applies the same): img2img runs int(strength * steps) steps.
     with usage_errors(f"--steps {params.steps}" + (f" --strength {params.strength}: " if init_path else ": ")):
         check_schedule(params, img2img=init_path is not None)

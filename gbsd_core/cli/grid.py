@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
 from . import common
-from .common import (UsageError, check_box, check_image, check_output_dir, parse_floats, parse_size, usage_errors,
-                     write_text_atomic)
+from .common import (UsageError, check_box, check_files_in, check_image, check_output_dir, parse_floats, parse_size,
+                     shown, usage_errors, write_text_atomic)
 from .generate import add_sampler_args
 
 if TYPE_CHECKING:
@@ -64,9 +63,7 @@ def run_grid(args: argparse.Namespace) -> int:
     width, height = parse_size(args.size) if args.size else (None, None)
     out = Path(args.output)
     check_output_dir(out)
-    for name in OUTPUTS:
-        if os.path.lexists(out / name) and not (out / name).is_file():
-            raise UsageError(f"-o {out}: {name} there is not a file; use another -o")
+    check_files_in(out, OUTPUTS, f"-o {shown(out)}")
     with usage_errors():
         base = GenerationParams(args.prompt, focus=args.focus, steps=args.steps, cfg=args.cfg, negative=args.negative,
                                 seed=args.seed, width=width, height=height, sampler=args.sampler or "ddim",

@@ -33,6 +33,9 @@ def cmd_download(args: argparse.Namespace) -> int:
 
     directory = Path(args.dir) if args.dir else weights.weights_dir()
     where = f"--dir {directory}" if args.dir else f"weights folder {directory}"
+    problem = common.link_problem(directory)
+    if problem:
+        raise UsageError(f"{where} {problem}")
     if directory.exists() and not directory.is_dir():
         raise UsageError(f"{where} is not a folder; pass --dir FOLDER or set ${weights.WEIGHTS_ENV} to one")
     if args.name is None:
@@ -46,6 +49,7 @@ def cmd_download(args: argparse.Namespace) -> int:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"{where}: cannot be created ({e.strerror})") from None
+    common.check_writable(directory, where, weights.REGISTRY[args.name].filename)  # before the download, not after
     try:
         path = weights.download(args.name, directory, repo_id=args.repo)
     except weights.WeightsError as e:

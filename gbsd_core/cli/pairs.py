@@ -119,5 +119,5 @@ def read_pairs(path: Path, init_dir: Path | None = None) -> list[Pair]:
     for p in pairs:
         for name, file in (("mask", p.mask), ("init", p.init)):
             if file is not None and (name, file) not in checked:
-                checked[(name, file)] = check_image(file, f"{path} line {p.line}: {name}")
+                checked[(name, file)] = check_image(file, f"{path} line {p.line}: {name}", rgb=name == "init")
     return pairs

@@ -18,8 +18,9 @@ Two text chunks are written:
   is chosen; the k-diffusion sampler then overrides it with the label of the schedule it resolved, so DPM++ 2M on
   "Automatic" is written "Schedule type: Karras", its default there). Written here for the σ samplers only, and never
   "Automatic" (it means the sampler's own default, Karras for DPM++ 2M): "Karras", or "Uniform" (A1111's name for
-  the model's evenly spaced σ) for the normal schedule. DDIM lines carry none, as before. Read back: those labels,
-  "Normal", "Automatic" (the sampler's default in A1111 >= 1.9, the only versions that write the key), or none (the
+  the model's evenly spaced σ) for the normal schedule. DDIM lines carry none, as before; read back, a DDIM line's
+  schedule is ignored (A1111 >= 1.9 writes one for every sampler, and DDIM does not use it). Read back: those
+  labels, "Normal", "Automatic" (the sampler's default in A1111 >= 1.9, the only versions that write the key), or none (the
   model's own schedule: A1111 < 1.9 put Karras into the sampler's name, "DPM++ 2M Karras", which is read too). A name
   gbsd does not implement ("Heun", "Exponential") is kept as it is, so the parameter check refuses it by name unless
   `--sampler` / `--schedule` override it. The same method and schedule is not the same image: A1111 spaces the σ
@@ -110,6 +111,10 @@ def _read_sampler(pairs: dict[str, str]) -> dict[str, str]:
         sampler, label = by_name[name[:-len(" karras")].lower()], "Karras"  # A1111 < 1.9: "DPM++ 2M Karras"
     if sampler is None:
         return {"sampler": name}  # not one of ours: the parameter check names it
+    if sampler == "ddim":
+        # A1111 >= 1.9 writes its Schedule type for every sampler (processing.create_infotext: p.scheduler), but
+        # DDIM spaces its own timesteps (sd_samplers_timesteps) and ignores it: "DDIM, Schedule type: Karras" is DDIM
+        return {"sampler": "ddim", "schedule": "normal"}
     if label.lower() == "automatic":
         return {"sampler": sampler, "schedule": _AUTOMATIC.get(sampler, "normal")}
     return {"sampler": sampler, "schedule": _SCHEDULES_READ.get(label.lower(), label)}
@@ -189,10 +194,14 @@ _PAIR = re.compile(r'\s*([A-Za-z][A-Za-z0-9 _/\-]*):\s*("(?:\\.|[^\\"])*"|[^,]*)
 def parse_infotext(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Parse A1111 infotext into (GenerationParams field values, other facts: size, model, ...).
 
-    Keys this program does not know (hires fix, other samplers' options, ...) are ignored; `Sampler:` and
-    `Schedule type:` as the module docstring says.
+    Keys this program does not know (other samplers' options, ...) are ignored; `Sampler:` and `Schedule type:` as
+    the module docstring says. As A1111's parse_generation_parameters (modules/infotext_utils.py): the text is split
+    at "\n" and each line stripped, so CRLF text loses its "\r"s. An image of A1111's hires fix (txt2img, its keys
+    "Hires upscale" / "Hires resize" / ..., or the old "First pass size") is its first pass at `Size`, a txt2img:
+    its "Denoising strength" is the hires pass's (0 is an upscale alone), not an img2img strength; the hires keys are
+    returned in extra["hires"].
     """
-    lines = text.strip("\n").split("\n")
+    lines = [line.strip() for line in text.strip().split("\n")]
     last = lines[-1] if lines else ""
     pairs: dict[str, str] = {}
     if len(_PAIR.findall(last)) >= 3:  # A1111's heuristic: a real parameter line has several pairs
@@ -217,8 +226,11 @@ def parse_infotext(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
     params: dict[str, Any] = {"prompt": "\n".join(prompt_lines), "negative": "\n".join(negative_lines or [])}
     extra: dict[str, Any] = {}
+    hires = {k: v for k, v in pairs.items() if k.startswith("Hires ") or k == "First pass size"}
+    img2img = "Denoising strength" in pairs and not hires
     conv = {"Steps": ("steps", int), "CFG scale": ("cfg", float), "Seed": ("seed", int),
-            "Denoising strength": ("strength", float), "Eta DDIM": ("eta", float), "GBSD focus": ("focus", str),
+            **({"Denoising strength": ("strength", float)} if img2img else {}), "Eta DDIM": ("eta", float),
+            "GBSD focus": ("focus", str),
             "GBSD alpha": ("alpha", float), "GBSD layout": ("layout", float),
             "GBSD focus to": ("focus_to", str), "GBSD focus mix": ("focus_mix", float)}
     for key, (field, kind) in conv.items():
@@ -233,7 +245,9 @@ def parse_infotext(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
         if not m:
             raise ValueError(f"unreadable 'Size' value {pairs['Size']!r} in PNG parameters")
         params["width"], params["height"] = int(m.group(1)), int(m.group(2))
-    extra["img2img"] = "Denoising strength" in pairs
+    extra["img2img"] = img2img
+    if hires:
+        extra["hires"] = {**hires, "Denoising strength": pairs.get("Denoising strength")}
     extra["model_hash"] = pairs.get("Model hash")
     extra["model"] = pairs.get("Model")
     for key, name in (("GBSD executed steps", "executed_steps"), ("GBSD layout steps", "layout_steps")):
@@ -285,7 +299,7 @@ def read_metadata(png: str | os.PathLike | Image.Image) -> dict[str, Any]:
     if INFOTEXT_KEY in texts:
         params, extra = parse_infotext(texts[INFOTEXT_KEY])
         return {"source": "infotext", "params": params, "model_file": extra["model"],
-                "model_hash": extra["model_hash"], "img2img": extra["img2img"]}
+                "model_hash": extra["model_hash"], "img2img": extra["img2img"], "hires": extra.get("hires")}
     raise ValueError(f"{where}no generation parameters in this PNG (no '{JSON_KEY}' or '{INFOTEXT_KEY}' chunk)")
 
 

@@ -131,7 +131,7 @@ def _sheet_record(rack: Rack) -> dict[str, Any]:
 
 def execute_rack(p: RackPlan) -> None:
     """Load the weights, run the rack, write frames, sheet and animation (each atomically), print their paths."""
-    from ..bokeh.pictures import save_animation
+    from ..bokeh.pictures import animation_frames, save_animation
     from ..bokeh.rack import rack_focus
     from . import pngmeta, weights
 
@@ -149,6 +149,12 @@ def execute_rack(p: RackPlan) -> None:
     print(p.sheet)
     save_animation(rack.images(), p.animation, FRAME_MS)
     print(p.animation)
+    kept = animation_frames(p.animation)
+    if kept < p.frames:
+        warn(f"{p.animation}: {p.frames - kept} of the {p.frames} frames equal the frame before them"
+             + (" in GIF's 256 colours" if p.animation.suffix.lower() == ".gif" else "")
+             + " and were merged into it (shown longer); the frame PNGs hold every frame"
+             + ("; .webp keeps every frame's own pixels" if p.animation.suffix.lower() == ".gif" else ""))
 
 
 def cmd_rack(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .common import UsageError, check_output_dir
+from .common import UsageError, check_files_in, check_output_dir, shown
 
 if TYPE_CHECKING:
     from ..bokeh.trace import Tracer
@@ -56,9 +56,9 @@ def plan_trace(args: argparse.Namespace, output: Path) -> TracePlan | None:
     check_output_dir(d, "--trace")  # an existing writable folder, or a new one whose parent is
     plan = TracePlan(d / f"{output.stem}_trace.png", d / f"{output.stem}_trace.webp", args.trace_every,
                      args.trace_preview or "vae")
+    # every name the trace writes, under its own name (NAME_trace.webp is longer than -o's NAME.png)
+    check_files_in(d, (plan.sheet.name, plan.animation.name), f"--trace {shown(d)}")
     for path in (plan.sheet, plan.animation):
-        if path.is_dir():
-            raise UsageError(f"--trace {d}: {path} is a directory")
         if path.resolve() == output.resolve():
             raise UsageError(f"--trace {d}: {path} would overwrite the image -o {output}")
     return plan

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -174,31 +176,70 @@ def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+# What a cached digest must be: sha256's 64 hex digits, lower-case as hashlib writes them and as the PNG metadata
+# reader requires (pngmeta.read_metadata). A sidecar is a line of JSON; more than this is not one of ours.
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_SIDECAR_MAX_BYTES = 4096
+
+
+def _read_sidecar(side: Path, st: os.stat_result) -> str | None:
+    """The digest cached in `side` for a file with stat `st`, or None (recompute).
+
+    Only a regular file is read, opened without following a symbolic link (O_NOFOLLOW: a link there is someone
+    else's, and its target may be anything) and without blocking (a named pipe there would wait forever); its
+    size, mtime_ns and sha256 must all be what gbsd writes.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(side, flags)
+    except OSError:  # missing, a link (ELOOP), unreadable
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, _SIDECAR_MAX_BYTES + 1)
+        if len(data) > _SIDECAR_MAX_BYTES:
+            return None
+        cached = json.loads(data)
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON (UnicodeDecodeError is a ValueError)
+        return None
+    finally:
+        os.close(fd)
+    if not isinstance(cached, dict) or cached.get("size") != st.st_size or cached.get("mtime_ns") != st.st_mtime_ns:
+        return None
+    digest = cached.get("sha256")
+    return digest if isinstance(digest, str) and _DIGEST.fullmatch(digest) else None
+
+
+def _write_sidecar(side: Path, st: os.stat_result, digest: str) -> None:
+    """Cache `digest` in `side`, atomically (loading.atomic_write: a new file renamed over the name, so a link
+    there would be replaced, never written through). Anything but a regular file at that name -- a symbolic link,
+    a pipe -- is left as it is: it is not gbsd's. A folder that does not take the file means no cache."""
+    from ..loading import atomic_write
+
+    try:
+        if os.path.lexists(side) and not stat.S_ISREG(os.lstat(side).st_mode):
+            return
+        text = json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}) + "\n"
+        atomic_write(side, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    except OSError:
+        pass  # read-only weights folder: hash again next time rather than fail
+
+
 def file_sha256(path: str | os.PathLike, *, progress: bool = False, hasher: Callable[[Path, bool], str] | None = None) -> str:
     """sha256 of a file, cached in `<file>.sha256` (JSON: size, mtime_ns, sha256).
 
-    The cache is trusted only while the file's size and mtime_ns are unchanged. A directory that is not writable
-    just means no cache is written. `hasher` exists so tests can count how often the file is really read.
+    The cache is trusted only while the file's size and mtime_ns are unchanged and it holds 64 lower-case hex
+    digits; only a regular file is read or replaced there (see _read_sidecar, _write_sidecar). A directory that is
+    not writable just means no cache is written. `hasher` exists so tests can count how often the file is read.
     """
     path = Path(path)
     st = path.stat()
     side = sidecar_path(path)
-    if os.path.lexists(side) and not side.is_file():
-        # a pipe there would block the read (and the write) forever; anything but a regular file is left alone
-        return (hasher or _hash_file)(path, progress)
-    try:
-        cached = json.loads(side.read_text())
-        if cached.get("size") == st.st_size and cached.get("mtime_ns") == st.st_mtime_ns:
-            digest = str(cached["sha256"])
-            if len(digest) == 64:
-                return digest
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        pass  # missing or unreadable cache: recompute
-    digest = (hasher or _hash_file)(path, progress)
-    try:
-        side.write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}) + "\n")
-    except OSError:
-        pass  # read-only weights folder: hash again next time rather than fail
+    digest = _read_sidecar(side, st)
+    if digest is None:
+        digest = (hasher or _hash_file)(path, progress)
+        _write_sidecar(side, st, digest)
     return digest
 
 

@@ -201,3 +201,87 @@ def test_per_sampler_loops(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["--tiny", *bad])
     assert "--samplers" in capsys.readouterr().err
+
+
+# Every flag through argparse: a bad value is one line, exit status 2, before anything is built or written.
+BAD_FLAGS = [
+    (["--dtype", "fp64"], "--dtype"), (["--dtype", "fp16,,fp32"], "--dtype"), (["--vae-dtype", "fp8"], "--vae-dtype"),
+    (["--device", "nope"], "--device"), (["--device", "meta"], "--device"), (["--device", "cuda:99"], "--device"),
+    (["--threads", "-1"], "--threads"), (["--threads", "0"], "--threads"), (["--threads", "two"], "--threads"),
+    (["--sweep-k", "0"], "--sweep-k"), (["--repeat", "0"], "--repeat"), (["--warmup", "-1"], "--warmup"),
+    (["--loop-repeat", "0"], "--loop-repeat"), (["--e2e-repeat", "-1"], "--e2e-repeat"),
+    (["--cfg", "nan"], "--cfg"), (["--cfg", "inf"], "--cfg"), (["--cfg", "-1"], "--cfg"), (["--cfg", "1e9"], "--cfg"),
+    (["--steps", "0"], "--steps"), (["--steps", "1001"], "--steps"), (["--steps", "1000"], "t=1000"),
+    (["--steps", "2.5"], "--steps"), (["--seed", "-1"], "--seed"), (["--seed", str(2**64)], "--seed"),
+    (["--size", "60"], "--size"), (["--size", "0"], "--size"), (["--size", "99992"], "--size"),
+    (["--batch", "0"], "--batch"), (["--batch", "1,x"], "--batch"),
+    (["--sweep-layout", "nan"], "--sweep-layout"), (["--sweep-layout", "1.5"], "--sweep-layout"),
+    (["--sweep-size", "12"], "--sweep-size"), (["--sweep-size", "0"], "--sweep-size"),
+    (["--sweep-steps", "0"], "--sweep-steps"), (["--compile-mode", "fast"], "--compile-mode"),
+    (["--configs", "eager,,fast"], "configuration"), (["--parts", "loop,nap"], "part"),
+    (["--samplers", "dpmpp_2m", "--parts", "loop", "--steps", "999"], "--steps 999"),
+    (["--schedule", "exponential"], "--schedule"), (["--arch", "sd3"], "--arch"),
+    (["--sweep-independent", "guess"], "--sweep-independent"),
+    (["--json", "{tmp}/a-file/out.json"], "not a folder"), (["--json", "{tmp}"], "--json"),
+    (["--markdown", "/proc/no/such/t.md"], "--markdown"), (["--json", "{tmp}/" + "j" * 300 + ".json"], "too long"),
+]
+
+
+@pytest.mark.parametrize("argv, needle", BAD_FLAGS, ids=[" ".join(a)[:40] for a, _ in BAD_FLAGS])
+def test_bad_flags_exit_2_in_one_line_before_anything_runs(argv, needle, tmp_path, capsys, monkeypatch):
+    """The flags once gave tracebacks (--dtype fp64, --device nope, --threads -1), or ran and printed a table of
+    nothing (--sweep-k 0: 0.00x) or figures for no timed call (--repeat 0), or figures with CFG NaN."""
+    (tmp_path / "a-file").write_text("x")
+    import bench.__main__ as bench_main
+
+    monkeypatch.setattr(bench_main, "run", lambda args: pytest.fail("ran past the flag check"))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit) as exc:
+        main(["--tiny", *[a.replace("{tmp}", str(tmp_path)) for a in argv]])
+    err = capsys.readouterr().err
+    print(err.strip())
+    assert exc.value.code == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_fair_flags_are_accepted(tmp_path, monkeypatch):
+    """What the checks must let through: the edges of each range, a new --json folder, several dtypes."""
+    import bench.__main__ as bench_main
+
+    seen = []
+    monkeypatch.setattr(bench_main, "run", lambda args: seen.append(args) or 0)
+    assert main(["--tiny", "--cfg", "0", "--steps", "999", "--seed", str(2**64 - 1), "--warmup", "0", "--e2e-repeat",
+                 "0", "--sweep-layout", "1", "--sweep-k", "1", "--dtype", "fp32,bf16", "--size", "64,2048",
+                 "--json", str(tmp_path / "new" / "r.json"), "--compile-mode", "max-autotune-no-cudagraphs"]) == 0
+    args = seen[0]
+    assert (args.cfg, args.steps, args.seed, args.dtype, args.size) == (0.0, 999, 2**64 - 1, "fp32,bf16", [64, 2048])
+    assert not (tmp_path / "new").exists()  # probed, not made, until the run writes
+
+
+def test_sigterm_during_a_run_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
+    """A real SIGTERM while the JSON is being written: the run unwinds as on Ctrl-C (report.write is atomic), one
+    line, exit 143 (Python's default action ended the process there and left the .tmp)."""
+    import os
+    import signal
+
+    import bench.__main__ as bench_main
+    from bench.report import write
+
+    def run(args):
+        write(args.json, {"results": []})
+
+        def half_then_term(tmp):
+            tmp.write_text('{"results": [')
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered to this (the main) thread before the call returns
+            tmp.write_text("never")
+
+        from gbsd_core.loading import atomic_write
+
+        atomic_write(args.json, half_then_term)
+        return 0
+
+    monkeypatch.setattr(bench_main, "run", run)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["--tiny", "--json", str(tmp_path / "r.json")]) == 143
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # the first, whole write only; no .tmp
+    assert "SIGTERM" in capsys.readouterr().err and signal.getsignal(signal.SIGTERM) == before

@@ -95,3 +95,23 @@ def test_load_mask(tmp_path):
     assert m2.sum() == 1 and m2[2, 3]
     with pytest.raises(ValueError, match=r"7x5 \(W x H\).*5x7"):
         load_mask(tmp_path / "m.png", (7, 5))
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "YCbCr", "LAB"])
+def test_a_mask_in_a_colour_space_means_not_black(mode, tmp_path):
+    """White object on black, stored in a colour space whose black (or white) is not all zeros: the object is
+    still the non-black pixels (CMYK's white is all zeros, YCbCr's and LAB's black is (0, 128, 128))."""
+    arr = np.zeros((5, 7, 3), dtype=np.uint8)
+    arr[1:3, 2:6] = 255
+    Image.fromarray(arr).convert(mode).save(tmp_path / "m.tif")
+    with Image.open(tmp_path / "m.tif") as im:
+        assert im.mode == mode
+    assert np.array_equal(load_mask(tmp_path / "m.tif", (5, 7)), arr.any(axis=-1))
+
+
+def test_a_16_bit_mask_keeps_its_small_values(tmp_path):
+    """16-bit levels 1..255 are object too (nonzero at the file's own depth, nothing clipped or scaled away)."""
+    arr = np.zeros((5, 7), dtype=np.uint16)
+    arr[1, 1], arr[2, 2], arr[3, 3] = 1, 255, 65535
+    Image.fromarray(arr).save(tmp_path / "m16.png")
+    assert np.array_equal(load_mask(tmp_path / "m16.png", (5, 7)), arr != 0)

@@ -165,7 +165,39 @@ def test_animation_round_trip(tmp_path, name):
         for i, c in enumerate(colours):
             im.seek(i)
             got = np.asarray(im.convert("RGB"), dtype=np.int16)[12, 16]
-            assert np.abs(got - np.array(c)).max() <= 12  # lossy WebP / 256-colour GIF: close, not exact
+            # lossless WebP: exact; GIF: 256 colours per frame, close
+            assert np.abs(got - np.array(c)).max() <= (0 if name.endswith(".webp") else 12)
     assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left
     with pytest.raises(ValueError, match="one size"):
         save_animation([_solid((1, 2, 3), (8, 8)), _solid((1, 2, 3), (16, 8))], tmp_path / "b.webp")
+
+
+@pytest.mark.parametrize("change", ["whole", "one-pixel"])
+def test_frames_a_few_levels_apart_all_survive(tmp_path, change):
+    """Frames that differ from the one before by 1 to 3 levels (the whole frame, or one pixel): every one is kept and
+    decodes to its own pixels. Lossy WebP took them as unchanged and wrote a still, one-frame animation."""
+    base = np.random.default_rng(0).integers(10, 240, (24, 32, 3)).astype(np.int16)
+    frames = []
+    for d in (0, 1, 2, 3, -1, -2, -3, 1):
+        arr = base.copy()
+        if change == "whole":
+            arr += d
+        else:
+            arr[5, 7, 1] += d
+        frames.append(arr.astype(np.uint8))
+    save_animation([Image.fromarray(f) for f in frames], tmp_path / "a.webp", duration_ms=100)
+    with Image.open(tmp_path / "a.webp") as im:
+        assert im.n_frames == len(frames)
+        for i, want in enumerate(frames):
+            im.seek(i)
+            assert np.array_equal(np.asarray(im.convert("RGB")), want), i
+
+
+def test_animation_frames_counts_what_the_writer_merged(tmp_path):
+    """A frame equal to the one before is merged into it (shown longer): the count says so, for WebP and GIF."""
+    from gbsd_core.bokeh.pictures import animation_frames
+
+    a, b = _solid((10, 20, 30), (16, 8)), _solid((200, 20, 30), (16, 8))
+    for name in ("m.webp", "m.gif"):
+        save_animation([a, a, b, b, a], tmp_path / name)
+        assert animation_frames(tmp_path / name) == 3

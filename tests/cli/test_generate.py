@@ -55,6 +55,9 @@ BAD_INPUTS = [
     ("init-missing-flag", ["img2img", "p"], "--init"),
     ("init-missing-file", ["img2img", "p", "--init", "{tmp}/nope.png"], "no such file"),
     ("init-not-image", ["img2img", "p", "--init", "{txt}"], "not a readable image"),
+    ("init-float", ["img2img", "p", "--init", "{imgF}"], "floating-point image (mode F)"),
+    ("init-32-bit-beyond-16", ["img2img", "p", "--init", "{imgI32}"], "beyond 16 bits"),
+    ("sweep-init-float", ["sweep", "p", "--focus", "f", "--alphas", "0", "--init", "{imgF}"], "mode F"),
     ("init-size-not-8", ["img2img", "p", "--init", "{img60}", "--weights", "{ckpt}"], "multiple of 8"),
     ("weights-missing", ["generate", "p", "--weights", "{tmp}/missing.safetensors"], "weights file not found"),
     ("weights-default-absent", ["generate", "p", "{no-weights}"], "gbsd download sd15"),
@@ -183,6 +186,25 @@ BAD_INPUTS = [
      "pattern"),
     ("sweep-pattern-too-long", ["sweep", "p", "--focus", "f", "--alphas", "0", "-o", "{tmp}/{index}" + NAME_300],
      "too long"),
+    # a field's text may not make folders (a separator, "." or ".."), nor hold a NUL; {seed:c} past Unicode's end
+    ("sweep-pattern-char-overflow", ["sweep", "p", "--focus", "f", "--alphas", "0", "--seed", "1114112",
+                                     "-o", "{tmp}/{seed:c}.png"], "{seed:c} of seed 1114112"),
+    ("sweep-pattern-char-huge", ["sweep", "p", "--focus", "f", "--alphas", "0", "--seed", str(2**64 - 1),
+                                 "-o", "{tmp}/{seed:c}.png"], "{seed:c} of seed"),
+    ("sweep-pattern-char-slash", ["sweep", "p", "--focus", "f", "--alphas", "0", "--seed", "47",
+                                  "-o", "{tmp}/x{seed:c}y.png"], "path separator"),
+    ("sweep-pattern-index-char", ["sweep", "p", "--focus", "f", "--alphas", "0", "-o", "{tmp}/{index:c}.png"],
+     "{index:c} of index 0 is '\\x00': a NUL"),
+    ("sweep-pattern-fill-slash", ["sweep", "p", "--focus", "f", "--alphas", "0", "-o", "{tmp}/{alpha:/>8}.png"],
+     "path separator"),
+    ("sweep-pattern-fill-slash-left", ["sweep", "p", "--focus", "f", "--alphas", "0", "-o", "{tmp}/{seed:/<9}.png"],
+     "path separator"),
+    ("sweep-pattern-char-nul", ["sweep", "p", "--focus", "f", "--alphas", "0", "--seed", "0",
+                                "-o", "{tmp}/a{seed:c}.png"], "NUL"),
+    ("sweep-pattern-dotdot", ["sweep", "p", "--focus", "f", "--alphas", "0", "--seed", "46",
+                              "-o", "{tmp}/sub.png/{seed:c}{seed:c}/x.png"], "folder '..'"),
+    ("sweep-pattern-dot", ["sweep", "p", "--focus", "f", "--alphas", "0", "--seed", "46",
+                           "-o", "{tmp}/{seed:c}/x.png"], "folder '.'"),
     # --- 7. paths from metadata: only a plain file name, looked up inside the weights folder
     ("png-model-dotdot", ["generate", "--from-png", RAW({"params": {"prompt": "p"}, "model": {"file": ".."}}),
                           "{no-weights}"], "model"),
@@ -294,6 +316,8 @@ def _crafted(work: Path, ckpt: Path, dummy: Path, sdxl: Path) -> dict[str, str]:
     os.mkfifo(work / "pipe.png")
     os.mkfifo(work / "pipe.safetensors")
     good = meta_png(work / "good.png", {"version": 1, "params": {"prompt": "p"}})
+    Image.new("F", (64, 64), 0.5).save(work / "f.tif")  # float and 32-bit TIFFs: no white level gbsd can know
+    Image.fromarray(np.full((64, 64), 70000, dtype=np.int32)).save(work / "i32.tif")
     meta = json.dumps({"version": 1, "params": {"prompt": "p"}})
     return {"{tmp}": str(work), "{sdxl}": str(sdxl), "{img60}": str(noise_png(work / "in60.png", size=(60, 64))), "{img}": str(img),
             "{txt}": str(txt), "{ckpt}": str(ckpt), "{bomb-meta}": str(bomb_png(work / "bombm.png", texts={"gbsd": meta})),
@@ -301,7 +325,8 @@ def _crafted(work: Path, ckpt: Path, dummy: Path, sdxl: Path) -> dict[str, str]:
             "{bomb}": str(bomb_png(work / "bomb.png")), "{big}": str(bomb_png(work / "big.png", side=12000)),
             "{zlib}": str(broken_zlib_png(work / "zlib.png")), "{cut}": str(cut), "{fifo}": str(work / "pipe.png"),
             "{good-meta}": str(good), "{img2064}": str(noise_png(work / "wide.png", size=(2064, 8))),
-            "{fifo-weights}": str(work / "pipe.safetensors"),
+            "{fifo-weights}": str(work / "pipe.safetensors"), "{imgF}": str(work / "f.tif"),
+            "{imgI32}": str(work / "i32.tif"),
             "{unet9}": str(Workshop(work, work).single("unet9.safetensors", unet=replace(UNET, in_channels=9)))}
 
 
@@ -384,6 +409,12 @@ FAIR_INPUTS = [
                                   "euler", "--schedule", "normal"]),
     ("sweep-sampler", ["sweep", "p", "--focus", "f", "--alphas", "0", "--sampler", "dpmpp_2m"]),
     ("prompt-unicode", ["generate", "ünïcödé 🐰, a \"quoted\": prompt\nwith two lines"]),
+    # A1111 infotexts: the hires fix at denoise 0 (an upscale alone), DDIM with the schedule A1111 >= 1.9 writes for
+    # every sampler, Windows line ends
+    ("info-hires-denoise-0", ["generate", "--from-png", INFO(A1111 + ", Denoising strength: 0, Hires upscale: 2, "
+                                                         "Hires upscaler: Latent")]),
+    ("info-ddim-karras", ["generate", "--from-png", INFO(A1111.replace("DDIM", "DDIM, Schedule type: Karras"))]),
+    ("info-crlf", ["generate", "--from-png", INFO(A1111 + "\r\n", prompt="a cat\r\nNegative prompt: dog\r")]),
 ]
 
 
@@ -396,6 +427,7 @@ def test_fair_input_is_accepted(case, tmp_path, monkeypatch, no_load, tiny_ckpt)
     Image.new("P", (64, 64), 3).save(tmp_path / "p.png")
     subs.update({"{img16}": tmp_path / "i16.png", "{imgP}": tmp_path / "p.png"})
     argv = [str(meta_png(tmp_path / "meta.png", gbsd=a[len("{meta:"):-1])) if a.startswith("{meta:")
+            else str(meta_png(tmp_path / "info.png", parameters=a[len("{info:"):-1])) if a.startswith("{info:")
             else str(subs.get(a, a)) for a in argv]
     with pytest.raises(Loaded):
         cli_main([*argv, "--weights", str(tiny_ckpt), "-o", str(tmp_path / "out.png")])
@@ -492,6 +524,22 @@ def test_from_png_round_trip_and_override(tiny_ckpt, tmp_path, capsys):
     assert not np.array_equal(np.asarray(Image.open(src)), np.asarray(Image.open(other)))
 
 
+def test_a1111_infotext_from_windows_with_the_hires_fix_is_its_first_pass(tiny_ckpt, tmp_path, capsys):
+    """An A1111 image (no gbsd chunk) made with the hires fix at denoise 0, its text with CRLF line ends: gbsd makes
+    the first pass, a txt2img at Size, says that the hires pass is not reproduced, and keeps no "\r" in the prompts."""
+    text = ("a cat on a sofa\r\nNegative prompt: blurry\r\nSteps: 3, Sampler: DDIM, Schedule type: Karras, CFG scale: 7, "
+            "Seed: 9, Size: 64x64, Denoising strength: 0, Hires upscale: 2, Hires upscaler: Latent\r\n")
+    src = meta_png(tmp_path / "a1111.png", parameters=text)
+    code, _, err = run_cli(["generate", "--from-png", src, "--weights", tiny_ckpt, "-q", "-o", tmp_path / "o.png"],
+                           capsys)
+    assert code == 0, err
+    assert "hires fix" in err and "Hires upscale: 2" in err and "first pass" in err
+    data = json.loads(png_texts(tmp_path / "o.png")["gbsd"])
+    assert data["mode"] == "txt2img" and data["size"] == [64, 64]
+    assert (data["params"]["prompt"], data["params"]["negative"], data["params"]["sampler"]) == (
+        "a cat on a sofa", "blurry", "ddim")
+
+
 def test_img2img(tiny_ckpt, tmp_path, capsys):
     init = noise_png(tmp_path / "init.png", seed=5)
     out = tmp_path / "out.png"
@@ -505,6 +553,22 @@ def test_img2img(tiny_ckpt, tmp_path, capsys):
     assert "Denoising strength: 0.5" in texts["parameters"]
     data = json.loads(texts["gbsd"])
     assert data["mode"] == "img2img" and data["executed_steps"] == 2 and data["params"]["strength"] == 0.5
+
+
+@pytest.mark.parametrize("fmt", ["png", "tif"])
+def test_img2img_from_a_16_bit_file_is_its_8_bit_twin(fmt, tiny_ckpt, tmp_path, capsys):
+    """A 16-bit greyscale init (each 8-bit level v stored as 257·v) makes the image its 8-bit grey makes: scaled,
+    not clipped to white by Pillow's convert("RGB")."""
+    grey8 = np.random.default_rng(3).integers(0, 256, (64, 64), dtype=np.uint8)
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / f"i16.{fmt}")
+    Image.fromarray(grey8).save(tmp_path / "l8.png")
+    outs = []
+    for name in (f"i16.{fmt}", "l8.png"):
+        outs.append(tmp_path / f"out-{name}.png")
+        code, _, err = run_cli(["img2img", "a painting", "--init", tmp_path / name, "--strength", "0.5", "--steps", "4",
+                                "-q", "--weights", tiny_ckpt, "-o", outs[-1]], capsys)
+        assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(outs[0])), np.asarray(Image.open(outs[1])))
 
 
 def test_sweep_writes_one_png_per_cell(tiny_ckpt, tmp_path, capsys):

