@@ -38,6 +38,7 @@ by up to ~1e-6 relative from the float64 product. The per-step scalars (√ᾱ, 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -58,8 +59,8 @@ def executed_steps(num_inference_steps: int, strength: float = 1.0,
         raise ValueError(f"num_inference_steps must be an int, got {n!r}")
     if not 1 <= n <= T:
         raise ValueError(f"num_inference_steps must be in [1, {T}], got {n}")
-    if not 0.0 < strength <= 1.0:  # also False for NaN
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")  # (NaN is not in it either)
     n_run = int(n * strength)
     if n_run == 0:
         raise ValueError(

@@ -33,7 +33,7 @@ from .clip_text import CLIPTextConfig, CLIPTextEncoder
 from .ddim import DDIMScheduler
 from .family import Family, detect, family_by_name
 from .openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
-from .params import ModelLimits
+from .params import ModelLimits, check_device, check_dtype
 from .readers import (
     CheckpointError,
     check_regular_file,
@@ -369,6 +369,8 @@ def inspect_checkpoint(path: str | os.PathLike, family: str | Family | None = No
     """Read and check a checkpoint without using its weights' values: what the files are, the family, each part's
     config (a diffusers folder's config.json, else inferred from shapes), each part strictly against its config,
     and the parts against each other. Raises CheckpointError (FileNotFoundError for a missing path)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a file or folder name (str or os.PathLike), got {type(path).__name__}")
     path = Path(path)
     raw = read_checkpoint(path)
     prefixes = prefixes_of(raw.state_dict)
@@ -394,6 +396,9 @@ def build(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device: st
     """The SDBundle of an inspected checkpoint: tensors converted, checked finite, assigned (see `load`)."""
     from .tokenizer import Tokenizer
 
+    if not isinstance(checkpoint, Checkpoint):
+        raise ValueError(f"checkpoint must be a Checkpoint (inspect_checkpoint(path)), got {type(checkpoint).__name__}")
+    device = _check_target(dtype, device, vae_dtype)
     c = checkpoint
     modules = {name: build_module(name, _module_class(name, cfg), cfg, c.parts[name],
                                   vae_dtype if name == "vae" else dtype, device, c.path, c.prefixes)
@@ -412,7 +417,16 @@ def load(path: str | os.PathLike, family: str | Family | None = None, dtype: tor
     the UNet's and the text encoder's; the VAE stays in `vae_dtype`, fp32 by default, because the SD decoder's
     activations overflow fp16 (diffusers' `force_upcast` for the same reason; GUIDE §1.11).
     """
+    _check_target(dtype, device, vae_dtype)  # before any file is read
     return build(inspect_checkpoint(path, family), dtype, device, vae_dtype)
+
+
+def _check_target(dtype: object, device: object, vae_dtype: object) -> torch.device:
+    """The dtypes and the device a model is loaded into (params.check_dtype / check_device: floating-point dtypes; a
+    device this machine has, never the meta device, which holds no data)."""
+    check_dtype("dtype", dtype)
+    check_dtype("vae_dtype", vae_dtype)
+    return check_device(device)
 
 
 # ================================================================================================================

@@ -74,6 +74,9 @@ def make_sampler(scheduler: DDIMScheduler, name: str = "ddim", schedule: str = "
 
     "ddim" is `scheduler` itself: DDIM runs CompVis' own timesteps, so it takes neither Karras σ nor another spacing.
     """
+    if not isinstance(scheduler, DDIMScheduler):
+        raise ValueError(f"scheduler must be a DDIMScheduler (a bundle's .scheduler: the noise schedule and the "
+                         f"prediction type), got {type(scheduler).__name__}")
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
     if name == "ddim":

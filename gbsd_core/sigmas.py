@@ -207,6 +207,12 @@ class SigmaSampler:
         rule = {"leading": self.leading_spacing, "linspace": self.linspace_spacing,
                 "k-diffusion": k_diffusion_spacing}[self.spacing]
         t, sigmas = rule(self.sigmas_t, n, self.schedule)
+        same = (sigmas[1:] >= sigmas[:-1]).nonzero()
+        if len(same):  # e.g. DPM++'s linspace rounding n + 1 points onto fewer than n + 1 timesteps
+            i = int(same[0])
+            raise ValueError(f"{n} steps of {self.name} with the {self.spacing} spacing do not descend: steps {i} and "
+                             f"{i + 1} are both at timestep {float(t[i + 1]):g} (σ {float(sigmas[i + 1]):.4g}); "
+                             "use fewer steps")
         # Integral timesteps stay integers (the UNet embeds them exactly as DDIM's); fractional ones are float64.
         if t.is_floating_point() and bool((t == t.round()).all()):
             t = t.long()

@@ -383,23 +383,12 @@ def device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     """--device and --dtype: a device this machine has (cpu, cuda[:N], mps), never the meta device."""
     import torch
 
+    from ..params import check_device
+
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     name = args.device if args.device is not None else "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise UsageError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:0, mps)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise UsageError(f"--device {name}: Apple's Metal (MPS) is not available on this machine")
-    elif device.type != "cpu":
-        raise UsageError(f"--device {name}: gbsd runs on cpu, cuda or mps, not {device.type}")
-    return device, dtype
+    with usage_errors("--"):  # the core's rule, its "device ..." message as "--device ..."
+        return check_device(name), dtype
 
 
 def inspect_checkpoint(path: Path, family: str | None) -> Checkpoint:
