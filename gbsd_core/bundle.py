@@ -17,6 +17,7 @@ import torch
 
 from .clip_text import CLIPTextConfig, CLIPTextEncoder
 from .ddim import DDIMScheduler
+from .errors import NonFiniteError
 from .family import Family
 from .openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
 from .params import ModelLimits
@@ -74,6 +75,15 @@ def check_parts_fit(unet: UNetConfig, vae: VAEConfig, text: TextConfig) -> None:
                         f"up to {EOT_TOKEN_ID}")
     if problems:
         raise ValueError("the parts do not fit together: " + "; ".join(problems))
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """Raise NonFiniteError when `x` holds NaN or inf, counting them: a NaN latent decodes to black pixels (the cast
+    to uint8 makes NaN 0), so nothing may be made from it. One reduction over the tensor."""
+    if bool(torch.isfinite(x).all()):
+        return
+    nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+    raise NonFiniteError(f"{what} hold {nan} NaN and {inf} inf values (of {x.numel()}); no image is made from them")
 
 
 def model_limits(vae: VAEConfig, family: Family, native_size: int | None = None) -> ModelLimits:
@@ -141,6 +151,7 @@ class SDBundle:
 
         z = latents.to(next(self.vae.parameters()).device) / self.vae.config.scale_factor  # 0.18215; SDXL 0.13025
         x = self.vae.decode(z).float()  # [B, 3, fh, fw] in about [-1, 1]
+        check_finite(x, "the VAE's decoded images")
         x = ((x + 1) / 2).clamp(0, 1)
         # round() as diffusers' numpy_to_pil; CompVis' scripts truncate, at most 1/255 darker
         arr = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -18,7 +18,7 @@ from .clip_text import CLIPTextConfig
 from .openclip_text import OpenCLIPTextConfig
 from .sdxl_conditioner import MICRO_DIM
 from .unet import UNetConfig
-from .vae import VAEConfig
+from .vae import VAEConfig, check_scale_factor
 
 # Options of diffusers' UNet2DConditionModel that gbsd's UNet (openaimodel's, as SD uses it) does not have: a folder
 # may state them only with SD's value (absent means diffusers' default, which is SD's).
@@ -189,6 +189,7 @@ def vae_config(cfg: Mapping[str, Any]) -> VAEConfig:
     scale = cfg.get("scaling_factor", 0.18215)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scaling_factor must be a positive number, got {scale!r}")
+    check_scale_factor(scale, "scaling_factor")
     latent = _int(cfg, "latent_channels", 4)
     return VAEConfig(ch=ch, ch_mult=tuple(c // ch for c in channels), num_res_blocks=_int(cfg, "layers_per_block", 1),
                      z_channels=latent, embed_dim=latent, in_channels=_int(cfg, "in_channels", 3),

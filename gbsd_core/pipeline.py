@@ -22,12 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch import Tensor
 
+from .bundle import SDBundle, check_finite
 from .params import GenerationParams, image_size
 from .samplers import Sampler, make_sampler
 from .sampling import (
@@ -45,9 +45,6 @@ from .sampling import (
     gbsd_stages,
     layout_steps,
 )
-
-if TYPE_CHECKING:
-    from .bundle import SDBundle
 
 LAYOUT_WARN_BELOW = 0.7  # the paper: with σ < 0.7 the focus prompt starts re-arranging the scene ("objects mix")
 
@@ -206,6 +203,7 @@ def _denoise(bundle: SDBundle, params: GenerationParams, start: _Start, stages: 
         for state in states:
             latents = state.latents
             unet_calls += latents.shape[0]  # one UNet evaluation per row (the CFG pair counts once)
+    check_finite(latents, "the sampler's final latents")  # e.g. an fp16 overflow in the UNet
     return latents, unet_calls
 
 

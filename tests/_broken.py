@@ -203,6 +203,9 @@ BROKEN: list[tuple[str, Callable[[Workshop], Path], str]] = [
     ("diffusers-text-eps", lambda w: w.folder(_edit_config("text_encoder", layer_norm_eps=1e-6)), "layer_norm_eps"),
     ("diffusers-vae-shift", lambda w: w.folder(_edit_config("vae", shift_factor=0.1)), "shift_factor"),
     ("diffusers-vae-scaling-str", lambda w: w.folder(_edit_config("vae", scaling_factor="x")), "scaling_factor"),
+    # a positive, finite factor no VAE has: the decoder divides by it (1e-30 -> inf latents -> black pixels)
+    ("diffusers-vae-scaling-tiny", lambda w: w.folder(_edit_config("vae", scaling_factor=1e-30)), "scaling_factor"),
+    ("diffusers-vae-scaling-huge", lambda w: w.folder(_edit_config("vae", scaling_factor=1e6)), "scaling_factor"),
     ("diffusers-scheduler-is-list",
      lambda w: w.folder(lambda f: _json(f / "scheduler" / "scheduler_config.json", [])), "JSON object"),
     ("diffusers-prediction-sample",
@@ -226,6 +229,8 @@ BROKEN: list[tuple[str, Callable[[Workshop], Path], str]] = [
      "exact gelu"),
     ("diffusers-sdxl-time-dim", lambda w: w.sdxl_pipe(_edit_config("unet", addition_time_embed_dim=8)),
      "addition_time_embed_dim"),
+    ("diffusers-sdxl-vae-scaling-tiny", lambda w: w.sdxl_pipe(_edit_config("vae", scaling_factor=1e-30)),
+     "scaling_factor"),
     ("diffusers-sdxl-missing-tensor", lambda w: w.sdxl_pipe(_drop_tensor("unet/diffusion_pytorch_model.safetensors",
                                                                          "add_embedding.linear_1.weight")),
      "1 missing keys: model.diffusion_model.label_emb.0.0.weight"),

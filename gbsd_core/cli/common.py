@@ -6,7 +6,8 @@ problem is a `UsageError`: one line on stderr, exit status 2, before any weights
 (`run_main`). The parameter rules themselves are the core's (gbsd_core/params.py), so the Python API refuses the
 same values with the same words. Input files are checked for what they are before they are opened (a named pipe
 would block) and images are decoded whole, within a pixel limit, before they are accepted. Exit 1 is a failure
-after that point (an unexpected one included: one line, no traceback); 130 is Ctrl-C.
+after that point (a run whose result holds NaN or inf, and an unexpected failure: one line, no traceback, nothing
+written); 130 is Ctrl-C.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
+
+from ..errors import NonFiniteError
 
 if TYPE_CHECKING:
     import torch
@@ -71,6 +74,9 @@ def run_main(prog: str, command: Callable[[argparse.Namespace], int], args: argp
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except NonFiniteError as e:  # a result, not an input: exit 1, and nothing was written
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_FAILURE
     except BrokenPipeError:
         # The reader is gone: send the rest to /dev/null, so the final flush at exit cannot fail again (the recipe of
         # Python's `signal` docs, "Note on SIGPIPE").
