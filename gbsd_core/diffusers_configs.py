@@ -32,6 +32,7 @@ UNET_FIXED: Mapping[str, Any] = MappingProxyType({
     "encoder_hid_dim": None, "encoder_hid_dim_type": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
     "attention_type": "default", "cross_attention_norm": None, "class_embeddings_concat": False,
     "reverse_transformer_layers_per_block": None,
+    "mid_block_scale_factor": 1,  # diffusers divides the middle ResBlocks' output by it; sgm's ResBlock does not
     # SDXL's "text_time" added embedding is sgm's label_emb: checked by _added_embedding
 })
 # AutoencoderKL options with no counterpart in CompVis' KL autoencoder (SD3/Flux VAEs set the shift and drop the

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import diffusers_configs, diffusers_layout
+from .block_counts import check_block_counts
 from .bundle import COMPONENTS, SDBundle, check_parts_fit, model_limits
 from .clip_text import CLIPTextConfig, CLIPTextEncoder
 from .ddim import DDIMScheduler
@@ -381,12 +382,21 @@ def inspect_checkpoint(path: str | os.PathLike, family: str | Family | None = No
         fam = detect(raw.state_dict.keys(), path, override=family, prediction_type=raw.prediction_type)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
+    if raw.native_size is not None and raw.native_size > fam.max_size:
+        # the size a run without one renders (gbsd info shows it): beyond what the family renders, no run could use it
+        raise CheckpointError(f"{path / 'unet' / 'config.json'}: sample_size gives a native image side of "
+                              f"{raw.native_size} pixels, larger than {fam.max_size}, the largest side gbsd renders "
+                              f"with the {fam.name} family")
     configs = _configs(raw, parts, fam, path, prefixes)
     try:
         check_parts_fit(configs["unet"], configs["vae"], configs["text_encoder"])  # type: ignore[arg-type]
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     for name, cfg in configs.items():
+        try:  # the counts first: building a config's million layers would take hours (block_counts.py)
+            check_block_counts(cfg, parts[name])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: the {name} {e}") from None
         check_strict(name, _meta_module(name, _module_class(name, cfg), cfg, path), parts[name], path, prefixes)
     return Checkpoint(path, fam, parts, configs, raw.native_size, prefixes)
 
