@@ -65,7 +65,11 @@ def check_parts_fit(unet: UNetConfig, vae: VAEConfig, text: TextConfig) -> None:
     vector = text.vector_dim if isinstance(text, SDXLConditionerConfig) else None
     if unet.adm_in_channels != vector:  # SDXL's pooled text + size embeddings, the UNet's label_emb input
         takes = f"a {unet.adm_in_channels}-wide vector y" if unet.adm_in_channels else "no vector y"
-        gives = f"a {vector}-wide one" if vector else "none"
+        gives = "none"
+        if isinstance(text, SDXLConditionerConfig):
+            values = (vector - text.openclip.embed_dim) // text.micro_dim
+            gives = (f"a {vector}-wide one (pooled {text.openclip.embed_dim} + {values} size values x "
+                     f"{text.micro_dim}, diffusers' addition_time_embed_dim)")
         problems.append(f"the unet takes {takes} but the text encoder gives {gives}")
     positions, vocab = min(t.context_length for t in towers), min(t.vocab_size for t in towers)
     if positions < CONTEXT_LENGTH:
@@ -142,7 +146,7 @@ class SDBundle:
         if negative and prompt == "" and self.family.force_zeros_for_empty_prompt:
             text = text.map(torch.zeros_like)
         values = torch.tensor([self.text_encoder.micro_values(size, negative)], device=text.context.device)
-        return text._replace(micro=micro_embedding(values))
+        return text._replace(micro=micro_embedding(values, self.text_encoder.config.micro_dim))
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:

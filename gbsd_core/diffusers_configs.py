@@ -16,7 +16,6 @@ from typing import Any
 
 from .clip_text import CLIPTextConfig
 from .openclip_text import OpenCLIPTextConfig
-from .sdxl_conditioner import MICRO_DIM
 from .unet import UNetConfig
 from .vae import VAEConfig, check_scale_factor
 
@@ -26,7 +25,7 @@ UNET_FIXED: Mapping[str, Any] = MappingProxyType({
     "norm_num_groups": 32, "norm_eps": 1e-5, "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0,
     "downsample_padding": 1, "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
     "class_embed_type": None, "num_class_embeds": None, "time_embedding_type": "positional",
-    "time_embedding_dim": None, "time_embedding_act_fn": None,
+    "time_embedding_act_fn": None,
     "timestep_post_act": None, "time_cond_proj_dim": None, "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "dual_cross_attention": False,
     "encoder_hid_dim": None, "encoder_hid_dim_type": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
@@ -42,6 +41,29 @@ VAE_FIXED: Mapping[str, Any] = MappingProxyType({
     "mid_block_add_attention": True, "latents_mean": None, "latents_std": None,
 })
 TEXT_FIXED: Mapping[str, Any] = MappingProxyType({"layer_norm_eps": 1e-5})
+
+# Options the diffusers / transformers classes take that decide nothing gbsd builds or runs, and why; every other
+# option is translated above or must keep SD's value (tests/test_diffusers_layout_sdxl.py holds these lists against
+# the classes' own signatures, so an option a new diffusers version adds is reviewed, not silently dropped).
+UNET_NOT_READ: Mapping[str, str] = MappingProxyType({
+    "dropout": "inference runs without dropout",
+    "addition_embed_type_num_heads": "used by the 'text' added embedding only; gbsd builds 'text_time' alone",
+    "mid_block_only_cross_attention": "read by UNetMidBlock2DSimpleCrossAttn only; SD's mid block type is fixed",
+})
+VAE_NOT_READ: Mapping[str, str] = MappingProxyType({
+    "force_upcast": "a precision hint: gbsd decodes in fp32 unless asked (FastOptions.vae_dtype)",
+    "sample_size": "the tile size of diffusers' tiled decode",
+})
+TEXT_NOT_READ: Mapping[str, str] = MappingProxyType({
+    **{key: "transformers' bookkeeping and runtime switches (PretrainedConfig)" for key in (
+        "transformers_version", "architectures", "output_hidden_states", "return_dict", "dtype",
+        "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type")},
+    "attention_dropout": "inference runs without dropout",
+    "initializer_range": "initialisation only", "initializer_factor": "initialisation only",
+    **{key: "the tokenizer's ids: gbsd tokenizes with CLIP's BPE (start 49406, end 49407)" for key in (
+        "pad_token_id", "bos_token_id", "eos_token_id")},
+    "projection_dim": "a CLIPTextModel has no projection (read for text_encoder_2, bigG's pooled vector)",
+})
 
 
 def _fixed(cfg: Mapping[str, Any], table: Mapping[str, Any]) -> None:
@@ -127,6 +149,10 @@ def unet_config(cfg: Mapping[str, Any]) -> UNetConfig:
         raise ValueError(f"{heads_key} {list(heads)}: head counts that are neither the same on every level nor of "
                          "the same width are not what SD's UNet builds")
     depths = _ints(cfg, "transformer_layers_per_block", 1, levels)
+    time_dim = cfg.get("time_embedding_dim")
+    if time_dim is not None and time_dim != 4 * mc:  # None: diffusers' default, 4 x block_out_channels[0], as sgm's
+        raise ValueError(f"time_embedding_dim is {time_dim!r}; SD's UNet embeds the timestep in 4 x "
+                         f"block_out_channels[0] = {4 * mc} channels")
     return UNetConfig(
         in_channels=_int(cfg, "in_channels", 4), out_channels=_int(cfg, "out_channels", 4), model_channels=mc,
         channel_mult=tuple(c // mc for c in channels),
@@ -145,8 +171,9 @@ def _added_embedding(cfg: Mapping[str, Any]) -> int | None:
     """The width of SDXL's vector y (UNetConfig.adm_in_channels), or None for SD1/SD2.
 
     diffusers' `addition_embed_type: "text_time"` is sgm's label embedding of y = [pooled text ; size embeddings]:
-    each size value goes through a 256-wide sinusoid (`addition_time_embed_dim`, ConcatTimestepEmbedderND's fixed
-    outdim 256 in gbsd, sdxl_conditioner.MICRO_DIM), and `projection_class_embeddings_input_dim` is the width of y.
+    each size value goes through a sinusoid `addition_time_embed_dim` wide (ConcatTimestepEmbedderND's outdim, 256 in
+    SDXL 1.0; `unet_micro_dim` hands it to the conditioner), and `projection_class_embeddings_input_dim` is the width
+    of y (that the two agree with the text encoder is bundle.check_parts_fit's).
     """
     kind, time_dim = cfg.get("addition_embed_type"), cfg.get("addition_time_embed_dim")
     width = cfg.get("projection_class_embeddings_input_dim")
@@ -158,13 +185,17 @@ def _added_embedding(cfg: Mapping[str, Any]) -> int | None:
         return None
     if kind != "text_time":
         raise ValueError(f"addition_embed_type is {kind!r}; gbsd builds SD's UNet (none) and SDXL's ('text_time')")
-    if time_dim != MICRO_DIM:
-        raise ValueError(f"addition_time_embed_dim is {time_dim!r}; SDXL embeds each size value in {MICRO_DIM} "
-                         "channels")
+    _int(cfg, "addition_time_embed_dim", None)
     if width is None:
         raise ValueError("addition_embed_type 'text_time' needs projection_class_embeddings_input_dim (the width of "
                          "the pooled text and size embeddings)")
     return _int(cfg, "projection_class_embeddings_input_dim", 0)
+
+
+def unet_micro_dim(cfg: Mapping[str, Any]) -> int | None:
+    """SDXL's micro-conditioning width (addition_time_embed_dim) of a "text_time" UNet config (checked by
+    `unet_config`), None for SD1/SD2."""
+    return cfg["addition_time_embed_dim"] if cfg.get("addition_embed_type") == "text_time" else None
 
 
 def unet_sample_size(cfg: Mapping[str, Any]) -> int | None:

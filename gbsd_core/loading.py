@@ -44,7 +44,7 @@ from .readers import (
     read_safetensors,
     read_weights_file,
 )
-from .sdxl_conditioner import SDXLConditioner, SDXLConditionerConfig
+from .sdxl_conditioner import MICRO_DIM, SDXLConditioner, SDXLConditionerConfig
 from .unet import UNetConfig, UNetModel
 from .vae import AutoencoderKL, VAEConfig
 
@@ -105,6 +105,7 @@ class RawCheckpoint:
     # (for SDXL the towers' own: "text_encoder" is CLIP-L's, "text_encoder_2" bigG's).
     configs: dict[str, object] = field(default_factory=dict)
     native_size: int | None = None  # a diffusers folder's unet sample_size x its VAE factor
+    micro_dim: int | None = None  # an SDXL folder's micro-conditioning width (unet addition_time_embed_dim)
 
 
 def _present(path: Path) -> bool:
@@ -116,7 +117,7 @@ def _read_diffusers(folder: Path) -> RawCheckpoint:
     its config.json when present (checked, translated), and its names mapped into the original layout."""
     sd: dict[str, torch.Tensor] = {}
     configs: dict[str, object] = {}
-    sample_size = None
+    sample_size = micro_dim = None
 
     def weights_of(name: str, part: diffusers_layout.DiffusersPart) -> Path | None:
         return next((folder / name / c for c in part.weights if _present(folder / name / c)), None)
@@ -140,6 +141,7 @@ def _read_diffusers(folder: Path) -> RawCheckpoint:
             configs[name] = config
             if name == "unet":
                 sample_size = diffusers_configs.unet_sample_size(raw)
+                micro_dim = diffusers_configs.unet_micro_dim(raw)
         try:
             converted = diffusers_layout.apply_plan(part.plan(tensors, config), tensors)
         except KeyError as e:
@@ -152,7 +154,7 @@ def _read_diffusers(folder: Path) -> RawCheckpoint:
         raise CheckpointError(f"{sched}: prediction_type must be a string, got {prediction_type!r}")
     vae = configs.get("vae")
     native = sample_size * vae.downsample_factor if sample_size and isinstance(vae, VAEConfig) else None
-    return RawCheckpoint(sd, "diffusers", prediction_type, configs, native)
+    return RawCheckpoint(sd, "diffusers", prediction_type, configs, native, micro_dim)
 
 
 def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
@@ -363,7 +365,8 @@ def _conditioner_config(raw: RawCheckpoint, sd: Mapping[str, torch.Tensor], fam:
     base = fam.text_encoder == "sdxl-clip+openclip"  # else the refiner: bigG alone, as embedders.0
     clip = (raw.configs.get("text_encoder") or tower(0, CLIPTextConfig.from_state_dict)) if base else None
     bigg = raw.configs.get("text_encoder_2") or tower(1 if base else 0, OpenCLIPTextConfig.from_state_dict)
-    return SDXLConditionerConfig.from_towers(clip, bigg)  # type: ignore[arg-type]
+    # the size sinusoids' width: the folder's UNet config says it (sgm's files: 256, ConcatTimestepEmbedderND's)
+    return SDXLConditionerConfig.from_towers(clip, bigg, raw.micro_dim or MICRO_DIM)  # type: ignore[arg-type]
 
 
 def inspect_checkpoint(path: str | os.PathLike, family: str | Family | None = None) -> Checkpoint:
