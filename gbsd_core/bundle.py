@@ -196,10 +196,18 @@ class SDBundle:
             "dtype": str(p.dtype).removeprefix("torch."),
             "vae_dtype": str(next(self.vae.parameters()).dtype).removeprefix("torch."),
             "device": str(p.device),
+            "noise_schedule": describe_schedule(self.scheduler),
             "parts": describe_parts(self.unet.config, self.vae.config, self.text_encoder.config),
             "parameters": parameters,
             "configs": {name: asdict(getattr(self, name).config) for name in COMPONENTS},
         }
+
+
+def describe_schedule(scheduler: DDIMScheduler) -> str:
+    """One line for `gbsd info`: the β schedule, T, zero terminal SNR, and the spacing the samplers run by default."""
+    ns = scheduler.noise_schedule
+    return (f"{ns.beta_schedule}, beta {ns.beta_start:g} to {ns.beta_end:g}, {ns.num_train_timesteps} timesteps"
+            + (", rescaled to zero terminal SNR" if ns.zero_terminal_snr else "") + f"; {scheduler.spacing} spacing")
 
 
 def _tower(config: CLIPTextConfig | OpenCLIPTextConfig) -> str:

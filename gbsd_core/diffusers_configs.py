@@ -2,7 +2,7 @@
 (diffusers_layout.py maps the names).
 
 What shapes cannot say -- head counts, the MLP width of small towers, the VAE's scaling factor, the width of SDXL's
-vector y -- comes from the config. Every option our modules do not have must keep SD's value, or the folder is
+vector y, the noise schedule -- comes from the config. Every option our modules do not have must keep SD's value, or the folder is
 refused naming the option (`UNET_FIXED`, `VAE_FIXED`, `TEXT_FIXED`); a value of the wrong type is refused too, so a
 config.json is checked strictly before any weights are read. Defaults are the diffusers / transformers defaults a
 missing key means.
@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .clip_text import CLIPTextConfig
+from .noise_schedule import NoiseSchedule
 from .openclip_text import OpenCLIPTextConfig
 from .unet import UNetConfig
 from .vae import VAEConfig, check_scale_factor
@@ -275,3 +276,72 @@ def bigg_config(cfg: Mapping[str, Any]) -> OpenCLIPTextConfig:
         raise ValueError(f"hidden_act is {act!r}; SDXL's text_encoder_2 is OpenCLIP ViT-bigG (exact gelu)")
     return OpenCLIPTextConfig(**common, embed_dim=_int(cfg, "projection_dim", 512), penultimate=True,
                               has_projection=True, has_logit_scale=False)
+
+
+# ------------------------------------------------------------------------------ scheduler/scheduler_config.json
+# The diffusers schedulers of the DDPM family: each builds its noise schedule (β, ᾱ) from the SCHEDULE keys below
+# and runs its own sampler on it. gbsd builds the schedule (noise_schedule.NoiseSchedule) and runs its own samplers
+# (--sampler), so which class a folder ships (PNDM for SD1.5, DDIM for SD2, Euler for SDXL) is not read; another
+# class describes another kind of model (EDM's continuous σ, flow matching) and is refused.
+DDPM_SCHEDULERS = frozenset({
+    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+    "DPMSolverSDEScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler", "SASolverScheduler",
+    "LCMScheduler", "TCDScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler",
+})
+# What the model was trained with: built (beta_schedule "linear" or "scaled_linear"), or refused by name.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "rescale_betas_zero_snr",
+                 "prediction_type", "trained_betas")
+# The shipped sampler's own run -- its timesteps (timestep_spacing, steps_offset), its σ spacing (Karras, ...), its
+# solver, its last step (set_alpha_to_one, final_sigmas_type), its clipping range -- which gbsd's samplers choose for
+# themselves (--sampler, --schedule; the spacing is SD's leading one, or trailing on a zero-terminal-SNR schedule,
+# which must start at t = T-1 whatever the folder says). Not read.
+SAMPLER_OPTIONS = frozenset({
+    "timestep_spacing", "steps_offset", "set_alpha_to_one", "skip_prk_steps", "interpolation_type",
+    "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "sigma_min", "sigma_max",
+    "final_sigmas_type", "lambda_min_clipped", "lower_order_final", "euler_at_final", "solver_order", "solver_type",
+    "algorithm_type", "predict_x0", "disable_corrector", "solver_p", "predictor_order", "corrector_order", "tau_func",
+    "original_inference_steps", "timestep_scaling", "noise_sampler_seed", "clip_sample_range",
+    "dynamic_thresholding_ratio", "sample_max_value", "variance_type",
+    "flow_shift", "shift_terminal", "time_shift_type",  # used only with use_flow_sigmas / use_dynamic_shifting
+})
+# Options that would make x̂_0 or the model's parameterisation something no gbsd sampler computes: only their off
+# value (diffusers' default for SD) is accepted.
+SCHEDULER_FIXED: Mapping[str, Any] = MappingProxyType({
+    "clip_sample": False,  # clipping x̂_0 to [-1, 1] (pixel-space DDPM); SD's latents leave that range
+    "thresholding": False,  # Imagen's dynamic thresholding of x̂_0, also for pixel models
+    "timestep_type": "discrete",  # "continuous": the UNet takes 0.25·log σ as its time (EDM-trained v-models)
+    "use_flow_sigmas": False, "use_dynamic_shifting": False,  # flow matching: another kind of model
+})
+LEARNED_VARIANCE = ("learned", "learned_range")  # the model predicts its variance too (more output channels)
+
+
+def scheduler_config(cfg: Mapping[str, Any]) -> NoiseSchedule:
+    """diffusers scheduler_config.json -> the NoiseSchedule it declares (defaults: diffusers', a missing beta_schedule
+    is "linear" 1e-4..0.02). Every key is a schedule key (built or refused by name), an option of the shipped
+    sampler (not read), a fixed option, or private (`_class_name`, `_diffusers_version`); any other key is refused,
+    since gbsd cannot tell whether it changes the schedule."""
+    name = cfg.get("_class_name")
+    if name is not None and name not in DDPM_SCHEDULERS:
+        raise ValueError(f"_class_name {name!r} is not a scheduler of a DDPM noise schedule (beta_schedule, "
+                         "num_train_timesteps), the kind of model gbsd samples")
+    unknown = sorted(k for k in cfg if not k.startswith("_")
+                     and k not in (*SCHEDULE_KEYS, *SAMPLER_OPTIONS, *SCHEDULER_FIXED))
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is not a scheduler option gbsd knows; it may change the noise schedule, "
+                         "so the folder is refused")
+    if cfg.get("trained_betas") is not None:
+        raise ValueError("trained_betas (an explicit list of betas) is not built by gbsd; it builds beta_schedule "
+                         "'linear' and 'scaled_linear'")
+    _fixed(cfg, SCHEDULER_FIXED)
+    if cfg.get("variance_type") in LEARNED_VARIANCE:
+        raise ValueError(f"variance_type is {cfg['variance_type']!r}: a model that predicts its variance, not SD")
+    zero_snr = _flag(cfg, "rescale_betas_zero_snr", False)
+    if zero_snr and cfg.get("prediction_type", "epsilon") != "v_prediction":
+        raise ValueError(f"rescale_betas_zero_snr is true with prediction_type {cfg.get('prediction_type', 'epsilon')!r}"
+                         ": at zero SNR an epsilon model's x̂_0 divides by √ᾱ = 0; zero-SNR models predict v "
+                         "(Lin et al. 2023)")
+    return NoiseSchedule(num_train_timesteps=cfg.get("num_train_timesteps", 1000),
+                         beta_start=cfg.get("beta_start", 0.0001), beta_end=cfg.get("beta_end", 0.02),
+                         beta_schedule=cfg.get("beta_schedule", "linear"), zero_terminal_snr=zero_snr)

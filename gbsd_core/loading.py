@@ -33,6 +33,8 @@ from .bundle import COMPONENTS, SDBundle, check_parts_fit, model_limits
 from .clip_text import CLIPTextConfig, CLIPTextEncoder
 from .ddim import DDIMScheduler
 from .family import Family, detect, family_by_name
+from .noise_schedule import SD as SD_NOISE_SCHEDULE
+from .noise_schedule import NoiseSchedule
 from .openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
 from .params import ModelLimits, check_device, check_dtype
 from .readers import (
@@ -106,6 +108,8 @@ class RawCheckpoint:
     configs: dict[str, object] = field(default_factory=dict)
     native_size: int | None = None  # a diffusers folder's unet sample_size x its VAE factor
     micro_dim: int | None = None  # an SDXL folder's micro-conditioning width (unet addition_time_embed_dim)
+    # A diffusers folder's scheduler_config.json, built (diffusers_configs.scheduler_config); single files: SD's
+    noise_schedule: NoiseSchedule = SD_NOISE_SCHEDULE
 
 
 def _present(path: Path) -> bool:
@@ -149,12 +153,19 @@ def _read_diffusers(folder: Path) -> RawCheckpoint:
         sd.update({part.prefix + k: t for k, t in converted.items()})
 
     sched = folder / "scheduler" / "scheduler_config.json"
-    prediction_type = read_json_object(sched).get("prediction_type") if _present(sched) else None
-    if prediction_type is not None and not isinstance(prediction_type, str):
-        raise CheckpointError(f"{sched}: prediction_type must be a string, got {prediction_type!r}")
+    prediction_type, noise_schedule = None, SD_NOISE_SCHEDULE  # no scheduler config: SD's, as for single files
+    if _present(sched):
+        raw = read_json_object(sched)
+        prediction_type = raw.get("prediction_type")
+        if prediction_type is not None and not isinstance(prediction_type, str):
+            raise CheckpointError(f"{sched}: prediction_type must be a string, got {prediction_type!r}")
+        try:
+            noise_schedule = diffusers_configs.scheduler_config(raw)
+        except ValueError as e:
+            raise CheckpointError(f"{sched}: {e}") from None
     vae = configs.get("vae")
     native = sample_size * vae.downsample_factor if sample_size and isinstance(vae, VAEConfig) else None
-    return RawCheckpoint(sd, "diffusers", prediction_type, configs, native, micro_dim)
+    return RawCheckpoint(sd, "diffusers", prediction_type, configs, native, micro_dim, noise_schedule)
 
 
 def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
@@ -321,9 +332,15 @@ class Checkpoint:
     configs: Mapping[str, object]  # the same keys: UNetConfig, VAEConfig, and the text encoder's config
     native_size: int | None = None  # a diffusers folder's own default size; None: the family's
     prefixes: Mapping[str, str] = field(default_factory=lambda: dict(PREFIXES))  # SDXL: SDXL_PREFIXES
+    noise_schedule: NoiseSchedule = SD_NOISE_SCHEDULE  # a diffusers folder's scheduler config; else SD's
 
     def limits(self) -> ModelLimits:
         return model_limits(self.configs["vae"], self.family, self.native_size)  # type: ignore[arg-type]
+
+    def scheduler(self) -> DDIMScheduler:
+        """The model's DDIM on its noise schedule and prediction type (what `build` gives the bundle), for the
+        checks that need the model's timesteps before any weights load (params.check_schedule)."""
+        return DDIMScheduler(self.family.prediction_type, self.noise_schedule)
 
 
 def _configs(raw: RawCheckpoint, parts: Mapping[str, Mapping[str, torch.Tensor]], fam: Family, path: Path,
@@ -401,7 +418,11 @@ def inspect_checkpoint(path: str | os.PathLike, family: str | Family | None = No
         except ValueError as e:
             raise CheckpointError(f"{path}: the {name} {e}") from None
         check_strict(name, _meta_module(name, _module_class(name, cfg), cfg, path), parts[name], path, prefixes)
-    return Checkpoint(path, fam, parts, configs, raw.native_size, prefixes)
+    try:
+        DDIMScheduler(fam.prediction_type, raw.noise_schedule)  # e.g. zero terminal SNR with --family of an eps model
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return Checkpoint(path, fam, parts, configs, raw.native_size, prefixes, raw.noise_schedule)
 
 
 def build(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -417,7 +438,7 @@ def build(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device: st
                                   vae_dtype if name == "vae" else dtype, device, c.path, c.prefixes)
                for name, cfg in c.configs.items()}
     return SDBundle(**modules, tokenizer=Tokenizer(pad_token_id=c.family.pad_token_id),  # type: ignore[arg-type]
-                    scheduler=DDIMScheduler(prediction_type=c.family.prediction_type), family=c.family, path=c.path,
+                    scheduler=c.scheduler(), family=c.family, path=c.path,
                     native_size=c.native_size)
 
 
@@ -463,6 +484,9 @@ def save_single_file(src: SDBundle | Mapping[str, nn.Module], path: str | os.Pat
     unknown = set(modules) - set(PREFIXES)
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}; expected a subset of {list(PREFIXES)}")
+    if isinstance(src, SDBundle) and src.scheduler.noise_schedule != SD_NOISE_SCHEDULE:
+        raise ValueError(f"this model's noise schedule ({src.scheduler.noise_schedule}) is not SD's, and a single file "
+                         "has no place for it: it would load as SD's schedule; keep the diffusers folder")
     te = modules.get("text_encoder")
     prefixes = SDXL_PREFIXES if isinstance(te, SDXLConditioner) else PREFIXES
     if isinstance(te, OpenCLIPTextEncoder) and not te.config.penultimate:

@@ -146,12 +146,13 @@ def check_together(p: GenerationParams) -> None:
         raise ValueError(f"eta is DDIM's η; sampler {p.sampler!r} takes eta=0 (euler_a is ancestral, η = 1)")
 
 
-def check_schedule(p: GenerationParams, img2img: bool, spacing: str = "leading") -> int:
-    """The number of steps the run `p` asks for executes, by the sampler's own schedule with its actual `spacing`
-    (built on SD's ᾱ, which every family shares), so this check and the run cannot disagree: ValueError where the
-    schedule cannot run it (DDIM at 1000 steps; a spacing whose steps would not descend; no step left at this
-    strength)."""
-    sampler = make_sampler(DDIMScheduler(), p.sampler, p.schedule, spacing)
+def check_schedule(p: GenerationParams, img2img: bool, scheduler: DDIMScheduler | None = None,
+                   spacing: str | None = None) -> int:
+    """The number of steps the run `p` asks for executes, by the sampler's own schedule: on `scheduler`'s noise
+    schedule (the model's: `Checkpoint.scheduler()`, `SDBundle.scheduler`; None: SD's), with its actual `spacing`
+    (None: the model's own), so this check and the run cannot disagree: ValueError where the schedule cannot run it
+    (DDIM at 1000 leading steps; a spacing whose steps would not descend; no step left at this strength)."""
+    sampler = make_sampler(DDIMScheduler() if scheduler is None else scheduler, p.sampler, p.schedule, spacing)
     return len(sampler.timesteps(p.steps, p.strength if img2img else 1.0))
 
 

@@ -127,6 +127,13 @@ def _edit_config(part: str, **changes) -> Callable[[Path], None]:
     return edit
 
 
+def _edit_scheduler(**changes) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        f = folder / "scheduler" / "scheduler_config.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), **changes}))
+    return edit
+
+
 def _replace_with_fifo(rel: str) -> Callable[[Path], None]:
     def edit(folder: Path) -> None:
         (folder / rel).unlink()
@@ -211,6 +218,23 @@ BROKEN: list[tuple[str, Callable[[Workshop], Path], str]] = [
     ("diffusers-prediction-sample",
      lambda w: w.folder(lambda f: _json(f / "scheduler" / "scheduler_config.json", {"prediction_type": "sample"})),
      "prediction_type"),
+    # scheduler_config.json: every option a schedule is built from, or refused by name (tests/test_noise_schedule.py)
+    ("diffusers-scheduler-cosine", lambda w: w.folder(_edit_scheduler(beta_schedule="squaredcos_cap_v2")),
+     "beta_schedule 'squaredcos_cap_v2' is not one gbsd builds"),
+    ("diffusers-scheduler-unknown-key", lambda w: w.folder(_edit_scheduler(snr_shift_scale=3.0)), "'snr_shift_scale'"),
+    ("diffusers-scheduler-clip-sample", lambda w: w.folder(_edit_scheduler(clip_sample=True)), "clip_sample"),
+    ("diffusers-scheduler-zero-snr-epsilon", lambda w: w.folder(_edit_scheduler(rescale_betas_zero_snr=True)),
+     "rescale_betas_zero_snr is true with prediction_type 'epsilon'"),
+    ("diffusers-scheduler-trained-betas", lambda w: w.folder(_edit_scheduler(trained_betas=[0.001] * 1000)),
+     "trained_betas"),
+    ("diffusers-scheduler-edm", lambda w: w.folder(_edit_scheduler(_class_name="EDMEulerScheduler")), "_class_name"),
+    ("diffusers-scheduler-huge-T", lambda w: w.folder(_edit_scheduler(num_train_timesteps=10**9)),
+     "num_train_timesteps"),
+    ("diffusers-scheduler-beta-one", lambda w: w.folder(_edit_scheduler(beta_end=1.5)), "beta_end"),
+    ("diffusers-scheduler-continuous-time", lambda w: w.folder(_edit_scheduler(timestep_type="continuous")),
+     "timestep_type"),
+    ("diffusers-scheduler-learned-variance", lambda w: w.folder(_edit_scheduler(variance_type="learned_range")),
+     "variance_type"),
     ("diffusers-weights-fifo", lambda w: w.folder(_replace_with_fifo("unet/diffusion_pytorch_model.safetensors")),
      "named pipe"),
     ("diffusers-config-fifo", lambda w: w.folder(_replace_with_fifo("text_encoder/config.json")), "named pipe"),

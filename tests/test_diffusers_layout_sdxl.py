@@ -122,7 +122,7 @@ def test_released_text_encoder_configs() -> None:
 
 @pytest.mark.parametrize("change, needle", [
     (dict(addition_embed_type="image"), "addition_embed_type"),
-    (dict(addition_time_embed_dim=8), "256"),
+    (dict(addition_time_embed_dim=0), "addition_time_embed_dim must be an integer >= 1"),  # any width: see below
     (dict(projection_class_embeddings_input_dim=None), "projection_class_embeddings_input_dim"),
     (dict(addition_embed_type=None), "without an addition_embed_type"),
 ])
@@ -130,6 +130,8 @@ def test_added_embedding_options_are_checked(change: dict, needle: str) -> None:
     cfg = {**dict(_released_unet_config(refiner=False).config), **change}
     with pytest.raises(ValueError, match=needle):
         dc.unet_config(cfg)
+    other = {**dict(_released_unet_config(refiner=False).config), "addition_time_embed_dim": 8}
+    assert dc.unet_config(other) == UNetConfig.sdxl_base() and dc.unet_micro_dim(other) == 8  # y's width: parts fit
 
 
 def test_bigg_table_inverts_diffusers_converter() -> None:

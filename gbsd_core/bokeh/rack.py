@@ -148,8 +148,8 @@ def rack_focus(bundle: SDBundle, params: GenerationParams, frames: int = 12, *, 
     `params.focus_mix` is ignored (each frame gets its own m_k). masks=False skips the attention collection and the
     sharpness numbers. Raises ValueError (check_rack) before any compute when the request is not a rack focus.
     """
-    pipeline.check_run_args(bundle, params)
     check_rack(params, frames)
+    pipeline.check_run_args(bundle, params)
     start, end = params.focus, params.focus_to
     collectors = _collectors(bundle, [start, end]) if masks else {}
     probe = _Probes(list(collectors.values())) if collectors else None

@@ -123,7 +123,7 @@ def sdpa_backend(options: FastOptions) -> SDPBackend | None:
 
 
 def make_stepper(bundle: SDBundle, options: FastOptions, guidance_scale: float | None, eta: float = 0.0,
-                 sampler: str = "ddim", schedule: str = "normal", spacing: str = "leading") -> FastStepper:
+                 sampler: str = "ddim", schedule: str = "normal", spacing: str | None = None) -> FastStepper:
     """A `sampling.Stepper` for `denoise` / `generate(stepper=)`: eager, compiled and/or CUDA-graphed per `options`,
     running the sampler `sampler` / `schedule` / `spacing` (samplers.make_sampler) on the bundle's noise schedule.
 
@@ -144,6 +144,7 @@ def make_stepper(bundle: SDBundle, options: FastOptions, guidance_scale: float |
     check_field("eta", eta)
     accelerate(bundle, options)
     guidance = None if guidance_scale is None or guidance_scale == 1.0 else float(guidance_scale)
+    spacing = bundle.scheduler.spacing if spacing is None else spacing  # None: the model's own (make_sampler)
     key = (options, guidance, float(eta), sampler, schedule, spacing, bundle.scheduler)
     cache = bundle.unet.fast_steppers
     stepper = cache.get(key)

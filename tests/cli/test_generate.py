@@ -132,7 +132,7 @@ BAD_INPUTS = [
     ("eta-100", ["generate", "p", "--eta", "100"], "eta"),
     ("eta-1.5", ["generate", "p", "--eta", "1.5"], "eta"),
     ("eta-negative", ["generate", "p", "--eta", "-0.5"], "eta"),
-    ("steps-1000", ["generate", "p", "--steps", "1000"], "steps"),
+    ("steps-1000", ["generate", "p", "--steps", "1000", "--weights", "{ckpt}"], "steps"),  # the model's schedule
     ("steps-huge", ["generate", "p", "--steps", "100000"], "steps"),
     ("steps-negative", ["generate", "p", "--steps", "-3"], "steps"),
     ("seed-negative", ["generate", "p", "--seed", "-1"], "seed"),
@@ -269,7 +269,8 @@ BAD_INPUTS = [
      "schedule must be one of normal, karras"),
     ("schedule-karras-with-ddim", ["generate", "p", "--schedule", "karras"], "for the σ samplers"),
     ("eta-with-a-sigma-sampler", ["generate", "p", "--sampler", "euler_a", "--eta", "0.5"], "eta is DDIM's"),
-    ("sampler-dpmpp-999-steps", ["generate", "p", "--sampler", "dpmpp_2m", "--steps", "999"], "t=1000"),
+    ("sampler-dpmpp-999-steps", ["generate", "p", "--sampler", "dpmpp_2m", "--steps", "999", "--weights", "{ckpt}"],
+     "t=1000"),
     ("sampler-img2img-no-steps", ["img2img", "p", "--init", "{img}", "--sampler", "euler", "--strength", "0.1",
                                   "--steps", "5"], "--strength"),
     ("sweep-sampler-unknown", ["sweep", "p", "--focus", "f", "--alphas", "0", "--sampler", "lms"], "sampler"),
