@@ -35,6 +35,11 @@ UNET_FIXED: Mapping[str, Any] = MappingProxyType({
     "mid_block_scale_factor": 1,  # diffusers divides the middle ResBlocks' output by it; sgm's ResBlock does not
     # SDXL's "text_time" added embedding is sgm's label_emb: checked by _added_embedding
 })
+# Reviewed and left fixed: sgm's openaimodel could also build resnet_time_scale_shift "scale_shift"
+# (use_scale_shift_norm), only_cross_attention (disable_self_attentions), per-level layers_per_block and
+# num_class_embeds (class labels, which no SD pipeline passes), but no SD1/SD2/SDXL model uses them, and building them
+# would put branches on the core's plain SD path. Built where diffusers accepts a value sgm builds: any
+# addition_time_embed_dim, time_embedding_dim stated as its default.
 # AutoencoderKL options with no counterpart in CompVis' KL autoencoder (SD3/Flux VAEs set the shift and drop the
 # quant convs).
 VAE_FIXED: Mapping[str, Any] = MappingProxyType({
