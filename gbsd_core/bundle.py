@@ -17,6 +17,7 @@ import torch
 
 from .clip_text import CLIPTextConfig, CLIPTextEncoder
 from .ddim import DDIMScheduler
+from .errors import NonFiniteError
 from .family import Family
 from .openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
 from .params import ModelLimits
@@ -64,7 +65,11 @@ def check_parts_fit(unet: UNetConfig, vae: VAEConfig, text: TextConfig) -> None:
     vector = text.vector_dim if isinstance(text, SDXLConditionerConfig) else None
     if unet.adm_in_channels != vector:  # SDXL's pooled text + size embeddings, the UNet's label_emb input
         takes = f"a {unet.adm_in_channels}-wide vector y" if unet.adm_in_channels else "no vector y"
-        gives = f"a {vector}-wide one" if vector else "none"
+        gives = "none"
+        if isinstance(text, SDXLConditionerConfig):
+            values = (vector - text.openclip.embed_dim) // text.micro_dim
+            gives = (f"a {vector}-wide one (pooled {text.openclip.embed_dim} + {values} size values x "
+                     f"{text.micro_dim}, diffusers' addition_time_embed_dim)")
         problems.append(f"the unet takes {takes} but the text encoder gives {gives}")
     positions, vocab = min(t.context_length for t in towers), min(t.vocab_size for t in towers)
     if positions < CONTEXT_LENGTH:
@@ -74,6 +79,15 @@ def check_parts_fit(unet: UNetConfig, vae: VAEConfig, text: TextConfig) -> None:
                         f"up to {EOT_TOKEN_ID}")
     if problems:
         raise ValueError("the parts do not fit together: " + "; ".join(problems))
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """Raise NonFiniteError when `x` holds NaN or inf, counting them: a NaN latent decodes to black pixels (the cast
+    to uint8 makes NaN 0), so nothing may be made from it. One reduction over the tensor."""
+    if bool(torch.isfinite(x).all()):
+        return
+    nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+    raise NonFiniteError(f"{what} hold {nan} NaN and {inf} inf values (of {x.numel()}); no image is made from them")
 
 
 def model_limits(vae: VAEConfig, family: Family, native_size: int | None = None) -> ModelLimits:
@@ -132,7 +146,7 @@ class SDBundle:
         if negative and prompt == "" and self.family.force_zeros_for_empty_prompt:
             text = text.map(torch.zeros_like)
         values = torch.tensor([self.text_encoder.micro_values(size, negative)], device=text.context.device)
-        return text._replace(micro=micro_embedding(values))
+        return text._replace(micro=micro_embedding(values, self.text_encoder.config.micro_dim))
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -141,6 +155,7 @@ class SDBundle:
 
         z = latents.to(next(self.vae.parameters()).device) / self.vae.config.scale_factor  # 0.18215; SDXL 0.13025
         x = self.vae.decode(z).float()  # [B, 3, fh, fw] in about [-1, 1]
+        check_finite(x, "the VAE's decoded images")
         x = ((x + 1) / 2).clamp(0, 1)
         # round() as diffusers' numpy_to_pil; CompVis' scripts truncate, at most 1/255 darker
         arr = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -183,10 +198,18 @@ class SDBundle:
             "dtype": str(p.dtype).removeprefix("torch."),
             "vae_dtype": str(next(self.vae.parameters()).dtype).removeprefix("torch."),
             "device": str(p.device),
+            "noise_schedule": describe_schedule(self.scheduler),
             "parts": describe_parts(self.unet.config, self.vae.config, self.text_encoder.config),
             "parameters": parameters,
             "configs": {name: asdict(getattr(self, name).config) for name in COMPONENTS},
         }
+
+
+def describe_schedule(scheduler: DDIMScheduler) -> str:
+    """One line for `gbsd info`: the β schedule, T, zero terminal SNR, and the spacing the samplers run by default."""
+    ns = scheduler.noise_schedule
+    return (f"{ns.beta_schedule}, beta {ns.beta_start:g} to {ns.beta_end:g}, {ns.num_train_timesteps} timesteps"
+            + (", rescaled to zero terminal SNR" if ns.zero_terminal_snr else "") + f"; {scheduler.spacing} spacing")
 
 
 def _tower(config: CLIPTextConfig | OpenCLIPTextConfig) -> str:

@@ -3,7 +3,7 @@
 Notation (paper; `ldm` names in brackets)
 -----------------------------------------
     T          number of training timesteps, 1000                              [num_timesteps]
-    β_t        noise schedule, β_t = (linspace(√β_start, √β_end, T)_t)²,
+    β_t        noise schedule (noise_schedule.py), SD's: β_t = (linspace(√β_start, √β_end, T)_t)²,
                β_start = 0.00085, β_end = 0.012 ("scaled_linear" in diffusers) [make_beta_schedule("linear")]
     ᾱ_t        ∏_{s≤t} (1 − β_s), t = 0 … T−1                               [alphas_cumprod]
     x_t        the noisy latent at timestep t: x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε
@@ -23,6 +23,10 @@ Timesteps. CompVis `make_ddim_timesteps` takes every ⌊T/n⌋-th step and adds 
 right"): 50 steps visit 981, 961, …, 21, 1. The ᾱ_prev of the last step is ᾱ_0, not 1.0 (`make_ddim_sampling_parameters`
 prepends `alphacums[0]`), so the final x̂ is left at the t = 0 noise level, as the released SD models were sampled.
 This equals diffusers' DDIMScheduler with timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False.
+A zero-terminal-SNR schedule runs the trailing spacing instead (noise_schedule.py: 999, 979, …, 19 for 50 steps), as
+diffusers' DDIMScheduler with timestep_spacing="trailing": s = t − ⌊T/n⌋ again, which is the next visited timestep
+when n divides T and may be one off otherwise (3 steps: 999, 666, 332, and 666 steps to ᾱ_333); we keep diffusers'
+rule so that the two agree step for step.
 We run exactly n steps (diffusers' `arange(n) * (T // n) + 1`); CompVis' `range(0, T, T // n)` visits one more step when
 n does not divide T (7 steps → 8), which is the only place the two differ, and only for such n. n = T would start at
 t = T, past the end of ᾱ (both references fail there with an IndexError), so the full 1000-step schedule is refused;
@@ -38,8 +42,11 @@ by up to ~1e-6 relative from the float64 product. The per-step scalars (√ᾱ, 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
+
+from .noise_schedule import SD, SPACINGS, NoiseSchedule, leading_timesteps, trailing_timesteps
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 NUM_TRAIN_TIMESTEPS = 1000  # T of every SD1/SD2 schedule (`timesteps: 1000` in v1-inference.yaml / v2-inference.yaml)
@@ -58,8 +65,8 @@ def executed_steps(num_inference_steps: int, strength: float = 1.0,
         raise ValueError(f"num_inference_steps must be an int, got {n!r}")
     if not 1 <= n <= T:
         raise ValueError(f"num_inference_steps must be in [1, {T}], got {n}")
-    if not 0.0 < strength <= 1.0:  # also False for NaN
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")  # (NaN is not in it either)
     n_run = int(n * strength)
     if n_run == 0:
         raise ValueError(
@@ -74,25 +81,28 @@ class DDIMScheduler:
 
     Usage: `ts = sched.timesteps(50)` (this also fixes the step size `step()` uses), then for each `t` in `ts`:
     `x, x0 = sched.step(model_output, t, x, eta, generator)`.
+
+    `noise_schedule`: the model's β/ᾱ (SD's unless a diffusers folder says otherwise); `spacing`: which timesteps a
+    run visits, "leading" (CompVis') or "trailing"; None takes the schedule's own: trailing for a zero-terminal-SNR
+    schedule, whose sampling must start at t = T−1, leading otherwise.
     """
 
-    def __init__(
-        self,
-        prediction_type: str = "epsilon",
-        num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
-        linear_start: float = 0.00085,
-        linear_end: float = 0.012,
-    ) -> None:
+    def __init__(self, prediction_type: str = "epsilon", noise_schedule: NoiseSchedule = SD,
+                 spacing: str | None = None) -> None:
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
-        if num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
-        self.prediction_type = prediction_type
-        self.num_train_timesteps = num_train_timesteps
-        # ldm/modules/diffusionmodules/util.py make_beta_schedule("linear") is linear in √β, built in float64.
-        betas = torch.linspace(linear_start**0.5, linear_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-        # float64 cumprod, stored as float32 like CompVis' registered buffer.  [T]
-        self.alphas_cumprod: torch.Tensor = torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
+        if not isinstance(noise_schedule, NoiseSchedule):
+            raise ValueError(f"noise_schedule must be a NoiseSchedule, got {type(noise_schedule).__name__}")
+        if noise_schedule.zero_terminal_snr and prediction_type != "v_prediction":
+            # at ᾱ_{T−1} = 0, x̂_0 = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t divides by zero (noise_schedule.py)
+            raise ValueError("a zero-terminal-SNR schedule needs a v_prediction model: an epsilon model's x̂_0 "
+                             "divides by √ᾱ = 0 at the first step")
+        spacing = ("trailing" if noise_schedule.zero_terminal_snr else "leading") if spacing is None else spacing
+        if spacing not in SPACINGS:
+            raise ValueError(f"the ddim sampler runs the {' or '.join(SPACINGS)} spacing, got {spacing!r}")
+        self.prediction_type, self.noise_schedule, self.spacing = prediction_type, noise_schedule, spacing
+        self.num_train_timesteps = noise_schedule.num_train_timesteps
+        self.alphas_cumprod: torch.Tensor = noise_schedule.alphas_cumprod()  # float32 [T]
         # Set by timesteps(); step() needs it to find the previous timestep s = t - T // n.
         self.num_inference_steps: int | None = None
         self.run_timesteps: torch.Tensor | None = None  # the executed timesteps of the current run  [n_run]
@@ -109,8 +119,8 @@ class DDIMScheduler:
         """
         n, T = num_inference_steps, self.num_train_timesteps
         n_run = executed_steps(n, strength, T)
-        # CompVis adds 1 to every DDIM timestep (make_ddim_timesteps), so the last step is t = 1.
-        full = torch.arange(n - 1, -1, -1, dtype=torch.long) * (T // n) + 1  # [n], descending
+        # leading: CompVis adds 1 to every DDIM timestep (make_ddim_timesteps), so the last step is t = 1
+        full = (leading_timesteps if self.spacing == "leading" else trailing_timesteps)(n, T)  # [n], descending
         run = full[n - n_run:]
         if int(run[0]) >= T:
             # Only n = T gets here: its first timestep is T itself, past the end of ᾱ. CompVis and diffusers build the
@@ -122,7 +132,8 @@ class DDIMScheduler:
         self.num_inference_steps = n
         self.run_timesteps = run
         # The run in σ terms (samplers.py): σ_t = √((1−ᾱ_t)/ᾱ_t) of each executed step, then of the ᾱ_prev the last
-        # step lands on (ᾱ_0, see above). Recorded for the StepStates; DDIM's update does not use them.
+        # step lands on (ᾱ_0, see above). Recorded for the StepStates; DDIM's update does not use them (the first
+        # step of a zero-terminal-SNR run is at σ = inf).
         a = self.alphas_cumprod[torch.cat([run, torch.zeros(1, dtype=torch.long)])].double()
         self.sigmas = ((1.0 - a) / a).sqrt()
         return run
@@ -189,11 +200,12 @@ class DDIMScheduler:
         a_prev = self._alpha_prev(t)
         sigma = self.sigma(t, eta)
         eps, x0 = self.to_eps_x0(model_output, t, sample)
-        # For η ≤ 1, 1 − ᾱ_prev − σ² ≥ (1−ᾱ_prev)² ᾱ_t / (ᾱ_prev (1−ᾱ_t)) > 0; a larger η can make it negative.
+        # For η ≤ 1, 1 − ᾱ_prev − σ² ≥ (1−ᾱ_prev)² ᾱ_t / (ᾱ_prev (1−ᾱ_t)) ≥ 0 (= 0 at ᾱ_t = 0, zero terminal SNR,
+        # where rounding may leave −1e-17); a larger η can make it negative.
         dir_var = 1.0 - a_prev - sigma**2
-        if dir_var < 0:
+        if dir_var < -1e-12:
             raise ValueError(f"eta={eta} is too large at t={t}: 1 - alpha_prev - sigma^2 = {dir_var:.3g} < 0")
-        dir_coef = math.sqrt(dir_var)
+        dir_coef = math.sqrt(max(dir_var, 0.0))
         x_prev = math.sqrt(a_prev) * x0 + dir_coef * eps
         if sigma > 0:
             if noise is None:
@@ -224,7 +236,6 @@ class DDIMScheduler:
     # and the σ samplers alike. Each is a one-line view of the methods above: nothing numerical happens here.
     name = "ddim"
     schedule = "normal"  # DDIM runs CompVis' own timesteps; Karras σ are for the σ samplers
-    spacing = "leading"  # CompVis' spacing is diffusers' "leading" with steps_offset=1
 
     def _t(self, i: int) -> int:
         if self.run_timesteps is None:

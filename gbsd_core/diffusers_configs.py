@@ -2,7 +2,7 @@
 (diffusers_layout.py maps the names).
 
 What shapes cannot say -- head counts, the MLP width of small towers, the VAE's scaling factor, the width of SDXL's
-vector y -- comes from the config. Every option our modules do not have must keep SD's value, or the folder is
+vector y, the noise schedule -- comes from the config. Every option our modules do not have must keep SD's value, or the folder is
 refused naming the option (`UNET_FIXED`, `VAE_FIXED`, `TEXT_FIXED`); a value of the wrong type is refused too, so a
 config.json is checked strictly before any weights are read. Defaults are the diffusers / transformers defaults a
 missing key means.
@@ -15,10 +15,10 @@ from types import MappingProxyType
 from typing import Any
 
 from .clip_text import CLIPTextConfig
+from .noise_schedule import NoiseSchedule
 from .openclip_text import OpenCLIPTextConfig
-from .sdxl_conditioner import MICRO_DIM
 from .unet import UNetConfig
-from .vae import VAEConfig
+from .vae import VAEConfig, check_scale_factor
 
 # Options of diffusers' UNet2DConditionModel that gbsd's UNet (openaimodel's, as SD uses it) does not have: a folder
 # may state them only with SD's value (absent means diffusers' default, which is SD's).
@@ -26,14 +26,20 @@ UNET_FIXED: Mapping[str, Any] = MappingProxyType({
     "norm_num_groups": 32, "norm_eps": 1e-5, "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0,
     "downsample_padding": 1, "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
     "class_embed_type": None, "num_class_embeds": None, "time_embedding_type": "positional",
-    "time_embedding_dim": None, "time_embedding_act_fn": None,
+    "time_embedding_act_fn": None,
     "timestep_post_act": None, "time_cond_proj_dim": None, "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "dual_cross_attention": False,
     "encoder_hid_dim": None, "encoder_hid_dim_type": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
     "attention_type": "default", "cross_attention_norm": None, "class_embeddings_concat": False,
     "reverse_transformer_layers_per_block": None,
+    "mid_block_scale_factor": 1,  # diffusers divides the middle ResBlocks' output by it; sgm's ResBlock does not
     # SDXL's "text_time" added embedding is sgm's label_emb: checked by _added_embedding
 })
+# Reviewed and left fixed: sgm's openaimodel could also build resnet_time_scale_shift "scale_shift"
+# (use_scale_shift_norm), only_cross_attention (disable_self_attentions), per-level layers_per_block and
+# num_class_embeds (class labels, which no SD pipeline passes), but no SD1/SD2/SDXL model uses them, and building them
+# would put branches on the core's plain SD path. Built where diffusers accepts a value sgm builds: any
+# addition_time_embed_dim, time_embedding_dim stated as its default.
 # AutoencoderKL options with no counterpart in CompVis' KL autoencoder (SD3/Flux VAEs set the shift and drop the
 # quant convs).
 VAE_FIXED: Mapping[str, Any] = MappingProxyType({
@@ -41,6 +47,29 @@ VAE_FIXED: Mapping[str, Any] = MappingProxyType({
     "mid_block_add_attention": True, "latents_mean": None, "latents_std": None,
 })
 TEXT_FIXED: Mapping[str, Any] = MappingProxyType({"layer_norm_eps": 1e-5})
+
+# Options the diffusers / transformers classes take that decide nothing gbsd builds or runs, and why; every other
+# option is translated above or must keep SD's value (tests/test_diffusers_layout_sdxl.py holds these lists against
+# the classes' own signatures, so an option a new diffusers version adds is reviewed, not silently dropped).
+UNET_NOT_READ: Mapping[str, str] = MappingProxyType({
+    "dropout": "inference runs without dropout",
+    "addition_embed_type_num_heads": "used by the 'text' added embedding only; gbsd builds 'text_time' alone",
+    "mid_block_only_cross_attention": "read by UNetMidBlock2DSimpleCrossAttn only; SD's mid block type is fixed",
+})
+VAE_NOT_READ: Mapping[str, str] = MappingProxyType({
+    "force_upcast": "a precision hint: gbsd decodes in fp32 unless asked (FastOptions.vae_dtype)",
+    "sample_size": "the tile size of diffusers' tiled decode",
+})
+TEXT_NOT_READ: Mapping[str, str] = MappingProxyType({
+    **{key: "transformers' bookkeeping and runtime switches (PretrainedConfig)" for key in (
+        "transformers_version", "architectures", "output_hidden_states", "return_dict", "dtype",
+        "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type")},
+    "attention_dropout": "inference runs without dropout",
+    "initializer_range": "initialisation only", "initializer_factor": "initialisation only",
+    **{key: "the tokenizer's ids: gbsd tokenizes with CLIP's BPE (start 49406, end 49407)" for key in (
+        "pad_token_id", "bos_token_id", "eos_token_id")},
+    "projection_dim": "a CLIPTextModel has no projection (read for text_encoder_2, bigG's pooled vector)",
+})
 
 
 def _fixed(cfg: Mapping[str, Any], table: Mapping[str, Any]) -> None:
@@ -126,6 +155,10 @@ def unet_config(cfg: Mapping[str, Any]) -> UNetConfig:
         raise ValueError(f"{heads_key} {list(heads)}: head counts that are neither the same on every level nor of "
                          "the same width are not what SD's UNet builds")
     depths = _ints(cfg, "transformer_layers_per_block", 1, levels)
+    time_dim = cfg.get("time_embedding_dim")
+    if time_dim is not None and time_dim != 4 * mc:  # None: diffusers' default, 4 x block_out_channels[0], as sgm's
+        raise ValueError(f"time_embedding_dim is {time_dim!r}; SD's UNet embeds the timestep in 4 x "
+                         f"block_out_channels[0] = {4 * mc} channels")
     return UNetConfig(
         in_channels=_int(cfg, "in_channels", 4), out_channels=_int(cfg, "out_channels", 4), model_channels=mc,
         channel_mult=tuple(c // mc for c in channels),
@@ -144,8 +177,9 @@ def _added_embedding(cfg: Mapping[str, Any]) -> int | None:
     """The width of SDXL's vector y (UNetConfig.adm_in_channels), or None for SD1/SD2.
 
     diffusers' `addition_embed_type: "text_time"` is sgm's label embedding of y = [pooled text ; size embeddings]:
-    each size value goes through a 256-wide sinusoid (`addition_time_embed_dim`, ConcatTimestepEmbedderND's fixed
-    outdim 256 in gbsd, sdxl_conditioner.MICRO_DIM), and `projection_class_embeddings_input_dim` is the width of y.
+    each size value goes through a sinusoid `addition_time_embed_dim` wide (ConcatTimestepEmbedderND's outdim, 256 in
+    SDXL 1.0; `unet_micro_dim` hands it to the conditioner), and `projection_class_embeddings_input_dim` is the width
+    of y (that the two agree with the text encoder is bundle.check_parts_fit's).
     """
     kind, time_dim = cfg.get("addition_embed_type"), cfg.get("addition_time_embed_dim")
     width = cfg.get("projection_class_embeddings_input_dim")
@@ -157,13 +191,17 @@ def _added_embedding(cfg: Mapping[str, Any]) -> int | None:
         return None
     if kind != "text_time":
         raise ValueError(f"addition_embed_type is {kind!r}; gbsd builds SD's UNet (none) and SDXL's ('text_time')")
-    if time_dim != MICRO_DIM:
-        raise ValueError(f"addition_time_embed_dim is {time_dim!r}; SDXL embeds each size value in {MICRO_DIM} "
-                         "channels")
+    _int(cfg, "addition_time_embed_dim", None)
     if width is None:
         raise ValueError("addition_embed_type 'text_time' needs projection_class_embeddings_input_dim (the width of "
                          "the pooled text and size embeddings)")
     return _int(cfg, "projection_class_embeddings_input_dim", 0)
+
+
+def unet_micro_dim(cfg: Mapping[str, Any]) -> int | None:
+    """SDXL's micro-conditioning width (addition_time_embed_dim) of a "text_time" UNet config (checked by
+    `unet_config`), None for SD1/SD2."""
+    return cfg["addition_time_embed_dim"] if cfg.get("addition_embed_type") == "text_time" else None
 
 
 def unet_sample_size(cfg: Mapping[str, Any]) -> int | None:
@@ -189,6 +227,7 @@ def vae_config(cfg: Mapping[str, Any]) -> VAEConfig:
     scale = cfg.get("scaling_factor", 0.18215)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scaling_factor must be a positive number, got {scale!r}")
+    check_scale_factor(scale, "scaling_factor")
     latent = _int(cfg, "latent_channels", 4)
     return VAEConfig(ch=ch, ch_mult=tuple(c // ch for c in channels), num_res_blocks=_int(cfg, "layers_per_block", 1),
                      z_channels=latent, embed_dim=latent, in_channels=_int(cfg, "in_channels", 3),
@@ -242,3 +281,72 @@ def bigg_config(cfg: Mapping[str, Any]) -> OpenCLIPTextConfig:
         raise ValueError(f"hidden_act is {act!r}; SDXL's text_encoder_2 is OpenCLIP ViT-bigG (exact gelu)")
     return OpenCLIPTextConfig(**common, embed_dim=_int(cfg, "projection_dim", 512), penultimate=True,
                               has_projection=True, has_logit_scale=False)
+
+
+# ------------------------------------------------------------------------------ scheduler/scheduler_config.json
+# The diffusers schedulers of the DDPM family: each builds its noise schedule (β, ᾱ) from the SCHEDULE keys below
+# and runs its own sampler on it. gbsd builds the schedule (noise_schedule.NoiseSchedule) and runs its own samplers
+# (--sampler), so which class a folder ships (PNDM for SD1.5, DDIM for SD2, Euler for SDXL) is not read; another
+# class describes another kind of model (EDM's continuous σ, flow matching) and is refused.
+DDPM_SCHEDULERS = frozenset({
+    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+    "DPMSolverSDEScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler", "SASolverScheduler",
+    "LCMScheduler", "TCDScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler",
+})
+# What the model was trained with: built (beta_schedule "linear" or "scaled_linear"), or refused by name.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "rescale_betas_zero_snr",
+                 "prediction_type", "trained_betas")
+# The shipped sampler's own run -- its timesteps (timestep_spacing, steps_offset), its σ spacing (Karras, ...), its
+# solver, its last step (set_alpha_to_one, final_sigmas_type), its clipping range -- which gbsd's samplers choose for
+# themselves (--sampler, --schedule; the spacing is SD's leading one, or trailing on a zero-terminal-SNR schedule,
+# which must start at t = T-1 whatever the folder says). Not read.
+SAMPLER_OPTIONS = frozenset({
+    "timestep_spacing", "steps_offset", "set_alpha_to_one", "skip_prk_steps", "interpolation_type",
+    "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "sigma_min", "sigma_max",
+    "final_sigmas_type", "lambda_min_clipped", "lower_order_final", "euler_at_final", "solver_order", "solver_type",
+    "algorithm_type", "predict_x0", "disable_corrector", "solver_p", "predictor_order", "corrector_order", "tau_func",
+    "original_inference_steps", "timestep_scaling", "noise_sampler_seed", "clip_sample_range",
+    "dynamic_thresholding_ratio", "sample_max_value", "variance_type",
+    "flow_shift", "shift_terminal", "time_shift_type",  # used only with use_flow_sigmas / use_dynamic_shifting
+})
+# Options that would make x̂_0 or the model's parameterisation something no gbsd sampler computes: only their off
+# value (diffusers' default for SD) is accepted.
+SCHEDULER_FIXED: Mapping[str, Any] = MappingProxyType({
+    "clip_sample": False,  # clipping x̂_0 to [-1, 1] (pixel-space DDPM); SD's latents leave that range
+    "thresholding": False,  # Imagen's dynamic thresholding of x̂_0, also for pixel models
+    "timestep_type": "discrete",  # "continuous": the UNet takes 0.25·log σ as its time (EDM-trained v-models)
+    "use_flow_sigmas": False, "use_dynamic_shifting": False,  # flow matching: another kind of model
+})
+LEARNED_VARIANCE = ("learned", "learned_range")  # the model predicts its variance too (more output channels)
+
+
+def scheduler_config(cfg: Mapping[str, Any]) -> NoiseSchedule:
+    """diffusers scheduler_config.json -> the NoiseSchedule it declares (defaults: diffusers', a missing beta_schedule
+    is "linear" 1e-4..0.02). Every key is a schedule key (built or refused by name), an option of the shipped
+    sampler (not read), a fixed option, or private (`_class_name`, `_diffusers_version`); any other key is refused,
+    since gbsd cannot tell whether it changes the schedule."""
+    name = cfg.get("_class_name")
+    if name is not None and name not in DDPM_SCHEDULERS:
+        raise ValueError(f"_class_name {name!r} is not a scheduler of a DDPM noise schedule (beta_schedule, "
+                         "num_train_timesteps), the kind of model gbsd samples")
+    unknown = sorted(k for k in cfg if not k.startswith("_")
+                     and k not in (*SCHEDULE_KEYS, *SAMPLER_OPTIONS, *SCHEDULER_FIXED))
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is not a scheduler option gbsd knows; it may change the noise schedule, "
+                         "so the folder is refused")
+    if cfg.get("trained_betas") is not None:
+        raise ValueError("trained_betas (an explicit list of betas) is not built by gbsd; it builds beta_schedule "
+                         "'linear' and 'scaled_linear'")
+    _fixed(cfg, SCHEDULER_FIXED)
+    if cfg.get("variance_type") in LEARNED_VARIANCE:
+        raise ValueError(f"variance_type is {cfg['variance_type']!r}: a model that predicts its variance, not SD")
+    zero_snr = _flag(cfg, "rescale_betas_zero_snr", False)
+    if zero_snr and cfg.get("prediction_type", "epsilon") != "v_prediction":
+        raise ValueError(f"rescale_betas_zero_snr is true with prediction_type {cfg.get('prediction_type', 'epsilon')!r}"
+                         ": at zero SNR an epsilon model's x̂_0 divides by √ᾱ = 0; zero-SNR models predict v "
+                         "(Lin et al. 2023)")
+    return NoiseSchedule(num_train_timesteps=cfg.get("num_train_timesteps", 1000),
+                         beta_start=cfg.get("beta_start", 0.0001), beta_end=cfg.get("beta_end", 0.02),
+                         beta_schedule=cfg.get("beta_schedule", "linear"), zero_terminal_snr=zero_snr)

@@ -29,7 +29,7 @@ import math
 
 from torch import Tensor
 
-from .sigmas import SigmaSampler, dpm_linspace_spacing, dpm_multistep_spacing
+from .sigmas import SigmaSampler, dpm_linspace_spacing, dpm_multistep_spacing, dpm_trailing_spacing
 
 
 class DPMPP2MSampler(SigmaSampler):
@@ -38,6 +38,7 @@ class DPMPP2MSampler(SigmaSampler):
     name = "dpmpp_2m"
     leading_spacing = staticmethod(dpm_multistep_spacing)
     linspace_spacing = staticmethod(dpm_linspace_spacing)
+    trailing_spacing = staticmethod(dpm_trailing_spacing)
     # diffusers' DPM-Solver works on the VP latent (`init_noise_sigma` = 1) whatever its spacing; k-diffusion's on x
     ve_start_spacings = ("k-diffusion",)
 

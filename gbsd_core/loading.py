@@ -28,12 +28,15 @@ import torch
 from torch import nn
 
 from . import diffusers_configs, diffusers_layout
+from .block_counts import check_block_counts
 from .bundle import COMPONENTS, SDBundle, check_parts_fit, model_limits
 from .clip_text import CLIPTextConfig, CLIPTextEncoder
 from .ddim import DDIMScheduler
 from .family import Family, detect, family_by_name
+from .noise_schedule import SD as SD_NOISE_SCHEDULE
+from .noise_schedule import NoiseSchedule
 from .openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
-from .params import ModelLimits
+from .params import ModelLimits, check_device, check_dtype
 from .readers import (
     CheckpointError,
     check_regular_file,
@@ -43,7 +46,7 @@ from .readers import (
     read_safetensors,
     read_weights_file,
 )
-from .sdxl_conditioner import SDXLConditioner, SDXLConditionerConfig
+from .sdxl_conditioner import MICRO_DIM, SDXLConditioner, SDXLConditionerConfig
 from .unet import UNetConfig, UNetModel, unet_config_from_state_dict
 from .vae import AutoencoderKL, VAEConfig
 
@@ -104,6 +107,9 @@ class RawCheckpoint:
     # (for SDXL the towers' own: "text_encoder" is CLIP-L's, "text_encoder_2" bigG's).
     configs: dict[str, object] = field(default_factory=dict)
     native_size: int | None = None  # a diffusers folder's unet sample_size x its VAE factor
+    micro_dim: int | None = None  # an SDXL folder's micro-conditioning width (unet addition_time_embed_dim)
+    # A diffusers folder's scheduler_config.json, built (diffusers_configs.scheduler_config); single files: SD's
+    noise_schedule: NoiseSchedule = SD_NOISE_SCHEDULE
 
 
 def _present(path: Path) -> bool:
@@ -115,7 +121,7 @@ def _read_diffusers(folder: Path) -> RawCheckpoint:
     its config.json when present (checked, translated), and its names mapped into the original layout."""
     sd: dict[str, torch.Tensor] = {}
     configs: dict[str, object] = {}
-    sample_size = None
+    sample_size = micro_dim = None
 
     def weights_of(name: str, part: diffusers_layout.DiffusersPart) -> Path | None:
         return next((folder / name / c for c in part.weights if _present(folder / name / c)), None)
@@ -139,6 +145,7 @@ def _read_diffusers(folder: Path) -> RawCheckpoint:
             configs[name] = config
             if name == "unet":
                 sample_size = diffusers_configs.unet_sample_size(raw)
+                micro_dim = diffusers_configs.unet_micro_dim(raw)
         try:
             converted = diffusers_layout.apply_plan(part.plan(tensors, config), tensors)
         except KeyError as e:
@@ -146,12 +153,19 @@ def _read_diffusers(folder: Path) -> RawCheckpoint:
         sd.update({part.prefix + k: t for k, t in converted.items()})
 
     sched = folder / "scheduler" / "scheduler_config.json"
-    prediction_type = read_json_object(sched).get("prediction_type") if _present(sched) else None
-    if prediction_type is not None and not isinstance(prediction_type, str):
-        raise CheckpointError(f"{sched}: prediction_type must be a string, got {prediction_type!r}")
+    prediction_type, noise_schedule = None, SD_NOISE_SCHEDULE  # no scheduler config: SD's, as for single files
+    if _present(sched):
+        raw = read_json_object(sched)
+        prediction_type = raw.get("prediction_type")
+        if prediction_type is not None and not isinstance(prediction_type, str):
+            raise CheckpointError(f"{sched}: prediction_type must be a string, got {prediction_type!r}")
+        try:
+            noise_schedule = diffusers_configs.scheduler_config(raw)
+        except ValueError as e:
+            raise CheckpointError(f"{sched}: {e}") from None
     vae = configs.get("vae")
     native = sample_size * vae.downsample_factor if sample_size and isinstance(vae, VAEConfig) else None
-    return RawCheckpoint(sd, "diffusers", prediction_type, configs, native)
+    return RawCheckpoint(sd, "diffusers", prediction_type, configs, native, micro_dim, noise_schedule)
 
 
 def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
@@ -318,9 +332,15 @@ class Checkpoint:
     configs: Mapping[str, object]  # the same keys: UNetConfig, VAEConfig, and the text encoder's config
     native_size: int | None = None  # a diffusers folder's own default size; None: the family's
     prefixes: Mapping[str, str] = field(default_factory=lambda: dict(PREFIXES))  # SDXL: SDXL_PREFIXES
+    noise_schedule: NoiseSchedule = SD_NOISE_SCHEDULE  # a diffusers folder's scheduler config; else SD's
 
     def limits(self) -> ModelLimits:
         return model_limits(self.configs["vae"], self.family, self.native_size)  # type: ignore[arg-type]
+
+    def scheduler(self) -> DDIMScheduler:
+        """The model's DDIM on its noise schedule and prediction type (what `build` gives the bundle), for the
+        checks that need the model's timesteps before any weights load (params.check_schedule)."""
+        return DDIMScheduler(self.family.prediction_type, self.noise_schedule)
 
 
 def _configs(raw: RawCheckpoint, parts: Mapping[str, Mapping[str, torch.Tensor]], fam: Family, path: Path,
@@ -362,13 +382,16 @@ def _conditioner_config(raw: RawCheckpoint, sd: Mapping[str, torch.Tensor], fam:
     base = fam.text_encoder == "sdxl-clip+openclip"  # else the refiner: bigG alone, as embedders.0
     clip = (raw.configs.get("text_encoder") or tower(0, CLIPTextConfig.from_state_dict)) if base else None
     bigg = raw.configs.get("text_encoder_2") or tower(1 if base else 0, OpenCLIPTextConfig.from_state_dict)
-    return SDXLConditionerConfig.from_towers(clip, bigg)  # type: ignore[arg-type]
+    # the size sinusoids' width: the folder's UNet config says it (sgm's files: 256, ConcatTimestepEmbedderND's)
+    return SDXLConditionerConfig.from_towers(clip, bigg, raw.micro_dim or MICRO_DIM)  # type: ignore[arg-type]
 
 
 def inspect_checkpoint(path: str | os.PathLike, family: str | Family | None = None) -> Checkpoint:
     """Read and check a checkpoint without using its weights' values: what the files are, the family, each part's
     config (a diffusers folder's config.json, else inferred from shapes), each part strictly against its config,
     and the parts against each other. Raises CheckpointError (FileNotFoundError for a missing path)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a file or folder name (str or os.PathLike), got {type(path).__name__}")
     path = Path(path)
     raw = read_checkpoint(path)
     prefixes = prefixes_of(raw.state_dict)
@@ -379,14 +402,27 @@ def inspect_checkpoint(path: str | os.PathLike, family: str | Family | None = No
         fam = detect(raw.state_dict.keys(), path, override=family, prediction_type=raw.prediction_type)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
+    if raw.native_size is not None and raw.native_size > fam.max_size:
+        # the size a run without one renders (gbsd info shows it): beyond what the family renders, no run could use it
+        raise CheckpointError(f"{path / 'unet' / 'config.json'}: sample_size gives a native image side of "
+                              f"{raw.native_size} pixels, larger than {fam.max_size}, the largest side gbsd renders "
+                              f"with the {fam.name} family")
     configs = _configs(raw, parts, fam, path, prefixes)
     try:
         check_parts_fit(configs["unet"], configs["vae"], configs["text_encoder"])  # type: ignore[arg-type]
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     for name, cfg in configs.items():
+        try:  # the counts first: building a config's million layers would take hours (block_counts.py)
+            check_block_counts(cfg, parts[name])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: the {name} {e}") from None
         check_strict(name, _meta_module(name, _module_class(name, cfg), cfg, path), parts[name], path, prefixes)
-    return Checkpoint(path, fam, parts, configs, raw.native_size, prefixes)
+    try:
+        DDIMScheduler(fam.prediction_type, raw.noise_schedule)  # e.g. zero terminal SNR with --family of an eps model
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return Checkpoint(path, fam, parts, configs, raw.native_size, prefixes, raw.noise_schedule)
 
 
 def build(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -394,12 +430,15 @@ def build(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device: st
     """The SDBundle of an inspected checkpoint: tensors converted, checked finite, assigned (see `load`)."""
     from .tokenizer import Tokenizer
 
+    if not isinstance(checkpoint, Checkpoint):
+        raise ValueError(f"checkpoint must be a Checkpoint (inspect_checkpoint(path)), got {type(checkpoint).__name__}")
+    device = _check_target(dtype, device, vae_dtype)
     c = checkpoint
     modules = {name: build_module(name, _module_class(name, cfg), cfg, c.parts[name],
                                   vae_dtype if name == "vae" else dtype, device, c.path, c.prefixes)
                for name, cfg in c.configs.items()}
     return SDBundle(**modules, tokenizer=Tokenizer(pad_token_id=c.family.pad_token_id),  # type: ignore[arg-type]
-                    scheduler=DDIMScheduler(prediction_type=c.family.prediction_type), family=c.family, path=c.path,
+                    scheduler=c.scheduler(), family=c.family, path=c.path,
                     native_size=c.native_size)
 
 
@@ -412,7 +451,16 @@ def load(path: str | os.PathLike, family: str | Family | None = None, dtype: tor
     the UNet's and the text encoder's; the VAE stays in `vae_dtype`, fp32 by default, because the SD decoder's
     activations overflow fp16 (diffusers' `force_upcast` for the same reason).
     """
+    _check_target(dtype, device, vae_dtype)  # before any file is read
     return build(inspect_checkpoint(path, family), dtype, device, vae_dtype)
+
+
+def _check_target(dtype: object, device: object, vae_dtype: object) -> torch.device:
+    """The dtypes and the device a model is loaded into (params.check_dtype / check_device: floating-point dtypes; a
+    device this machine has, never the meta device, which holds no data)."""
+    check_dtype("dtype", dtype)
+    check_dtype("vae_dtype", vae_dtype)
+    return check_device(device)
 
 
 # ================================================================================================================
@@ -436,6 +484,9 @@ def save_single_file(src: SDBundle | Mapping[str, nn.Module], path: str | os.Pat
     unknown = set(modules) - set(PREFIXES)
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}; expected a subset of {list(PREFIXES)}")
+    if isinstance(src, SDBundle) and src.scheduler.noise_schedule != SD_NOISE_SCHEDULE:
+        raise ValueError(f"this model's noise schedule ({src.scheduler.noise_schedule}) is not SD's, and a single file "
+                         "has no place for it: it would load as SD's schedule; keep the diffusers folder")
     te = modules.get("text_encoder")
     prefixes = SDXL_PREFIXES if isinstance(te, SDXLConditioner) else PREFIXES
     if isinstance(te, OpenCLIPTextEncoder) and not te.config.penultimate:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any
 
+import torch
+
 from .ddim import NUM_TRAIN_TIMESTEPS, DDIMScheduler
 from .family import FAMILIES
 from .samplers import SAMPLERS, make_sampler
@@ -144,11 +146,14 @@ def check_together(p: GenerationParams) -> None:
         raise ValueError(f"eta is DDIM's η; sampler {p.sampler!r} takes eta=0 (euler_a is ancestral, η = 1)")
 
 
-def check_schedule(p: GenerationParams, img2img: bool) -> int:
-    """The number of steps the run `p` asks for executes, by the sampler's own schedule (built on SD's ᾱ, which every
-    family shares), so this check and the run cannot disagree: ValueError where the schedule cannot run it (DDIM at
-    1000 steps; no step left at this strength)."""
-    return len(make_sampler(DDIMScheduler(), p.sampler, p.schedule).timesteps(p.steps, p.strength if img2img else 1.0))
+def check_schedule(p: GenerationParams, img2img: bool, scheduler: DDIMScheduler | None = None,
+                   spacing: str | None = None) -> int:
+    """The number of steps the run `p` asks for executes, by the sampler's own schedule: on `scheduler`'s noise
+    schedule (the model's: `Checkpoint.scheduler()`, `SDBundle.scheduler`; None: SD's), with its actual `spacing`
+    (None: the model's own), so this check and the run cannot disagree: ValueError where the schedule cannot run it
+    (DDIM at 1000 leading steps; a spacing whose steps would not descend; no step left at this strength)."""
+    sampler = make_sampler(DDIMScheduler() if scheduler is None else scheduler, p.sampler, p.schedule, spacing)
+    return len(sampler.timesteps(p.steps, p.strength if img2img else 1.0))
 
 
 def check_field(name: str, value: Any) -> Any:
@@ -190,6 +195,41 @@ class GenerationParams:
         for f in fields(self):
             check_field(f.name, getattr(self, f.name))
         check_together(self)
+
+
+# ------------------------------------------------------------------------------------- where and how it runs
+# The dtypes a model may be loaded in: the floating-point ones its weights convert to (readers.FLOAT_DTYPES).
+LOAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_dtype(name: str, dtype: Any) -> torch.dtype:
+    """`dtype` (of `name`: "dtype", "vae_dtype") if a model can run in it, else ValueError."""
+    if not isinstance(dtype, torch.dtype) or dtype not in LOAD_DTYPES:
+        shown = ", ".join(f"torch.{str(d).removeprefix('torch.')}" for d in LOAD_DTYPES)
+        raise ValueError(f"{name} must be one of {shown}, got {_show(dtype)}")
+    return dtype
+
+
+def check_device(device: Any) -> torch.device:
+    """A device this machine has and gbsd runs on (cpu, cuda[:N], mps), as a torch.device; ValueError otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:0, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {device}: Apple's Metal (MPS) is not available on this machine")
+    elif dev.type == "meta":
+        raise ValueError(f"device {device}: the meta device holds no data, so no weights can be loaded onto it "
+                         "(gbsd runs on cpu, cuda or mps)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device}: gbsd runs on cpu, cuda or mps, not {dev.type}")
+    return dev
 
 
 # ------------------------------------------------------------------------------------------ what the model says

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch import Tensor
 
+from .bundle import SDBundle, check_finite
 from .images import to_rgb
 from .params import GenerationParams, image_size
 from .samplers import Sampler, make_sampler
@@ -46,9 +46,6 @@ from .sampling import (
     gbsd_stages,
     layout_steps,
 )
-
-if TYPE_CHECKING:
-    from .bundle import SDBundle
 
 LAYOUT_WARN_BELOW = 0.7  # the paper: with σ < 0.7 the focus prompt starts re-arranging the scene ("objects mix")
 
@@ -70,6 +67,28 @@ def resolve_size(bundle: SDBundle, params: GenerationParams, init_image: Image.I
     """(width, height): explicit, else the input image's size (img2img), else the model's native size; a multiple of
     the VAE's factor and within the family's largest size (`params.image_size` with `bundle.limits()`)."""
     return image_size(params, bundle.limits(), init_image.size if init_image is not None else None)
+
+
+# The members each pluggable argument must have (sampling.py's protocols), checked where the API is entered.
+_PROTOCOLS = {"stepper": ("Stepper", ("scheduler", "set_context", "step")), "probe": ("Probe", ("wrap",)),
+              "watch": ("Watcher", ("watch",))}
+
+
+def check_run_args(bundle: object, params: object, **pluggable: object) -> None:
+    """The entry check of `generate`, `sweep` and the rack focus: each argument is what it must be before anything
+    reads it, so a wrong one is a ValueError naming it, never an AttributeError from deep inside the run.
+    `pluggable`: stepper=, probe=, watch= (None, or an object with the members of its sampling.py protocol)."""
+    from .bundle import SDBundle
+
+    if not isinstance(bundle, SDBundle):
+        raise ValueError(f"bundle must be an SDBundle (gbsd_core.load(path)), got {type(bundle).__name__}")
+    if not isinstance(params, GenerationParams):
+        raise ValueError(f"params must be a GenerationParams, got {type(params).__name__}")
+    for name, value in pluggable.items():
+        protocol, members = _PROTOCOLS[name]
+        if value is not None and not all(hasattr(value, m) for m in members):
+            raise ValueError(f"{name} must be a sampling.{protocol} (with {', '.join(members)}), got "
+                             f"{type(value).__name__}")
 
 
 def _check_inputs(init_image: object, x_T: object) -> None:
@@ -121,8 +140,6 @@ def _sampler(bundle: SDBundle, params: GenerationParams, stepper: Stepper | None
 def _start(bundle: SDBundle, params: GenerationParams, local_prompts: Sequence[str],
            init_image: Image.Image | None, x_T: Tensor | None, stepper: Stepper | None) -> _Start:
     """Check, sampler, size, timesteps, embeddings (one text-encoder call per prompt), then the start latents."""
-    if not isinstance(params, GenerationParams):
-        raise ValueError(f"params must be a GenerationParams, got {type(params).__name__}")
     _check_inputs(init_image, x_T)
     if init_image is not None:
         init_image = to_rgb(init_image)  # 16-bit scaled, transparency flattened; no white level: ValueError here
@@ -188,6 +205,7 @@ def _denoise(bundle: SDBundle, params: GenerationParams, start: _Start, stages: 
         for state in states:
             latents = state.latents
             unet_calls += latents.shape[0]  # one UNet evaluation per row (the CFG pair counts once)
+    check_finite(latents, "the sampler's final latents")  # e.g. an fp16 overflow in the UNet
     return latents, unet_calls
 
 
@@ -210,6 +228,7 @@ def generate(
     `gbsd_core.fast.make_stepper(bundle, options, params.cfg, params.eta, params.sampler, params.schedule)`).
     `watch`: sees every step's state on the way, e.g. gbsd_core.bokeh.trace.Tracer (the x̂_0 filmstrip).
     """
+    check_run_args(bundle, params, stepper=stepper, probe=probe, watch=watch)
     local_prompts = [p for p in (params.focus, params.focus_to) if p is not None]
     start = _start(bundle, params, local_prompts, init_image, x_T, stepper)
     n = len(start.timesteps)
@@ -249,6 +268,7 @@ def sweep(
     (a rack focus, gbsd_core/bokeh/rack.py); default [params.focus_mix].
     Results are ordered focus-prompt-major, then α, then mix: [(f0, α0, m0), (f0, α0, m1), …, (f0, α1, m0), …].
     """
+    check_run_args(bundle, params, stepper=stepper, probe=probe)
     for name, given in (("alphas", alphas), ("focus_prompts", focus_prompts), ("mixes", mixes)):
         if given is not None and (isinstance(given, (str, bytes)) or not isinstance(given, Sequence)):
             raise ValueError(f"{name} must be a list, got {type(given).__name__}")

@@ -12,8 +12,9 @@ All four call the UNet once per step, so a 20-step run costs 20 UNet evaluations
 is one batched call on [uncond; cond]); 20–25 steps of DPM++ 2M or Euler look like 50 of DDIM. The σ samplers take a
 `schedule`, "normal" or "karras", and a `spacing`: "leading" (the default: diffusers with `timestep_spacing=
 "leading"`, SDXL's shipped config, CompVis' DDIM spacing), "linspace" (diffusers' class default, what a `from_config`
-swap on SD1.5's shipped config gets) or "k-diffusion" (A1111's); sigmas.py explains them, and the σ-space
-denoiser D(x; σ) = c_skip·x + c_out·F they share.
+swap on SD1.5's shipped config gets), "k-diffusion" (A1111's) or "trailing" (Lin et al. 2023: from t = T−1, the
+default of a zero-terminal-SNR model, DDIM's too); sigmas.py explains them, and the σ-space denoiser
+D(x; σ) = c_skip·x + c_out·F they share.
 
 The interface (`Sampler`) is index-keyed: `timesteps(n, strength)` fixes a run and returns the UNet's timesteps, then
 executed step i = 0, 1, … is `update(i, x, out)`. `sampling.CFGStep` calls the UNet on `model_input(x, i)` at
@@ -30,6 +31,7 @@ from .ddim import DDIMScheduler
 from .dpmpp_2m import DPMPP2MSampler
 from .euler import EulerSampler
 from .euler_ancestral import EulerAncestralSampler
+from .noise_schedule import SPACINGS as DDIM_SPACINGS
 from .sigmas import SCHEDULES, SPACINGS, SigmaSampler
 
 SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m")
@@ -46,7 +48,7 @@ class Sampler(Protocol):
     name: str  # one of SAMPLERS
     prediction_type: str  # "epsilon" | "v_prediction": what the UNet predicts
     schedule: str  # "normal" | "karras"
-    spacing: str  # "leading" | "linspace" | "k-diffusion"
+    spacing: str  # "leading" | "trailing"; the σ samplers also "linspace" | "k-diffusion"
     num_inference_steps: int | None  # n of the full schedule (img2img runs its last len(run_timesteps) steps)
     run_timesteps: Tensor | None  # the UNet's timestep at each executed step [n_run] (long; float64 if fractional)
     sigmas: Tensor | None  # noise level σ entering each executed step, then after the last; float64 [n_run + 1]
@@ -69,16 +71,25 @@ class Sampler(Protocol):
 
 
 def make_sampler(scheduler: DDIMScheduler, name: str = "ddim", schedule: str = "normal",
-                 spacing: str = "leading") -> Sampler:
+                 spacing: str | None = None) -> Sampler:
     """The sampler `name` on `scheduler`'s noise schedule ᾱ and prediction type (a bundle's `scheduler`).
 
-    "ddim" is `scheduler` itself: DDIM runs CompVis' own timesteps, so it takes neither Karras σ nor another spacing.
+    `spacing` None is the model's own (`scheduler.spacing`: "leading", CompVis' DDIM timesteps; "trailing" for a
+    zero-terminal-SNR schedule). "ddim" is `scheduler` itself at its own spacing, another DDIMScheduler on the same
+    schedule at the other one; it takes no Karras σ and neither of the σ samplers' "linspace" and "k-diffusion".
     """
+    if not isinstance(scheduler, DDIMScheduler):
+        raise ValueError(f"scheduler must be a DDIMScheduler (a bundle's .scheduler: the noise schedule and the "
+                         f"prediction type), got {type(scheduler).__name__}")
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
+    spacing = scheduler.spacing if spacing is None else spacing
     if name == "ddim":
-        if schedule != "normal" or spacing != "leading":
-            raise ValueError(f"the ddim sampler runs CompVis' DDIM timesteps; schedule={schedule!r} and "
-                             f"spacing={spacing!r} are for the σ samplers ({', '.join(_SIGMA_SAMPLERS)})")
-        return scheduler
+        if schedule != "normal" or spacing not in DDIM_SPACINGS:
+            raise ValueError(f"the ddim sampler runs DDIM timesteps with the {' or '.join(DDIM_SPACINGS)} spacing; "
+                             f"schedule={schedule!r} and spacing={spacing!r} are for the σ samplers "
+                             f"({', '.join(_SIGMA_SAMPLERS)})")
+        if spacing == scheduler.spacing:
+            return scheduler
+        return DDIMScheduler(scheduler.prediction_type, scheduler.noise_schedule, spacing)
     return _SIGMA_SAMPLERS[name](scheduler.alphas_cumprod, scheduler.prediction_type, schedule, spacing)

@@ -41,7 +41,9 @@ BIGG = OpenCLIPTextConfig(width=1280, layers=32, heads=20, embed_dim=1280)
 # The micro-conditioning of each model, by sgm's input keys, in embedder order.
 BASE_MICRO = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
 REFINER_MICRO = ("original_size_as_tuple", "crop_coords_top_left", "aesthetic_score")
-MICRO_DIM = 256  # ConcatTimestepEmbedderND(outdim=256) for every micro-conditioning embedder
+# ConcatTimestepEmbedderND(outdim=256), every micro-conditioning embedder of SDXL 1.0's YAMLs (a diffusers folder says
+# its own width: addition_time_embed_dim; diffusers' tiny SDXL test pipelines use 8)
+MICRO_DIM = 256
 
 # The refiner's aesthetic score for the prompt and for the negative prompt: the defaults of sgm's sampling scripts
 # (scripts/demo/sampling.py) and of diffusers' StableDiffusionXLImg2ImgPipeline.
@@ -51,11 +53,13 @@ NEGATIVE_AESTHETIC_SCORE = 2.5
 
 @dataclass(frozen=True)
 class SDXLConditionerConfig:
-    """The text towers of the conditioner (CLIP-L absent: the refiner) and its micro-conditioning keys."""
+    """The text towers of the conditioner (CLIP-L absent: the refiner), its micro-conditioning keys, and the width of
+    each value's sinusoid."""
 
     clip: CLIPTextConfig | None = CLIPTextConfig()  # embedders.0 of the base (ViT-L/14 text, as SD1's)
     openclip: OpenCLIPTextConfig = BIGG  # embedders.1 of the base, embedders.0 of the refiner
     micro_conditioning: tuple[str, ...] = BASE_MICRO
+    micro_dim: int = MICRO_DIM  # ConcatTimestepEmbedderND's outdim (diffusers: addition_time_embed_dim)
 
     @classmethod
     def base(cls) -> SDXLConditionerConfig:
@@ -67,9 +71,10 @@ class SDXLConditionerConfig:
 
     @property
     def vector_dim(self) -> int:
-        """Width of y: the pooled text vector plus 256 per micro-conditioning value (the UNet's adm_in_channels)."""
+        """Width of y: the pooled text vector plus micro_dim (256) per micro-conditioning value (the UNet's
+        adm_in_channels)."""
         n_values = sum(1 if key == "aesthetic_score" else 2 for key in self.micro_conditioning)
-        return self.openclip.embed_dim + MICRO_DIM * n_values
+        return self.openclip.embed_dim + self.micro_dim * n_values
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> SDXLConditionerConfig:
@@ -89,9 +94,11 @@ class SDXLConditionerConfig:
         raise ValueError("no SDXL text embedders (embedders.0.transformer. or embedders.0.model.)")
 
     @classmethod
-    def from_towers(cls, clip: CLIPTextConfig | None, openclip: OpenCLIPTextConfig) -> SDXLConditionerConfig:
+    def from_towers(cls, clip: CLIPTextConfig | None, openclip: OpenCLIPTextConfig,
+                    micro_dim: int = MICRO_DIM) -> SDXLConditionerConfig:
         """The base (both towers) or the refiner (bigG alone), each with its YAML's micro-conditioning."""
-        return cls(clip=clip, openclip=openclip, micro_conditioning=BASE_MICRO if clip is not None else REFINER_MICRO)
+        return cls(clip=clip, openclip=openclip, micro_conditioning=BASE_MICRO if clip is not None else REFINER_MICRO,
+                   micro_dim=micro_dim)
 
 
 class SDXLConditioner(nn.Module):
@@ -139,8 +146,9 @@ class SDXLConditioner(nn.Module):
         return [float(v) for key in self.config.micro_conditioning for v in values[key]]
 
 
-def micro_embedding(values: torch.Tensor) -> torch.Tensor:
-    """[B, n] values -> [B, 256·n]: each value through the timestep sinusoid, side by side (ConcatTimestepEmbedderND:
-    'b d -> (b d)', embed, '(b d) d2 -> b (d d2)')."""
+def micro_embedding(values: torch.Tensor, dim: int = MICRO_DIM) -> torch.Tensor:
+    """[B, n] values -> [B, dim·n] (dim 256): each value through the timestep sinusoid, side by side
+    (ConcatTimestepEmbedderND: 'b d -> (b d)', embed, '(b d) d2 -> b (d d2)'; diffusers' add_time_proj is the same
+    sinusoid, [cos, sin], an odd width padded with a zero)."""
     b, n = values.shape
-    return timestep_embedding(values.reshape(-1), MICRO_DIM).reshape(b, n * MICRO_DIM)
+    return timestep_embedding(values.reshape(-1), dim).reshape(b, n * dim)

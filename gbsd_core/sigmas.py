@@ -42,8 +42,16 @@ Spacing (`spacing=`): which timesteps, and which σ_min / σ_max.
     "k-diffusion": k-diffusion's DiscreteSchedule.get_sigmas / get_sigmas_karras, what A1111 runs (quantization off):
         t_i = linspace(T−1, 0, n) with σ interpolated in log σ; karras between σ(0) and σ(T−1); the UNet at the
         fractional t(σ_i); x = σ_0·x_T.
+    "trailing": noise_schedule.trailing_timesteps, diffusers' timestep_spacing="trailing" (Lin et al. 2023): n
+        timesteps back from T−1 (20 steps: 999, 949, …, 49), for Euler, Euler a and DPM++ 2M alike; karras as under
+        "leading" for each method; x = σ_0·x_T for Euler and Euler a (diffusers' `init_noise_sigma` under "trailing"),
+        the VP sample for DPM++. The default of a zero-terminal-SNR schedule (below).
 img2img (strength s), for every spacing: the last int(n·s) steps of the n-step schedule run, from x = x_0 + σ·ε at the
 first of them (diffusers StableDiffusionImg2ImgPipeline.get_timesteps, and the schedulers' `add_noise`).
+
+Zero terminal SNR (noise_schedule.py): ᾱ_{T−1} = 0 makes σ_{T−1} infinite. As diffusers' σ schedulers do, that one
+ᾱ is taken as 2^−24 (`train_sigmas`), so σ_max = 4096: x = σ_0·x_T starts 4096 times the unit noise, and the first
+step's c_in·x is x_T itself to within 3e-8.
 
 Precision: σ_t is computed in float64 from the float32 ᾱ table of ddim.py (CompVis' buffer); diffusers computes it in
 float32 from its float32 cumprod, ~1e-6 relative apart. The per-step scalars are float64 Python numbers applied to the
@@ -58,9 +66,11 @@ import torch
 from torch import Tensor
 
 from .ddim import PREDICTION_TYPES, executed_steps
+from .noise_schedule import leading_timesteps, trailing_timesteps
 
 SCHEDULES = ("normal", "karras")
-SPACINGS = ("leading", "linspace", "k-diffusion")
+SPACINGS = ("leading", "linspace", "k-diffusion", "trailing")
+ZERO_SNR_ALPHA = 2.0**-24  # ᾱ_{T−1} of a zero-terminal-SNR schedule, as the σ samplers see it (diffusers' value)
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5: "ρ = 7 ... a good compromise"
 
 # A spacing rule: (σ_t table [T], n, schedule) -> (model timesteps [n], σ_0 … σ_{n−1} [n] float64)
@@ -68,8 +78,9 @@ Spacing = Callable[[Tensor, int, str], tuple[Tensor, Tensor]]
 
 
 def train_sigmas(alphas_cumprod: Tensor) -> Tensor:
-    """σ_t = √((1−ᾱ_t)/ᾱ_t) of every training timestep, float64 [T], increasing in t."""
-    a = alphas_cumprod.double()
+    """σ_t = √((1−ᾱ_t)/ᾱ_t) of every training timestep, float64 [T], increasing in t (a zero ᾱ, zero terminal SNR,
+    taken as ZERO_SNR_ALPHA: σ 4096, not inf)."""
+    a = alphas_cumprod.double().clamp_min(ZERO_SNR_ALPHA)
     return ((1.0 - a) / a).sqrt()
 
 
@@ -107,7 +118,7 @@ def _check_first_t(t: Tensor, n: int, T: int, rule: str) -> None:
 def euler_discrete_spacing(sigmas_t: Tensor, n: int, schedule: str) -> tuple[Tensor, Tensor]:
     """diffusers EulerDiscreteScheduler.set_timesteps, timestep_spacing="leading", steps_offset=1."""
     T = len(sigmas_t)
-    t = torch.arange(n - 1, -1, -1, dtype=torch.long) * (T // n) + 1  # as DDIM: 951, 901, …, 1 for 20 steps
+    t = leading_timesteps(n, T)  # as DDIM: 951, 901, …, 1 for 20 steps
     _check_first_t(t, n, T, "the leading spacing")
     sigmas = sigmas_t[t]
     if schedule == "karras":
@@ -157,6 +168,24 @@ def dpm_linspace_spacing(sigmas_t: Tensor, n: int, schedule: str) -> tuple[Tenso
     return t, sigmas_t[t]
 
 
+def euler_trailing_spacing(sigmas_t: Tensor, n: int, schedule: str) -> tuple[Tensor, Tensor]:
+    """diffusers EulerDiscreteScheduler.set_timesteps, timestep_spacing="trailing"."""
+    t = trailing_timesteps(n, len(sigmas_t))  # 999, 949, …, 49 for 20 steps
+    sigmas = sigmas_t[t]
+    if schedule == "karras":  # between the spaced schedule's own ends, as under "leading"
+        sigmas = karras_sigmas(n, float(sigmas[-1]), float(sigmas[0]))
+        t = sigma_to_t(sigmas, sigmas_t)
+    return t, sigmas
+
+
+def dpm_trailing_spacing(sigmas_t: Tensor, n: int, schedule: str) -> tuple[Tensor, Tensor]:
+    """diffusers DPMSolverMultistepScheduler.set_timesteps, timestep_spacing="trailing"."""
+    if schedule == "karras":
+        return dpm_multistep_spacing(sigmas_t, n, schedule)  # the whole training range, whatever the spacing
+    t = trailing_timesteps(n, len(sigmas_t))
+    return t, sigmas_t[t]
+
+
 def k_diffusion_spacing(sigmas_t: Tensor, n: int, schedule: str) -> tuple[Tensor, Tensor]:
     """k-diffusion DiscreteSchedule.get_sigmas(n) / get_sigmas_karras(n, σ(0), σ(T−1)) (A1111's samplers)."""
     T = len(sigmas_t)
@@ -179,9 +208,11 @@ class SigmaSampler:
     # The diffusers class whose "leading" / "linspace" derivations (timesteps, Karras range) the method follows.
     leading_spacing: Spacing = staticmethod(euler_discrete_spacing)
     linspace_spacing: Spacing = staticmethod(euler_linspace_spacing)
+    trailing_spacing: Spacing = staticmethod(euler_trailing_spacing)
     # The spacings under which x_T enters σ-space as x = σ_0·x_T (diffusers' Euler `init_noise_sigma` under
-    # "linspace"; k-diffusion's samplers); under the others x = √(σ_0²+1)·x_T: x_T is the VP sample at t_0, as DDIM's.
-    ve_start_spacings: tuple[str, ...] = ("linspace", "k-diffusion")
+    # "linspace" and "trailing"; k-diffusion's samplers); under the others x = √(σ_0²+1)·x_T: x_T is the VP sample at
+    # t_0, as DDIM's.
+    ve_start_spacings: tuple[str, ...] = ("linspace", "k-diffusion", "trailing")
 
     def __init__(self, alphas_cumprod: Tensor, prediction_type: str = "epsilon", schedule: str = "normal",
                  spacing: str = "leading") -> None:
@@ -205,8 +236,14 @@ class SigmaSampler:
         n = num_inference_steps
         n_run = executed_steps(n, strength, len(self.sigmas_t))
         rule = {"leading": self.leading_spacing, "linspace": self.linspace_spacing,
-                "k-diffusion": k_diffusion_spacing}[self.spacing]
+                "k-diffusion": k_diffusion_spacing, "trailing": self.trailing_spacing}[self.spacing]
         t, sigmas = rule(self.sigmas_t, n, self.schedule)
+        same = (sigmas[1:] >= sigmas[:-1]).nonzero()
+        if len(same):  # e.g. DPM++'s linspace rounding n + 1 points onto fewer than n + 1 timesteps
+            i = int(same[0])
+            raise ValueError(f"{n} steps of {self.name} with the {self.spacing} spacing do not descend: steps {i} and "
+                             f"{i + 1} are both at timestep {float(t[i + 1]):g} (σ {float(sigmas[i + 1]):.4g}); "
+                             "use fewer steps")
         # Integral timesteps stay integers (the UNet embeds them exactly as DDIM's); fractional ones are float64.
         if t.is_floating_point() and bool((t == t.round()).all()):
             t = t.long()

@@ -35,6 +35,21 @@ from torch import nn
 from .norm import GroupNorm32
 
 
+# Released latent scales, x, from SDXL's 0.13025 and SD's 0.18215 to SD3's 1.5305 (Flux 0.3611): the factor that brings
+# the encoder's latents to about unit variance. A factor far outside that range is a broken config (1e-30 passes as a
+# positive number, and the decoder's division by it gives inf, then NaN pixels), refused by name.
+SCALE_FACTOR_RANGE = (0.01, 10.0)
+
+
+def check_scale_factor(value: float, name: str) -> None:
+    """ValueError naming `name` (ours: scale_factor, diffusers': scaling_factor) unless `value` is in the range above."""
+    lo, hi = SCALE_FACTOR_RANGE
+    if not lo <= value <= hi:  # also False for NaN
+        raise ValueError(f"{name} {value:g} is not a plausible latent scale: it brings latents to about unit "
+                         f"variance, so it lies in [{lo:g}, {hi:g}] (released VAEs: 0.13025 to 1.5305); the decoder "
+                         "divides by it")
+
+
 @dataclass(frozen=True)
 class VAEConfig:
     """``ddconfig`` + ``embed_dim`` of the ``first_stage_config`` in v1-inference.yaml / v2-inference.yaml.
@@ -59,6 +74,7 @@ class VAEConfig:
         # CompVis AutoencoderKL asserts double_z: the encoder must emit mean and logvar.
         if not self.double_z:
             raise ValueError("AutoencoderKL needs double_z=True (the encoder outputs mean and log-variance)")
+        check_scale_factor(self.scale_factor, "scale_factor")
 
     @property
     def downsample_factor(self) -> int:

@@ -127,6 +127,13 @@ def _edit_config(part: str, **changes) -> Callable[[Path], None]:
     return edit
 
 
+def _edit_scheduler(**changes) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        f = folder / "scheduler" / "scheduler_config.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), **changes}))
+    return edit
+
+
 def _replace_with_fifo(rel: str) -> Callable[[Path], None]:
     def edit(folder: Path) -> None:
         (folder / rel).unlink()
@@ -203,11 +210,31 @@ BROKEN: list[tuple[str, Callable[[Workshop], Path], str]] = [
     ("diffusers-text-eps", lambda w: w.folder(_edit_config("text_encoder", layer_norm_eps=1e-6)), "layer_norm_eps"),
     ("diffusers-vae-shift", lambda w: w.folder(_edit_config("vae", shift_factor=0.1)), "shift_factor"),
     ("diffusers-vae-scaling-str", lambda w: w.folder(_edit_config("vae", scaling_factor="x")), "scaling_factor"),
+    # a positive, finite factor no VAE has: the decoder divides by it (1e-30 -> inf latents -> black pixels)
+    ("diffusers-vae-scaling-tiny", lambda w: w.folder(_edit_config("vae", scaling_factor=1e-30)), "scaling_factor"),
+    ("diffusers-vae-scaling-huge", lambda w: w.folder(_edit_config("vae", scaling_factor=1e6)), "scaling_factor"),
     ("diffusers-scheduler-is-list",
      lambda w: w.folder(lambda f: _json(f / "scheduler" / "scheduler_config.json", [])), "JSON object"),
     ("diffusers-prediction-sample",
      lambda w: w.folder(lambda f: _json(f / "scheduler" / "scheduler_config.json", {"prediction_type": "sample"})),
      "prediction_type"),
+    # scheduler_config.json: every option a schedule is built from, or refused by name (tests/test_noise_schedule.py)
+    ("diffusers-scheduler-cosine", lambda w: w.folder(_edit_scheduler(beta_schedule="squaredcos_cap_v2")),
+     "beta_schedule 'squaredcos_cap_v2' is not one gbsd builds"),
+    ("diffusers-scheduler-unknown-key", lambda w: w.folder(_edit_scheduler(snr_shift_scale=3.0)), "'snr_shift_scale'"),
+    ("diffusers-scheduler-clip-sample", lambda w: w.folder(_edit_scheduler(clip_sample=True)), "clip_sample"),
+    ("diffusers-scheduler-zero-snr-epsilon", lambda w: w.folder(_edit_scheduler(rescale_betas_zero_snr=True)),
+     "rescale_betas_zero_snr is true with prediction_type 'epsilon'"),
+    ("diffusers-scheduler-trained-betas", lambda w: w.folder(_edit_scheduler(trained_betas=[0.001] * 1000)),
+     "trained_betas"),
+    ("diffusers-scheduler-edm", lambda w: w.folder(_edit_scheduler(_class_name="EDMEulerScheduler")), "_class_name"),
+    ("diffusers-scheduler-huge-T", lambda w: w.folder(_edit_scheduler(num_train_timesteps=10**9)),
+     "num_train_timesteps"),
+    ("diffusers-scheduler-beta-one", lambda w: w.folder(_edit_scheduler(beta_end=1.5)), "beta_end"),
+    ("diffusers-scheduler-continuous-time", lambda w: w.folder(_edit_scheduler(timestep_type="continuous")),
+     "timestep_type"),
+    ("diffusers-scheduler-learned-variance", lambda w: w.folder(_edit_scheduler(variance_type="learned_range")),
+     "variance_type"),
     ("diffusers-weights-fifo", lambda w: w.folder(_replace_with_fifo("unet/diffusion_pytorch_model.safetensors")),
      "named pipe"),
     ("diffusers-config-fifo", lambda w: w.folder(_replace_with_fifo("text_encoder/config.json")), "named pipe"),
@@ -224,8 +251,15 @@ BROKEN: list[tuple[str, Callable[[Workshop], Path], str]] = [
      lambda w: w.sdxl_pipe(lambda f: shutil.rmtree(f / "text_encoder_2")), "vector y"),
     ("diffusers-sdxl-te2-not-gelu", lambda w: w.sdxl_pipe(_edit_config("text_encoder_2", hidden_act="quick_gelu")),
      "exact gelu"),
+    # a width of the size sinusoids that the UNet's label embedding does not take (8 is fine where it does)
     ("diffusers-sdxl-time-dim", lambda w: w.sdxl_pipe(_edit_config("unet", addition_time_embed_dim=8)),
-     "addition_time_embed_dim"),
+     "6 size values x 8, diffusers' addition_time_embed_dim"),
+    ("diffusers-sdxl-time-embedding-dim", lambda w: w.sdxl_pipe(_edit_config("unet", time_embedding_dim=64)),
+     "time_embedding_dim is 64; SD's UNet embeds the timestep in 4 x block_out_channels[0] = 128"),
+    ("diffusers-mid-block-scale", lambda w: w.folder(_edit_config("unet", mid_block_scale_factor=2)),
+     "mid_block_scale_factor"),
+    ("diffusers-sdxl-vae-scaling-tiny", lambda w: w.sdxl_pipe(_edit_config("vae", scaling_factor=1e-30)),
+     "scaling_factor"),
     ("diffusers-sdxl-missing-tensor", lambda w: w.sdxl_pipe(_drop_tensor("unet/diffusion_pytorch_model.safetensors",
                                                                          "add_embedding.linear_1.weight")),
      "1 missing keys: model.diffusion_model.label_emb.0.0.weight"),

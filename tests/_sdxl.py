@@ -70,14 +70,17 @@ def write_tiny_sdxl(folder: Path, refiner: bool = False, seed: int = 0) -> Path:
 
 
 # ------------------------------------------------------------------------------ a tiny SDXL diffusers pipeline
-def save_tiny_sdxl_pipe(folder: Path, refiner: bool = False, seed: int = 0) -> Path:
+def save_tiny_sdxl_pipe(folder: Path, refiner: bool = False, seed: int = 0, time_dim: int = 256,
+                        time_embedding_dim: int | None = None) -> Path:
     """A diffusers StableDiffusionXLPipeline folder (the refiner: StableDiffusionXLImg2ImgPipeline, bigG alone) built
     by diffusers and transformers themselves from SDXL-shaped configs with seeded weights, and written by their own
     save_pretrained (no network): a UNet with no attention at its first level, per-level transformer depths, head
     *counts* in attention_head_dim (16-wide heads: only the config says so) and the "text_time" added embedding on
     [pooled ; 256-wide size embeddings]; a CLIPTextModel (CLIP-L-shaped: quick_gelu, 4 heads of 8, MLP 37) and a
     CLIPTextModelWithProjection (bigG-shaped: gelu, projection 32); an 8x VAE with SDXL's scaling factor; CompVis
-    DDIM. The UNet's sample_size 8 makes the folder's native size 64."""
+    DDIM. The UNet's sample_size 8 makes the folder's native size 64. `time_dim`: the size sinusoids' width
+    (addition_time_embed_dim; diffusers' own tiny SDXL test pipelines use 8); `time_embedding_dim`: stated in the
+    config (diffusers' default, None, means 4 x block_out_channels[0])."""
     from _reference import DDIM_CONFIG, clip_tokenizer
     from _tiny import randomize_
     from diffusers import AutoencoderKL as DAutoencoderKL
@@ -106,8 +109,9 @@ def save_tiny_sdxl_pipe(folder: Path, refiner: bool = False, seed: int = 0) -> P
         context, sizes = clip_width + bigg_width, 6  # original, crop, target
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, cross_attention_dim=context,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=projection + 256 * sizes, **levels)
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=projection + time_dim * sizes, time_embedding_dim=time_embedding_dim,
+        **levels)
     vae = DAutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
                          block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
                          up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025, force_upcast=True)

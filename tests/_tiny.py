@@ -90,13 +90,16 @@ def assert_same_weights(a: dict[str, torch.nn.Module], b: dict[str, torch.nn.Mod
 # ----------------------------------------------------------------------------------- a tiny diffusers pipeline
 
 
-def save_tiny_pipe(folder, layers_per_block: int = 2, text_layers: int = 5, seed: int = 0):
+def save_tiny_pipe(folder, layers_per_block: int = 2, text_layers: int = 5, seed: int = 0, sd2: bool = False,
+                   scheduler: dict | None = None):
     """A diffusers StableDiffusionPipeline folder shaped like the widely used tiny test pipelines
     (hf-internal-testing/tiny-stable-diffusion-pipe): text encoder width 32 with 4 heads (8 wide), MLP 37, 77
     positions; a 2-level VAE (block_out_channels [32, 64]: downsampling factor 2); a UNet with block_out_channels
     [32, 64], attention_head_dim 8 (diffusers' name for 8 heads), cross_attention_dim 32, sample_size 32. Built from
     explicit configs with seeded weights and written with diffusers' own save_pretrained (no network). The vocabulary
-    is CLIP's 49408 (the tokenizer gbsd uses); the scheduler is CompVis DDIM."""
+    is CLIP's 49408 (the tokenizer gbsd uses); the scheduler is CompVis DDIM. `sd2`: the text encoder is SD2's kind
+    (exact GELU, a tokenizer that pads with "!", id 0); `scheduler`: DDIMScheduler options over CompVis DDIM's (e.g. a
+    zero-terminal-SNR v-prediction schedule)."""
     from pathlib import Path
 
     from _reference import DDIM_CONFIG, clip_tokenizer
@@ -117,10 +120,11 @@ def save_tiny_pipe(folder, layers_per_block: int = 2, text_layers: int = 5, seed
     text = CLIPTextModel(HFCLIPTextConfig(
         bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
         num_attention_heads=4, num_hidden_layers=text_layers, pad_token_id=1, vocab_size=49408,
-        max_position_embeddings=77))
+        max_position_embeddings=77, hidden_act="gelu" if sd2 else "quick_gelu"))
     pipe = StableDiffusionPipeline(
         vae=randomize_(vae, seed + 1), text_encoder=randomize_(text, seed + 2), unet=randomize_(unet, seed),
-        tokenizer=clip_tokenizer(folder.parent / f"{folder.name}-tokenizer"), scheduler=DDIMScheduler(**DDIM_CONFIG),
+        tokenizer=clip_tokenizer(folder.parent / f"{folder.name}-tokenizer", pad_token="!" if sd2 else None),
+        scheduler=DDIMScheduler(**{**DDIM_CONFIG, **(scheduler or {})}),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     return folder

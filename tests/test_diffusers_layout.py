@@ -136,11 +136,13 @@ def _diffusers_models(sd2: bool, wide: bool = False):
 
 
 def _save_diffusers_folder(models: dict, folder: Path, prediction_type: str) -> Path:
+    from _reference import DDIM_CONFIG
     from diffusers import DDIMScheduler
 
     for name, m in models.items():
         m.save_pretrained(folder / name)
-    DDIMScheduler(prediction_type=prediction_type).save_pretrained(folder / "scheduler")
+    # SD's schedule, as SD folders ship it (DDIMScheduler's own defaults are the original DDPM's, with x̂_0 clipping)
+    DDIMScheduler(**DDIM_CONFIG, prediction_type=prediction_type).save_pretrained(folder / "scheduler")
     return folder
 
 

@@ -122,7 +122,7 @@ def test_released_text_encoder_configs() -> None:
 
 @pytest.mark.parametrize("change, needle", [
     (dict(addition_embed_type="image"), "addition_embed_type"),
-    (dict(addition_time_embed_dim=8), "256"),
+    (dict(addition_time_embed_dim=0), "addition_time_embed_dim must be an integer >= 1"),  # any width: see below
     (dict(projection_class_embeddings_input_dim=None), "projection_class_embeddings_input_dim"),
     (dict(addition_embed_type=None), "without an addition_embed_type"),
 ])
@@ -130,6 +130,8 @@ def test_added_embedding_options_are_checked(change: dict, needle: str) -> None:
     cfg = {**dict(_released_unet_config(refiner=False).config), **change}
     with pytest.raises(ValueError, match=needle):
         dc.unet_config(cfg)
+    other = {**dict(_released_unet_config(refiner=False).config), "addition_time_embed_dim": 8}
+    assert dc.unet_config(other) == UNetConfig.sdxl_base() and dc.unet_micro_dim(other) == 8  # y's width: parts fit
 
 
 def test_bigg_table_inverts_diffusers_converter() -> None:
@@ -199,6 +201,24 @@ def test_base_folder_is_read_by_its_configs(base_folder: Path) -> None:
 def test_base_folder_generates_what_diffusers_generates(base_folder: Path, focus: str | None) -> None:
     """txt2img at the folder's native 64x64 with CFG; GBSD switches diffusers' prompt_embeds and add_text_embeds (the
     pooled vector) at the stage boundary in callback_on_step_end, the size ids stay."""
+    _txt2img_equals_diffusers(base_folder, focus)
+
+
+@pytest.mark.parametrize("time_dim", [8, 5])
+@pytest.mark.parametrize("focus", [None, FOCUS], ids=["plain", "gbsd"])
+def test_other_valid_sdxl_configs_load_and_generate_what_diffusers_generates(tmp_path: Path, time_dim: int,
+                                                                          focus: str | None) -> None:
+    """Values diffusers accepts and sgm's architecture builds: size sinusoids `addition_time_embed_dim` wide (8 in
+    diffusers' own tiny SDXL test pipelines; 5, odd, padded with a zero by both) where SDXL 1.0 has 256, and
+    `time_embedding_dim` stated as its default 4 x block_out_channels[0]. Both were refused before."""
+    folder = save_tiny_sdxl_pipe(tmp_path / "xl", time_dim=time_dim, time_embedding_dim=4 * 32)
+    b = load(folder)
+    assert b.text_encoder.config.micro_dim == time_dim and b.unet.config.adm_in_channels == 32 + 6 * time_dim
+    _txt2img_equals_diffusers(folder, focus)
+
+
+def _txt2img_equals_diffusers(folder: Path, focus: str | None) -> None:
+    base_folder = folder
     n, alpha, sigma = 8, 0.3, 0.5
     b, ref = load(base_folder), _reference(base_folder)
     x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
@@ -223,6 +243,59 @@ def test_base_folder_generates_what_diffusers_generates(base_folder: Path, focus
     if focus is not None:  # the switch is seen: the plain image differs
         plain = generate(b, GenerationParams(PROMPT, steps=n), x_T=x_T)
         assert np.abs(np.asarray(plain.image, dtype=np.int16) - np.asarray(ours.image, dtype=np.int16)).max() > 2
+
+
+def test_every_option_of_the_diffusers_classes_is_read_fixed_or_known_not_to_matter(base_folder: Path) -> None:
+    """The review of the fixed-value lists, held against diffusers' and transformers' own signatures: every option of
+    UNet2DConditionModel, AutoencoderKL and CLIPTextConfig is looked at by the translation (built, or refused unless
+    it has SD's value: UNET_FIXED and friends) or listed in *_NOT_READ with the reason it decides nothing. (Before the
+    review, mid_block_scale_factor was neither: a folder with 2 loaded, and diffusers halves the middle block's
+    ResBlocks.)"""
+    import inspect
+    import json
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig as HFCLIPTextConfig
+
+    class Looked(dict):  # a config that records which keys the translation looks at
+        seen: set[str]
+
+        def __init__(self, data: dict) -> None:
+            super().__init__(data)
+            self.seen = set()
+
+        def __contains__(self, key: object) -> bool:
+            self.seen.add(str(key))
+            return super().__contains__(key)
+
+        def __getitem__(self, key: str):
+            self.seen.add(key)
+            return super().__getitem__(key)
+
+        def get(self, key: str, default=None):
+            self.seen.add(key)
+            return super().get(key, default)
+
+    def options(cls: type) -> set[str]:
+        return {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")}
+
+    def read(part: str, *translations) -> set[str]:
+        cfg = Looked(json.loads((base_folder / part / "config.json").read_text()))
+        for translate in translations:
+            translate(cfg)
+        return cfg.seen
+
+    unet = read("unet", dc.unet_config, dc.unet_sample_size, dc.unet_micro_dim)
+    vae = read("vae", dc.vae_config)
+    text = read("text_encoder", dc.clip_l_config) | read("text_encoder_2", dc.bigg_config)
+    for cls, seen, not_read in ((UNet2DConditionModel, unet, dc.UNET_NOT_READ), (AutoencoderKL, vae, dc.VAE_NOT_READ),
+                                (HFCLIPTextConfig, text, dc.TEXT_NOT_READ)):
+        unreviewed = options(cls) - seen - set(not_read)
+        print(f"{cls.__name__}: {len(options(cls))} options, {len(options(cls) & seen)} looked at, "
+              f"{len(not_read)} known not to matter")
+        assert not unreviewed, f"{cls.__name__} options neither read nor reviewed: {sorted(unreviewed)}"
+        both = set(not_read) & seen - {"projection_dim"}  # read for bigG, not for a CLIPTextModel
+        assert not both, f"{cls.__name__}: listed as not read, but read: {both}"
 
 
 def test_refiner_folder_img2img_equals_diffusers(refiner_folder: Path) -> None:

@@ -342,3 +342,28 @@ def test_bad_focus_to_and_mix_fail_before_any_compute(bad, match):
     if "focus" in bad:  # (a sweep without a focus prompt stops earlier, on that)
         with pytest.raises(ValueError, match=match):
             sweep(NoBundle(), GenerationParams(PROMPT, **bad), alphas=[0.5])
+
+
+def _broken(ckpt, part: str):
+    """The tiny model with one output made non-finite: the UNet's (every prediction inf) or the decoder's."""
+    b = gbsd_core.load(ckpt)
+    with torch.no_grad():
+        if part == "unet":
+            b.unet.out[2].bias.fill_(float("inf"))
+        else:
+            b.vae.decoder.conv_out.bias[0] = float("nan")
+    return b
+
+
+@pytest.mark.parametrize("part, needle", [("unet", "the sampler's final latents hold"),
+                                          ("vae", "the VAE's decoded images hold")])
+def test_a_non_finite_result_is_refused_not_made_into_an_image(tiny_ckpt, part, needle):
+    """NaN pixels used to be cast to uint8 0: an all-black image, returned (and written by the CLI) without a word."""
+    from gbsd_core.errors import NonFiniteError
+
+    b = _broken(tiny_ckpt, part)
+    with pytest.raises(NonFiniteError, match=needle) as e:
+        generate(b, GenerationParams(PROMPT, steps=2, **SIZE))
+    print(e.value)
+    with pytest.raises(NonFiniteError, match=needle):
+        sweep(b, GenerationParams(PROMPT, focus=FOCUS, steps=2, **SIZE), alphas=[0.0, 1.0])

@@ -192,9 +192,11 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="schedule"):
         make_sampler(DDIMScheduler(), "euler", "exponential")
     with pytest.raises(ValueError, match="spacing"):
-        make_sampler(DDIMScheduler(), "euler", "normal", "trailing")
-    with pytest.raises(ValueError, match="ddim sampler runs CompVis"):
+        make_sampler(DDIMScheduler(), "euler", "normal", "exponential")
+    with pytest.raises(ValueError, match="ddim sampler runs DDIM timesteps"):
         make_sampler(DDIMScheduler(), "ddim", "karras")
+    with pytest.raises(ValueError, match="leading or trailing spacing"):
+        make_sampler(DDIMScheduler(), "ddim", "normal", "linspace")
     s = ours("euler", "normal")
     with pytest.raises(ValueError, match="call timesteps"):
         s.model_input(torch.zeros(1, 4, 2, 2), 0)

@@ -188,3 +188,15 @@ def test_fullsize_decode_parity(sd_vae_pair) -> None:
     print(f"SD VAE decode 16x16 latent rel_err: {err:.2e}")
     assert img.shape == (1, 3, 128, 128)
     assert err <= 1e-5
+
+
+@pytest.mark.parametrize("scale", [1e-30, 0.0, -0.18215, 1e6, float("nan"), float("inf")])
+def test_an_implausible_scale_factor_is_refused(scale: float) -> None:
+    """The decoder divides latents by it: 1e-30 passed as positive and finite, and decoded to inf, then black."""
+    with pytest.raises(ValueError, match="scale_factor .* is not a plausible latent scale"):
+        VAEConfig(scale_factor=scale)
+
+
+@pytest.mark.parametrize("scale", [0.13025, 0.18215, 0.3611, 1.5305])  # SDXL, SD1/SD2, Flux, SD3
+def test_released_scale_factors_are_accepted(scale: float) -> None:
+    assert VAEConfig(scale_factor=scale).scale_factor == scale

@@ -58,6 +58,8 @@ def same_prompt(a: str, b: str) -> bool:
 
 def check_rack(params: GenerationParams, frames: int) -> None:
     """Raise ValueError naming the problem when `params` and `frames` do not make a rack focus."""
+    if not isinstance(params, GenerationParams):
+        raise ValueError(f"params must be a GenerationParams, got {type(params).__name__}")
     if isinstance(frames, bool) or not isinstance(frames, int) or not 2 <= frames <= MAX_FRAMES:
         raise ValueError(f"frames must be an integer in [2, {MAX_FRAMES}], got {frames!r}")
     if params.focus is None or params.focus_to is None:
@@ -147,6 +149,7 @@ def rack_focus(bundle: SDBundle, params: GenerationParams, frames: int = 12, *, 
     sharpness numbers. Raises ValueError (check_rack) before any compute when the request is not a rack focus.
     """
     check_rack(params, frames)
+    pipeline.check_run_args(bundle, params)
     start, end = params.focus, params.focus_to
     collectors = _collectors(bundle, [start, end]) if masks else {}
     probe = _Probes(list(collectors.values())) if collectors else None

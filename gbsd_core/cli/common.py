@@ -6,9 +6,10 @@ problem is a `UsageError`: one line on stderr, exit status 2, before any weights
 (`run_main`). The parameter rules themselves are the core's (gbsd_core/params.py), so the Python API refuses the
 same values with the same words. Input files are checked for what they are before they are opened (a named pipe
 would block) and images are decoded whole, within a pixel limit, before they are accepted. Exit 1 is a failure
-after that point (an unexpected one included: one line, no traceback). Ctrl-C, SIGTERM and SIGHUP end a command the
-same way (`signals_as_interrupts`): it unwinds, so no temporary file stays behind, and exits with 128 + the signal's
-number, what a shell reports for a process its signal ended (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP).
+after that point (a run whose result holds NaN or inf, and an unexpected failure: one line, no traceback,
+nothing written). Ctrl-C, SIGTERM and SIGHUP end a command the same way (`signals_as_interrupts`): it unwinds,
+so no temporary file stays behind, and exits with 128 + the signal's number, what a shell reports for a process
+its signal ended (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
+
+from ..errors import NonFiniteError
 
 if TYPE_CHECKING:
     import torch
@@ -118,6 +121,9 @@ def run_main(prog: str, command: Callable[[argparse.Namespace], int], args: argp
         print(f"{prog}: " + (f"{signal.Signals(signum).name}: " if signum != signal.SIGINT else "") + interrupted,
               file=sys.stderr)
         return 128 + signum
+    except NonFiniteError as e:  # a result, not an input: exit 1, and nothing was written
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_FAILURE
     except BrokenPipeError:
         # The reader is gone: send the rest to /dev/null, so the final flush at exit cannot fail again (the recipe of
         # Python's `signal` docs, "Note on SIGPIPE").
@@ -530,23 +536,12 @@ def device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     """--device and --dtype: a device this machine has (cpu, cuda[:N], mps), never the meta device."""
     import torch
 
+    from ..params import check_device
+
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     name = args.device if args.device is not None else "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise UsageError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:0, mps)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise UsageError(f"--device {name}: Apple's Metal (MPS) is not available on this machine")
-    elif device.type != "cpu":
-        raise UsageError(f"--device {name}: gbsd runs on cpu, cuda or mps, not {device.type}")
-    return device, dtype
+    with usage_errors("--"):  # the core's rule, its "device ..." message as "--device ..."
+        return check_device(name), dtype
 
 
 def inspect_checkpoint(path: Path, family: str | None) -> Checkpoint:

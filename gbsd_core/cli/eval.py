@@ -280,9 +280,6 @@ def run_eval(args: argparse.Namespace) -> int:
                         args.strength, args.sampler or "ddim", args.schedule or "normal")
     with usage_errors():
         params = settings.params(pairs[0], pairs[0].focus)  # the flags by the core's rules (pairs' fields: pairs.py)
-    for img2img in {p.init is not None for p in pairs}:  # the schedule of each mode the pairs use
-        with usage_errors(f"--steps {settings.steps}" + (f" --strength {settings.strength}: " if img2img else ": ")):
-            check_schedule(params, img2img)
     out = Path(args.output)
     check_output_dir(out)
     # every name the run writes fits: the run's files, and a pair's files in the folder of the longest id
@@ -290,6 +287,9 @@ def run_eval(args: argparse.Namespace) -> int:
     check_files_in(out / "pairs" / max((p.id for p in pairs), key=len), PAIR_FILES, f"-o {shown(out)}")
     device, dtype = common.device_dtype(args)
     checkpoint = common.inspect_checkpoint(model_path, family)
+    for img2img in {p.init is not None for p in pairs}:  # the schedule of each mode the pairs use, the model's
+        with usage_errors(f"--steps {settings.steps}" + (f" --strength {settings.strength}: " if img2img else ": ")):
+            check_schedule(params, img2img, scheduler=checkpoint.scheduler())
     _check_sizes(pairs, settings, checkpoint.limits(), source)
 
     world, device = init_world(device)

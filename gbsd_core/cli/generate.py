@@ -207,6 +207,7 @@ def read_from_png(path: str | None) -> dict[str, Any] | None:
 def plan(args: argparse.Namespace) -> Plan:
     """Validate a generate/img2img/sweep command line; raises UsageError. Loads no weights: it reads the checkpoint's
     header and configs only (`common.inspect_checkpoint`), for the checks that need the model's facts."""
+    from ..ddim import executed_steps
     from ..params import check_schedule, image_size
 
     png_meta = read_from_png(args.from_png)
@@ -214,9 +215,11 @@ def plan(args: argparse.Namespace) -> Plan:
 
     init_path = getattr(args, "init", None)
     init_image = read_image(init_path, "--init", rgb=True) if init_path is not None else None
-    # The schedule's own rule (the scheduler applies the same): img2img runs int(strength * steps) steps.
-    with usage_errors(f"--steps {params.steps}" + (f" --strength {params.strength}: " if init_path else ": ")):
-        check_schedule(params, img2img=init_path is not None)
+    # Every schedule's rule: img2img runs int(strength * steps) steps, at least one. (The model's own timesteps are
+    # checked once its configs are read, below.)
+    steps_flags = f"--steps {params.steps}" + (f" --strength {params.strength}: " if init_path else ": ")
+    with usage_errors(steps_flags):
+        executed_steps(params.steps, params.strength if init_path is not None else 1.0)
 
     alphas = focus_stack = None
     if args.command == "sweep":
@@ -245,6 +248,8 @@ def plan(args: argparse.Namespace) -> Plan:
     model_path, family = common.resolve_model(args, png_meta)
     device, dtype = common.device_dtype(args)
     checkpoint = common.inspect_checkpoint(model_path, family)
+    with usage_errors(steps_flags):  # the sampler's own schedule on the model's noise schedule (the run's)
+        check_schedule(params, img2img=init_path is not None, scheduler=checkpoint.scheduler())
     # The image size against the model: a multiple of its VAE's factor, within its family's largest size.
     source = (f"--size {args.size}: " if args.size is not None else f"--init {init_path}: "
               if init_image is not None and params.width is None and params.height is None

@@ -68,8 +68,6 @@ def run_grid(args: argparse.Namespace) -> int:
         base = GenerationParams(args.prompt, focus=args.focus, steps=args.steps, cfg=args.cfg, negative=args.negative,
                                 seed=args.seed, width=width, height=height, sampler=args.sampler or "ddim",
                                 schedule=args.schedule or "normal")
-    with usage_errors(f"--steps {base.steps}: "):
-        check_schedule(base, img2img=False)
     has_focus = [layout_steps(base.steps, s) < base.steps for s in layouts]
     if not any(has_focus) and not (args.mask or box):
         raise UsageError(f"--layouts {args.layouts}: with {base.steps} steps every σ leaves no focus stage (round(σ·n) = "
@@ -77,6 +75,8 @@ def run_grid(args: argparse.Namespace) -> int:
     model_path, family = common.resolve_model(args, None)
     device, dtype = common.device_dtype(args)
     checkpoint = common.inspect_checkpoint(model_path, family)
+    with usage_errors(f"--steps {base.steps}: "):  # the sampler's own schedule on the model's noise schedule
+        check_schedule(base, img2img=False, scheduler=checkpoint.scheduler())
     with usage_errors(f"--size {args.size}: " if args.size else ""):
         w, h = image_size(base, checkpoint.limits())
     if mask_size is not None and mask_size != (w, h):

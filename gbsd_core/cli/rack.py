@@ -100,8 +100,6 @@ def plan_rack(args: argparse.Namespace) -> RackPlan:
         raise UsageError(f"--from and --to are the same prompt ({params.focus!r}): nothing to pull focus between")
     with usage_errors():
         check_rack(params, frames)
-    with usage_errors(f"--steps {params.steps}: "):
-        check_schedule(params, img2img=False)
     if layout_steps(params.steps, params.layout) == params.steps:
         raise UsageError(f"--layout {params.layout} with {params.steps} steps leaves no focus stage (round(σ·n) = n): "
                          "every frame would be the same image")
@@ -113,6 +111,8 @@ def plan_rack(args: argparse.Namespace) -> RackPlan:
     model_path, family = common.resolve_model(args, png_meta)
     device, dtype = common.device_dtype(args)
     checkpoint = common.inspect_checkpoint(model_path, family)
+    with usage_errors(f"--steps {params.steps}: "):  # the sampler's own schedule on the model's noise schedule
+        check_schedule(params, img2img=False, scheduler=checkpoint.scheduler())
     with usage_errors(f"--size {args.size}: " if args.size else ""):
         image_size(params, checkpoint.limits())
     return RackPlan(params, frames, animation, sheet, frame_paths, model_path, checkpoint, device, dtype,

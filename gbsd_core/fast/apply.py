@@ -68,6 +68,7 @@ def _check_device(options: FastOptions, device: torch.device) -> None:
 
 def accelerate(bundle: SDBundle, options: FastOptions) -> None:
     """Apply `options` to `bundle` in place (UNet dtype, layout, kernels, attention; VAE dtype). Irreversible."""
+    _check_args(bundle, options)
     unet = bundle.unet
     done = getattr(unet, "fast_options", None)
     if done is not None:
@@ -104,6 +105,15 @@ def accelerate(bundle: SDBundle, options: FastOptions) -> None:
     unet.fast_steppers = {}  # make_stepper's cache: (options, guidance, η, sampler, schedule, spacing, ᾱ) -> FastStepper
 
 
+def _check_args(bundle: object, options: object) -> None:
+    from ..bundle import SDBundle
+
+    if not isinstance(bundle, SDBundle):
+        raise ValueError(f"bundle must be an SDBundle (gbsd_core.load(path)), got {type(bundle).__name__}")
+    if not isinstance(options, FastOptions):
+        raise ValueError(f"options must be a FastOptions, got {type(options).__name__}")
+
+
 def sdpa_backend(options: FastOptions) -> SDPBackend | None:
     """The `torch.nn.attention.SDPBackend` forced by options.attention, or None."""
     if options.attention not in ("flash", "efficient"):
@@ -114,7 +124,7 @@ def sdpa_backend(options: FastOptions) -> SDPBackend | None:
 
 
 def make_stepper(bundle: SDBundle, options: FastOptions, guidance_scale: float | None, eta: float = 0.0,
-                 sampler: str = "ddim", schedule: str = "normal", spacing: str = "leading") -> FastStepper:
+                 sampler: str = "ddim", schedule: str = "normal", spacing: str | None = None) -> FastStepper:
     """A `sampling.Stepper` for `denoise` / `generate(stepper=)`: eager, compiled and/or CUDA-graphed per `options`,
     running the sampler `sampler` / `schedule` / `spacing` (samplers.make_sampler) on the bundle's noise schedule.
 
@@ -126,10 +136,16 @@ def make_stepper(bundle: SDBundle, options: FastOptions, guidance_scale: float |
     sampler). Close it (or use `with`) after a run to take its K/V cache off the UNet; `release_steppers(bundle)` frees
     the graphs' memory.
     """
+    from ..params import check_field
     from ..samplers import make_sampler
 
+    _check_args(bundle, options)
+    if guidance_scale is not None:
+        check_field("cfg", guidance_scale)  # the rules of GenerationParams' cfg and eta, which the stepper must match
+    check_field("eta", eta)
     accelerate(bundle, options)
     guidance = None if guidance_scale is None or guidance_scale == 1.0 else float(guidance_scale)
+    spacing = bundle.scheduler.spacing if spacing is None else spacing  # None: the model's own (make_sampler)
     key = (options, guidance, float(eta), sampler, schedule, spacing, bundle.scheduler)
     cache = bundle.unet.fast_steppers
     stepper = cache.get(key)

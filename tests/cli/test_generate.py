@@ -135,7 +135,7 @@ BAD_INPUTS = [
     ("eta-100", ["generate", "p", "--eta", "100"], "eta"),
     ("eta-1.5", ["generate", "p", "--eta", "1.5"], "eta"),
     ("eta-negative", ["generate", "p", "--eta", "-0.5"], "eta"),
-    ("steps-1000", ["generate", "p", "--steps", "1000"], "steps"),
+    ("steps-1000", ["generate", "p", "--steps", "1000", "--weights", "{ckpt}"], "steps"),  # the model's schedule
     ("steps-huge", ["generate", "p", "--steps", "100000"], "steps"),
     ("steps-negative", ["generate", "p", "--steps", "-3"], "steps"),
     ("seed-negative", ["generate", "p", "--seed", "-1"], "seed"),
@@ -291,7 +291,8 @@ BAD_INPUTS = [
      "schedule must be one of normal, karras"),
     ("schedule-karras-with-ddim", ["generate", "p", "--schedule", "karras"], "for the σ samplers"),
     ("eta-with-a-sigma-sampler", ["generate", "p", "--sampler", "euler_a", "--eta", "0.5"], "eta is DDIM's"),
-    ("sampler-dpmpp-999-steps", ["generate", "p", "--sampler", "dpmpp_2m", "--steps", "999"], "t=1000"),
+    ("sampler-dpmpp-999-steps", ["generate", "p", "--sampler", "dpmpp_2m", "--steps", "999", "--weights", "{ckpt}"],
+     "t=1000"),
     ("sampler-img2img-no-steps", ["img2img", "p", "--init", "{img}", "--sampler", "euler", "--strength", "0.1",
                                   "--steps", "5"], "--strength"),
     ("sweep-sampler-unknown", ["sweep", "p", "--focus", "f", "--alphas", "0", "--sampler", "lms"], "sampler"),
@@ -592,3 +593,28 @@ def test_sweep_writes_one_png_per_cell(tiny_ckpt, tmp_path, capsys):
     code, out, _ = run_cli(["sweep", "p", "--focus", "f", "--alphas", "0.5,0.75", "--weights", tiny_ckpt, *TINY,
                          "-o", tmp_path / "{seed}_{alpha:.2f}.png"], capsys)
     assert code == 0 and (tmp_path / "0_0.50.png").exists() and (tmp_path / "0_0.75.png").exists()
+
+
+@pytest.mark.parametrize("command", [["generate", "p"], ["sweep", "p", "--focus", "f", "--alphas", "0,1"]],
+                         ids=["generate", "sweep"])
+def test_a_non_finite_result_exits_1_naming_it_and_writes_nothing(command, tiny_ckpt, tmp_path, capsys,
+                                                                    monkeypatch):
+    """A model whose decoder gives NaN (fp16 overflow, a broken finetune): one line naming NaN, exit 1, no PNG (the
+    old behaviour: an all-black PNG and exit 0)."""
+    import gbsd_core
+    from gbsd_core.cli import common
+
+    def nan_decoder(checkpoint, device, dtype):
+        b = gbsd_core.load(checkpoint.path)
+        with torch.no_grad():
+            b.vae.decoder.conv_out.bias[0] = float("nan")
+        return b
+
+    monkeypatch.setattr(common, "load_checkpoint", nan_decoder)
+    out = tmp_path / ("o.png" if command[0] == "generate" else "sweep")
+    out.mkdir() if command[0] == "sweep" else None
+    code, _, err = run_cli([*command, "--weights", tiny_ckpt, *TINY, "-o", out], capsys)
+    print(err)
+    assert code == 1 and err.count("\n") == 1 and "NaN" in err and "unexpected" not in err
+    assert "Traceback" not in err
+    assert not list(tmp_path.rglob("*.png"))
