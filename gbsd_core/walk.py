@@ -84,7 +84,6 @@ def walk(bundle: SDBundle, prompt: str, focus: str | None = None, alpha: float =
 def tiny_bundle() -> SDBundle:
     """An SD1-shaped bundle of small random networks, for stepping through the walk without a checkpoint."""
     from .clip_text import CLIPTextConfig, CLIPTextEncoder
-    from .ddim import DDIMScheduler
     from .family import SD1
     from .tokenizer import Tokenizer
     from .unet import UNetConfig, UNetModel
@@ -95,7 +94,7 @@ def tiny_bundle() -> SDBundle:
                                 num_heads=-1, num_head_channels=32, context_dim=64))
     vae = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1))
     text = CLIPTextEncoder(CLIPTextConfig(width=64, layers=2, heads=1))
-    return SDBundle(unet.eval(), vae.eval(), text.eval(), Tokenizer(SD1.pad_token_id), DDIMScheduler(), SD1)
+    return SDBundle(unet.eval(), vae.eval(), text.eval(), Tokenizer(SD1.pad_token_id), SD1)
 
 
 def main(argv: list[str] | None = None) -> None:

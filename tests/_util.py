@@ -15,6 +15,13 @@ GOLDEN = {"sd1": "sd1_v1-inference.tsv", "sd2-512": "sd2_v2-inference.tsv", "sd2
 CONFIGS = Path(__file__).resolve().parent / "configs" / "sd15"
 
 
+def model_ddim(bundle):
+    """The model's own DDIM: its noise schedule, what it predicts (ε or v), the schedule's spacing."""
+    from gbsd_core.samplers import make_sampler
+
+    return make_sampler(bundle.noise_schedule, bundle.family.prediction_type)
+
+
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| / max |ref|, in float64: the error measure every parity test reports."""
     ours = ours.detach().double()

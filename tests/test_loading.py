@@ -53,7 +53,7 @@ def sd1_file(tmp_path_factory: pytest.TempPathFactory, sd1_modules: dict[str, to
 # ------------------------------------------------------------------------------------------------ round trips
 def test_single_file_round_trip(sd1_file: Path, sd1_modules: dict[str, torch.nn.Module]) -> None:
     b = load(sd1_file)
-    assert b.family is SD1 and b.scheduler.prediction_type == "epsilon" and b.tokenizer is not None
+    assert b.family is SD1 and b.family.prediction_type == "epsilon" and b.tokenizer is not None
     assert_same_weights(sd1_modules, bundle_modules(b))
     want, got = outputs(sd1_modules), outputs(bundle_modules(b))
     for k in want:
@@ -481,7 +481,7 @@ def test_sd2_single_file_family_from_name(tmp_path: Path) -> None:
     mods = tiny_modules(sd2=True)
     path = save_single_file(mods, tmp_path / "tiny-768-v.safetensors")
     b = load(path)
-    assert b.family is SD2_768_V and b.scheduler.prediction_type == "v_prediction"
+    assert b.family is SD2_768_V and b.family.prediction_type == "v_prediction"
     assert b.unet.config.upcast_attention and b.text_encoder.config.penultimate
     want, got = outputs(mods, 128), outputs(bundle_modules(b), 128)
     for k in want:

@@ -99,7 +99,7 @@ def test_single_file_round_trip(tmp_path: Path, refiner: bool) -> None:
     assert ("conditioner.embedders.1.model.text_projection" in keys) != refiner
     b = load(path)
     assert b.family is (SDXL_REFINER if refiner else SDXL_BASE)
-    assert b.vae.config.scale_factor == 0.13025 and b.scheduler.prediction_type == "epsilon"
+    assert b.vae.config.scale_factor == 0.13025 and b.family.prediction_type == "epsilon"
     assert_same_weights(modules, bundle_modules(b))
     c = b.encode_prompt(["a photo of a cat", "a dog"])
     assert c.context.shape == (2, 77, 128 if refiner else 192) and c.pooled.shape == (2, 32) and c.micro is None

@@ -159,7 +159,7 @@ class CrossAttentionCollector:
         """The mean attention mass on the positions, float64 [B, h, w] on the finest collected grid (see module doc)."""
         if not self.collected:
             raise ValueError("no attention was collected (the run had no step in stages "
-                             f"{sorted(self.stage_names)}: e.g. σ = 1 has no focus stage)")
+                             f"{sorted(self.stage_names)}: e.g. a layout fraction of 1 has no focus stage)")
         finest = min(self._sums)
         size = tuple(self._sums[finest].shape[-2:])
         total = torch.zeros_like(self._sums[finest])

@@ -158,14 +158,13 @@ def test_cuda_sd2_v_fp16_forced_backends_run(attention):
     b, plain = tiny_bundle("v_prediction"), tiny_bundle("v_prediction")
     b.unet.cuda(), b.vae.cuda()
     ctx, x = torch.randn(2, 77, 48), torch.randn(1, 4, 8, 8)
-    t = int(plain.scheduler.timesteps(10)[2])
-    b.scheduler.timesteps(10)
     with make_stepper(b, FastOptions(dtype=torch.float16, attention=attention), 7.5) as step:
+        t = int(step.sampler.timesteps(10)[2])
         step.set_context(ctx.cuda())
         ours = step(x.cuda(), t, None)[0].cpu()
     from gbsd_core.sampling import CFGStep
 
-    ref = CFGStep(plain.unet, plain.scheduler, 7.5)
+    ref = CFGStep(plain.unet, step.sampler, 7.5)
     ref.set_context(ctx)
     with torch.no_grad():
         err = rel_err(ours, ref(x, t, None)[0])
