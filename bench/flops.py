@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gbsd_core.ddim import DDIMScheduler
+from gbsd_core.ddim import DDIMSampler
 from gbsd_core.sampling import CFGStep
 from gbsd_core.unet import UNetModel
 
@@ -28,9 +28,9 @@ def step_flops(arch: str, tiny: bool, size: int, batch: int, cfg: float) -> int:
     spec = (TINY_ARCHS if tiny else ARCHS)[arch]
     with torch.device("meta"):
         unet = UNetModel(spec.unet).eval()
-    scheduler = DDIMScheduler(prediction_type=spec.family.prediction_type)
-    scheduler.timesteps(50)  # the run the step indexes into (every step costs the same)
-    step = CFGStep(unet, scheduler, cfg)
+    sampler = DDIMSampler(prediction_type=spec.family.prediction_type)
+    sampler.timesteps(50)  # the run the step indexes into (every step costs the same)
+    step = CFGStep(unet, sampler, cfg)
     rows = batch if step.guidance_scale is None else 2 * batch
     context = torch.empty(rows, 77, spec.unet.context_dim, device="meta")
     if spec.unet.adm_in_channels is None:
