@@ -24,9 +24,11 @@ import torch
 
 from .ddim import NUM_TRAIN_TIMESTEPS
 from .noise_schedule import SD, NoiseSchedule
+from .noise_schedule import SPACINGS as DDIM_SPACINGS
 from .family import FAMILIES
 from .samplers import SAMPLERS, make_sampler
-from .sigmas import SCHEDULES
+from .sampling import layout_steps
+from .sigmas import SCHEDULES, SPACINGS
 
 TEXT_MAX_CHARS = 10_000  # CLIP reads 75 tokens (a few hundred characters); this bound only stops absurd inputs
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; seeds here are non-negative
@@ -128,6 +130,8 @@ FIELDS: Mapping[str, Field] = MappingProxyType({
     "eta": Field(float, 0.0, 1.0),
     "sampler": Field(str, choices=SAMPLERS),  # samplers.py
     "schedule": Field(str, choices=SCHEDULES),  # the σ schedule of the σ samplers (sigmas.py)
+    # which timesteps a run visits (sigmas.py); None: the model's own (leading; trailing for zero-SNR and turbo models)
+    "spacing": Field(str, optional=True, choices=SPACINGS),
     # rack focus (gbsd_core/bokeh/rack.py): the local embedding (1 − m)·E(focus) + m·E(focus_to), m = focus_mix
     "focus_to": Field(str, optional=True, nonblank=True),
     "focus_mix": Field(float, 0.0, 1.0),
@@ -140,11 +144,18 @@ def check_together(p: GenerationParams) -> None:
         raise ValueError("focus_to needs a focus prompt to move from (focus)")
     if p.focus_mix != 0.0 and p.focus_to is None:
         raise ValueError(f"focus_mix {p.focus_mix} needs focus_to, the prompt to move the focus towards")
-    if p.sampler == "ddim" and p.schedule != "normal":
-        raise ValueError(f"schedule {p.schedule!r} is for the σ samplers (euler, euler_a, dpmpp_2m); ddim runs "
-                         "CompVis' DDIM timesteps")
+    if p.sampler in ("ddim", "lcm") and p.schedule != "normal":
+        raise ValueError(f"schedule {p.schedule!r} is for the σ samplers (euler, euler_a, dpmpp_2m); {p.sampler} runs "
+                         "its own timesteps")
     if p.sampler != "ddim" and p.eta != 0.0:
-        raise ValueError(f"eta is DDIM's η; sampler {p.sampler!r} takes eta=0 (euler_a is ancestral, η = 1)")
+        raise ValueError(f"eta is DDIM's η; sampler {p.sampler!r} takes eta=0 (euler_a is ancestral, η = 1; lcm "
+                         "re-noises every step by construction)")
+    if p.sampler == "ddim" and p.spacing not in (None, *DDIM_SPACINGS):
+        raise ValueError(f"spacing {p.spacing!r} is for the σ samplers (euler, euler_a, dpmpp_2m); ddim runs "
+                         f"the {' or '.join(DDIM_SPACINGS)} spacing")
+    if p.sampler == "lcm" and p.spacing is not None:
+        raise ValueError(f"spacing {p.spacing!r}: the lcm sampler runs its own schedule (the timesteps the model "
+                         "was distilled on); leave the spacing out")
 
 
 def check_schedule(p: GenerationParams, img2img: bool, noise_schedule: NoiseSchedule = SD,
@@ -154,8 +165,12 @@ def check_schedule(p: GenerationParams, img2img: bool, noise_schedule: NoiseSche
     (None: the schedule's own), so this check and the run cannot disagree: ValueError where the schedule cannot run it
     (DDIM at 1000 leading steps; a spacing whose steps would not descend; no step left at this strength)."""
     # the timesteps do not depend on what the model predicts; v, because a zero-SNR schedule allows only v models
-    sampler = make_sampler(noise_schedule, "v_prediction", p.sampler, p.schedule, spacing)
-    return len(sampler.timesteps(p.steps, p.strength if img2img else 1.0))
+    sampler = make_sampler(noise_schedule, "v_prediction", p.sampler, p.schedule, p.spacing if spacing is None
+                           else spacing)
+    n_run = len(sampler.timesteps(p.steps, p.strength if img2img else 1.0))
+    if p.focus is not None:
+        layout_steps(n_run, p.layout)  # GBSD's two stages need two steps (sampling.layout_steps)
+    return n_run
 
 
 def check_field(name: str, value: Any) -> Any:
@@ -180,8 +195,9 @@ class GenerationParams:
     height: int | None = None
     strength: float = 0.75  # img2img only: fraction of the schedule that is re-run
     eta: float = 0.0  # DDIM η
-    sampler: str = "ddim"  # samplers.SAMPLERS: "ddim" | "euler" | "euler_a" | "dpmpp_2m"
+    sampler: str = "ddim"  # samplers.SAMPLERS: "ddim" | "euler" | "euler_a" | "dpmpp_2m" | "lcm"
     schedule: str = "normal"  # σ schedule of the σ samplers: "normal" | "karras"
+    spacing: str | None = None  # sigmas.SPACINGS; None: the model's own (noise_schedule.py, family defaults)
     # Rack focus (gbsd_core/bokeh/rack.py): the focus stage's local embedding is (1−m)·E(focus) + m·E(focus_to),
     # m = focus_mix, instead of E(focus). None / 0 = the plain GBSD local prompt.
     focus_to: str | None = None

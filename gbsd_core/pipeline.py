@@ -46,6 +46,7 @@ from .sampling import (
     gbsd_stages,
     layout_steps,
 )
+from .sampling import guidance as sampling_guidance
 
 LAYOUT_WARN_BELOW = 0.7  # the paper: with a layout fraction below 0.7 the focus prompt starts re-arranging the scene ("objects mix")
 
@@ -129,11 +130,14 @@ class _Start:
 def _sampler(bundle: SDBundle, params: GenerationParams, stepper: Stepper | None) -> Sampler:
     """The sampler the parameters ask for: the stepper's own (which must be that one), else made on the bundle's ᾱ."""
     if stepper is None:
-        return make_sampler(bundle.noise_schedule, bundle.family.prediction_type, params.sampler, params.schedule)
+        return make_sampler(bundle.noise_schedule, bundle.family.prediction_type, params.sampler, params.schedule,
+                            params.spacing)
     sampler = stepper.sampler
-    if (sampler.name, sampler.schedule) != (params.sampler, params.schedule):
-        raise ValueError(f"the stepper runs sampler {sampler.name!r} with the {sampler.schedule!r} schedule; these "
-                         f"parameters ask for {params.sampler!r}, {params.schedule!r}")
+    if (sampler.name, sampler.schedule) != (params.sampler, params.schedule) or (
+            params.spacing is not None and sampler.spacing != params.spacing):
+        raise ValueError(f"the stepper runs sampler {sampler.name!r} with the {sampler.schedule!r} schedule and the "
+                         f"{sampler.spacing!r} spacing; these parameters ask for {params.sampler!r}, "
+                         f"{params.schedule!r}, spacing {params.spacing!r} (None: the model's own)")
     return sampler
 
 
@@ -182,7 +186,7 @@ def _boundary(start: _Start, n_layout: int, has_focus: bool) -> tuple[int | floa
 def _denoise(bundle: SDBundle, params: GenerationParams, start: _Start, stages: list[Stage], progress: bool,
              probe: Probe | None, stepper: Stepper | None, watch: Watcher | None = None) -> tuple[Tensor, int]:
     """Run the stages; returns the final latents and the UNet evaluations per sample row (counted from the states)."""
-    guidance = None if params.cfg == 1.0 else params.cfg
+    guidance = sampling_guidance(params.cfg)  # None at cfg ≤ 1: the conditional branch alone
     if stepper is None:
         # A probe wraps the plain UNet call; otherwise the UNet runs untouched.
         model = bundle.unet if probe is None else probe.wrap(bundle.unet, start.timesteps, stages, guidance is not None)

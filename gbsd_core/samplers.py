@@ -7,8 +7,10 @@
     euler_a    Euler ancestral, η = 1                 sample_euler_ancestral / EulerAncestralDiscrete…   euler_ancestral.py
     dpmpp_2m   DPM-Solver++(2M)                       sample_dpmpp_2m / DPMSolverMultistepScheduler      dpmpp_2m.py
                                                       (algorithm_type="dpmsolver++", solver_order=2)
+    lcm        Latent Consistency Model sampling      LCM Algorithm 1 / diffusers LCMScheduler           lcm.py
+               (for LCM / LCM-LoRA weights, 4–8 steps; its own skipped schedule, no spacing or Karras σ)
 
-All four call the UNet once per step, so a 20-step run costs 20 UNet evaluations (with classifier-free guidance each
+All five call the UNet once per step, so a 20-step run costs 20 UNet evaluations (with classifier-free guidance each
 is one batched call on [uncond; cond]); 20–25 steps of DPM++ 2M or Euler look like 50 of DDIM. The σ samplers take a
 `schedule`, "normal" or "karras", and a `spacing`: "leading" (the default: diffusers with `timestep_spacing=
 "leading"`, SDXL's shipped config, CompVis' DDIM spacing), "linspace" (diffusers' class default, what a `from_config`
@@ -31,11 +33,13 @@ from .ddim import DDIMSampler
 from .dpmpp_2m import DPMPP2MSampler
 from .euler import EulerSampler
 from .euler_ancestral import EulerAncestralSampler
+from .lcm import SPACING as LCM_SPACING
+from .lcm import LCMSampler
 from .noise_schedule import SPACINGS as DDIM_SPACINGS
 from .noise_schedule import NoiseSchedule
 from .sigmas import SCHEDULES, SPACINGS, SigmaSampler
 
-SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m")
+SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "lcm")
 _SIGMA_SAMPLERS: dict[str, type[SigmaSampler]] = {
     "euler": EulerSampler, "euler_a": EulerAncestralSampler, "dpmpp_2m": DPMPP2MSampler,
 }
@@ -44,12 +48,13 @@ __all__ = ["SAMPLERS", "SCHEDULES", "SPACINGS", "Sampler", "make_sampler"]
 
 
 class Sampler(Protocol):
-    """A tensor-only sampler: DDIMSampler (ddim.py) and the σ samplers (sigmas.SigmaSampler) implement it."""
+    """A tensor-only sampler: DDIMSampler (ddim.py), the σ samplers (sigmas.SigmaSampler) and LCMSampler (lcm.py)
+    implement it."""
 
     name: str  # one of SAMPLERS
     prediction_type: str  # "epsilon" | "v_prediction": what the UNet predicts
     schedule: str  # "normal" | "karras"
-    spacing: str  # "leading" | "trailing"; the σ samplers also "linspace" | "k-diffusion"
+    spacing: str  # "leading" | "trailing"; the σ samplers also "linspace" | "k-diffusion"; lcm its own, "lcm"
     num_inference_steps: int | None  # n of the full schedule (img2img runs its last len(run_timesteps) steps)
     run_timesteps: Tensor | None  # the UNet's timestep at each executed step [n_run] (long; float64 if fractional)
     sigmas: Tensor | None  # noise level σ entering each executed step, then after the last; float64 [n_run + 1]
@@ -77,13 +82,19 @@ def make_sampler(noise_schedule: NoiseSchedule, prediction_type: str, name: str 
     a bundle's `noise_schedule` and `family.prediction_type`.
 
     `spacing` None is the schedule's own: "leading" (CompVis' DDIM timesteps), "trailing" for a zero-terminal-SNR
-    schedule. "ddim" takes no Karras σ and neither of the σ samplers' "linspace" and "k-diffusion" spacings.
+    schedule. "ddim" takes no Karras σ and neither of the σ samplers' "linspace" and "k-diffusion" spacings;
+    "lcm" runs its own skipped schedule and takes neither a schedule nor a spacing.
     """
     if not isinstance(noise_schedule, NoiseSchedule):
         raise ValueError(f"noise_schedule must be a NoiseSchedule (a bundle's .noise_schedule), got "
                          f"{type(noise_schedule).__name__}")
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
+    if name == "lcm":
+        if schedule != "normal" or spacing not in (None, LCM_SPACING):
+            raise ValueError(f"the lcm sampler runs its own schedule (the timesteps the model was distilled on); "
+                             f"schedule={schedule!r} and spacing={spacing!r} are for the other samplers")
+        return LCMSampler(prediction_type, noise_schedule)
     spacing = noise_schedule.spacing if spacing is None else spacing
     if name == "ddim":
         if schedule != "normal" or spacing not in DDIM_SPACINGS:

@@ -62,14 +62,22 @@ class Stage:
 
 
 def layout_steps(n: int, layout: float) -> int:
-    """n_layout = round(layout·n) for the layout fraction `layout`, rounding halves up (0.8 of 50 → 40; 0.5 of 5 → 3).
+    """n_layout = round(layout·n) for the layout fraction `layout`, rounding halves up (0.8 of 50 → 40; 0.5 of 5 → 3),
+    and for 0 < layout < 1 at least one step in each stage (0.8 of 2 → 1: few-step models; README "Few-step").
 
     Python's round() rounds halves to even (round(2.5) == 2), which would make the split jump around as n grows;
     floor(x + 0.5) is monotonic in both σ and n. A tiny epsilon absorbs float error such as 0.7·10 = 7.000000000000001.
+    A fraction strictly between 0 and 1 asks for two stages, which one step cannot hold: ValueError.
     """
     if not 0.0 <= layout <= 1.0:
         raise ValueError(f"the layout fraction must be in [0, 1], got {layout}")
-    return min(n, max(0, math.floor(layout * n + 0.5 + 1e-9)))
+    n_layout = min(n, max(0, math.floor(layout * n + 0.5 + 1e-9)))
+    if 0.0 < layout < 1.0:
+        if n < 2:
+            raise ValueError(f"GBSD at {n} step: a layout stage and a focus stage need at least 2 executed steps "
+                             "(or a layout fraction of 0 or 1, one stage)")
+        n_layout = min(n - 1, max(1, n_layout))  # neither stage empty
+    return n_layout
 
 
 def focus_conditioning(global_emb: Cond, local_emb: Cond, alpha: float | Tensor) -> Cond:
@@ -136,17 +144,24 @@ class Stepper(Protocol):
         (None when `sampler.noise_std(i, eta)` is 0); `prev_x0`: step i−1's x̂_0 (None at a first-order step)."""
 
 
+def guidance(cfg: float | None) -> float | None:
+    """The guidance scale a run uses: `cfg` above 1, else None, no guidance (the conditional branch alone, at half
+    the cost). diffusers' rule (`do_classifier_free_guidance = guidance_scale > 1`), which the turbo models' cards
+    rely on (`guidance_scale=0.0`); at 1 the formula below gives the conditional output anyway."""
+    return None if cfg is None or cfg <= 1.0 else cfg
+
+
 class CFGStep:
     """The readable reference step: one batched UNet call on [x; x] with [uncond; cond], guidance, then the sampler's
     `update`. Guidance lives here; everything about the noise schedule lives in the sampler.
 
-    guidance_scale None (or 1.0, which is the same image at half the cost) runs the model on the conditional rows only.
+    guidance_scale None or ≤ 1 (`guidance`) runs the model on the conditional rows only.
     """
 
     def __init__(self, model: Denoiser, sampler: Sampler, guidance_scale: float | None,
                  eta: float = 0.0) -> None:
         self.model, self.sampler, self.eta = model, sampler, eta
-        self.guidance_scale = None if guidance_scale is None or guidance_scale == 1.0 else guidance_scale
+        self.guidance_scale = guidance(guidance_scale)
         self.context: Tensor | None = None
         self.vector: Tensor | None = None
 

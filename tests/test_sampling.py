@@ -37,18 +37,19 @@ def _emb(value: float, rows: int = 1) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "n, layout, expected", [(50, 0.8, 40), (10, 0.7, 7), (5, 0.5, 3), (1, 0.8, 1), (1, 0.4, 0), (7, 1.0, 7), (7, 0.0, 0)]
+    "n, layout, expected", [(50, 0.8, 40), (10, 0.7, 7), (5, 0.5, 3), (1, 1.0, 1), (1, 0.0, 0), (7, 1.0, 7), (7, 0.0, 0),
+                            (2, 0.8, 1), (10, 0.99, 9), (10, 0.01, 1)]  # few steps: neither stage empty
 )
 def test_layout_steps_rounds_half_up(n, layout, expected):
     assert layout_steps(n, layout) == expected
 
 
 def test_layout_steps_is_monotonic_in_the_layout_fraction_and_n():
-    for n in range(1, 60):
+    for n in range(2, 60):  # one step holds no two stages (test_few_step.py)
         counts = [layout_steps(n, s / 100) for s in range(101)]
         assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == n
     for s in (0.25, 0.5, 0.7, 0.8, 0.95):
-        counts = [layout_steps(n, s) for n in range(1, 200)]
+        counts = [layout_steps(n, s) for n in range(2, 200)]
         assert counts == sorted(counts)
 
 
@@ -87,6 +88,10 @@ def test_every_step_uses_the_conditioning_the_schedule_says(steps, layout, stren
         return
     n = len(timesteps)
     assert n == int(steps * strength)
+    if n == 1 and 0.0 < layout < 1.0:  # two stages need two steps
+        with pytest.raises(ValueError, match="GBSD at 1 step"):
+            gbsd_stages(_emb(1.0), _emb(-1.0), n, layout)
+        return
     g, loc, u = _emb(1.0), _emb(-1.0), _emb(0.25)
     alpha = 0.5
     focus = focus_conditioning(g, loc, alpha)

@@ -66,6 +66,7 @@ class Settings:
     strength: float = 0.75
     sampler: str = "ddim"  # samplers.SAMPLERS: the paper's table is DDIM 50
     schedule: str = "normal"
+    spacing: str | None = None  # None: the model's own
 
     def params(self, pair: Pair, focus: str | None) -> GenerationParams:
         from ..params import GenerationParams
@@ -73,7 +74,7 @@ class Settings:
         return GenerationParams(pair.prompt, focus=focus, alpha=self.alpha, layout=self.layout, steps=self.steps,
                                 cfg=self.cfg, negative=self.negative, seed=pair.seed, width=self.width,
                                 height=self.height, strength=self.strength, sampler=self.sampler,
-                                schedule=self.schedule)
+                                schedule=self.schedule, spacing=self.spacing)
 
 
 @dataclass
@@ -277,7 +278,7 @@ def run_eval(args: argparse.Namespace) -> int:
     width, height = parse_size(args.size) if args.size else (None, None)
     model_path, family = common.resolve_model(args, None)
     settings = Settings(model_path.name, args.alpha, args.layout, args.steps, args.cfg, args.negative, width, height,
-                        args.strength, args.sampler or "ddim", args.schedule or "normal")
+                        args.strength, args.sampler or "ddim", args.schedule or "normal", args.spacing)
     with usage_errors():
         params = settings.params(pairs[0], pairs[0].focus)  # the flags by the core's rules (pairs' fields: pairs.py)
     out = Path(args.output)

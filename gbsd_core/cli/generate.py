@@ -75,14 +75,17 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 # The names of samplers.SAMPLERS / sigmas.SCHEDULES, written out so `--help` imports no torch (a test holds them equal)
-SAMPLER_HELP = "ddim (default, the paper's), euler, euler_a (ancestral), dpmpp_2m (DPM++ 2M)"
+SAMPLER_HELP = "ddim (default, the paper's), euler, euler_a (ancestral), dpmpp_2m (DPM++ 2M), lcm (LCM / LCM-LoRA)"
 SCHEDULE_HELP = "normal (default) or karras: the σ schedule of euler, euler_a and dpmpp_2m"
+SPACING_HELP = ("which timesteps a run visits: leading (the default; trailing for zero-SNR and turbo models), "
+                "trailing, linspace, k-diffusion (the last two: σ samplers only)")
 
 
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
-    """--sampler / --schedule, checked by the core's rules (params.FIELDS) like every other parameter."""
+    """--sampler / --schedule / --spacing, checked by the core's rules (params.FIELDS) like every other parameter."""
     p.add_argument("--sampler", metavar="NAME", help=SAMPLER_HELP)
     p.add_argument("--schedule", metavar="NAME", help=SCHEDULE_HELP)
+    p.add_argument("--spacing", metavar="NAME", help=SPACING_HELP)
 
 
 def add_params_args(p: argparse.ArgumentParser, *, img2img: bool | None) -> None:
@@ -242,6 +245,10 @@ def plan(args: argparse.Namespace) -> Plan:
 
     from ..pipeline import LAYOUT_WARN_BELOW
 
+    if 0.0 < params.cfg < 1.0:
+        warn(f"--cfg {params.cfg:g} <= 1 turns guidance off: the conditional image, as --cfg 0 and 1 (diffusers' "
+             "rule; A1111 would mix towards the negative prompt's image below 1)")
+
     if (params.focus is not None or focus_stack) and params.layout < LAYOUT_WARN_BELOW:
         warn(f"--layout {params.layout} < {LAYOUT_WARN_BELOW}: the GBSD paper reports objects start to mix "
              "below a layout fraction of 0.7")
@@ -284,7 +291,8 @@ def execute(p: Plan) -> None:
         from ..samplers import make_sampler
 
         # the chosen sampler's own truncation of its schedule (the one the run will make)
-        sampler = make_sampler(bundle.noise_schedule, bundle.family.prediction_type, p.params.sampler, p.params.schedule)
+        sampler = make_sampler(bundle.noise_schedule, bundle.family.prediction_type, p.params.sampler, p.params.schedule,
+                               p.params.spacing)
         executed = len(sampler.timesteps(p.params.steps, p.params.strength))
         label = pngmeta.sampler_label(p.params.sampler, p.params.schedule)
         print(f"img2img: strength {p.params.strength} runs {executed} of {p.params.steps} steps ({label})",
@@ -294,7 +302,8 @@ def execute(p: Plan) -> None:
     if p.fast is not None:
         from ..fast import make_stepper
 
-        stepper = make_stepper(bundle, p.fast, p.params.cfg, p.params.eta, p.params.sampler, p.params.schedule)
+        stepper = make_stepper(bundle, p.fast, p.params.cfg, p.params.eta, p.params.sampler, p.params.schedule,
+                               p.params.spacing)
     try:
         if p.mode == "sweep":
             results = pipeline.sweep(bundle, p.params, alphas=p.alphas, focus_prompts=p.focus_stack,

@@ -67,7 +67,7 @@ def run_grid(args: argparse.Namespace) -> int:
     with usage_errors():
         base = GenerationParams(args.prompt, focus=args.focus, steps=args.steps, cfg=args.cfg, negative=args.negative,
                                 seed=args.seed, width=width, height=height, sampler=args.sampler or "ddim",
-                                schedule=args.schedule or "normal")
+                                schedule=args.schedule or "normal", spacing=args.spacing)
     has_focus = [layout_steps(base.steps, s) < base.steps for s in layouts]
     if not any(has_focus) and not (args.mask or box):
         raise UsageError(f"--layouts {args.layouts}: with {base.steps} steps every layout fraction leaves no focus stage (round(layout·n) = "

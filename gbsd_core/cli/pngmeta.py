@@ -13,7 +13,7 @@ Two text chunks are written:
   JSON string (A1111's `quote()` rule), so it survives the split. "Model hash" is the first 10 hex digits of the
   file's sha256 (A1111's current hash). GBSD's own keys are prefixed "GBSD " so they cannot clash with A1111's.
 
-  Samplers by A1111's names (`SAMPLER_NAMES`): "DDIM", "Euler", "Euler a", "DPM++ 2M". Since v1.9 A1111 writes the
+  Samplers by A1111's names (`SAMPLER_NAMES`): "DDIM", "Euler", "Euler a", "DPM++ 2M", "LCM". Since v1.9 A1111 writes the
   noise schedule apart, as `Schedule type:` (processing.create_infotext writes `p.scheduler`, "Automatic" unless one
   is chosen; the k-diffusion sampler then overrides it with the label of the schedule it resolved, so DPM++ 2M on
   "Automatic" is written "Schedule type: Karras", its default there). Written here for the σ samplers only, and never
@@ -24,7 +24,10 @@ Two text chunks are written:
   model's own schedule: A1111 < 1.9 put Karras into the sampler's name, "DPM++ 2M Karras", which is read too). A name
   gbsd does not implement ("Heun", "Exponential") is kept as it is, so the parameter check refuses it by name unless
   `--sampler` / `--schedule` override it. The same method and schedule is not the same image: A1111 spaces the σ
-  samplers' steps as k-diffusion does, gbsd as diffusers' "leading" (sigmas.py).
+  samplers' steps as k-diffusion does, gbsd as diffusers' "leading" (sigmas.py). Few-step runs: the trailing spacing
+  of the normal schedule is written and read as A1111's "SGM Uniform" (what it pairs with SD-Turbo / SDXL-Turbo); LCM
+  is "Sampler: LCM" with no schedule written, and a schedule read with it is ignored, as DDIM's (lcm.py runs its own).
+  The `gbsd` JSON keeps every spacing exactly.
 
 * `gbsd` -- machine-readable JSON with every `GenerationParams` field exactly (floats via JSON's shortest
   round-trip repr), the model file name and its full sha256. `read_params` prefers it; the infotext parser is the
@@ -51,8 +54,11 @@ JSON_KEY = "gbsd"
 INFOTEXT_KEY = "parameters"
 FORMAT_VERSION = 1
 # samplers.SAMPLERS by A1111's names (modules/sd_samplers_kdiffusion.py, sd_samplers_timesteps.py) and back
-SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M"}
+SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M", "lcm": "LCM"}
 SCHEDULE_LABELS = {"normal": "Uniform", "karras": "Karras"}  # A1111's modules/sd_schedulers.py labels
+# A1111's "SGM Uniform" (sd_schedulers.sgm_uniform: n timesteps evenly from T−1 down, as sgm's turbo samplers) is the
+# trailing spacing of the normal schedule; A1111 places them at fractional timesteps, diffusers (and gbsd) rounds them
+SGM_UNIFORM = "SGM Uniform"
 # What A1111's other labels for our two schedules mean when read (its "Normal" is evenly spaced in t as well)
 _SCHEDULES_READ = {"uniform": "normal", "normal": "normal", "karras": "karras"}
 _AUTOMATIC = {"dpmpp_2m": "karras"}  # A1111 >= 1.9: a sampler's default schedule where it is not the model's own
@@ -111,10 +117,13 @@ def _read_sampler(pairs: dict[str, str]) -> dict[str, str]:
         sampler, label = by_name[name[:-len(" karras")].lower()], "Karras"  # A1111 < 1.9: "DPM++ 2M Karras"
     if sampler is None:
         return {"sampler": name}  # not one of ours: the parameter check names it
-    if sampler == "ddim":
+    if sampler in ("ddim", "lcm"):
         # A1111 >= 1.9 writes its Schedule type for every sampler (processing.create_infotext: p.scheduler), but
-        # DDIM spaces its own timesteps (sd_samplers_timesteps) and ignores it: "DDIM, Schedule type: Karras" is DDIM
-        return {"sampler": "ddim", "schedule": "normal"}
+        # DDIM spaces its own timesteps (sd_samplers_timesteps) and ignores it: "DDIM, Schedule type: Karras" is DDIM.
+        # LCM runs its own skipped schedule here (lcm.py), whatever A1111 paired it with ("SGM Uniform", usually).
+        return {"sampler": sampler, "schedule": "normal"}
+    if label.lower() == SGM_UNIFORM.lower():
+        return {"sampler": sampler, "schedule": "normal", "spacing": "trailing"}
     if label.lower() == "automatic":
         return {"sampler": sampler, "schedule": _AUTOMATIC.get(sampler, "normal")}
     return {"sampler": sampler, "schedule": _SCHEDULES_READ.get(label.lower(), label)}
@@ -123,8 +132,9 @@ def _read_sampler(pairs: dict[str, str]) -> dict[str, str]:
 def infotext(params: GenerationParams, record: ImageRecord) -> str:
     """The A1111-style `parameters` text for one image (see module docstring)."""
     fields: list[tuple[str, Any]] = [("Steps", params.steps), ("Sampler", SAMPLER_NAMES[params.sampler])]
-    if params.sampler != "ddim":
-        fields.append(("Schedule type", SCHEDULE_LABELS[params.schedule]))
+    if params.sampler not in ("ddim", "lcm"):
+        trailing = params.spacing == "trailing" and params.schedule == "normal"
+        fields.append(("Schedule type", SGM_UNIFORM if trailing else SCHEDULE_LABELS[params.schedule]))
     fields += [
         ("CFG scale", _num(params.cfg)),
         ("Seed", params.seed),

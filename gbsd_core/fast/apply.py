@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..attention_sites import attention_sites
+from ..sampling import guidance as sampling_guidance
 from .attention import swap_attention
 from .kernels import triton_available
 from .modules import (
@@ -128,7 +129,7 @@ def make_stepper(bundle: SDBundle, options: FastOptions, guidance_scale: float |
     """A `sampling.Stepper` for `denoise` / `generate(stepper=)`: eager, compiled and/or CUDA-graphed per `options`,
     running the sampler `sampler` / `schedule` / `spacing` (samplers.make_sampler) on the bundle's noise schedule.
 
-    guidance_scale None or 1.0 means no classifier-free guidance (one UNet row per latent). Accelerates the bundle
+    guidance_scale None or ≤ 1 means no classifier-free guidance (one UNet row per latent: sampling.guidance). Accelerates the bundle
     first if needed. The stepper is cached on the bundle (its UNet) per (options, guidance, η, sampler, schedule,
     spacing, the bundle's noise schedule): a second call returns the same object, whose compiled step, coefficient tables
     and CUDA graphs (one per shape, with their K/V buffers) serve every later run, so a second `generate` neither
@@ -144,8 +145,8 @@ def make_stepper(bundle: SDBundle, options: FastOptions, guidance_scale: float |
         check_field("cfg", guidance_scale)  # the rules of GenerationParams' cfg and eta, which the stepper must match
     check_field("eta", eta)
     accelerate(bundle, options)
-    guidance = None if guidance_scale is None or guidance_scale == 1.0 else float(guidance_scale)
-    spacing = bundle.noise_schedule.spacing if spacing is None else spacing  # None: the model's own (make_sampler)
+    guidance = None if sampling_guidance(guidance_scale) is None else float(guidance_scale)
+    # None: the model's own spacing (make_sampler; lcm takes no other), the noise schedule in the key says which
     key = (options, guidance, float(eta), sampler, schedule, spacing, bundle.noise_schedule, bundle.family.prediction_type)
     cache = bundle.unet.fast_steppers
     stepper = cache.get(key)

@@ -278,7 +278,7 @@ def test_a1111_sampler_names_are_read(line, sampler, schedule):
 
 @pytest.mark.parametrize("line, match", [
     ("Steps: 20, Sampler: Heun, CFG scale: 7, Seed: 1", "sampler must be one of ddim, euler, euler_a, dpmpp_2m, "
-                                                        "got 'Heun'"),
+                                                        "lcm, got 'Heun'"),
     ("Steps: 20, Sampler: DPM++ SDE Karras, CFG scale: 7, Seed: 1", "got 'DPM\\+\\+ SDE Karras'"),
     ("Steps: 20, Sampler: Euler, Schedule type: Exponential, CFG scale: 7, Seed: 1",
      "schedule must be one of normal, karras, got 'Exponential'"),
@@ -287,6 +287,46 @@ def test_samplers_gbsd_does_not_have_are_refused_by_name(line, match):
     params, _ = pngmeta.parse_infotext("p\n" + line)
     with pytest.raises(ValueError, match=match):
         pngmeta.params_from_dict(params)
+
+
+# Few-step lines as A1111 writes them for SD-Turbo (Euler a + SGM Uniform) and LCM-LoRA (LCM, usually + SGM Uniform)
+FEW_STEP_LINES = [
+    ("Steps: 1, Sampler: Euler a, Schedule type: SGM Uniform, CFG scale: 1, Seed: 1, Size: 512x512, Version: v1.10.1",
+     "euler_a", "normal", "trailing"),
+    ("Steps: 4, Sampler: Euler, Schedule type: SGM Uniform, CFG scale: 1, Seed: 1, Size: 512x512", "euler", "normal",
+     "trailing"),
+    ("Steps: 6, Sampler: LCM, Schedule type: SGM Uniform, CFG scale: 1.5, Seed: 1, Size: 512x512, Version: v1.10.1",
+     "lcm", "normal", None),
+    ("Steps: 6, Sampler: LCM, Schedule type: Karras, CFG scale: 1.5, Seed: 1, Size: 512x512", "lcm", "normal", None),
+    ("Steps: 20, Sampler: Euler a, Schedule type: Uniform, CFG scale: 7, Seed: 1, Size: 512x512", "euler_a", "normal",
+     None),
+]
+
+
+@pytest.mark.parametrize("line, sampler, schedule, spacing", FEW_STEP_LINES)
+def test_a1111_few_step_lines_are_read(line, sampler, schedule, spacing):
+    params, _ = pngmeta.parse_infotext("a photo of a cat\n" + line)
+    p = pngmeta.params_from_dict(params)
+    assert (p.sampler, p.schedule, p.spacing) == (sampler, schedule, spacing)
+
+
+@pytest.mark.parametrize("kw, written", [
+    (dict(sampler="lcm"), "Sampler: LCM, CFG scale"),
+    (dict(sampler="euler_a", spacing="trailing"), "Sampler: Euler a, Schedule type: SGM Uniform, CFG scale"),
+    (dict(sampler="euler", spacing="trailing", schedule="karras"), "Sampler: Euler, Schedule type: Karras, CFG"),
+    (dict(sampler="ddim", spacing="trailing"), "Sampler: DDIM, CFG scale"),
+])
+def test_few_step_samplers_round_trip(kw, written, tmp_path):
+    """Written with A1111's names and read back; the JSON chunk keeps every spacing (the infotext only SGM Uniform's)."""
+    p = _params(**kw)
+    text = pngmeta.infotext(p, _record())
+    assert written in text
+    out = _png(tmp_path, p, _record())
+    assert pngmeta.read_params(out) == p
+    parsed, _ = pngmeta.parse_infotext(text)
+    back = pngmeta.params_from_dict(parsed)
+    assert (back.sampler, back.schedule) == (p.sampler, p.schedule)
+    assert back.spacing == (p.spacing if "SGM Uniform" in text else None)
 
 
 def test_sampler_labels():
