@@ -25,6 +25,21 @@ TextEncoderKind = Literal["clip", "openclip", "sdxl-clip+openclip", "sdxl-opencl
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """How a distilled few-step model is run by its card (README "Few-step"): the defaults of a run with its family,
+    which the CLI's flags (and a PNG's parameters) override."""
+
+    sampler: str  # samplers.SAMPLERS
+    spacing: str  # sigmas.SPACINGS: "trailing" for the turbo models' shipped scheduler configs
+    steps: int
+    cfg: float  # ≤ 1: no classifier-free guidance (sampling.guidance)
+
+    def params(self) -> dict[str, str | int | float]:
+        """The GenerationParams fields it sets: `GenerationParams(prompt, **family.recipe.params())`."""
+        return {"sampler": self.sampler, "spacing": self.spacing, "steps": self.steps, "cfg": self.cfg}
+
+
+@dataclass(frozen=True)
 class Family:
     name: str  # "sd1" | "sd2-512" | "sd2-768-v" | "sdxl-base" | "sdxl-refiner"
     prediction_type: Literal["epsilon", "v_prediction"]
@@ -40,6 +55,7 @@ class Family:
     # sampling scripts for SDXL base (force_uc_zero_embeddings=["txt"]), diffusers' force_zeros_for_empty_prompt.
     # The refiner is an sgm "legacy" model there: it encodes the negative prompt.
     force_zeros_for_empty_prompt: bool = False
+    recipe: Recipe | None = None  # few-step models: their card's sampler, spacing, steps and guidance
 
     @property
     def max_size(self) -> int:
@@ -54,11 +70,20 @@ SD2_768_V = Family("sd2-768-v", "v_prediction", 768, 0, "openclip")  # v2-infere
 SDXL_BASE = Family("sdxl-base", "epsilon", 1024, 49407, "sdxl-clip+openclip", vae_scale_factor=0.13025,
                    force_zeros_for_empty_prompt=True)
 SDXL_REFINER = Family("sdxl-refiner", "epsilon", 1024, 0, "sdxl-openclip", vae_scale_factor=0.13025)
-FAMILIES: tuple[Family, ...] = (SD1, SD2_512, SD2_768_V, SDXL_BASE, SDXL_REFINER)
+# The adversarial-diffusion-distilled models (Sauer et al. 2023, "Adversarial Diffusion Distillation"): SD 2.1's and
+# SDXL base's networks and keys, made for 512² at 1–4 steps without guidance (their cards: guidance_scale=0.0),
+# shipped with Euler ancestral on the trailing spacing. Their tensors do not tell them from SD2 / SDXL base: the
+# family comes from --family or a diffusers folder's trailing scheduler config (README "Few-step").
+TURBO = Recipe("euler_a", "trailing", 1, 0.0)
+SD_TURBO = Family("sd-turbo", "epsilon", 512, 0, "openclip", recipe=TURBO)
+SDXL_TURBO = Family("sdxl-turbo", "epsilon", 512, 49407, "sdxl-clip+openclip", vae_scale_factor=0.13025,
+                    force_zeros_for_empty_prompt=True, recipe=TURBO)
+FAMILIES: tuple[Family, ...] = (SD1, SD2_512, SD2_768_V, SDXL_BASE, SDXL_REFINER, SD_TURBO, SDXL_TURBO)
 
 # Aliases a user may type for `family=`; the canonical names are the Family.name values.
 _ALIASES = {"sd15": "sd1", "sd1.5": "sd1", "sd2": "sd2-512", "sd2-base": "sd2-512", "sd2-v": "sd2-768-v",
-            "sd2-768": "sd2-768-v", "sdxl": "sdxl-base", "sdxl-1.0": "sdxl-base"}
+            "sd2-768": "sd2-768-v", "sdxl": "sdxl-base", "sdxl-1.0": "sdxl-base", "sd_turbo": "sd-turbo",
+            "sdxl_turbo": "sdxl-turbo"}
 
 
 def family_by_name(name: str | Family) -> Family:
@@ -72,6 +97,16 @@ def family_by_name(name: str | Family) -> Family:
         if fam.name == key:
             return fam
     raise ValueError(f"unknown model family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
+
+
+def turbo_of(fam: Family, timestep_spacing: str | None, zero_terminal_snr: bool, native_size: int | None) -> Family:
+    """A diffusers folder detected as SD2-512 or SDXL base whose scheduler config ships the trailing spacing (on SD's
+    schedule, not a zero-SNR one) at a native 512²: the turbo family of that architecture (stabilityai/sd-turbo,
+    stabilityai/sdxl-turbo); any other family as it is."""
+    turbo = {SD2_512.name: SD_TURBO, SDXL_BASE.name: SDXL_TURBO}.get(fam.name)
+    if turbo is None or timestep_spacing != "trailing" or zero_terminal_snr or native_size != turbo.resolution:
+        return fam
+    return turbo
 
 
 def text_encoder_kind(keys: list[str] | set[str]) -> TextEncoderKind | None:

@@ -32,7 +32,7 @@ from .block_counts import check_block_counts
 from .bundle import COMPONENTS, SDBundle, check_parts_fit, model_limits
 from .clip_text import CLIPTextConfig, CLIPTextEncoder
 from .ddim import DDIMSampler
-from .family import Family, detect, family_by_name
+from .family import Family, detect, family_by_name, turbo_of
 from .noise_schedule import SD as SD_NOISE_SCHEDULE
 from .noise_schedule import NoiseSchedule
 from .openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
@@ -110,6 +110,7 @@ class RawCheckpoint:
     micro_dim: int | None = None  # an SDXL folder's micro-conditioning width (unet addition_time_embed_dim)
     # A diffusers folder's scheduler_config.json, built (diffusers_configs.scheduler_config); single files: SD's
     noise_schedule: NoiseSchedule = SD_NOISE_SCHEDULE
+    timestep_spacing: str | None = None  # the scheduler config's; "trailing" + 512² tells a turbo folder (family.py)
 
 
 def _present(path: Path) -> bool:
@@ -154,9 +155,11 @@ def _read_diffusers(folder: Path) -> RawCheckpoint:
 
     sched = folder / "scheduler" / "scheduler_config.json"
     prediction_type, noise_schedule = None, SD_NOISE_SCHEDULE  # no scheduler config: SD's, as for single files
+    spacing = None
     if _present(sched):
         raw = read_json_object(sched)
         prediction_type = raw.get("prediction_type")
+        spacing = raw.get("timestep_spacing")
         if prediction_type is not None and not isinstance(prediction_type, str):
             raise CheckpointError(f"{sched}: prediction_type must be a string, got {prediction_type!r}")
         try:
@@ -165,7 +168,8 @@ def _read_diffusers(folder: Path) -> RawCheckpoint:
             raise CheckpointError(f"{sched}: {e}") from None
     vae = configs.get("vae")
     native = sample_size * vae.downsample_factor if sample_size and isinstance(vae, VAEConfig) else None
-    return RawCheckpoint(sd, "diffusers", prediction_type, configs, native, micro_dim, noise_schedule)
+    return RawCheckpoint(sd, "diffusers", prediction_type, configs, native, micro_dim, noise_schedule,
+                         spacing if isinstance(spacing, str) else None)
 
 
 def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
@@ -395,6 +399,8 @@ def inspect_checkpoint(path: str | os.PathLike, family: str | Family | None = No
         check_weights(part, path, prefixes[name])
     try:
         fam = detect(raw.state_dict.keys(), path, override=family, prediction_type=raw.prediction_type)
+        if family is None:
+            fam = turbo_of(fam, raw.timestep_spacing, raw.noise_schedule.zero_terminal_snr, raw.native_size)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
     if raw.native_size is not None and raw.native_size > fam.max_size:

@@ -225,3 +225,33 @@ def test_readme_sdxl_snippet_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["base"].family is SDXL_BASE and namespace["refiner"].family is SDXL_REFINER
     assert Image.open(tmp_path / "xl.png").size == (64, 64)
+
+
+# ------------------------------------------------------------------------------------- SDXL-Turbo (few-step)
+@pytest.mark.parametrize("n", [1, 4])
+def test_sdxl_turbo_recipe_equals_diffusers(tmp_path_factory, n, monkeypatch):
+    """The tiny SDXL base forced to the sdxl-turbo family (--family: the keys are SDXL base's) runs its card's recipe
+    -- Euler a on the trailing spacing, guidance off -- as StableDiffusionXLPipeline does with guidance_scale=0.0 and
+    EulerAncestralDiscreteScheduler(timestep_spacing="trailing"), within 1/255."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    from _samplers import LEADING
+    from gbsd_core.family import SDXL_TURBO
+
+    turbo = gbsd_core.load(write_tiny_sdxl(tmp_path_factory.mktemp("sdxl-turbo")), family="sdxl-turbo")
+    assert turbo.family is SDXL_TURBO and turbo.limits().native_size == 512
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(21))
+    params = GenerationParams(PROMPT, seed=4, **{**SDXL_TURBO.recipe.params(), "steps": n}, **SIZE)
+    ours = generate(turbo, params, x_T=x_T)
+    assert ours.unet_calls == n
+    given = inject_ancestral_noise(monkeypatch)
+    g = torch.Generator().manual_seed(params.seed)
+    given.extend(torch.randn(1, 4, 8, 8, generator=g) for _ in range(n))
+    pipe = diffusers_sdxl_pipeline(turbo, tmp_path_factory.mktemp("sdxl-turbo-pipe"))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(dict(LEADING, timestep_spacing="trailing"))
+    ref = pipe(PROMPT, num_inference_steps=n, guidance_scale=0.0, latents=x_T.clone(), output_type="np",
+               **SIZE).images[0]
+    diff = max_pixel_diff(pixels(ours), ref)
+    print(f"SDXL-Turbo recipe, {n} step(s), cfg 0: max pixel diff {diff * 255:.3f}/255")
+    assert diff <= 1 / 255 and not given

@@ -159,8 +159,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", metavar="PATH|NAME",
                    help="checkpoint file, diffusers folder, or registry name (sd15, sd21-base, sd21, sdxl, "
                         "sdxl-refiner); default: sd15 in $GBSD_WEIGHTS or ./weights")
-    g.add_argument("--family", help="force the model family: sd1, sd2-512, sd2-768-v, sdxl-base, sdxl-refiner "
-                   "(default: detect)")
+    g.add_argument("--family", help="force the model family: sd1, sd2-512, sd2-768-v, sdxl-base, sdxl-refiner, "
+                   "sd-turbo, sdxl-turbo (default: detect; a turbo single file has SD2's / SDXL's keys: say so)")
     g.add_argument("--dtype", choices=DTYPES, default="fp32", help="UNet/text encoder dtype (default fp32; the VAE "
                    "stays fp32)")
     g.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")

@@ -255,6 +255,10 @@ def plan(args: argparse.Namespace) -> Plan:
     model_path, family = common.resolve_model(args, png_meta)
     device, dtype = common.device_dtype(args)
     checkpoint = common.inspect_checkpoint(model_path, family)
+    recipe = checkpoint.family.recipe
+    if recipe is not None:  # a few-step model: its card's sampler, spacing, steps and guidance unless given
+        params = params_from_args(args, {**recipe.params(), **(png_meta["params"] if png_meta else {})})
+        steps_flags = f"--steps {params.steps}" + (f" --strength {params.strength}: " if init_path else ": ")
     with usage_errors(steps_flags):  # the sampler's own schedule on the model's noise schedule (the run's)
         check_schedule(params, img2img=init_path is not None, noise_schedule=checkpoint.noise_schedule)
     # The image size against the model: a multiple of its VAE's factor, within its family's largest size.
