@@ -13,7 +13,8 @@ stage if asked. Off the learning route: the core never imports it (sampling.Stag
 from .files import LoraFile, LoraModule, load_lora
 from .merge import AppliedLoras, LoraWeights, MergeReport, apply_loras, delta_weight
 from .tags import LoraTag, find_lora, split_lora_tags
-from .targets import LoraTargets, Target, lora_targets
+from .targets import LoraTargets, Target, lora_targets, lora_targets_of_configs
 
 __all__ = ["AppliedLoras", "LoraFile", "LoraModule", "LoraTag", "LoraTargets", "LoraWeights", "MergeReport", "Target",
-           "apply_loras", "delta_weight", "find_lora", "load_lora", "lora_targets", "split_lora_tags"]
+           "apply_loras", "delta_weight", "find_lora", "load_lora", "lora_targets", "lora_targets_of_configs",
+           "split_lora_tags"]

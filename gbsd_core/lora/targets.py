@@ -20,13 +20,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from ..clip_text import CLIPTextEncoder
+from ..clip_text import CLIPTextConfig, CLIPTextEncoder
 from ..diffusers_layout import OPENCLIP_LAYER, unet_diffusers_names
 from ..openclip_text import OpenCLIPTextEncoder
-from ..sdxl_conditioner import SDXLConditioner
-from ..unet import UNetModel
+from ..sdxl_conditioner import SDXLConditioner, SDXLConditionerConfig
+from ..unet import UNetConfig, UNetModel
 
 UNET_PARTS = ("unet",)
 SINGLE_TOWER_PARTS = ("te", "text_encoder")  # kohya's and diffusers' name of SD1/SD2's text encoder
@@ -141,3 +142,12 @@ def lora_targets(unet: UNetModel, text_encoder: nn.Module | None) -> LoraTargets
                 table[(part, name)] = target
     parts = frozenset(UNET_PARTS + tuple(p for parts, _, _ in towers for p in parts))
     return LoraTargets(table, parts, unet.config.context_dim)
+
+
+def lora_targets_of_configs(unet: UNetConfig, text: object) -> LoraTargets:
+    """The lookup of a model described by its configs (a checkpoint inspected, not loaded): the networks are built
+    on the meta device, which holds names and shapes and no memory."""
+    with torch.device("meta"):
+        text_encoder = (SDXLConditioner(text) if isinstance(text, SDXLConditionerConfig)
+                        else CLIPTextEncoder(text) if isinstance(text, CLIPTextConfig) else OpenCLIPTextEncoder(text))
+        return lora_targets(UNetModel(unet), text_encoder)
