@@ -16,7 +16,6 @@ Output PNGs are written atomically and carry A1111 `parameters` + `gbsd` JSON me
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import sys
 from collections.abc import Sequence
@@ -311,9 +310,8 @@ def execute(p: Plan) -> None:
         from ..fast import make_stepper
 
         stepper = make_stepper(bundle, p.fast, p.params.cfg, p.params.eta, p.params.sampler, p.params.schedule)
-    loras = p.loras.apply(bundle) if p.loras is not None and p.loras.specs else None
     try:
-        with loras if loras is not None else contextlib.nullcontext():
+        with loras_cli.merged(p.loras, bundle) as loras:
             if p.mode == "sweep":
                 results = pipeline.sweep(bundle, p.params, alphas=p.alphas, focus_prompts=p.focus_stack,
                                          init_image=init_image, progress=p.progress, stepper=stepper, switch=loras)

@@ -14,7 +14,6 @@ size before any weights load.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 from dataclasses import asdict, replace
@@ -102,8 +101,7 @@ def run_grid(args: argparse.Namespace) -> int:
     positions = word_positions(bundle.tokenizer(focus))
     images = [[None] * len(layouts) for _ in alphas]
     masks, reports = [row[:] for row in images], [row[:] for row in images]
-    loras = run_loras.apply(bundle) if run_loras.specs else None
-    with loras if loras is not None else contextlib.nullcontext():
+    with loras_cli.merged(run_loras, bundle) as loras:
         for j, sigma in enumerate(layouts):
             collector = CrossAttentionCollector(bundle.unet, positions) if given is None and has_focus[j] else None
             results = pipeline.sweep(bundle, replace(base, layout=sigma), alphas=alphas, probe=collector,

@@ -20,10 +20,11 @@ missing name, a bad file, a LoRA for another family -- exit 2, one line, nothing
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -232,6 +233,22 @@ def plan_loras(args: argparse.Namespace, checkpoint: Checkpoint, tag_specs: Sequ
             warn(f"stage LoRAs adapt the UNet only: {stage_text} text-encoder modules of --layout-lora / --focus-lora "
                  "files are not merged (the prompts are encoded once, before the first stage)")
     return RunLoras(tuple(specs), files)
+
+
+@contextlib.contextmanager
+def merged(loras: RunLoras | None, bundle: SDBundle) -> Iterator[AppliedLoras | None]:
+    """A command's LoRAs merged for a `with` block (None without any), the bundle restored after it. A merge the
+    weights' dtype cannot hold (an fp16 overflow) is a UsageError, the weights rolled back."""
+    if loras is None or not loras.specs:
+        yield None
+        return
+    applied = loras.apply(bundle)
+    with usage_errors():
+        applied.__enter__()
+    try:
+        yield applied
+    finally:
+        applied.__exit__(None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------------- gbsd info

@@ -11,7 +11,6 @@ Every PNG carries the metadata of its frame (the sheet: of frame 0, plus a "rack
 from __future__ import annotations
 
 import argparse
-import contextlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -146,8 +145,7 @@ def execute_rack(p: RackPlan) -> None:
 
     bundle = common.load_checkpoint(p.checkpoint, p.device, p.dtype)
     sha = weights.model_sha256(p.model_path, progress=p.progress)
-    loras = p.loras.apply(bundle) if p.loras is not None and p.loras.specs else None
-    with loras if loras is not None else contextlib.nullcontext():
+    with loras_cli.merged(p.loras, bundle) as loras:
         rack = rack_focus(bundle, p.params, p.frames, progress=p.progress, switch=loras)
     first = rack.frames[0].result
     record = pngmeta.ImageRecord(width=first.image.width, height=first.image.height, model_file=p.model_path.name,

@@ -211,3 +211,17 @@ def test_bad_lora_input_exits_2_before_loading_and_writes_nothing(case, argv, me
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert everything(tmp_path) == before
     assert not Path("/tmp/gbsd-lora-code-ran").exists()
+
+
+def test_a_merge_that_overflows_half_precision_exits_2(env, amp_ckpt, tmp_path, capsys):
+    """Found only once the fp16 weights are loaded: still one line, exit 2, nothing written."""
+    b = gbsd_core.load(amp_ckpt)
+    name = "input_blocks.1.1.transformer_blocks.0.ff.net.2"
+    shape = tuple(b.unet.get_submodule(name).weight.shape)
+    write(kohya_state_dict([("lora_unet_", [(name, shape)])], std=300.0), tmp_path / "huge.safetensors")
+    before = everything(tmp_path)
+    code, _, err = run_cli(["generate", PROMPT, "--lora", tmp_path / "huge.safetensors", "--dtype", "fp16",
+                            "--weights", amp_ckpt, *TINY, "-o", tmp_path / "o.png"], capsys)
+    print(err)
+    assert code == 2 and err.count("\n") == 1 and f"merging huge into unet.{name}.weight overflows float16" in err
+    assert everything(tmp_path) == before
