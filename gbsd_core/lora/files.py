@@ -225,12 +225,13 @@ def _diffusers_module(part: str, key: str) -> tuple[str, str] | None:
 
 
 def _metadata_scale(meta: Mapping[str, object], part: str, module: str, rank: int) -> float:
-    """alpha / r of a PEFT module from `lora_adapter_metadata` (PEFT's rank_pattern / alpha_pattern keys are regexes
-    matched at the end of the module name, `(.*\\.)?key$`); 1 without one."""
+    """alpha / r of a PEFT module from `lora_adapter_metadata`: its alpha_pattern entry (a key naming the module or
+    the end of its dotted name, as PEFT matches `(.*\\.)?key$`; read literally here, not as a regex from the file),
+    else lora_alpha; rsLoRA (`use_rslora`) divides by √r. 1 without metadata (diffusers' default, alpha = r)."""
     def pattern(field: str) -> object:
         table = meta.get(f"{part}.{field}") or {}
         for key, value in (table.items() if isinstance(table, dict) else ()):
-            if key == module or re.fullmatch(rf"(.*\.)?(?:{key})", module):
+            if module == key or module.endswith("." + key):
                 return value
         return None
 
