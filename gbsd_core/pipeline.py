@@ -37,6 +37,7 @@ from .sampling import (
     Probe,
     Stage,
     Stepper,
+    StageSwitch,
     StepState,
     Watcher,
     blend_embeddings,
@@ -180,7 +181,8 @@ def _boundary(start: _Start, n_layout: int, has_focus: bool) -> tuple[int | floa
 
 
 def _denoise(bundle: SDBundle, params: GenerationParams, start: _Start, stages: list[Stage], progress: bool,
-             probe: Probe | None, stepper: Stepper | None, watch: Watcher | None = None) -> tuple[Tensor, int]:
+             probe: Probe | None, stepper: Stepper | None, watch: Watcher | None = None,
+             switch: StageSwitch | None = None) -> tuple[Tensor, int]:
     """Run the stages; returns the final latents and the UNet evaluations per sample row (counted from the states)."""
     guidance = None if params.cfg == 1.0 else params.cfg
     if stepper is None:
@@ -193,7 +195,7 @@ def _denoise(bundle: SDBundle, params: GenerationParams, start: _Start, stages: 
         raise ValueError(f"the stepper runs guidance {stepper.guidance_scale}, η {stepper.eta}; these parameters ask "
                          f"for {guidance}, {params.eta}")
     states: Iterator[StepState] = denoise(stepper, start.latents, start.timesteps, stages, start.uncond,
-                                          generator=start.generator)
+                                          generator=start.generator, switch=switch)
     if watch is not None:
         states = watch.watch(states, start.timesteps, stages)
     if progress:
@@ -219,6 +221,7 @@ def generate(
     probe: Probe | None = None,
     stepper: Stepper | None = None,
     watch: Watcher | None = None,
+    switch: StageSwitch | None = None,
 ) -> GenerationResult:
     """One image: text-to-image, or image-to-image when `init_image` is given. GBSD when `params.focus` is set.
 
@@ -227,6 +230,7 @@ def generate(
     `params.schedule` names); it must have been made with `params.cfg` and `params.eta` and run that sampler (e.g.
     `gbsd_core.fast.make_stepper(bundle, options, params.cfg, params.eta, params.sampler, params.schedule)`).
     `watch`: sees every step's state on the way, e.g. gbsd_core.bokeh.trace.Tracer (the x̂_0 filmstrip).
+    `switch`: told when each stage starts (sampling.StageSwitch), e.g. gbsd_core.lora's per-stage LoRAs.
     """
     check_run_args(bundle, params, stepper=stepper, probe=probe, watch=watch)
     local_prompts = [p for p in (params.focus, params.focus_to) if p is not None]
@@ -240,7 +244,7 @@ def generate(
             local = blend_embeddings(local, start.local_embs.map(lambda t: t[1:]), params.focus_mix)
         focus = focus_conditioning(start.global_emb, local, params.alpha)
         stages, n_layout = gbsd_stages(start.global_emb, focus, n, params.layout), layout_steps(n, params.layout)
-    latents, unet_calls = _denoise(bundle, params, start, stages, progress, probe, stepper, watch)
+    latents, unet_calls = _denoise(bundle, params, start, stages, progress, probe, stepper, watch, switch)
     image = bundle.decode_latents(latents)[0]
     return GenerationResult(image, replace(params, width=start.size[0], height=start.size[1]), n, n_layout, unet_calls,
                             *_boundary(start, n_layout, params.focus is not None))
@@ -258,6 +262,7 @@ def sweep(
     progress: bool = False,
     probe: Probe | None = None,
     stepper: Stepper | None = None,
+    switch: StageSwitch | None = None,
 ) -> list[GenerationResult]:
     """A grid of focus stages (local prompt × α × focus mix) that share one layout stage.
 
@@ -298,7 +303,7 @@ def sweep(
     global_rows = start.global_emb.map(lambda t: t.expand(len(cells), *t.shape[1:]))
     focus = focus_conditioning(global_rows, local_rows, alpha_rows)
     stages = gbsd_stages(start.global_emb, focus, n, params.layout)
-    latents, unet_calls = _denoise(bundle, params, start, stages, progress, probe, stepper)
+    latents, unet_calls = _denoise(bundle, params, start, stages, progress, probe, stepper, switch=switch)
     images = bundle.decode_latents(latents)
     if len(images) == 1 and len(cells) > 1:
         # σ = 1: no focus stage ran, so nothing branched: every cell is the same global-prompt image.

@@ -152,6 +152,15 @@ class Watcher(Protocol):
               stages: Sequence[Stage]) -> Iterator[StepState]: ...
 
 
+class StageSwitch(Protocol):
+    """Changes the model itself at stage boundaries (the conditioning is the stage's own): `denoise` calls `enter`
+    at the start of every stage, before the stepper is given the stage's conditioning, so whatever the stepper
+    derives from the weights when a stage starts sees the switched ones. gbsd_core.lora merges a stage's LoRAs this
+    way (in place)."""
+
+    def enter(self, stage: Stage) -> None: ...
+
+
 @dataclass(frozen=True)
 class Stage:
     """A run of consecutive executed steps that share one conditioning.
@@ -257,6 +266,7 @@ def denoise(
     *,
     generator: torch.Generator | None = None,
     restart_history: bool = False,
+    switch: StageSwitch | None = None,
 ) -> Iterator[StepState]:
     """Run `stepper` over `timesteps` with the conditioning each stage gives, yielding every step's state.
 
@@ -267,7 +277,7 @@ def denoise(
     of the fresh noise a step may add (DDIM with η > 0, Euler ancestral; CPU by default, so a seed gives the same
     image on any device). restart_history: a multistep sampler (DPM++ 2M) forgets its history at each stage's first
     step and runs it first order; by default the history carries across the stage switch, as diffusers' and A1111's
-    samplers keep theirs.
+    samplers keep theirs. switch: told when each stage starts (`StageSwitch`), e.g. to merge a stage's LoRAs.
     """
     check_stages(stages, len(timesteps))
     sampler = stepper.scheduler
@@ -296,6 +306,8 @@ def denoise(
             pred_x0 = pred_x0.repeat_interleave(k, dim=0) if pred_x0 is not None else None
         if restart_history:
             pred_x0 = None
+        if switch is not None:
+            switch.enter(stage)
         batch = latents.shape[0]
         # The context is built once per stage, never per step: [uncond; cond] for one batched CFG evaluation.
         cond = cond.map(lambda t: t.to(latents.dtype))

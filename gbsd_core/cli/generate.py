@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import common
+from . import loras as loras_cli
 from . import trace as trace_cli
 from .common import (
     UsageError,
@@ -110,6 +111,7 @@ def add_generate_commands(sub: argparse._SubParsersAction) -> None:
         add_params_args(p, img2img=img2img)
         common.add_model_args(p)
         add_speed_args(p)
+        loras_cli.add_lora_args(p)
         if name == "sweep":
             p.add_argument("--alphas", metavar="A,B,...", help="comma-separated α values, e.g. 0,0.25,0.5")
             p.add_argument("--focus-stack", nargs="+", metavar="PROMPT", help="focus prompts, one image (row) each")
@@ -185,6 +187,8 @@ class Plan:
     progress: bool = True
     fast: FastOptions | None = None  # None: the plain path
     trace: trace_cli.TracePlan | None = None  # --trace DIR: the x̂0 filmstrip beside the image
+    loras: loras_cli.RunLoras | None = None  # --lora / --layout-lora / --focus-lora and the prompts' tags
+    typed: tuple[str, str | None] | None = None  # prompt and focus as given, LoRA tags in them (for the PNG)
 
 
 def read_from_png(path: str | None) -> dict[str, Any] | None:
@@ -211,7 +215,8 @@ def plan(args: argparse.Namespace) -> Plan:
     from ..params import check_schedule, image_size
 
     png_meta = read_from_png(args.from_png)
-    params = params_from_args(args, png_meta["params"] if png_meta else {})
+    typed = params_from_args(args, png_meta["params"] if png_meta else {})
+    params, tag_loras = strip_lora_tags(typed)
 
     init_path = getattr(args, "init", None)
     init_image = read_image(init_path, "--init", rgb=True) if init_path is not None else None
@@ -225,6 +230,8 @@ def plan(args: argparse.Namespace) -> Plan:
     if args.command == "sweep":
         alphas = parse_floats(args.alphas, "--alphas", "alpha") if args.alphas is not None else None
         if args.focus_stack:
+            loras_cli.refuse_tags(args.focus_stack, "--focus-stack", "the branches share one focus stage: use "
+                                                                     "--focus-lora")
             with usage_errors("--focus-stack: "):
                 focus_stack = tuple(dataclasses.replace(params, focus=f).focus for f in args.focus_stack)
         if alphas is None and not focus_stack:
@@ -261,8 +268,30 @@ def plan(args: argparse.Namespace) -> Plan:
         from ..fast import FastOptions
 
         fast = FastOptions(dtype=dtype, channels_last=True, fuse_qkv=True, cache_context_kv=True, compile=args.compile)
+    loras = loras_cli.plan_loras(args, checkpoint, tag_loras, png_meta, params.focus is not None or bool(focus_stack))
     return Plan(args.command, params, outputs, model_path, checkpoint, device, dtype, init_image, alphas, focus_stack,
-                png_meta, progress=not args.quiet, fast=fast, trace=trace)
+                png_meta, progress=not args.quiet, fast=fast, trace=trace, loras=loras, typed=(typed.prompt, typed.focus))
+
+
+def strip_lora_tags(params: GenerationParams) -> tuple[GenerationParams, list[loras_cli.LoraSpec]]:
+    """The parameters the pipeline runs (A1111's LoRA tags taken out of the prompts: the global prompt's for both
+    stages, the focus prompt's for the focus stage) and the tags. Raises UsageError."""
+    prompt, tags = loras_cli.split_tags(params.prompt, "prompt", "both")
+    focus, focus_tags = loras_cli.split_tags(params.focus, "--focus", "focus")
+    if params.focus_to is not None:
+        loras_cli.refuse_tags([params.focus_to], "--focus-to", "use --focus-lora")
+    if not tags and not focus_tags:
+        return params, []
+    with usage_errors("without its LoRA tags, "):
+        return dataclasses.replace(params, prompt=prompt, focus=focus), [*tags, *focus_tags]
+
+
+def recorded(params: GenerationParams, typed: tuple[str, str | None] | None, run_focus: str | None) -> GenerationParams:
+    """A result's parameters as the PNG records them: the prompts as given, LoRA tags in them."""
+    if typed is None:
+        return params
+    focus = typed[1] if params.focus is not None and params.focus == run_focus else params.focus
+    return dataclasses.replace(params, prompt=typed[0], focus=focus)
 
 
 # -------------------------------------------------------------------------------------------------- running
@@ -296,12 +325,13 @@ def execute(p: Plan) -> None:
 
         stepper = make_stepper(bundle, p.fast, p.params.cfg, p.params.eta, p.params.sampler, p.params.schedule)
     try:
-        if p.mode == "sweep":
-            results = pipeline.sweep(bundle, p.params, alphas=p.alphas, focus_prompts=p.focus_stack,
-                                     init_image=init_image, progress=p.progress, stepper=stepper)
-        else:
-            results = [pipeline.generate(bundle, p.params, init_image=init_image, progress=p.progress,
-                                         stepper=stepper, watch=tracer)]
+        with loras_cli.merged(p.loras, bundle) as loras:
+            if p.mode == "sweep":
+                results = pipeline.sweep(bundle, p.params, alphas=p.alphas, focus_prompts=p.focus_stack,
+                                         init_image=init_image, progress=p.progress, stepper=stepper, switch=loras)
+            else:
+                results = [pipeline.generate(bundle, p.params, init_image=init_image, progress=p.progress,
+                                             stepper=stepper, watch=tracer, switch=loras)]
     finally:
         if stepper is not None:
             stepper.close()
@@ -310,11 +340,13 @@ def execute(p: Plan) -> None:
             width=result.image.width, height=result.image.height, model_file=p.model_path.name, model_sha256=sha,
             img2img=init_image is not None, executed_steps=result.executed_steps,
             layout_steps=result.layout_steps if result.params.focus is not None else None,
+            loras=p.loras.records() if p.loras is not None else (),
         )
-        pngmeta.save_png_atomic(result.image, out, pngmeta.pnginfo(result.params, record))
+        params = recorded(result.params, p.typed, p.params.focus)
+        pngmeta.save_png_atomic(result.image, out, pngmeta.pnginfo(params, record))
         print(out)
         if tracer is not None:
-            for path in trace_cli.write_trace(p.trace, tracer, result.params, record):
+            for path in trace_cli.write_trace(p.trace, tracer, params, record):
                 print(path)
 
 

@@ -69,6 +69,8 @@ class ImageRecord:
     img2img: bool = False
     executed_steps: int | None = None
     layout_steps: int | None = None
+    # The run's LoRAs (cli/loras.py RunLoras.records): name, file, sha256, a1111_hash, scale, stage, from
+    loras: tuple[dict[str, Any], ...] = ()
 
 
 # --------------------------------------------------------------------------------------------------- writing
@@ -120,8 +122,28 @@ def _read_sampler(pairs: dict[str, str]) -> dict[str, str]:
     return {"sampler": sampler, "schedule": _SCHEDULES_READ.get(label.lower(), label)}
 
 
+def _flag_tags(record: ImageRecord, stage: str) -> str:
+    """The LoRAs given by flag for `stage`, as A1111 tags (those given as tags are in the prompts already)."""
+    return " ".join(f"<lora:{e['name']}:{_num(e['scale'])}>" for e in record.loras
+                    if e["from"] == "flag" and e["stage"] == stage)
+
+
+def _with(text: str, tags: str) -> str:
+    return f"{text} {tags}" if tags else text
+
+
+def lora_hashes(record: ImageRecord) -> str:
+    """A1111's `Lora hashes` value, "name: hash, ...", ':' and ',' taken out of the names (extra_networks_lora.py)."""
+    seen: dict[str, str] = {}
+    for e in record.loras:
+        seen.setdefault(re.sub(r"[:,]", "", e["name"]), e["a1111_hash"])
+    return ", ".join(f"{name}: {h}" for name, h in seen.items())
+
+
 def infotext(params: GenerationParams, record: ImageRecord) -> str:
-    """The A1111-style `parameters` text for one image (see module docstring)."""
+    """The A1111-style `parameters` text for one image (see module docstring). LoRAs as A1111 records them: tags in
+    the prompt (those given by flag added: both stages to the prompt, the focus stage's to `GBSD focus`, the layout
+    stage's under `GBSD layout loras`) and `Lora hashes`."""
     fields: list[tuple[str, Any]] = [("Steps", params.steps), ("Sampler", SAMPLER_NAMES[params.sampler])]
     if params.sampler != "ddim":
         fields.append(("Schedule type", SCHEDULE_LABELS[params.schedule]))
@@ -139,14 +161,19 @@ def infotext(params: GenerationParams, record: ImageRecord) -> str:
     if params.eta != 0.0:
         fields.append(("Eta DDIM", _num(params.eta)))  # A1111 writes this key only when eta is not its default 0
     if params.focus is not None:
-        fields += [("GBSD focus", params.focus), ("GBSD alpha", _num(params.alpha)), ("GBSD layout", _num(params.layout))]
+        fields += [("GBSD focus", _with(params.focus, _flag_tags(record, "focus"))), ("GBSD alpha", _num(params.alpha)),
+                   ("GBSD layout", _num(params.layout))]
         if params.focus_to is not None:  # a rack-focus frame: the local embedding part way to a second prompt
             fields += [("GBSD focus to", params.focus_to), ("GBSD focus mix", _num(params.focus_mix))]
         if record.layout_steps is not None:
             fields.append(("GBSD layout steps", record.layout_steps))
     if record.executed_steps is not None:
         fields.append(("GBSD executed steps", record.executed_steps))
-    text = params.prompt
+    if _flag_tags(record, "layout"):
+        fields.append(("GBSD layout loras", _flag_tags(record, "layout")))
+    if record.loras:
+        fields.append(("Lora hashes", lora_hashes(record)))
+    text = _with(params.prompt, _flag_tags(record, "both"))
     if params.negative:
         text += f"\nNegative prompt: {params.negative}"
     return text + "\n" + ", ".join(f"{k}: {_quote(v)}" for k, v in fields)
@@ -164,6 +191,8 @@ def json_text(params: GenerationParams, record: ImageRecord, extra: dict[str, An
         "executed_steps": record.executed_steps,
         "layout_steps": record.layout_steps,
     }
+    if record.loras:
+        payload["loras"] = list(record.loras)
     clash = sorted(set(extra or {}) & set(payload))
     if clash:
         raise ValueError(f"extra metadata may not replace the standard entries {clash}")
@@ -250,6 +279,8 @@ def parse_infotext(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
         extra["hires"] = {**hires, "Denoising strength": pairs.get("Denoising strength")}
     extra["model_hash"] = pairs.get("Model hash")
     extra["model"] = pairs.get("Model")
+    extra["lora_hashes"] = pairs.get("Lora hashes")
+    extra["layout_loras"] = pairs.get("GBSD layout loras")
     for key, name in (("GBSD executed steps", "executed_steps"), ("GBSD layout steps", "layout_steps")):
         if key in pairs:
             try:
@@ -299,7 +330,8 @@ def read_metadata(png: str | os.PathLike | Image.Image) -> dict[str, Any]:
     if INFOTEXT_KEY in texts:
         params, extra = parse_infotext(texts[INFOTEXT_KEY])
         return {"source": "infotext", "params": params, "model_file": extra["model"],
-                "model_hash": extra["model_hash"], "img2img": extra["img2img"], "hires": extra.get("hires")}
+                "model_hash": extra["model_hash"], "img2img": extra["img2img"], "hires": extra.get("hires"),
+                "lora_hashes": extra["lora_hashes"], "layout_loras": extra["layout_loras"]}
     raise ValueError(f"{where}no generation parameters in this PNG (no '{JSON_KEY}' or '{INFOTEXT_KEY}' chunk)")
 
 
