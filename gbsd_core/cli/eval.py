@@ -36,7 +36,7 @@ from . import common
 from .common import (EXIT_FAILURE, Parser, UsageError, check_output_dir, parse_or_exit, parse_size, run_main,
                      usage_errors, write_text_atomic)
 from .evaltable import finished_record, write_pair, write_summary
-from .generate import add_sampler_args
+from .generate import add_prompt_args, add_sampler_args
 from .pairs import DEFAULT_PAIRS, Pair, read_pairs
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from ..bundle import SDBundle
     from ..loading import Checkpoint
     from ..params import GenerationParams, ModelLimits
+    from ..prompts.embeddings import EmbeddingLibrary
 
 # -------------------------------------------------------------------------------------------- one pair's run
 
@@ -66,6 +67,8 @@ class Settings:
     strength: float = 0.75
     sampler: str = "ddim"  # samplers.SAMPLERS: the paper's table is DDIM 50
     schedule: str = "normal"
+    emphasis: str = "original"  # how prompts are read (gbsd_core/prompts/)
+    chunk_padding: str = "repeat"
 
     def params(self, pair: Pair, focus: str | None) -> GenerationParams:
         from ..params import GenerationParams
@@ -73,7 +76,7 @@ class Settings:
         return GenerationParams(pair.prompt, focus=focus, alpha=self.alpha, layout=self.layout, steps=self.steps,
                                 cfg=self.cfg, negative=self.negative, seed=pair.seed, width=self.width,
                                 height=self.height, strength=self.strength, sampler=self.sampler,
-                                schedule=self.schedule)
+                                schedule=self.schedule, emphasis=self.emphasis, chunk_padding=self.chunk_padding)
 
 
 @dataclass
@@ -98,14 +101,14 @@ def evaluate_pair(bundle: SDBundle, pair: Pair, settings: Settings, progress: bo
     from PIL import Image
 
     from .. import pipeline
-    from ..bokeh.attnmaps import CrossAttentionCollector, word_positions
+    from ..bokeh.attnmaps import focus_collector
     from ..bokeh.masks import box_to_mask, load_mask
     from ..bokeh.metrics import SharpnessReport, to_gray
 
     init = _open_init(pair) if pair.init is not None else None
     collector = None
     if pair.mask is None and pair.box is None:
-        collector = CrossAttentionCollector(bundle.unet, word_positions(bundle.tokenizer(pair.focus)))
+        collector = focus_collector(bundle, pair.focus, settings.params(pair, pair.focus))
     gbsd = pipeline.generate(bundle, settings.params(pair, pair.focus), init_image=init, probe=collector,
                              progress=progress).image
     if init is None:
@@ -271,7 +274,8 @@ def run_eval(args: argparse.Namespace) -> int:
     width, height = parse_size(args.size) if args.size else (None, None)
     model_path, family = common.resolve_model(args, None)
     settings = Settings(model_path.name, args.alpha, args.layout, args.steps, args.cfg, args.negative, width, height,
-                        args.strength, args.sampler or "ddim", args.schedule or "normal")
+                        args.strength, args.sampler or "ddim", args.schedule or "normal",
+                        args.emphasis or "original", args.chunk_padding or "repeat")
     with usage_errors():
         params = settings.params(pairs[0], pairs[0].focus)  # the flags by the core's rules (pairs' fields: pairs.py)
     for img2img in {p.init is not None for p in pairs}:  # the schedule of each mode the pairs use
@@ -282,10 +286,13 @@ def run_eval(args: argparse.Namespace) -> int:
     device, dtype = common.device_dtype(args)
     checkpoint = common.inspect_checkpoint(model_path, family)
     _check_sizes(pairs, settings, checkpoint.limits(), source)
+    library = common.embedding_library(args)
+    for p in pairs:  # every pair's prompts, before any weights load (a pairs file is anyone's file)
+        common.check_prompts(settings.params(p, p.focus), [p.focus], checkpoint, library, f"{source} line {p.line}: ")
 
     world, device = init_world(device)
     try:
-        return _run_eval(world, pairs, settings, out, checkpoint, device, dtype, not args.quiet)
+        return _run_eval(world, pairs, settings, out, checkpoint, device, dtype, not args.quiet, library)
     finally:
         if world.size > 1:
             import torch.distributed as dist
@@ -294,7 +301,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_eval(world: World, pairs: list[Pair], settings: Settings, out: Path, checkpoint: Checkpoint,
-              device: torch.device, dtype: torch.dtype, progress: bool) -> int:
+              device: torch.device, dtype: torch.dtype, progress: bool, library: EmbeddingLibrary | None = None) -> int:
     pending, error = [], None
     if world.rank == 0:
         try:
@@ -311,6 +318,7 @@ def _run_eval(world: World, pairs: list[Pair], settings: Settings, out: Path, ch
     failures: list[str] = []
     if todo:
         bundle = common.load_checkpoint(checkpoint, device, dtype)
+        bundle.embeddings = library
         done = 0
         for start in range(0, len(todo), world.size):  # one pair per rank per round
             index = start + world.rank
@@ -363,6 +371,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strength", type=float, default=0.75, help="img2img: fraction of the schedule re-run (0.75)")
     p.add_argument("--limit", type=int, help="only the first N pairs")
     add_sampler_args(p)
+    add_prompt_args(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     common.add_model_args(p)
 

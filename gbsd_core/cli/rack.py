@@ -11,7 +11,7 @@ Every PNG carries the metadata of its frame (the sheet: of frame 0, plus a "rack
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ..bokeh.rack import Rack
     from ..loading import Checkpoint
     from ..pipeline import GenerationParams
+    from ..prompts.embeddings import EmbeddingLibrary
 
 DEFAULT_FRAMES = 12
 FRAME_MS = 250  # display time of one frame in the animation
@@ -57,6 +58,8 @@ class RackPlan:
     device: torch.device
     dtype: torch.dtype
     progress: bool
+    library: EmbeddingLibrary | None = None  # the textual inversions prompts may name
+    embeddings: dict[str, str] = field(default_factory=dict)  # the ones they do: name -> sha256
 
 
 def rack_outputs(output: str, frames: int) -> tuple[Path, Path, tuple[Path, ...]]:
@@ -115,8 +118,12 @@ def plan_rack(args: argparse.Namespace) -> RackPlan:
     checkpoint = common.inspect_checkpoint(model_path, family)
     with usage_errors(f"--size {args.size}: " if args.size else ""):
         image_size(params, checkpoint.limits())
+    library = common.embedding_library(args)
+    embeddings = common.check_prompts(params, [params.focus, params.focus_to], checkpoint, library)
+    if png_meta is not None:
+        common.compare_embeddings(png_meta, embeddings, library)
     return RackPlan(params, frames, animation, sheet, frame_paths, model_path, checkpoint, device, dtype,
-                    progress=not args.quiet)
+                    progress=not args.quiet, library=library, embeddings=embeddings)
 
 
 def _sheet_record(rack: Rack) -> dict[str, Any]:
@@ -136,11 +143,14 @@ def execute_rack(p: RackPlan) -> None:
     from . import pngmeta, weights
 
     bundle = common.load_checkpoint(p.checkpoint, p.device, p.dtype)
+    bundle.embeddings = p.library
     sha = weights.model_sha256(p.model_path, progress=p.progress)
-    rack = rack_focus(bundle, p.params, p.frames, progress=p.progress)
+    with common.prompt_errors():
+        rack = rack_focus(bundle, p.params, p.frames, progress=p.progress)
     first = rack.frames[0].result
     record = pngmeta.ImageRecord(width=first.image.width, height=first.image.height, model_file=p.model_path.name,
-                                 model_sha256=sha, executed_steps=first.executed_steps, layout_steps=first.layout_steps)
+                                 model_sha256=sha, executed_steps=first.executed_steps, layout_steps=first.layout_steps,
+                                 embeddings=p.embeddings)
     for k, (frame, path) in enumerate(zip(rack.frames, p.frame_paths, strict=True)):
         extra = {"rack": {"frame": k, "frames": p.frames}}
         pngmeta.save_png_atomic(frame.result.image, path, pngmeta.pnginfo(frame.result.params, record, extra))

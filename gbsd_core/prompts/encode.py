@@ -35,9 +35,10 @@ from ..openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
 from ..sampling import Conditioning
 from ..sdxl_conditioner import SDXLConditioner, SDXLConditionerConfig
 from ..tokenizer import CONTEXT_LENGTH, EOT_TOKEN_ID, SOT_TOKEN_ID, Tokenizer
-from .chunks import Chunk, check_chunk_count, make_chunks
+from .chunks import Chunk, check_chunk_count, common_chunks, make_chunks
 from .embeddings import SINGLE, EmbeddingLibrary, Tower, fit
 from .parser import ExtraNetwork, PromptError, read_syntax
+from .schedule import prompt_schedule
 
 PLACEHOLDER_ID = 0  # the token id under an embedding's vector (any valid id: its embedding is replaced)
 
@@ -84,6 +85,22 @@ def read_prompt(prompt: str, tokenizer: Tokenizer, emphasis: str = "original",
     for name in read.embedding_names() if towers else ():
         fit(library.get(name), towers, family or "this")
     return read
+
+
+def check_run(prompts: Sequence[tuple[str, str]], steps: int, emphasis: str, padding: str, tokenizer: Tokenizer,
+              library: EmbeddingLibrary | None, towers: Sequence[Tower], family: str) -> list[str]:
+    """Everything about a run's prompts that can be known without weights (the CLI asks before loading any): each
+    (where, prompt) read in every text its schedule holds for `steps` steps, within the chunk limit, its embeddings
+    fitting the towers; the run's contexts brought to one length (chunks.common_chunks). PromptError names the
+    problem. Returns the names of the embeddings the prompts use."""
+    counts, names = [], []
+    for where, prompt in prompts:
+        for text in dict.fromkeys(text for _, text in prompt_schedule(prompt, steps)):
+            read = read_prompt(text, tokenizer, emphasis, library, towers, family, where)
+            counts.append(len(read.chunks))
+            names += read.embedding_names()
+    common_chunks(counts, padding)
+    return list(dict.fromkeys(names))
 
 
 @torch.no_grad()
