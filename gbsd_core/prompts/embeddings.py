@@ -120,26 +120,28 @@ def _vectors(data: object, path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def fit(embedding: Embedding, towers: Sequence[Tower], family: str) -> None:
-    """Refuse `embedding` by name unless it has vectors of the right width for every text tower of the model."""
+def fit(embedding: Embedding, towers: Sequence[Tower], family: str = "") -> None:
+    """Refuse `embedding` by name unless it has vectors of the right width for every text tower of the model (its
+    family's name, e.g. "sd1", goes into the message)."""
+    family = f"{family} " if family else ""
     keys = set(embedding.vectors)
     one_tower = keys == {SINGLE}
     if len(towers) == 1 and towers[0].key == SINGLE:
         if not one_tower:
             raise PromptError(f"embedding {embedding.name!r} ({embedding.path.name}) is an SDXL embedding "
-                              f"({', '.join(sorted(keys))}); this {family} model has one text tower")
+                              f"({', '.join(sorted(keys))}); this {family}model has one text tower")
     elif one_tower:
         raise PromptError(f"embedding {embedding.name!r} ({embedding.path.name}) is one [n, D] tensor (an SD1/SD2 "
-                          f"embedding); this {family} model needs {' and '.join(t.key for t in towers)} vectors")
+                          f"embedding); this {family}model needs {' and '.join(t.key for t in towers)} vectors")
     for tower in towers:
         if tower.key not in embedding.vectors:
             raise PromptError(f"embedding {embedding.name!r} ({embedding.path.name}) has no {tower.key} vectors, "
-                              f"which this {family} model's text encoder needs")
+                              f"which this {family}model's text encoder needs")
         width = embedding.vectors[tower.key].shape[1]
         if width != tower.width:
             what = f"{tower.key} " if tower.key else ""
             raise PromptError(f"embedding {embedding.name!r} ({embedding.path.name}) has {what}vectors {width} wide; "
-                              f"this {family} model's text tower is {tower.width} wide (an embedding made for "
+                              f"this {family}model's text tower is {tower.width} wide (an embedding made for "
                               "another model family)")
 
 

@@ -83,7 +83,7 @@ def read_prompt(prompt: str, tokenizer: Tokenizer, emphasis: str = "original",
     check_chunk_count(len(chunks), where)
     read = ReadPrompt(chunks, tags)
     for name in read.embedding_names() if towers else ():
-        fit(library.get(name), towers, family or "this")
+        fit(library.get(name), towers, family)
     return read
 
 
@@ -95,7 +95,7 @@ def check_run(prompts: Sequence[tuple[str, str]], steps: int, emphasis: str, pad
     problem. Returns the names of the embeddings the prompts use."""
     counts, names = [], []
     for where, prompt in prompts:
-        for text in dict.fromkeys(text for _, text in prompt_schedule(prompt, steps)):
+        for text in dict.fromkeys(text for _, text in prompt_schedule(prompt, steps, where)):
             read = read_prompt(text, tokenizer, emphasis, library, towers, family, where)
             counts.append(len(read.chunks))
             names += read.embedding_names()
@@ -109,7 +109,7 @@ def encode(text_encoder: TextEncoder, tokenizer: Tokenizer, prompt: str, emphasi
     """One prompt -> Conditioning(context [1, 77·k, D], pooled [1, P] for SDXL, else None), in the encoder's dtype."""
     read = read_prompt(prompt, tokenizer, emphasis, library, text_towers(text_encoder.config), family)
     device = next(text_encoder.parameters()).device
-    parts = [_encode_chunk(text_encoder, chunk, library, emphasis, device) for chunk in read.chunks]
+    parts = [_encode_chunk(text_encoder, tokenizer, chunk, library, emphasis, device) for chunk in read.chunks]
     context = parts[0][0] if len(parts) == 1 else torch.cat([c for c, _ in parts], dim=1)
     return Conditioning(context, parts[0][1])
 
@@ -148,12 +148,12 @@ def _spliced(modules: Sequence[nn.Embedding], positions: list[int], vectors: Seq
             h.remove()
 
 
-def _encode_chunk(text_encoder: TextEncoder, chunk: Chunk, library: EmbeddingLibrary | None, emphasis: str,
-                  device: torch.device) -> tuple[Tensor, Tensor | None]:
+def _encode_chunk(text_encoder: TextEncoder, tokenizer: Tokenizer, chunk: Chunk, library: EmbeddingLibrary | None,
+                  emphasis: str, device: torch.device) -> tuple[Tensor, Tensor | None]:
     towers = _towers(text_encoder)
     keys = [t.key for t in text_towers(text_encoder.config)]
-    pads = text_encoder.pad_token_ids if isinstance(text_encoder, SDXLConditioner) else (
-        EOT_TOKEN_ID if isinstance(text_encoder, CLIPTextEncoder) else 0,)
+    # the padding the plain path uses (SDBundle.encode_prompt): the tokenizer's, SDXL's per tower
+    pads = text_encoder.pad_token_ids if isinstance(text_encoder, SDXLConditioner) else (tokenizer.pad_token_id,)
     rows = [torch.tensor([_row(chunk, pad)], dtype=torch.long, device=device) for pad in pads]  # [1, 77] each
     spots = [(i + 1, item) for i, item in enumerate(chunk.items) if isinstance(item, tuple)]
     vectors = [torch.stack([library.get(name).vectors[key][j] for _, (name, j) in spots]) for key in keys] \

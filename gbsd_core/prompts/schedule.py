@@ -32,6 +32,7 @@ from .parser import PromptError, check_extra_networks, read_syntax, split_extra_
 _PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+", re.S)  # A1111's `plain`: escapes kept for parser.py
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")  # lark's SIGNED_NUMBER
 _SPACE = re.compile(r"\s*")
+MAX_NESTING = 100  # brackets nested deeper than this are refused (the parser recurses once per level)
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,20 @@ Node = str | Scheduled | Alternate  # text (emphasis brackets included), or a co
 
 
 class _Reader:
-    """Recursive descent over A1111's schedule grammar; each rule returns (nodes, new position) or None."""
+    """Recursive descent over A1111's schedule grammar; each rule returns (nodes, new position) or None. `prompt(i)`
+    depends on i alone (the grammar is context-free), so it is remembered: a position is read once, and a long run
+    of unclosed brackets costs linear time, not quadratic."""
 
-    def __init__(self, text: str) -> None:
-        self.text = text
+    def __init__(self, text: str, where: str = "prompt") -> None:
+        self.text, self.where = text, where
+        self.read: dict[int, tuple[tuple, int]] = {}
+        self.depth = 0
 
     def prompt(self, i: int) -> tuple[tuple, int]:
         """As many items as parse from i: plain text, whitespace, or a bracket construct."""
-        items: list[Node] = []
+        if i in self.read:
+            return self.read[i]
+        start, items = i, []
         while i < len(self.text):
             m = _PLAIN.match(self.text, i)
             if m:
@@ -69,36 +76,42 @@ class _Reader:
                 break
             items.extend(got[0])
             i = got[1]
-        return tuple(items), i
+        self.read[start] = (tuple(items), i)
+        return self.read[start]
 
     def bracket(self, i: int) -> tuple[tuple, int] | None:
-        c = self.text[i]
-        if c == "(":  # emphasized: "(" prompt ")" or "(" prompt ":" prompt ")", kept as text
-            inner, j = self.prompt(i + 1)
-            parts: list[Node] = ["(", *inner]
-            if self.text.startswith(":", j):
-                second, j = self.prompt(j + 1)
-                parts += [":", *second]
-            if self.text.startswith(")", j):
-                return (*parts, ")"), j + 1
+        """A construct opening at i: emphasis "(" prompt [":" prompt] ")" and "[" prompt "]" (kept as text),
+        `scheduled` or `alternate`. The first inner prompt is the same for all of them, read once."""
+        if self.text[i] not in "([":
             return None
-        if c == "[":
-            return self.scheduled(i) or self.alternate(i) or self.square(i)
-        return None
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise PromptError(f"{self.where}: brackets nested more than {MAX_NESTING} deep")
+        try:
+            first, j = self.prompt(i + 1)
+            after = self.text[j:j + 1]
+            if self.text[i] == "(":
+                if after == ":":
+                    second, k = self.prompt(j + 1)
+                    return (("(", *first, ":", *second, ")"), k + 1) if self.text.startswith(")", k) else None
+                return (("(", *first, ")"), j + 1) if after == ")" else None
+            if after == "]":
+                return ("[", *first, "]"), j + 1
+            if after == "|":
+                return self.alternate(first, j)
+            return self.scheduled(first, j) if after == ":" else None
+        finally:
+            self.depth -= 1
 
-    def scheduled(self, i: int) -> tuple[tuple, int] | None:
-        first, j = self.prompt(i + 1)
-        if not self.text.startswith(":", j):
-            return None
-        second, k = self.prompt(j + 1)  # "[" prompt ":" prompt ":" number "]"
+    def scheduled(self, first: tuple, j: int) -> tuple[tuple, int] | None:
+        """After "[" prompt ":": `prompt ":" number "]"` (from and to), else `number "]"` (to alone)."""
+        second, k = self.prompt(j + 1)
         if self.text.startswith(":", k):
             end = self.number_close(k + 1)
             if end is not None:
                 return (Scheduled(first, second, end[0]),), end[1]
-        end = self.number_close(j + 1)  # "[" prompt ":" number "]"
-        if end is not None:
-            return (Scheduled(None, first, end[0]),), end[1]
-        return None
+        end = self.number_close(j + 1)
+        return None if end is None else ((Scheduled(None, first, end[0]),), end[1])
 
     def number_close(self, i: int) -> tuple[str, int] | None:
         i = _SPACE.match(self.text, i).end()
@@ -108,20 +121,13 @@ class _Reader:
         j = _SPACE.match(self.text, m.end()).end()
         return (m.group(0), j + 1) if self.text.startswith("]", j) else None
 
-    def alternate(self, i: int) -> tuple[tuple, int] | None:
-        options = []
-        option, j = self.prompt(i + 1)
-        options.append(option)
+    def alternate(self, first: tuple, j: int) -> tuple[tuple, int] | None:
+        """After "[" prompt "|": more options, each after a "|", then "]"."""
+        options = [first]
         while self.text.startswith("|", j):
             option, j = self.prompt(j + 1)
             options.append(option)
-        if len(options) < 2 or not self.text.startswith("]", j):
-            return None
-        return (Alternate(tuple(options)),), j + 1
-
-    def square(self, i: int) -> tuple[tuple, int] | None:
-        inner, j = self.prompt(i + 1)
-        return (("[", *inner, "]"), j + 1) if self.text.startswith("]", j) else None
+        return ((Alternate(tuple(options)),), j + 1) if self.text.startswith("]", j) else None
 
     def start(self) -> tuple | None:
         """The whole text: items, with brackets that form no construct kept as text; None if it cannot be read."""
@@ -167,11 +173,11 @@ def _text_at(nodes: tuple, step: int, steps: int) -> str:
     return "".join(out)
 
 
-def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+def prompt_schedule(prompt: str, steps: int, where: str = "prompt") -> list[tuple[int, str]]:
     """[(end step, text)] for a run of `steps` steps, ends ascending, the last = steps: A1111's schedule of one
     prompt (its extra-network tags taken out first, as A1111 does). A prompt without editing is [(steps, prompt)]."""
     text = split_extra_networks(prompt)[0]
-    nodes = _Reader(text).start() if "[" in text else None
+    nodes = _Reader(text, where).start() if "[" in text else None
     if nodes is None:
         return [(steps, text)]
     ends = {steps}
@@ -186,10 +192,10 @@ def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     return [(end, _text_at(nodes, end, steps)) for end in sorted(ends)]
 
 
-def has_editing(prompt: str) -> bool:
+def has_editing(prompt: str, where: str = "prompt") -> bool:
     """Whether a prompt uses prompt editing ([from:to:when] or [a|b]) anywhere."""
     text = split_extra_networks(prompt)[0]
-    nodes = _Reader(text).start() if "[" in text else None
+    nodes = _Reader(text, where).start() if "[" in text else None
     found = []
     _walk(nodes or (), lambda node: found.append(node) if not isinstance(node, str) else None)
     return bool(found)
@@ -199,10 +205,10 @@ def check_prompt(prompt: str, emphasis: str, steps: int, where: str = "prompt") 
     """Refuse what gbsd cannot read in a prompt (parser.read_syntax: weights, AND, extra-network tags), in every text
     its schedule holds for a run of `steps` steps; editing in the negative prompt is refused by name."""
     check_extra_networks(split_extra_networks(prompt)[1], where)
-    if where == "negative" and has_editing(prompt):
+    if where == "negative" and has_editing(prompt, where):
         raise PromptError("negative: prompt editing ([from:to:when], [a|b]) is not supported in the negative "
                           "prompt (gbsd uses one negative embedding for the whole run)")
-    for text in dict.fromkeys(text for _, text in prompt_schedule(prompt, steps)):
+    for text in dict.fromkeys(text for _, text in prompt_schedule(prompt, steps, where)):
         read_syntax(text, emphasis, where)
 
 

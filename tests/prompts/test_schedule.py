@@ -89,3 +89,15 @@ def test_editing_detected_and_refused_in_the_negative() -> None:
         check_prompt("bad [hands:feet:5]", "original", 20, "negative")
     with pytest.raises(PromptError, match="'1.2.3' .* is not a number"):  # every text of the schedule is read
         check_prompt("a [(b:1.2.3):c:5]", "original", 20, "prompt")
+
+
+def test_absurd_nesting_is_refused_and_long_unclosed_runs_are_read() -> None:
+    from gbsd_core.prompts.schedule import MAX_NESTING
+
+    check_prompt("[" * MAX_NESTING + "a" + "]" * MAX_NESTING + " [b:c:2]", "original", 10, "prompt")
+    with pytest.raises(PromptError, match=f"focus: brackets nested more than {MAX_NESTING} deep"):
+        check_prompt("[" * (MAX_NESTING + 1) + "a:b:3" + "]" * (MAX_NESTING + 1), "original", 10, "focus")
+    # 8,000+ characters behind 40 brackets never closed: each position is read once (remembered), so this returns at
+    # once; a parser that re-reads what a failed bracket held would try ~3^40 ways here
+    text = "([" * 20 + "a " * 4000 + "[b:c:2]"
+    assert prompt_schedule(text, 10)[0] == (2, "([" * 20 + "a " * 4000 + "b")  # brackets are text, the edit works
