@@ -157,6 +157,17 @@ def test_embeddings_must_fit_the_text_towers(tmp_path: Path, sdxl: SDBundle) -> 
             b.conditioning(prompt, (64, 64))
 
 
+def test_the_refiner_takes_the_clip_g_vectors(tmp_path: Path) -> None:
+    refiner = gbsd_core.load(write_tiny_sdxl(tmp_path, refiner=True, seed=1))  # bigG alone, 128 wide
+    refiner.embeddings = EmbeddingLibrary([sdxl_file(tmp_path / "xl.safetensors", vectors(2, 64, 1), vectors(2, 128, 2)),
+                                           emb_params(tmp_path / "one.safetensors", vectors(2, 128, 3))])
+    with_xl = refiner.conditioning("a xl cat", (64, 64))
+    assert with_xl.context.shape == (1, 77, 128)
+    assert (with_xl.context - refiner.conditioning("a cat", (64, 64)).context[:, :77]).abs().max() > 1e-3
+    with pytest.raises(PromptError, match="one .n, D. tensor .*sdxl-refiner model needs clip_g vectors"):
+        refiner.conditioning("a one cat", (64, 64))
+
+
 def test_a_name_without_a_file_is_text() -> None:
     b = sd_bundle()
     b.embeddings = EmbeddingLibrary([])
