@@ -133,7 +133,8 @@ class SDBundle:
 
         The prompt is read as A1111 writes it (gbsd_core/prompts/: `(word:1.2)`, BREAK, any length in 75-token chunks,
         the embeddings' names; `emphasis` "none" reads brackets as text), so the context is [1, 77·k, D] for k chunks.
-        A plain prompt of at most 75 tokens is `encode_prompt`'s call and bits.
+        A plain prompt of at most 75 tokens is `encode_prompt`'s call and bits. Prompt editing ([from:to:when]) is a
+        schedule of texts, which the pipeline encodes one by one (prompts/schedule.py); here a text is one text.
         """
         text = encode(self.text_encoder, self.tokenizer, prompt, emphasis, self.embeddings, self.family.name)
         if not isinstance(self.text_encoder, SDXLConditioner):
