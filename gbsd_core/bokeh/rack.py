@@ -35,7 +35,7 @@ from torch import Tensor
 from .. import pipeline
 from ..pipeline import GenerationParams, GenerationResult
 from ..sampling import Denoiser, Probe, Stage, StageSwitch
-from .attnmaps import CrossAttentionCollector, word_positions
+from .attnmaps import CrossAttentionCollector, focus_collector
 from .metrics import SharpnessReport, to_gray
 from .pictures import captioned, fit_cell, tile
 
@@ -122,11 +122,12 @@ class _Probes:
         return model
 
 
-def _collectors(bundle: SDBundle, prompts: Sequence[str]) -> dict[str, CrossAttentionCollector]:
+def _collectors(bundle: SDBundle, prompts: Sequence[str],
+                params: GenerationParams) -> dict[str, CrossAttentionCollector]:
     """One focus-stage attention collector per object prompt; {} when the model has no attention to collect or a
     prompt has no words (the rack still runs, without masks)."""
     try:
-        return {p: CrossAttentionCollector(bundle.unet, word_positions(bundle.tokenizer(p))) for p in prompts}
+        return {p: focus_collector(bundle, p, params) for p in prompts}
     except ValueError:
         return {}
 
@@ -152,7 +153,7 @@ def rack_focus(bundle: SDBundle, params: GenerationParams, frames: int = 12, *, 
     check_rack(params, frames)
     pipeline.check_run_args(bundle, params)
     start, end = params.focus, params.focus_to
-    collectors = _collectors(bundle, [start, end]) if masks else {}
+    collectors = _collectors(bundle, [start, end], params) if masks else {}
     probe = _Probes(list(collectors.values())) if collectors else None
     # pipeline.sweep looked up at call time (not bound at import), so a test can watch the call
     results = pipeline.sweep(bundle, replace(params, focus_mix=0.0), mixes=rack_mixes(frames), x_T=x_T, probe=probe,

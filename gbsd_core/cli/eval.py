@@ -38,7 +38,7 @@ from . import loras as loras_cli
 from .common import (EXIT_FAILURE, Parser, UsageError, check_files_in, check_output_dir, link_problem, parse_or_exit,
                      parse_size, run_main, shown, usage_errors, write_text_atomic)
 from .evaltable import finished_record, write_pair, write_summary
-from .generate import add_sampler_args
+from .generate import add_prompt_args, add_sampler_args
 from .pairs import DEFAULT_PAIRS, Pair, read_pairs
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from ..bundle import SDBundle
     from ..loading import Checkpoint
     from ..params import GenerationParams, ModelLimits
+    from ..prompts.embeddings import EmbeddingLibrary
     from ..sampling import StageSwitch
 
 # -------------------------------------------------------------------------------------------- one pair's run
@@ -69,6 +70,8 @@ class Settings:
     strength: float = 0.75
     sampler: str = "ddim"  # samplers.SAMPLERS: the paper's table is DDIM 50
     schedule: str = "normal"
+    emphasis: str = "original"  # how prompts are read (gbsd_core/prompts/)
+    chunk_padding: str = "repeat"
     loras: str = ""  # the LoRAs merged (cli/loras.py), "name sha256[:10] scale stage; ...": both images get them
 
     def params(self, pair: Pair, focus: str | None) -> GenerationParams:
@@ -77,7 +80,7 @@ class Settings:
         return GenerationParams(pair.prompt, focus=focus, alpha=self.alpha, layout=self.layout, steps=self.steps,
                                 cfg=self.cfg, negative=self.negative, seed=pair.seed, width=self.width,
                                 height=self.height, strength=self.strength, sampler=self.sampler,
-                                schedule=self.schedule)
+                                schedule=self.schedule, emphasis=self.emphasis, chunk_padding=self.chunk_padding)
 
 
 @dataclass
@@ -106,14 +109,14 @@ def evaluate_pair(bundle: SDBundle, pair: Pair, settings: Settings, progress: bo
     from PIL import Image
 
     from .. import pipeline
-    from ..bokeh.attnmaps import CrossAttentionCollector, word_positions
+    from ..bokeh.attnmaps import focus_collector
     from ..bokeh.masks import box_to_mask, load_mask
     from ..bokeh.metrics import SharpnessReport, to_gray
 
     init = _open_init(pair) if pair.init is not None else None
     collector = None
     if pair.mask is None and pair.box is None:
-        collector = CrossAttentionCollector(bundle.unet, word_positions(bundle.tokenizer(pair.focus)))
+        collector = focus_collector(bundle, pair.focus, settings.params(pair, pair.focus))
     gbsd = pipeline.generate(bundle, settings.params(pair, pair.focus), init_image=init, probe=collector,
                              progress=progress, switch=switch).image
     if init is None:
@@ -285,7 +288,8 @@ def run_eval(args: argparse.Namespace) -> int:
         loras_cli.refuse_tags([p.prompt, p.focus], f"{source} line {p.line}", "give them as --lora / --focus-lora")
     model_path, family = common.resolve_model(args, None)
     settings = Settings(model_path.name, args.alpha, args.layout, args.steps, args.cfg, args.negative, width, height,
-                        args.strength, args.sampler or "ddim", args.schedule or "normal")
+                        args.strength, args.sampler or "ddim", args.schedule or "normal",
+                        args.emphasis or "original", args.chunk_padding or "repeat")
     with usage_errors():
         params = settings.params(pairs[0], pairs[0].focus)  # the flags by the core's rules (pairs' fields: pairs.py)
     out = Path(args.output)
@@ -299,13 +303,16 @@ def run_eval(args: argparse.Namespace) -> int:
         with usage_errors(f"--steps {settings.steps}" + (f" --strength {settings.strength}: " if img2img else ": ")):
             check_schedule(params, img2img, scheduler=checkpoint.scheduler())
     _check_sizes(pairs, settings, checkpoint.limits(), source)
+    library = common.embedding_library(args)
+    for p in pairs:  # every pair's prompts, before any weights load (a pairs file is anyone's file)
+        common.check_prompts(settings.params(p, p.focus), [p.focus], checkpoint, library, f"{source} line {p.line}: ")
     loras = loras_cli.plan_loras(args, checkpoint, [], None, has_focus=True)
     settings = replace(settings, loras="; ".join(f"{r['name']} {r['sha256'][:10]} {r['scale']!r} {r['stage']}"
                                                  for r in loras.records()))
 
     world, device = init_world(device)
     try:
-        return _run_eval(world, pairs, settings, out, checkpoint, device, dtype, not args.quiet, loras)
+        return _run_eval(world, pairs, settings, out, checkpoint, device, dtype, not args.quiet, loras, library)
     finally:
         if world.size > 1:
             import torch.distributed as dist
@@ -315,7 +322,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _run_eval(world: World, pairs: list[Pair], settings: Settings, out: Path, checkpoint: Checkpoint,
               device: torch.device, dtype: torch.dtype, progress: bool,
-              loras: loras_cli.RunLoras | None = None) -> int:
+              loras: loras_cli.RunLoras | None = None, library: EmbeddingLibrary | None = None) -> int:
     pending, error = [], None
     if world.rank == 0:
         try:
@@ -332,6 +339,7 @@ def _run_eval(world: World, pairs: list[Pair], settings: Settings, out: Path, ch
     failures: list[str] = []
     if todo:
         bundle = common.load_checkpoint(checkpoint, device, dtype)
+        bundle.embeddings = library
         applied = loras.apply(bundle) if loras is not None and loras.specs else None
         done = 0
         for start in range(0, len(todo), world.size):  # one pair per rank per round
@@ -386,6 +394,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strength", type=float, default=0.75, help="img2img: fraction of the schedule re-run (0.75)")
     p.add_argument("--limit", type=int, help="only the first N pairs")
     add_sampler_args(p)
+    add_prompt_args(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     common.add_model_args(p)
     loras_cli.add_lora_args(p)

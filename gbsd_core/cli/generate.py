@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from ..fast import FastOptions
     from ..loading import Checkpoint
     from ..params import GenerationParams
+    from ..prompts.embeddings import EmbeddingLibrary
 
 SWEEP_PATTERN = "sweep_{index:02d}_{focus}_a{alpha:g}.png"
 
@@ -73,6 +74,22 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", metavar="WxH", help="image size, multiples of 8 (family default, or the input's size)")
     p.add_argument("--eta", type=float, help="DDIM η (0 = deterministic; ddim only)")
     add_sampler_args(p)
+    add_prompt_args(p)
+
+
+# The names of prompts.EMPHASIS / chunks.PADDINGS, written out so `--help` imports no torch (a test holds them equal)
+EMPHASIS_HELP = ("how (word:1.2) is read, A1111's modes: original (default: weights, then the mean restored), "
+                 "no_norm, ignore (syntax read, weights not applied), none (brackets and BREAK are text)")
+PADDING_HELP = ("prompts of different 75-token chunk counts: repeat (default; A1111's separate calls, exactly) or "
+                "empty (pad with the chunk of \"\", A1111's 'Pad prompt/negative prompt')")
+
+
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    """How prompts are read (README, Prompts), checked by the core's rules (params.FIELDS) like every parameter."""
+    p.add_argument("--emphasis", metavar="MODE", help=EMPHASIS_HELP)
+    p.add_argument("--no-emphasis", dest="emphasis", action="store_const", const="none",
+                   help="brackets are text: --emphasis none")
+    p.add_argument("--chunk-padding", metavar="MODE", help=PADDING_HELP)
 
 
 # The names of samplers.SAMPLERS / sigmas.SCHEDULES, written out so `--help` imports no torch (a test holds them equal)
@@ -189,6 +206,8 @@ class Plan:
     trace: trace_cli.TracePlan | None = None  # --trace DIR: the x̂0 filmstrip beside the image
     loras: loras_cli.RunLoras | None = None  # --lora / --layout-lora / --focus-lora and the prompts' tags
     typed: tuple[str, str | None] | None = None  # prompt and focus as given, LoRA tags in them (for the PNG)
+    library: EmbeddingLibrary | None = None  # the textual inversions prompts may name
+    embeddings: dict[str, str] = dataclasses.field(default_factory=dict)  # the ones they do: name -> sha256
 
 
 def read_from_png(path: str | None) -> dict[str, Any] | None:
@@ -263,6 +282,11 @@ def plan(args: argparse.Namespace) -> Plan:
               else f"--from-png {args.from_png}: " if png_meta is not None else "")
     with usage_errors(source):
         image_size(params, checkpoint.limits(), init_image.size if init_image is not None else None)
+    library = common.embedding_library(args)
+    local_prompts = [p for p in (*(focus_stack or [params.focus]), params.focus_to) if p is not None]
+    embeddings = common.check_prompts(params, local_prompts, checkpoint, library)
+    if png_meta is not None:
+        common.compare_embeddings(png_meta, embeddings, library)
     fast = None
     if args.fast or args.compile:
         from ..fast import FastOptions
@@ -270,7 +294,8 @@ def plan(args: argparse.Namespace) -> Plan:
         fast = FastOptions(dtype=dtype, channels_last=True, fuse_qkv=True, cache_context_kv=True, compile=args.compile)
     loras = loras_cli.plan_loras(args, checkpoint, tag_loras, png_meta, params.focus is not None or bool(focus_stack))
     return Plan(args.command, params, outputs, model_path, checkpoint, device, dtype, init_image, alphas, focus_stack,
-                png_meta, progress=not args.quiet, fast=fast, trace=trace, loras=loras, typed=(typed.prompt, typed.focus))
+                png_meta, progress=not args.quiet, fast=fast, trace=trace, loras=loras, typed=(typed.prompt, typed.focus),
+                library=library, embeddings=embeddings)
 
 
 def strip_lora_tags(params: GenerationParams) -> tuple[GenerationParams, list[loras_cli.LoraSpec]]:
@@ -303,6 +328,7 @@ def execute(p: Plan) -> None:
     from . import pngmeta, weights
 
     bundle = common.load_checkpoint(p.checkpoint, p.device, p.dtype)
+    bundle.embeddings = p.library
     sha = weights.model_sha256(p.model_path, progress=p.progress)
     made_with = (p.png_meta or {}).get("model_sha256")
     if made_with and sha and made_with != sha:
@@ -325,7 +351,8 @@ def execute(p: Plan) -> None:
 
         stepper = make_stepper(bundle, p.fast, p.params.cfg, p.params.eta, p.params.sampler, p.params.schedule)
     try:
-        with loras_cli.merged(p.loras, bundle) as loras:
+        # prompt_errors: what only the weights show (weights that cancel a chunk's mean)
+        with loras_cli.merged(p.loras, bundle) as loras, common.prompt_errors():
             if p.mode == "sweep":
                 results = pipeline.sweep(bundle, p.params, alphas=p.alphas, focus_prompts=p.focus_stack,
                                          init_image=init_image, progress=p.progress, stepper=stepper, switch=loras)
@@ -340,7 +367,7 @@ def execute(p: Plan) -> None:
             width=result.image.width, height=result.image.height, model_file=p.model_path.name, model_sha256=sha,
             img2img=init_image is not None, executed_steps=result.executed_steps,
             layout_steps=result.layout_steps if result.params.focus is not None else None,
-            loras=p.loras.records() if p.loras is not None else (),
+            loras=p.loras.records() if p.loras is not None else (), embeddings=p.embeddings,
         )
         params = recorded(result.params, p.typed, p.params.focus)
         pngmeta.save_png_atomic(result.image, out, pngmeta.pnginfo(params, record))

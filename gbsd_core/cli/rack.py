@@ -11,7 +11,7 @@ Every PNG carries the metadata of its frame (the sheet: of frame 0, plus a "rack
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ..bokeh.rack import Rack
     from ..loading import Checkpoint
     from ..pipeline import GenerationParams
+    from ..prompts.embeddings import EmbeddingLibrary
 
 DEFAULT_FRAMES = 12
 FRAME_MS = 250  # display time of one frame in the animation
@@ -61,6 +62,8 @@ class RackPlan:
     progress: bool
     loras: loras_cli.RunLoras | None = None
     typed: tuple[str, str | None] | None = None  # the prompt as given (LoRA tags in it), and --from
+    library: EmbeddingLibrary | None = None  # the textual inversions prompts may name
+    embeddings: dict[str, str] = field(default_factory=dict)  # the ones they do: name -> sha256
 
 
 def rack_outputs(output: str, frames: int) -> tuple[Path, Path, tuple[Path, ...]]:
@@ -122,9 +125,14 @@ def plan_rack(args: argparse.Namespace) -> RackPlan:
         check_schedule(params, img2img=False, scheduler=checkpoint.scheduler())
     with usage_errors(f"--size {args.size}: " if args.size else ""):
         image_size(params, checkpoint.limits())
+    library = common.embedding_library(args)
+    embeddings = common.check_prompts(params, [params.focus, params.focus_to], checkpoint, library)
+    if png_meta is not None:
+        common.compare_embeddings(png_meta, embeddings, library)
     loras = loras_cli.plan_loras(args, checkpoint, tag_loras, png_meta, has_focus=True)
     return RackPlan(params, frames, animation, sheet, frame_paths, model_path, checkpoint, device, dtype,
-                    progress=not args.quiet, loras=loras, typed=(typed.prompt, typed.focus))
+                    progress=not args.quiet, loras=loras, typed=(typed.prompt, typed.focus), library=library,
+                    embeddings=embeddings)
 
 
 def _sheet_record(rack: Rack) -> dict[str, Any]:
@@ -144,13 +152,14 @@ def execute_rack(p: RackPlan) -> None:
     from . import pngmeta, weights
 
     bundle = common.load_checkpoint(p.checkpoint, p.device, p.dtype)
+    bundle.embeddings = p.library
     sha = weights.model_sha256(p.model_path, progress=p.progress)
-    with loras_cli.merged(p.loras, bundle) as loras:
+    with loras_cli.merged(p.loras, bundle) as loras, common.prompt_errors():
         rack = rack_focus(bundle, p.params, p.frames, progress=p.progress, switch=loras)
     first = rack.frames[0].result
     record = pngmeta.ImageRecord(width=first.image.width, height=first.image.height, model_file=p.model_path.name,
                                  model_sha256=sha, executed_steps=first.executed_steps, layout_steps=first.layout_steps,
-                                 loras=p.loras.records() if p.loras is not None else ())
+                                 loras=p.loras.records() if p.loras is not None else (), embeddings=p.embeddings)
     for k, (frame, path) in enumerate(zip(rack.frames, p.frame_paths, strict=True)):
         extra = {"rack": {"frame": k, "frames": p.frames}}
         params = recorded(frame.result.params, p.typed, p.params.focus)
