@@ -162,7 +162,9 @@ class LoraWeights:
         result is not finite (a half-precision overflow), the previous state is restored and ValueError raised."""
         previous = dict(self._merged)
         wanted: dict[tuple[str, str], list[Patch]] = defaultdict(list)
-        for p in patches:
+        # Summed in one order whatever order the LoRAs were listed in (fp32 addition is not associative): a PNG's
+        # A1111 text lists flag LoRAs after the prompt's tags, and must make the same weights again.
+        for p in sorted(patches, key=lambda p: (p.lora, p.module.name, p.scale)):
             wanted[(p.target.component, p.target.param)].append(p)
         try:
             written, restored = self._write({k: tuple(v) for k, v in wanted.items()})

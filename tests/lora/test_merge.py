@@ -66,6 +66,16 @@ def test_changing_the_set_never_drifts(bundle, modules, tmp_path):
     assert same_state(before, *modules)
 
 
+def test_the_listing_order_does_not_change_the_weights(bundle, modules, tmp_path):
+    """W₀ + Σ scaleᵢ·ΔWᵢ is summed in one order (fp32 addition is not associative): the same LoRAs listed in another
+    order -- a PNG's A1111 text puts flag LoRAs after the prompt's tags -- make the same bits."""
+    a, b = _unet_lora(tmp_path, bundle, "a", seed=1), _unet_lora(tmp_path, bundle, "b", seed=2, std=0.3)
+    with apply_loras(bundle, [(a, 0.7), (b, -0.3), (a, 0.2)]):
+        first = snapshot(*modules)
+    with apply_loras(bundle, [(b, -0.3), (a, 0.2), (a, 0.7)]):
+        assert same_state(first, *modules)
+
+
 def test_locon_3x3_and_tucker_convs_equal_the_runtime_form(bundle, tmp_path):
     """A LoCon on a ResBlock's 3x3 conv (padding 1) and on the stride-2 downsampler, as plain [r, in, 3, 3] down
     and as Tucker (1x1 down, [r, r, 3, 3] mid, 1x1 up): the merged conv equals A1111's un-merged forward,
