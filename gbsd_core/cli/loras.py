@@ -4,8 +4,9 @@ only, UNet only), A1111's prompt tags `<lora:NAME:WEIGHT>`, their PNG record, an
     gbsd generate "a bunny and a carrot, bokeh <lora:style:0.8>" --focus "a carrot" -o out.png
     gbsd generate "a bunny and a carrot, bokeh" --focus "a carrot" --lora style:0.8 --focus-lora detail -o out.png
 
-A tag in the global prompt applies to both stages, a tag in `--focus` to the focus stage; the tags are taken out of
-the text before it is encoded (A1111 does the same) and stay in the PNG's prompt. A NAME (a tag's, or a flag's that
+A tag in the global prompt applies to both stages, a tag in `--focus` to the focus stage; the prompt parser finds
+them (gbsd_core/prompts/parser.py, through lora.split_lora_tags), they are taken out of the text before it is encoded
+(A1111 does the same) and stay in the PNG's prompt. A NAME (a tag's, or a flag's that
 is not an existing path) is a file inside `$GBSD_WEIGHTS/loras` (or `weights/loras`), by plain name only.
 
 The PNG records the LoRAs as A1111 does -- tags in the prompt (LoRAs given by flag are added as tags: both-stage ones
@@ -123,11 +124,12 @@ def split_tags(text: str | None, what: str, stage: str) -> tuple[str | None, lis
 
 def refuse_tags(texts: Sequence[str], what: str, instead: str) -> None:
     """Prompts whose branches share one stage (a focus stack, rack's --from / --to, pairs files) cannot carry tags."""
-    from ..lora.tags import TAG
+    from ..prompts.parser import LORA_KINDS, split_extra_networks
 
     for text in texts:
-        if TAG.search(text):
-            raise UsageError(f"{what}: LoRA tags are not read here ({TAG.search(text).group(0)}); {instead}")
+        tags = split_extra_networks(text, LORA_KINDS)[1]
+        if tags:
+            raise UsageError(f"{what}: LoRA tags are not read here ({tags[0]}); {instead}")
 
 
 # ------------------------------------------------------------------------------------------------ the PNG record

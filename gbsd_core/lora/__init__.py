@@ -8,13 +8,14 @@ stage if asked. Off the learning route: the core never imports it (sampling.Stag
     files.py    reading and checking the files (formats, alpha, hashes)
     targets.py  the lookup: a file's module names -> the model's weights (both spellings, via diffusers_layout)
     merge.py    ΔW, the in-place merge with backups, AppliedLoras (the per-stage switch)
-    tags.py     A1111's <lora:NAME:WEIGHT> prompt tags, and NAME inside a folder
+    tags.py     A1111's <lora:NAME:WEIGHT> prompt tags (as gbsd_core/prompts' parser hands them over), and NAME
+                inside a folder
 """
 from .files import LoraFile, LoraModule, load_lora
 from .merge import AppliedLoras, LoraWeights, MergeReport, apply_loras, delta_weight
-from .tags import LoraTag, find_lora, split_lora_tags
+from .tags import LoraTag, find_lora, lora_tag, split_lora_tags
 from .targets import LoraTargets, Target, lora_targets, lora_targets_of_configs
 
 __all__ = ["AppliedLoras", "LoraFile", "LoraModule", "LoraTag", "LoraTargets", "LoraWeights", "MergeReport", "Target",
-           "apply_loras", "delta_weight", "find_lora", "load_lora", "lora_targets", "lora_targets_of_configs",
-           "split_lora_tags"]
+           "apply_loras", "delta_weight", "find_lora", "load_lora", "lora_tag", "lora_targets",
+           "lora_targets_of_configs", "split_lora_tags"]

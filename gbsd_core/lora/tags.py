@@ -5,21 +5,19 @@ is encoded, and hands the `lora` ones (and `lyco`, the old LyCORIS extension's a
 the file's name without its suffix, arg2 the weight (1.0 when omitted). A1111's per-part form (`te=`, `unet=`,
 `dyn=`, or a third value for the UNet) is not read: such a tag is refused, not half-applied.
 
-`split_lora_tags` is the one place gbsd reads them (the command line uses it; a full prompt parser can take it
-over). `find_lora` looks NAME up inside one folder, by plain file name only: a name from a prompt or a PNG may not
+The prompt parser (gbsd_core/prompts/parser.py, `split_extra_networks`) is the one reader of the tag syntax; this
+module reads what it hands over: `lora_tag` a tag's NAME:WEIGHT, `split_lora_tags` a whole prompt (the command
+line's). `find_lora` looks NAME up inside one folder, by plain file name only: a name from a prompt or a PNG may not
 walk the file system.
 """
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..prompts.parser import LORA_KINDS, ExtraNetwork, split_extra_networks
 from .files import LORA_SUFFIXES
-
-# A1111's re_extra_net, restricted to the LoRA networks: <lora:...> and <lyco:...>
-TAG = re.compile(r"<(lora|lyco):([^>]+)>")
 
 
 @dataclass(frozen=True)
@@ -29,24 +27,29 @@ class LoraTag:
     text: str  # the tag as written, e.g. "<lora:detail:0.8>"
 
 
+def lora_tag(tag: ExtraNetwork) -> LoraTag:
+    """A `lora` / `lyco` tag's NAME and WEIGHT. Raises ValueError for a tag without a name, with a weight that is not
+    a finite number, or with more fields than NAME:WEIGHT."""
+    text = str(tag)
+    fields = [f.strip() for f in tag.args]
+    if not fields[0]:
+        raise ValueError(f"prompt tag {text!r} names no LoRA: write <lora:NAME:WEIGHT>")
+    if len(fields) > 2 or any("=" in f for f in fields):
+        raise ValueError(f"prompt tag {text!r}: gbsd reads <lora:NAME:WEIGHT> only (no per-part weights)")
+    try:
+        weight = float(fields[1]) if len(fields) > 1 else 1.0
+    except ValueError:
+        raise ValueError(f"prompt tag {text!r}: weight {fields[1]!r} is not a number") from None
+    if not math.isfinite(weight):
+        raise ValueError(f"prompt tag {text!r}: weight {fields[1]!r} is not a finite number")
+    return LoraTag(fields[0], weight, text)
+
+
 def split_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
-    """(the prompt with its LoRA tags taken out, the tags in order). Raises ValueError for a tag without a name, with
-    a weight that is not a finite number, or with more fields than NAME:WEIGHT."""
-    tags = []
-    for m in TAG.finditer(prompt):
-        fields = [f.strip() for f in m.group(2).split(":")]
-        if not fields[0]:
-            raise ValueError(f"prompt tag {m.group(0)!r} names no LoRA: write <lora:NAME:WEIGHT>")
-        if len(fields) > 2 or "=" in m.group(2):
-            raise ValueError(f"prompt tag {m.group(0)!r}: gbsd reads <lora:NAME:WEIGHT> only (no per-part weights)")
-        try:
-            weight = float(fields[1]) if len(fields) > 1 else 1.0
-        except ValueError:
-            raise ValueError(f"prompt tag {m.group(0)!r}: weight {fields[1]!r} is not a number") from None
-        if not math.isfinite(weight):
-            raise ValueError(f"prompt tag {m.group(0)!r}: weight {fields[1]!r} is not a finite number")
-        tags.append(LoraTag(fields[0], weight, m.group(0)))
-    return TAG.sub("", prompt), tags
+    """(the prompt with its LoRA tags taken out, the tags in order), read by the prompt parser; tags of other kinds
+    stay in the text (the prompt check refuses them by name). Raises ValueError as `lora_tag`."""
+    text, tags = split_extra_networks(prompt, LORA_KINDS)
+    return text, [lora_tag(t) for t in tags]
 
 
 def plain_name(name: str) -> bool:

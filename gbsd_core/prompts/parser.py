@@ -8,7 +8,8 @@ AUTOMATIC1111's stable-diffusion-webui defines what prompts on the web look like
     \\( \\) \\[ \\] \\\\   the literal character;  a backslash before anything else vanishes
     unbalanced    an opening bracket never closed applies to the end of the prompt; a stray closing one is text
     BREAK         (the word, in capitals) ends the current 75-token chunk early (chunks.py)
-    <lora:NAME:W> an extra-network tag (A1111's `<kind:args>`): taken out of the text, never encoded
+    <lora:NAME:W> an extra-network tag (A1111's `<kind:args>`): taken out of the text, never encoded; the `lora` ones
+                  are handed to the LoRA code, every other kind is refused by name (below)
 
 Weights multiply outward, in the order the brackets close (so `((house:1.3))` is 1.3 x 1.1 x 1.1 =
 1.5730000000000004, A1111's own figure). Neighbouring pieces of equal weight are joined before they are tokenized,
@@ -22,10 +23,21 @@ Where gbsd differs, on purpose:
 - BREAK inside brackets is a break here. In A1111 the marker is multiplied by the bracket's weight and then no longer
   recognised, so it is encoded as the word "break" with weight -1.1.
 - `AND` (A1111's composable prompts: several predictions mixed) is refused by name rather than encoded as a word.
+
+Extra-network tags, the one reader of their syntax (`split_extra_networks`), as A1111's extra_networks.parse_prompt:
+each `<kind:arg1:arg2...>` is found in the raw prompt before anything else is read, so no escape or bracket
+protects it (`\\<lora:x:1>` and `(<lora:x:1>:1.5)` are tags; the brackets' weight is not the LoRA's), a tag inside
+prompt editing applies for the whole run (A1111 takes tags out before it reads the schedule), and `<foo:<lora:x:1>`
+is one tag of kind "foo" (its args run to the first '>'). `lora` and `lyco` (A1111's alias for the old LyCORIS
+extension) go to the LoRA wing (gbsd_core/lora/tags.py reads NAME:WEIGHT; the command line applies them: the global
+prompt's to both GBSD stages, --focus's to the focus stage). Other kinds (`hypernet`, ...) are refused by name (A1111
+skips a kind it does not know with a log line). A1111 reads tags in the positive prompts only: in the negative prompt
+it encodes one as text, so no LoRA is ever applied from there; gbsd refuses any tag in the negative prompt by name.
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # How weights are applied (A1111's emphasis modes, modules/sd_emphasis.py; encode.py): "original" z·w rescaled to z's
@@ -42,6 +54,8 @@ _BREAK = re.compile(r"\s*\bBREAK\b\s*")  # the spaces around BREAK go with it
 _AND = re.compile(r"\bAND\b")
 # An extra-network tag (A1111's extra_networks.re_extra_net): <kind:args>, kind a word, args up to the next '>'.
 _TAG = re.compile(r"<(\w+):([^>]+)>")
+# The kinds gbsd applies: A1111's LoRA network and `lyco`, the alias it keeps for the old LyCORIS extension
+LORA_KINDS = ("lora", "lyco")
 
 
 class PromptError(ValueError):
@@ -72,21 +86,43 @@ class ExtraNetwork:
         return f"<{self.kind}:{':'.join(self.args)}>"
 
 
-def split_extra_networks(prompt: str) -> tuple[str, list[ExtraNetwork]]:
+def split_extra_networks(prompt: str, kinds: Sequence[str] | None = None) -> tuple[str, list[ExtraNetwork]]:
     """(the prompt without its `<kind:args>` tags, the tags in order). A1111 removes each tag outright, before any
     other parsing (extra_networks.parse_prompt), so the words around it keep their spaces: "a <lora:x:1> cat" is
-    "a  cat". This is the hand-off to the code that applies LoRAs: it gets the tags, the text encoder never does."""
-    tags = [ExtraNetwork(m.group(1), tuple(m.group(2).split(":"))) for m in _TAG.finditer(prompt)]
-    return _TAG.sub("", prompt), tags
+    "a  cat". With `kinds`, only tags of those kinds are taken out; the others stay in the text as written. This is
+    the hand-off to the code that applies LoRAs (gbsd_core/lora/tags.py): it gets the tags, the text encoder never
+    does."""
+    tags: list[ExtraNetwork] = []
+
+    def take(m: re.Match) -> str:
+        if kinds is not None and m.group(1) not in kinds:
+            return m.group(0)
+        tags.append(ExtraNetwork(m.group(1), tuple(m.group(2).split(":"))))
+        return ""
+
+    return _TAG.sub(take, prompt), tags
 
 
 def check_extra_networks(tags: list[ExtraNetwork], where: str = "prompt") -> None:
-    """Refuse the tags gbsd cannot apply, by name: every kind but the LoRA wing's (`lora`, `lyco`)."""
+    """Refuse, by name, the tags nothing in gbsd applies: every kind but LORA_KINDS (the LoRA wing's), and in the
+    negative prompt (`where` "negative") every tag, since A1111 applies none from there (module docstring)."""
     for tag in tags:
-        if tag.kind in ("lora", "lyco"):
-            continue
-        raise PromptError(f"{where}: {tag} is an A1111 extra-network tag of kind {tag.kind!r}, which gbsd does not "
-                          "apply (remove the tag)")
+        if tag.kind not in LORA_KINDS:
+            raise PromptError(f"{where}: {tag} is an A1111 extra-network tag of kind {tag.kind!r}, which gbsd does not "
+                              "apply (remove the tag)")
+        if where == "negative":
+            raise PromptError(f"negative: {tag} is a LoRA tag; A1111 applies LoRAs from the prompt only (it encodes "
+                              "this tag as text): remove it, or give the LoRA a negative weight in the prompt")
+
+
+def check_lora_tags_taken_out(prompt: str, where: str = "prompt") -> None:
+    """The text path applies no LoRA: a `<lora:...>` tag that reaches it (the Python API given a prompt as typed) was
+    not handed to the LoRA code, and dropping it silently would make another image than the one asked for."""
+    tags = split_extra_networks(prompt, LORA_KINDS)[1]
+    if tags:
+        raise PromptError(f"{where}: {tags[0]} is a LoRA tag, which the pipeline does not apply: take the tags out "
+                          "and merge the LoRAs first (gbsd_core.lora.split_lora_tags, apply_loras), as the command "
+                          "line does")
 
 
 def check_no_and(prompt: str, where: str = "prompt") -> None:

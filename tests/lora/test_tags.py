@@ -1,5 +1,5 @@
-"""A1111's prompt tags (gbsd_core/lora/tags.py): `<lora:NAME:WEIGHT>` taken out of the text, NAME looked up inside
-one folder by plain name only."""
+"""A1111's prompt tags (gbsd_core/lora/tags.py): `<lora:NAME:WEIGHT>` taken out of the text (read by the prompt
+parser, gbsd_core/prompts/parser.py), NAME looked up inside one folder by plain name only."""
 from __future__ import annotations
 
 import pytest
@@ -15,6 +15,14 @@ def test_tags_are_taken_out_of_the_text_in_order():
                                                           ("old", -1.5, "<lyco:old:-1.5>")]
     assert split_lora_tags("no tags <here>, 3:2 <x:y>") == ("no tags <here>, 3:2 <x:y>", [])
     assert split_lora_tags("<lora: spaced name : 0.5 >")[1][0].name == "spaced name"
+
+
+def test_tags_are_read_by_the_prompt_parser_as_a1111_reads_them():
+    # A1111's re_extra_net reads "<hypernet:<lora:x:1>" as ONE tag of kind hypernet (its args run to the first '>'),
+    # so no LoRA is applied; a reader of <lora:...> alone found a LoRA inside the other tag.
+    assert split_lora_tags("a <hypernet:<lora:x:1> cat") == ("a <hypernet:<lora:x:1> cat", [])
+    text, tags = split_lora_tags("a \\<lora:x:0.5> (cat <lyco:y:2>:1.2)")  # no escape or bracket protects a tag
+    assert text == "a \\ (cat :1.2)" and [(t.name, t.weight) for t in tags] == [("x", 0.5), ("y", 2.0)]
 
 
 @pytest.mark.parametrize("prompt, message", [

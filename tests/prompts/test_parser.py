@@ -6,14 +6,19 @@ import re
 
 import pytest
 
+from gbsd_core.params import GenerationParams
 from gbsd_core.prompts.parser import (
+    LORA_KINDS,
     ExtraNetwork,
     Fragment,
     PromptError,
+    check_extra_networks,
+    check_lora_tags_taken_out,
     parse_emphasis,
     read_syntax,
     split_extra_networks,
 )
+from gbsd_core.prompts.schedule import prompt_schedule
 
 
 def pairs(text: str) -> list[list]:
@@ -109,6 +114,57 @@ def test_lora_tags_are_handed_on_not_refused() -> None:
     fragments, tags = read_syntax("a <lora:grain:0.8> cat <lyco:old:1>", where="prompt")
     assert fragments == [Fragment("a  cat ")] and tags == [ExtraNetwork("lora", ("grain", "0.8")),
                                                           ExtraNetwork("lyco", ("old", "1"))]
+
+
+def test_a_kind_filter_takes_out_those_tags_only() -> None:
+    text, tags = split_extra_networks("a <lora:x:1> b <hypernet:h:1> c <lyco:y> d", LORA_KINDS)
+    assert text == "a  b <hypernet:h:1> c  d" and tags == [ExtraNetwork("lora", ("x", "1")), ExtraNetwork("lyco", ("y",))]
+
+
+# Tags as A1111 finds them (extra_networks.parse_prompt: re_extra_net over the raw prompt, before the emphasis and the
+# schedule are read): escapes and brackets do not protect a tag, and its args run to the first '>'.
+@pytest.mark.parametrize("prompt, fragments, tags", [
+    ("a \\<lora:x:1> cat", [["a  cat", 1.0]], [("lora", ("x", "1"))]),  # the backslash left alone, then dropped
+    ("\\(<lora:x:1>\\)", [["()", 1.0]], [("lora", ("x", "1"))]),  # escaped brackets around it: text
+    ("a (cat <lora:x:0.5>:1.3)", [["a ", 1.0], ["cat ", 1.3]], [("lora", ("x", "0.5"))]),  # emphasis: not the LoRA's
+    ("[<lora:x:1>] cat", [[" cat", 1.0]], [("lora", ("x", "1"))]),  # the empty bracket pair weighs nothing
+    ("<lora:a(b):0.5> cat", [[" cat", 1.0]], [("lora", ("a(b)", "0.5"))]),  # a bracket in a name is the name's
+    ("a <hypernet:<lora:x:1> cat", None, [("hypernet", ("<lora", "x", "1"))]),  # one tag, of kind hypernet
+])
+def test_tags_are_found_as_a1111_finds_them(prompt: str, fragments: list | None, tags: list) -> None:
+    text, found = split_extra_networks(prompt)
+    assert [(t.kind, t.args) for t in found] == tags
+    if fragments is not None:
+        assert [[f.text, f.weight] for f in read_syntax(prompt)[0]] == fragments
+    else:
+        with pytest.raises(PromptError, match="kind 'hypernet'"):
+            read_syntax(prompt)
+
+
+def test_tags_inside_prompt_editing_apply_for_the_whole_run() -> None:
+    # A1111 takes the tags out before it reads the schedule: a LoRA named in [from:to:when] is not scheduled
+    prompt = "a [cat <lora:x:0.5>:dog <lora:y:1>:2], (bokeh:1.2)"
+    assert [t.args[0] for t in split_extra_networks(prompt)[1]] == ["x", "y"]
+    assert prompt_schedule(prompt, 10) == [(2, "a cat , (bokeh:1.2)"), (10, "a dog , (bokeh:1.2)")]
+
+
+def test_a_tag_in_the_negative_prompt_is_refused_by_name() -> None:
+    # A1111 reads tags in the positive prompts only and encodes a negative prompt's as text: it applies no LoRA
+    # from there. gbsd refuses the tag rather than encode "<lora:x:1>" as words.
+    message = "negative: <lora:x:1> is a LoRA tag; A1111 applies LoRAs from the prompt only"
+    with pytest.raises(PromptError, match=re.escape(message)):
+        check_extra_networks(split_extra_networks("ugly <lora:x:1>")[1], "negative")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GenerationParams("a cat", negative="ugly <lora:x:1>")
+    with pytest.raises(ValueError, match="negative: <hypernet:h:1> is an A1111 extra-network tag of kind 'hypernet'"):
+        GenerationParams("a cat", negative="<hypernet:h:1>")
+    assert GenerationParams("a cat <lora:x:1>", focus="a cat <lyco:y:0.5>").prompt == "a cat <lora:x:1>"  # syntax
+
+
+def test_a_lora_tag_that_reaches_the_text_path_is_refused() -> None:
+    with pytest.raises(PromptError, match=re.escape("focus: <lora:x:1> is a LoRA tag, which the pipeline does not")):
+        check_lora_tags_taken_out("a cat <lora:x:1>", "focus")
+    check_lora_tags_taken_out("a cat, <3, 2:1 <b>")  # no tags: nothing to say
 
 
 def test_emphasis_modes() -> None:
