@@ -31,6 +31,7 @@ from .bundle import SDBundle, check_finite
 from .images import to_rgb
 from .params import GenerationParams, image_size
 from .prompts.chunks import fit_conditionings
+from .prompts.parser import check_lora_tags_taken_out
 from .prompts.schedule import prompt_schedule, staged
 from .samplers import Sampler, make_sampler
 from .sampling import (
@@ -159,7 +160,11 @@ def _start(bundle: SDBundle, params: GenerationParams, local_prompts: Sequence[s
     # batch size, and a prompt must embed to the same bits whichever run or sweep it is part of (σ = 1 is then
     # bit-identical to plain SD). The cost is a few ms per prompt. (SDXL: each also carries the size embeddings.)
     # Prompts are read as A1111 writes them (prompts/: weights, chunks of 75 tokens, embeddings, prompt editing);
-    # then every context of the run is brought to one length (prompts/chunks.py: repeated, or padded).
+    # then every context of the run is brought to one length (prompts/chunks.py: repeated, or padded). A LoRA tag
+    # must have been taken out and applied before (gbsd_core.lora); the run would silently lack its LoRA otherwise.
+    wheres = ["prompt", "negative", *["focus"] * len(local_prompts)]
+    for where, prompt in zip(wheres, (params.prompt, params.negative, *local_prompts)):
+        check_lora_tags_taken_out(prompt, where)
     schedules = [prompt_schedule(p, params.steps) for p in (params.prompt, *local_prompts)]
     texts = list(dict.fromkeys(text for schedule in schedules for _, text in schedule))
     conds = [bundle.conditioning(p, (w, h), negative=i == 0, emphasis=params.emphasis)

@@ -193,3 +193,21 @@ def test_prompt_editing_is_a_stage_list(bundle):
                         Stage("focus", range(7, 8), mix(e["a carrot in a garden"], e["a bunny"], 0.5))], e[""])
     assert np.array_equal(pixels(gbsd), expected)
     assert layout_steps(n, 0.5) == 4
+
+
+# ------------------------------------------------------------------------------------------------ LoRA tags
+
+
+def test_a_lora_tag_reaching_the_pipeline_is_refused_not_dropped(bundle):
+    """The parser takes <lora:...> tags out of the text, but the pipeline applies no LoRA (gbsd_core.lora does, the
+    command line hands the tags over): a run given a prompt as typed would silently lack its LoRA."""
+    for params, where in ((GenerationParams("a cat <lora:style:0.8>", steps=2, **SIZE), "prompt"),
+                          (GenerationParams("a cat", focus="a [cat] <lyco:x>", steps=2, **SIZE), "focus"),
+                          (GenerationParams("a cat", focus="a cat", focus_to="a dog <lora:x:1>", steps=2, **SIZE),
+                           "focus")):
+        with pytest.raises(PromptError, match=f"{where}: <(lora|lyco):.*> is a LoRA tag, which the pipeline does not"):
+            generate(bundle, params)
+    with pytest.raises(PromptError, match="is a LoRA tag"):
+        sweep(bundle, GenerationParams("a cat", focus="a cat", steps=2, **SIZE), focus_prompts=["a <lora:x:1> dog"])
+    with pytest.raises(PromptError, match="is a LoRA tag"):
+        bundle.conditioning("a cat <lora:style:0.8>", (64, 64))

@@ -37,7 +37,7 @@ from ..sdxl_conditioner import SDXLConditioner, SDXLConditionerConfig
 from ..tokenizer import CONTEXT_LENGTH, EOT_TOKEN_ID, SOT_TOKEN_ID, Tokenizer
 from .chunks import Chunk, check_chunk_count, common_chunks, make_chunks
 from .embeddings import SINGLE, EmbeddingLibrary, Tower, fit
-from .parser import ExtraNetwork, PromptError, read_syntax
+from .parser import ExtraNetwork, PromptError, check_lora_tags_taken_out, read_syntax
 from .schedule import prompt_schedule
 
 PLACEHOLDER_ID = 0  # the token id under an embedding's vector (any valid id: its embedding is replaced)
@@ -106,7 +106,9 @@ def check_run(prompts: Sequence[tuple[str, str]], steps: int, emphasis: str, pad
 @torch.no_grad()
 def encode(text_encoder: TextEncoder, tokenizer: Tokenizer, prompt: str, emphasis: str = "original",
            library: EmbeddingLibrary | None = None, family: str = "") -> Conditioning:
-    """One prompt -> Conditioning(context [1, 77·k, D], pooled [1, P] for SDXL, else None), in the encoder's dtype."""
+    """One prompt -> Conditioning(context [1, 77·k, D], pooled [1, P] for SDXL, else None), in the encoder's dtype.
+    A prompt still holding a LoRA tag is refused (PromptError): the LoRA code takes the tags out and applies them."""
+    check_lora_tags_taken_out(prompt)
     read = read_prompt(prompt, tokenizer, emphasis, library, text_towers(text_encoder.config), family)
     device = next(text_encoder.parameters()).device
     parts = [_encode_chunk(text_encoder, tokenizer, chunk, library, emphasis, device) for chunk in read.chunks]
