@@ -294,8 +294,8 @@ def plan(args: argparse.Namespace) -> Plan:
         fast = FastOptions(dtype=dtype, channels_last=True, fuse_qkv=True, cache_context_kv=True, compile=args.compile)
     loras = loras_cli.plan_loras(args, checkpoint, tag_loras, png_meta, params.focus is not None or bool(focus_stack))
     return Plan(args.command, params, outputs, model_path, checkpoint, device, dtype, init_image, alphas, focus_stack,
-                png_meta, progress=not args.quiet, fast=fast, trace=trace, loras=loras, typed=(typed.prompt, typed.focus),
-                library=library, embeddings=embeddings)
+                png_meta, progress=not args.quiet, fast=fast, trace=trace, loras=loras,
+                typed=(typed.prompt, typed.focus), library=library, embeddings=embeddings)
 
 
 def strip_lora_tags(params: GenerationParams) -> tuple[GenerationParams, list[loras_cli.LoraSpec]]:
