@@ -7,7 +7,7 @@ configuration at that shape (ours, compiled, graphed, diffusers: the same networ
 FLOPs over measured time, comparable across configurations; one that skips work (the cross-attention K/V cache
 skips the 77-token K/V projections, ~0.1 % at 512²) shows it as a little more utilisation. Counting each
 implementation's own ops instead cannot work for all of them: compiled and graphed code and CPU-prepacked kernels
-are not ATen ops the counter sees. SD1.5 at 512² with CFG counts 1.607 TFLOP per step (GUIDE §5: 0.40 TMAC per
+are not ATen ops the counter sees. SD1.5 at 512² with CFG counts 1.607 TFLOP per step (by hand: 0.40 TMAC per
 sample at a 64×64 latent, i.e. 1.61 TFLOP per CFG step); tests/bench checks it. SDXL base at 1024² (a 128×128
 latent) counts 13.52 TFLOP per CFG step, 8.4x SD1.5 at 512², as diffusers' own SDXL UNet does under the same counter.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gbsd_core.ddim import DDIMScheduler
+from gbsd_core.ddim import DDIMSampler
 from gbsd_core.sampling import CFGStep
 from gbsd_core.unet import UNetModel
 
@@ -29,9 +29,9 @@ def step_flops(arch: str, tiny: bool, size: int, batch: int, cfg: float, positio
     spec = (TINY_ARCHS if tiny else ARCHS)[arch]
     with torch.device("meta"):
         unet = UNetModel(spec.unet).eval()
-    scheduler = DDIMScheduler(prediction_type=spec.family.prediction_type)
-    scheduler.timesteps(50)  # the run the step indexes into (every step costs the same)
-    step = CFGStep(unet, scheduler, cfg)
+    sampler = DDIMSampler(prediction_type=spec.family.prediction_type)
+    sampler.timesteps(50)  # the run the step indexes into (every step costs the same)
+    step = CFGStep(unet, sampler, cfg)
     rows = batch if step.guidance_scale is None else 2 * batch
     context = torch.empty(rows, positions, spec.unet.context_dim, device="meta")
     if spec.unet.adm_in_channels is None:

@@ -40,7 +40,7 @@ def _prepare(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any]) -> 
         lat_dtype = torch.float32 if opts is not None else s.dtype  # as run_ours: the fast stepper keeps fp32 latents
         uncond, cond = ours_contexts(bundle, s, lat_dtype)
         stepper = ours_stepper(bundle, opts, s)
-        call = ours_step_call(stepper, uncond, cond, make_inputs(s, lat_dtype), bundle.scheduler.timesteps(s.steps), s)
+        call = ours_step_call(stepper, uncond, cond, make_inputs(s, lat_dtype), stepper.sampler.timesteps(s.steps), s)
         return call, getattr(stepper, "close", lambda: None)
     pipe = build_diffusers(preset, s, clock, rec)
     pe, npe, pooled = diffusers_embeddings(pipe, s)  # SDXL: and the pooled pair, for its added_cond_kwargs

@@ -15,7 +15,6 @@ from torch import nn
 
 from gbsd_core.bundle import SDBundle
 from gbsd_core.clip_text import CLIPTextConfig, CLIPTextEncoder
-from gbsd_core.ddim import DDIMScheduler
 from gbsd_core.family import SD1, SD2_768_V, SDXL_BASE, Family
 from gbsd_core.openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
 from gbsd_core.sdxl_conditioner import SDXLConditioner, SDXLConditionerConfig
@@ -115,7 +114,6 @@ def build_bundle(arch: str, device: str | torch.device = "cpu", dtype: torch.dty
         vae=_build(AutoencoderKL, spec.vae, device, g, dtype),
         text_encoder=_build(text_cls, spec.text, device, g, dtype),
         tokenizer=Tokenizer(pad_token_id=spec.family.pad_token_id),
-        scheduler=DDIMScheduler(prediction_type=spec.family.prediction_type),
         family=spec.family,
     )
 

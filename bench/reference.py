@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from gbsd_core.unet import UNetConfig, UNetModel
     from gbsd_core.vae import AutoencoderKL
 
-DDIM_CONFIG = dict(  # CompVis DDIM in diffusers' terms (../shared/GUIDE.md §2)
+DDIM_CONFIG = dict(  # CompVis DDIM in diffusers' terms (gbsd_core/ddim.py)
     num_train_timesteps=1000,
     beta_start=0.00085,
     beta_end=0.012,

@@ -34,6 +34,7 @@ import torch
 from gbsd_core.bundle import SDBundle
 from gbsd_core.fast import FastOptions, accelerate, make_stepper, release_steppers
 from gbsd_core.pipeline import GenerationParams, GenerationResult, generate
+from gbsd_core.samplers import make_sampler
 from gbsd_core.sampling import (
     CFGStep,
     Conditioning,
@@ -154,7 +155,7 @@ def build_ours(preset: Preset, s: Settings, clock: Clock, rec: dict[str, Any]):
 def ours_stepper(bundle: SDBundle, opts: FastOptions | None, s: Settings) -> Stepper:
     if opts is not None:
         return make_stepper(bundle, opts, s.cfg)  # cached on the bundle: the loop and e2e reuse it
-    return CFGStep(bundle.unet, bundle.scheduler, s.cfg)
+    return CFGStep(bundle.unet, make_sampler(bundle.noise_schedule, bundle.family.prediction_type), s.cfg)
 
 
 def ours_generate(bundle: SDBundle, params: GenerationParams, opts: FastOptions | None) -> GenerationResult:
@@ -195,8 +196,8 @@ def run_ours_shape(bundle: SDBundle, opts: FastOptions | None, s: Settings, cloc
     with torch.inference_mode():
         uncond, cond = ours_contexts(bundle, s, lat_dtype)
         x_T = make_inputs(s, lat_dtype)
-        timesteps = bundle.scheduler.timesteps(s.steps)
         stepper = ours_stepper(bundle, opts, s)
+        timesteps = stepper.sampler.timesteps(s.steps)
         latents = x_T  # what the VAE decodes when the loop is not run (the same values on both sides)
         try:
             if "step" in s.parts:

@@ -37,15 +37,15 @@ __all__ = ["SAMPLERS", "sampler_loops", "samplers_table"]
 def _stepper(bundle: SDBundle, opts: FastOptions | None, cfg: float, name: str, schedule: str) -> Stepper:
     if opts is not None:
         return make_stepper(bundle, opts, cfg, 0.0, name, schedule)  # cached on the bundle per sampler
-    return CFGStep(bundle.unet, make_sampler(bundle.scheduler, name, schedule), cfg)
+    return CFGStep(bundle.unet, make_sampler(bundle.noise_schedule, bundle.family.prediction_type, name, schedule), cfg)
 
 
 def _loop(stepper: Stepper, x_T: torch.Tensor, uncond: torch.Tensor, cond: torch.Tensor, steps: int,
           seed: int) -> Callable[[], torch.Tensor]:
     """One whole text-to-image loop of the stepper's sampler per call."""
     def loop() -> torch.Tensor:
-        sampler = stepper.scheduler
-        ts = sampler.timesteps(steps)  # (re)fixes the run: DDIM's sampler is the bundle's own scheduler
+        sampler = stepper.sampler
+        ts = sampler.timesteps(steps)  # (re)fixes the run of the stepper's own sampler
         out = x_T
         for state in denoise(stepper, sampler.start_latents(x_T), ts, [Stage("global", range(len(ts)), cond)],
                              uncond, generator=torch.Generator().manual_seed(seed)):

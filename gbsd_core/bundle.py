@@ -1,4 +1,4 @@
-"""`SDBundle`: a loaded Stable Diffusion -- the three networks, tokenizer, scheduler and family -- and the three
+"""`SDBundle`: a loaded Stable Diffusion -- the three networks, tokenizer, family and noise schedule -- and the three
 conversions every pipeline needs: prompt -> text embeddings (the UNet's conditioning), latents -> images, images ->
 latents.
 
@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Union
 import torch
 
 from .clip_text import CLIPTextConfig, CLIPTextEncoder
-from .ddim import DDIMScheduler
 from .errors import NonFiniteError
 from .family import Family
+from .noise_schedule import SD, NoiseSchedule
 from .openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
 from .params import ModelLimits
 from .prompts.encode import encode
@@ -101,14 +101,14 @@ def model_limits(vae: VAEConfig, family: Family, native_size: int | None = None)
 
 @dataclass
 class SDBundle:
-    """A loaded Stable Diffusion: the three networks, tokenizer, scheduler and family."""
+    """A loaded Stable Diffusion: the three networks, tokenizer, family and noise schedule."""
 
     unet: UNetModel
     vae: AutoencoderKL
     text_encoder: TextEncoder
     tokenizer: Tokenizer
-    scheduler: DDIMScheduler
     family: Family
+    noise_schedule: NoiseSchedule = SD  # β/ᾱ the UNet was trained on (a diffusers folder's scheduler config; else SD's)
     path: Path | None = None
     native_size: int | None = None  # a diffusers folder's unet sample_size x VAE factor; None: the family's
     # textual-inversion embeddings that prompts may name (gbsd_core/prompts/embeddings.py); None: none
@@ -208,18 +208,17 @@ class SDBundle:
             "dtype": str(p.dtype).removeprefix("torch."),
             "vae_dtype": str(next(self.vae.parameters()).dtype).removeprefix("torch."),
             "device": str(p.device),
-            "noise_schedule": describe_schedule(self.scheduler),
+            "noise_schedule": describe_schedule(self.noise_schedule),
             "parts": describe_parts(self.unet.config, self.vae.config, self.text_encoder.config),
             "parameters": parameters,
             "configs": {name: asdict(getattr(self, name).config) for name in COMPONENTS},
         }
 
 
-def describe_schedule(scheduler: DDIMScheduler) -> str:
+def describe_schedule(ns: NoiseSchedule) -> str:
     """One line for `gbsd info`: the β schedule, T, zero terminal SNR, and the spacing the samplers run by default."""
-    ns = scheduler.noise_schedule
     return (f"{ns.beta_schedule}, beta {ns.beta_start:g} to {ns.beta_end:g}, {ns.num_train_timesteps} timesteps"
-            + (", rescaled to zero terminal SNR" if ns.zero_terminal_snr else "") + f"; {scheduler.spacing} spacing")
+            + (", rescaled to zero terminal SNR" if ns.zero_terminal_snr else "") + f"; {ns.spacing} spacing")
 
 
 def _tower(config: CLIPTextConfig | OpenCLIPTextConfig) -> str:

@@ -42,7 +42,7 @@ class DPMPP2MSampler(SigmaSampler):
     # diffusers' DPM-Solver works on the VP latent (`init_noise_sigma` = 1) whatever its spacing; k-diffusion's on x
     ve_start_spacings = ("k-diffusion",)
 
-    def update(self, i: int, x: Tensor, model_output: Tensor, *, eta: float = 0.0, noise: Tensor | None = None,
+    def update(self, x: Tensor, i: int, model_output: Tensor, *, eta: float = 0.0, noise: Tensor | None = None,
                prev_x0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x_i [B,4,h,w], the guided UNet output at step i and D_{i−1} (`prev_x0`, None: first order) ->
         (x_{i+1}, D_i)."""
@@ -50,7 +50,7 @@ class DPMPP2MSampler(SigmaSampler):
         if prev_x0 is not None and i == 0:
             raise ValueError("step 0 has no previous step: pass prev_x0=None")
         sigma, sigma_next = self.sigma(i), self.sigma(i + 1)
-        x0 = self.denoised(model_output, i, x)
+        x0 = self.denoised(x, i, model_output)
         if sigma_next == 0.0:
             return x0.clone(), x0  # λ_{i+1} = ∞: the step lands on D_i
         h = math.log(sigma / sigma_next)

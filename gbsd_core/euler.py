@@ -30,11 +30,11 @@ class EulerSampler(SigmaSampler):
 
     name = "euler"
 
-    def update(self, i: int, x: Tensor, model_output: Tensor, *, eta: float = 0.0, noise: Tensor | None = None,
+    def update(self, x: Tensor, i: int, model_output: Tensor, *, eta: float = 0.0, noise: Tensor | None = None,
                prev_x0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x_i [B,4,h,w] and the guided UNet output at step i -> (x_{i+1}, D_i). Single-step: `prev_x0` is unused."""
         self.check_eta(eta)
         sigma, sigma_next = self.sigma(i), self.sigma(i + 1)
-        x0 = self.denoised(model_output, i, x)
+        x0 = self.denoised(x, i, model_output)
         d = (x - x0) / sigma
         return x + (sigma_next - sigma) * d, x0

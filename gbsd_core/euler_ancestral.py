@@ -44,13 +44,13 @@ class EulerAncestralSampler(SigmaSampler):
         self.check_eta(eta)
         return self.ancestral_step(i)[1]
 
-    def update(self, i: int, x: Tensor, model_output: Tensor, *, eta: float = 0.0, noise: Tensor | None = None,
+    def update(self, x: Tensor, i: int, model_output: Tensor, *, eta: float = 0.0, noise: Tensor | None = None,
                prev_x0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x_i [B,4,h,w], the guided UNet output at step i and z_i (`noise`, needed when σ_up > 0) -> (x_{i+1}, D_i)."""
         self.check_eta(eta)
         sigma = self.sigma(i)
         sigma_down, sigma_up = self.ancestral_step(i)
-        x0 = self.denoised(model_output, i, x)
+        x0 = self.denoised(x, i, model_output)
         d = (x - x0) / sigma
         x_next = x + (sigma_down - sigma) * d
         if sigma_up > 0:

@@ -31,7 +31,7 @@ from . import diffusers_configs, diffusers_layout
 from .block_counts import check_block_counts
 from .bundle import COMPONENTS, SDBundle, check_parts_fit, model_limits
 from .clip_text import CLIPTextConfig, CLIPTextEncoder
-from .ddim import DDIMScheduler
+from .ddim import DDIMSampler
 from .family import Family, detect, family_by_name
 from .noise_schedule import SD as SD_NOISE_SCHEDULE
 from .noise_schedule import NoiseSchedule
@@ -47,7 +47,7 @@ from .readers import (
     read_weights_file,
 )
 from .sdxl_conditioner import MICRO_DIM, SDXLConditioner, SDXLConditionerConfig
-from .unet import UNetConfig, UNetModel
+from .unet import UNetConfig, UNetModel, unet_config_from_state_dict
 from .vae import AutoencoderKL, VAEConfig
 
 # Subtrees of a LatentDiffusion state dict: model (DiffusionWrapper).diffusion_model, first_stage_model, cond_stage_model.
@@ -57,7 +57,7 @@ SDXL_PREFIXES = {**PREFIXES, "text_encoder": "conditioner."}
 
 # --- What a file may carry beyond the three networks' weights, and why it is safe to drop. ----------------------
 # ddpm.py LatentDiffusion.register_schedule(): the DDPM schedule as 12 persistent [1000] buffers. They are a pure
-# function of linear_start/linear_end (0.00085/0.012), which DDIMScheduler recomputes; files converted from diffusers
+# function of linear_start/linear_end (0.00085/0.012), which noise_schedule.py recomputes; files converted from diffusers
 # lack them.
 SCHEDULE_BUFFERS = frozenset({
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
@@ -337,16 +337,11 @@ class Checkpoint:
     def limits(self) -> ModelLimits:
         return model_limits(self.configs["vae"], self.family, self.native_size)  # type: ignore[arg-type]
 
-    def scheduler(self) -> DDIMScheduler:
-        """The model's DDIM on its noise schedule and prediction type (what `build` gives the bundle), for the
-        checks that need the model's timesteps before any weights load (params.check_schedule)."""
-        return DDIMScheduler(self.family.prediction_type, self.noise_schedule)
-
 
 def _configs(raw: RawCheckpoint, parts: Mapping[str, Mapping[str, torch.Tensor]], fam: Family, path: Path,
              prefixes: Mapping[str, str]) -> dict[str, object]:
     """Each part's config: a diffusers folder's config.json translated, else inferred from the tensors' shapes."""
-    unet_cfg = raw.configs.get("unet") or _infer("unet", lambda: UNetConfig.from_state_dict(parts["unet"]), path,
+    unet_cfg = raw.configs.get("unet") or _infer("unet", lambda: unet_config_from_state_dict(parts["unet"]), path,
                                                  prefixes)
     if fam.prediction_type == "v_prediction":
         # Stability's 768-v model overflows fp16 in attention softmax; diffusers' sd2-1 config sets
@@ -419,7 +414,7 @@ def inspect_checkpoint(path: str | os.PathLike, family: str | Family | None = No
             raise CheckpointError(f"{path}: the {name} {e}") from None
         check_strict(name, _meta_module(name, _module_class(name, cfg), cfg, path), parts[name], path, prefixes)
     try:
-        DDIMScheduler(fam.prediction_type, raw.noise_schedule)  # e.g. zero terminal SNR with --family of an eps model
+        DDIMSampler(fam.prediction_type, raw.noise_schedule)  # e.g. zero terminal SNR with --family of an eps model
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return Checkpoint(path, fam, parts, configs, raw.native_size, prefixes, raw.noise_schedule)
@@ -438,7 +433,7 @@ def build(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device: st
                                   vae_dtype if name == "vae" else dtype, device, c.path, c.prefixes)
                for name, cfg in c.configs.items()}
     return SDBundle(**modules, tokenizer=Tokenizer(pad_token_id=c.family.pad_token_id),  # type: ignore[arg-type]
-                    scheduler=c.scheduler(), family=c.family, path=c.path,
+                    family=c.family, noise_schedule=c.noise_schedule, path=c.path,
                     native_size=c.native_size)
 
 
@@ -449,7 +444,7 @@ def load(path: str | os.PathLike, family: str | Family | None = None, dtype: tor
     `family` ("sd1", "sd2-512", "sd2-768-v", "sdxl-base", "sdxl-refiner") overrides detection; it matters for SD2,
     whose 512-eps and 768-v files have identical tensors (see family.detect for the hints used otherwise). `dtype` is
     the UNet's and the text encoder's; the VAE stays in `vae_dtype`, fp32 by default, because the SD decoder's
-    activations overflow fp16 (diffusers' `force_upcast` for the same reason; GUIDE §1.11).
+    activations overflow fp16 (diffusers' `force_upcast` for the same reason).
     """
     _check_target(dtype, device, vae_dtype)  # before any file is read
     return build(inspect_checkpoint(path, family), dtype, device, vae_dtype)
@@ -484,8 +479,8 @@ def save_single_file(src: SDBundle | Mapping[str, nn.Module], path: str | os.Pat
     unknown = set(modules) - set(PREFIXES)
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}; expected a subset of {list(PREFIXES)}")
-    if isinstance(src, SDBundle) and src.scheduler.noise_schedule != SD_NOISE_SCHEDULE:
-        raise ValueError(f"this model's noise schedule ({src.scheduler.noise_schedule}) is not SD's, and a single file "
+    if isinstance(src, SDBundle) and src.noise_schedule != SD_NOISE_SCHEDULE:
+        raise ValueError(f"this model's noise schedule ({src.noise_schedule}) is not SD's, and a single file "
                          "has no place for it: it would load as SD's schedule; keep the diffusers folder")
     te = modules.get("text_encoder")
     prefixes = SDXL_PREFIXES if isinstance(te, SDXLConditioner) else PREFIXES

@@ -59,6 +59,12 @@ class NoiseSchedule:
             betas = torch.linspace(self.beta_start, self.beta_end, T, dtype=torch.float64)
         return rescale_zero_terminal_snr(betas) if self.zero_terminal_snr else betas
 
+    @property
+    def spacing(self) -> str:
+        """The timesteps a run visits unless asked otherwise: "trailing" for a zero-terminal-SNR schedule, whose
+        sampling must start at t = T−1, else "leading" (CompVis' DDIM timesteps)."""
+        return "trailing" if self.zero_terminal_snr else "leading"
+
     def alphas_cumprod(self) -> Tensor:
         """ᾱ_t, float32 [T]: the float64 product stored as float32, as CompVis' `alphas_cumprod` buffer."""
         return torch.cumprod(1.0 - self.betas(), dim=0).to(torch.float32)

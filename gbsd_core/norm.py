@@ -3,7 +3,7 @@
 CompVis' `GroupNorm32` (ldm/modules/diffusionmodules/util.py) runs `super().forward(x.float()).type(x.dtype)`:
 even in an fp16 model the mean and variance are taken in fp32, because the variance of large activations (the VAE
 decoder's reach the thousands) loses precision in half. `Normalize` (model.py, the VAE) is the same GroupNorm.
-eps differs by site (GUIDE §2): 1e-5 in the UNet's ResBlocks and output, 1e-6 in SpatialTransformer norms and
+eps differs by site (CompVis' code): 1e-5 in the UNet's ResBlocks and output, 1e-6 in SpatialTransformer norms and
 everywhere in the VAE; callers pass it.
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ int / float, so the metadata written from them is plain JSON.
 What depends on the model -- the VAE's downsampling factor, the latent channels, the native and the largest size of
 its family -- is `ModelLimits`, from `SDBundle.limits()` or, before any weights are read, from
 `loading.inspect_checkpoint(path).limits()`; `image_size` checks an image size against it. The step count's
-agreement with the schedule is `ddim.executed_steps`, the scheduler's own rule.
+agreement with the schedule is `ddim.executed_steps`, every sampler's own rule.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from .ddim import NUM_TRAIN_TIMESTEPS, DDIMScheduler
+from .ddim import NUM_TRAIN_TIMESTEPS
+from .noise_schedule import SD, NoiseSchedule
 from .family import FAMILIES
 from .prompts.chunks import PADDINGS
 from .prompts.parser import EMPHASIS
@@ -157,13 +158,14 @@ def check_together(p: GenerationParams) -> None:
             check_prompt(getattr(p, name), p.emphasis, p.steps, name)
 
 
-def check_schedule(p: GenerationParams, img2img: bool, scheduler: DDIMScheduler | None = None,
+def check_schedule(p: GenerationParams, img2img: bool, noise_schedule: NoiseSchedule = SD,
                    spacing: str | None = None) -> int:
-    """The number of steps the run `p` asks for executes, by the sampler's own schedule: on `scheduler`'s noise
-    schedule (the model's: `Checkpoint.scheduler()`, `SDBundle.scheduler`; None: SD's), with its actual `spacing`
-    (None: the model's own), so this check and the run cannot disagree: ValueError where the schedule cannot run it
+    """The number of steps the run `p` asks for executes, by the sampler's own schedule: on the model's noise
+    schedule (`Checkpoint.noise_schedule`, `SDBundle.noise_schedule`; SD's by default), with its actual `spacing`
+    (None: the schedule's own), so this check and the run cannot disagree: ValueError where the schedule cannot run it
     (DDIM at 1000 leading steps; a spacing whose steps would not descend; no step left at this strength)."""
-    sampler = make_sampler(DDIMScheduler() if scheduler is None else scheduler, p.sampler, p.schedule, spacing)
+    # the timesteps do not depend on what the model predicts; v, because a zero-SNR schedule allows only v models
+    sampler = make_sampler(noise_schedule, "v_prediction", p.sampler, p.schedule, spacing)
     return len(sampler.timesteps(p.steps, p.strength if img2img else 1.0))
 
 
@@ -180,7 +182,7 @@ class GenerationParams:
     prompt: str
     focus: str | None = None  # GBSD local prompt: the object kept sharp. None = plain SD.
     alpha: float = 0.5  # focus-stage mix α·E(global) + (1−α)·E(local)
-    layout: float = 0.8  # σ: fraction of the executed steps in the global layout stage
+    layout: float = 0.8  # the layout fraction: the share of the executed steps in the global layout stage
     steps: int = 50
     cfg: float = 7.5
     negative: str = ""

@@ -50,7 +50,7 @@ from .sampling import (
     layout_steps,
 )
 
-LAYOUT_WARN_BELOW = 0.7  # the paper: with σ < 0.7 the focus prompt starts re-arranging the scene ("objects mix")
+LAYOUT_WARN_BELOW = 0.7  # the paper: with a layout fraction below 0.7 the focus prompt starts re-arranging the scene ("objects mix")
 
 
 @dataclass
@@ -73,7 +73,7 @@ def resolve_size(bundle: SDBundle, params: GenerationParams, init_image: Image.I
 
 
 # The members each pluggable argument must have (sampling.py's protocols), checked where the API is entered.
-_PROTOCOLS = {"stepper": ("Stepper", ("scheduler", "set_context", "step")), "probe": ("Probe", ("wrap",)),
+_PROTOCOLS = {"stepper": ("Stepper", ("sampler", "set_context", "step")), "probe": ("Probe", ("wrap",)),
               "watch": ("Watcher", ("watch",))}
 
 
@@ -135,8 +135,8 @@ class _Start:
 def _sampler(bundle: SDBundle, params: GenerationParams, stepper: Stepper | None) -> Sampler:
     """The sampler the parameters ask for: the stepper's own (which must be that one), else made on the bundle's ᾱ."""
     if stepper is None:
-        return make_sampler(bundle.scheduler, params.sampler, params.schedule)
-    sampler = stepper.scheduler
+        return make_sampler(bundle.noise_schedule, bundle.family.prediction_type, params.sampler, params.schedule)
+    sampler = stepper.sampler
     if (sampler.name, sampler.schedule) != (params.sampler, params.schedule):
         raise ValueError(f"the stepper runs sampler {sampler.name!r} with the {sampler.schedule!r} schedule; these "
                          f"parameters ask for {params.sampler!r}, {params.schedule!r}")
@@ -157,7 +157,7 @@ def _start(bundle: SDBundle, params: GenerationParams, local_prompts: Sequence[s
     generator = torch.Generator("cpu").manual_seed(params.seed)
     device = next(bundle.unet.parameters()).device
     # One text-encoder call per prompt rather than one batch: CPU matmul kernels may round differently at another
-    # batch size, and a prompt must embed to the same bits whichever run or sweep it is part of (σ = 1 is then
+    # batch size, and a prompt must embed to the same bits whichever run or sweep it is part of (a layout fraction of 1 is then
     # bit-identical to plain SD). The cost is a few ms per prompt. (SDXL: each also carries the size embeddings.)
     # Prompts are read as A1111 writes them (prompts/: weights, chunks of 75 tokens, embeddings, prompt editing);
     # then every context of the run is brought to one length (prompts/chunks.py: repeated, or padded). A LoRA tag
@@ -336,7 +336,7 @@ def sweep(
     latents, unet_calls = _denoise(bundle, params, start, stages, progress, probe, stepper, switch=switch)
     images = bundle.decode_latents(latents)
     if len(images) == 1 and len(cells) > 1:
-        # σ = 1: no focus stage ran, so nothing branched: every cell is the same global-prompt image.
+        # layout fraction 1: no focus stage ran, so nothing branched: every cell is the same global-prompt image.
         images = images * len(cells)
     n_layout = layout_steps(n, params.layout)
     boundary = _boundary(start, n_layout, True)

@@ -2,7 +2,7 @@
 *conditionings*, so it runs on any of them; DDIM 50 (the paper's) stays the default.
 
     name       method                                 reference                                        file
-    ddim       DDIM, η = 0 (η > 0 optional)           CompVis ddim.py / diffusers DDIMScheduler          ddim.py
+    ddim       DDIM, η = 0 (η > 0 optional)           CompVis ddim.py / diffusers DDIMScheduler        ddim.py
     euler      Euler on the probability-flow ODE      k-diffusion sample_euler / EulerDiscreteScheduler  euler.py
     euler_a    Euler ancestral, η = 1                 sample_euler_ancestral / EulerAncestralDiscrete…   euler_ancestral.py
     dpmpp_2m   DPM-Solver++(2M)                       sample_dpmpp_2m / DPMSolverMultistepScheduler      dpmpp_2m.py
@@ -17,7 +17,7 @@ default of a zero-terminal-SNR model, DDIM's too); sigmas.py explains them, and 
 D(x; σ) = c_skip·x + c_out·F they share.
 
 The interface (`Sampler`) is index-keyed: `timesteps(n, strength)` fixes a run and returns the UNet's timesteps, then
-executed step i = 0, 1, … is `update(i, x, out)`. `sampling.CFGStep` calls the UNet on `model_input(x, i)` at
+executed step i = 0, 1, … is `update(x, i, out)`. `sampling.CFGStep` calls the UNet on `model_input(x, i)` at
 `run_timesteps[i]`, guides, and hands the output to `update`; `sampling.denoise` runs the stages, draws the fresh
 noise a step asks for (`noise_std`) and passes a multistep sampler its history (`prev_x0`, the previous x̂_0).
 """
@@ -27,11 +27,12 @@ from typing import Protocol
 
 from torch import Tensor
 
-from .ddim import DDIMScheduler
+from .ddim import DDIMSampler
 from .dpmpp_2m import DPMPP2MSampler
 from .euler import EulerSampler
 from .euler_ancestral import EulerAncestralSampler
 from .noise_schedule import SPACINGS as DDIM_SPACINGS
+from .noise_schedule import NoiseSchedule
 from .sigmas import SCHEDULES, SPACINGS, SigmaSampler
 
 SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m")
@@ -43,7 +44,7 @@ __all__ = ["SAMPLERS", "SCHEDULES", "SPACINGS", "Sampler", "make_sampler"]
 
 
 class Sampler(Protocol):
-    """A tensor-only sampler: DDIMScheduler (ddim.py) and the σ samplers (sigmas.SigmaSampler) implement it."""
+    """A tensor-only sampler: DDIMSampler (ddim.py) and the σ samplers (sigmas.SigmaSampler) implement it."""
 
     name: str  # one of SAMPLERS
     prediction_type: str  # "epsilon" | "v_prediction": what the UNet predicts
@@ -65,31 +66,29 @@ class Sampler(Protocol):
     def noise_std(self, i: int, eta: float) -> float:
         """The std of the fresh noise step i adds (> 0: the loop must pass `noise` to `update`)."""
 
-    def update(self, i: int, x: Tensor, model_output: Tensor, *, eta: float = 0.0, noise: Tensor | None = None,
+    def update(self, x: Tensor, i: int, model_output: Tensor, *, eta: float = 0.0, noise: Tensor | None = None,
                prev_x0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Step i: (x, guided model output) -> (next latent, x̂_0). `prev_x0`: step i−1's x̂_0 (multistep history)."""
 
 
-def make_sampler(scheduler: DDIMScheduler, name: str = "ddim", schedule: str = "normal",
+def make_sampler(noise_schedule: NoiseSchedule, prediction_type: str, name: str = "ddim", schedule: str = "normal",
                  spacing: str | None = None) -> Sampler:
-    """The sampler `name` on `scheduler`'s noise schedule ᾱ and prediction type (a bundle's `scheduler`).
+    """The sampler `name` for a model trained on `noise_schedule` (its ᾱ) that predicts `prediction_type` (ε or v):
+    a bundle's `noise_schedule` and `family.prediction_type`.
 
-    `spacing` None is the model's own (`scheduler.spacing`: "leading", CompVis' DDIM timesteps; "trailing" for a
-    zero-terminal-SNR schedule). "ddim" is `scheduler` itself at its own spacing, another DDIMScheduler on the same
-    schedule at the other one; it takes no Karras σ and neither of the σ samplers' "linspace" and "k-diffusion".
+    `spacing` None is the schedule's own: "leading" (CompVis' DDIM timesteps), "trailing" for a zero-terminal-SNR
+    schedule. "ddim" takes no Karras σ and neither of the σ samplers' "linspace" and "k-diffusion" spacings.
     """
-    if not isinstance(scheduler, DDIMScheduler):
-        raise ValueError(f"scheduler must be a DDIMScheduler (a bundle's .scheduler: the noise schedule and the "
-                         f"prediction type), got {type(scheduler).__name__}")
+    if not isinstance(noise_schedule, NoiseSchedule):
+        raise ValueError(f"noise_schedule must be a NoiseSchedule (a bundle's .noise_schedule), got "
+                         f"{type(noise_schedule).__name__}")
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
-    spacing = scheduler.spacing if spacing is None else spacing
+    spacing = noise_schedule.spacing if spacing is None else spacing
     if name == "ddim":
         if schedule != "normal" or spacing not in DDIM_SPACINGS:
             raise ValueError(f"the ddim sampler runs DDIM timesteps with the {' or '.join(DDIM_SPACINGS)} spacing; "
                              f"schedule={schedule!r} and spacing={spacing!r} are for the σ samplers "
                              f"({', '.join(_SIGMA_SAMPLERS)})")
-        if spacing == scheduler.spacing:
-            return scheduler
-        return DDIMScheduler(scheduler.prediction_type, scheduler.noise_schedule, spacing)
-    return _SIGMA_SAMPLERS[name](scheduler.alphas_cumprod, scheduler.prediction_type, schedule, spacing)
+        return DDIMSampler(prediction_type, noise_schedule, spacing)
+    return _SIGMA_SAMPLERS[name](noise_schedule.alphas_cumprod(), prediction_type, schedule, spacing)

@@ -24,38 +24,10 @@ integrate it from σ_0 down to σ_n = 0 over a σ schedule, which is where they 
     normal   the σ of evenly spaced training timesteps
     karras   σ_i = (σ_max^(1/ρ) + i/(n−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, ρ = 7 (Karras et al. eq. 5): more of the
              steps at low noise, so 80 % of the steps is well past 80 % of the way down in σ
-Spacing (`spacing=`): which timesteps, and which σ_min / σ_max.
-    "leading" (default): what diffusers runs with SD1.5's and SDXL's shipped scheduler configs (`timestep_spacing=
-        "leading"`, `steps_offset=1`), each method as its diffusers class derives it:
-        Euler, Euler a (EulerDiscreteScheduler):  t_i = (n−1−i)·⌊T/n⌋ + 1 (20 steps: 951, 901, …, 1, DDIM's own);
-            karras between σ(t_{n−1}) and σ(t_0) of those, the UNet at the fractional t(σ_i).
-        DPM++ 2M (DPMSolverMultistepScheduler):  t_i = (n−i)·⌊T/(n+1)⌋ + 1 (20 steps: 941, 894, …, 48);
-            karras between σ(0) and σ(T−1), the UNet at t(σ_i) rounded to an integer.
-        x_T is taken as the VP sample at the first step: x = √(σ_0²+1)·x_T (diffusers' `init_noise_sigma`).
-    "linspace": what diffusers runs where the scheduler config names no spacing, SD1.5's shipped config among them:
-        a `from_config` swap to EulerDiscreteScheduler / DPMSolverMultistepScheduler gets the class default,
-        "linspace" (diffusers' own DDIM swap keeps DDIMScheduler's default, "leading"), each as its class derives it:
-        Euler, Euler a:  t_i = linspace(T−1, 0, n) (fractional), σ interpolated *linearly in σ* (np.interp), karras
-            between σ(0) and σ(T−1) at t(σ_i); x = σ_0·x_T (`init_noise_sigma` is σ_max for this spacing).
-        DPM++ 2M:  t_i = round(linspace(0, T−1, n+1)) reversed, the last (t = 0) dropped (20 steps: 999, 949, …, 50);
-            karras as under "leading"; x_T the VP sample at t_0, as always for DPM++.
-    "k-diffusion": k-diffusion's DiscreteSchedule.get_sigmas / get_sigmas_karras, what A1111 runs (quantization off):
-        t_i = linspace(T−1, 0, n) with σ interpolated in log σ; karras between σ(0) and σ(T−1); the UNet at the
-        fractional t(σ_i); x = σ_0·x_T.
-    "trailing": noise_schedule.trailing_timesteps, diffusers' timestep_spacing="trailing" (Lin et al. 2023): n
-        timesteps back from T−1 (20 steps: 999, 949, …, 49), for Euler, Euler a and DPM++ 2M alike; karras as under
-        "leading" for each method; x = σ_0·x_T for Euler and Euler a (diffusers' `init_noise_sigma` under "trailing"),
-        the VP sample for DPM++. The default of a zero-terminal-SNR schedule (below).
-img2img (strength s), for every spacing: the last int(n·s) steps of the n-step schedule run, from x = x_0 + σ·ε at the
-first of them (diffusers StableDiffusionImg2ImgPipeline.get_timesteps, and the schedulers' `add_noise`).
-
-Zero terminal SNR (noise_schedule.py): ᾱ_{T−1} = 0 makes σ_{T−1} infinite. As diffusers' σ schedulers do, that one
-ᾱ is taken as 2^−24 (`train_sigmas`), so σ_max = 4096: x = σ_0·x_T starts 4096 times the unit noise, and the first
-step's c_in·x is x_T itself to within 3e-8.
-
-Precision: σ_t is computed in float64 from the float32 ᾱ table of ddim.py (CompVis' buffer); diffusers computes it in
-float32 from its float32 cumprod, ~1e-6 relative apart. The per-step scalars are float64 Python numbers applied to the
-fp32 latents, as in ddim.py.
+Spacing (`spacing=`): which timesteps a run visits, and which σ_min / σ_max: "leading" (the default: diffusers with
+SD1.5's and SDXL's shipped configs), "linspace" (diffusers' class default), "k-diffusion" (A1111's) and "trailing"
+(Lin et al. 2023; the default of a zero-terminal-SNR schedule). The notes at the end of this file say how each
+method derives them, as diffusers and k-diffusion do, and what img2img, zero SNR and precision mean here.
 """
 from __future__ import annotations
 
@@ -199,9 +171,9 @@ def k_diffusion_spacing(sigmas_t: Tensor, n: int, schedule: str) -> tuple[Tensor
 class SigmaSampler:
     """The part every σ sampler shares: the run's σ schedule, the start latents, c_in and the denoiser D(x; σ).
 
-    A method subclasses it and writes `update` (and `noise_std` if it adds noise). Usage, as DDIMScheduler's:
+    A method subclasses it and writes `update` (and `noise_std` if it adds noise). Usage, as DDIMSampler's:
     `ts = sampler.timesteps(n, strength)` fixes the run; then step i of it (0 … len(ts)−1) is
-    `x, x0 = sampler.update(i, x, guided UNet output at (sampler.model_input(x, i), ts[i]))`.
+    `x, x0 = sampler.update(x, i, guided UNet output at (sampler.model_input(x, i), ts[i]))`.
     """
 
     name = ""  # set by each method
@@ -275,7 +247,7 @@ class SigmaSampler:
         s = self.sigma(i)
         return x / math.sqrt(s * s + 1.0)
 
-    def denoised(self, model_output: Tensor, i: int, x: Tensor) -> Tensor:
+    def denoised(self, x: Tensor, i: int, model_output: Tensor) -> Tensor:
         """D(x; σ_i) = c_skip·x + c_out·F, the model's clean estimate x̂_0 (see the notation above)."""
         s = self.sigma(i)
         if self.prediction_type == "epsilon":
@@ -293,7 +265,7 @@ class SigmaSampler:
             raise ValueError(f"eta (DDIM's η) is for the ddim sampler; {self.name} takes eta=0 "
                              "(euler_a is the ancestral one, with η = 1)")
 
-    def update(self, i: int, x: Tensor, model_output: Tensor, *, eta: float = 0.0, noise: Tensor | None = None,
+    def update(self, x: Tensor, i: int, model_output: Tensor, *, eta: float = 0.0, noise: Tensor | None = None,
                prev_x0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Step i: (x_i, F at step i) -> (x_{i+1}, x̂_0). Written by each method."""
         raise NotImplementedError
@@ -301,3 +273,37 @@ class SigmaSampler:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(prediction_type={self.prediction_type!r}, schedule={self.schedule!r}, "
                 f"spacing={self.spacing!r}, num_inference_steps={self.num_inference_steps})")
+
+
+# Spacing (`spacing=`): which timesteps, and which σ_min / σ_max.
+#     "leading" (default): what diffusers runs with SD1.5's and SDXL's shipped scheduler configs (`timestep_spacing=
+#         "leading"`, `steps_offset=1`), each method as its diffusers class derives it:
+#         Euler, Euler a (EulerDiscreteScheduler):  t_i = (n−1−i)·⌊T/n⌋ + 1 (20 steps: 951, 901, …, 1, DDIM's own);
+#             karras between σ(t_{n−1}) and σ(t_0) of those, the UNet at the fractional t(σ_i).
+#         DPM++ 2M (DPMSolverMultistepScheduler):  t_i = (n−i)·⌊T/(n+1)⌋ + 1 (20 steps: 941, 894, …, 48);
+#             karras between σ(0) and σ(T−1), the UNet at t(σ_i) rounded to an integer.
+#         x_T is taken as the VP sample at the first step: x = √(σ_0²+1)·x_T (diffusers' `init_noise_sigma`).
+#     "linspace": what diffusers runs where the scheduler config names no spacing, SD1.5's shipped config among them:
+#         a `from_config` swap to EulerDiscreteScheduler / DPMSolverMultistepScheduler gets the class default,
+#         "linspace" (diffusers' own DDIM swap keeps DDIMScheduler's default, "leading"), each as its class derives it:
+#         Euler, Euler a:  t_i = linspace(T−1, 0, n) (fractional), σ interpolated *linearly in σ* (np.interp), karras
+#             between σ(0) and σ(T−1) at t(σ_i); x = σ_0·x_T (`init_noise_sigma` is σ_max for this spacing).
+#         DPM++ 2M:  t_i = round(linspace(0, T−1, n+1)) reversed, the last (t = 0) dropped (20 steps: 999, 949, …, 50);
+#             karras as under "leading"; x_T the VP sample at t_0, as always for DPM++.
+#     "k-diffusion": k-diffusion's DiscreteSchedule.get_sigmas / get_sigmas_karras, what A1111 runs (quantization off):
+#         t_i = linspace(T−1, 0, n) with σ interpolated in log σ; karras between σ(0) and σ(T−1); the UNet at the
+#         fractional t(σ_i); x = σ_0·x_T.
+#     "trailing": noise_schedule.trailing_timesteps, diffusers' timestep_spacing="trailing" (Lin et al. 2023): n
+#         timesteps back from T−1 (20 steps: 999, 949, …, 49), for Euler, Euler a and DPM++ 2M alike; karras as under
+#         "leading" for each method; x = σ_0·x_T for Euler and Euler a (diffusers' `init_noise_sigma` under "trailing"),
+#         the VP sample for DPM++. The default of a zero-terminal-SNR schedule (below).
+# img2img (strength s), for every spacing: the last int(n·s) steps of the n-step schedule run, from x = x_0 + σ·ε at the
+# first of them (diffusers StableDiffusionImg2ImgPipeline.get_timesteps, and the schedulers' `add_noise`).
+#
+# Zero terminal SNR (noise_schedule.py): ᾱ_{T−1} = 0 makes σ_{T−1} infinite. As diffusers' σ schedulers do, that one
+# ᾱ is taken as 2^−24 (`train_sigmas`), so σ_max = 4096: x = σ_0·x_T starts 4096 times the unit noise, and the first
+# step's c_in·x is x_T itself to within 3e-8.
+#
+# Precision: σ_t is computed in float64 from the float32 ᾱ table of ddim.py (CompVis' buffer); diffusers computes it in
+# float32 from its float32 cumprod, ~1e-6 relative apart. The per-step scalars are float64 Python numbers applied to the
+# fp32 latents, as in ddim.py.

@@ -5,17 +5,20 @@ Same construction loop, module names and numerics as CompVis/stable-diffusion an
 (`sgm/modules/diffusionmodules/openaimodel.py`, the same loop plus a per-level transformer depth and the label
 embedding), so `state_dict()` keys are the checkpoint's `model.diffusion_model.*` keys with that prefix stripped and a
 checkpoint loads with `load_state_dict(strict=True)`.
+
+Read in order: `UNetConfig` (the YAML's numbers), `UNetModel` (the level loop that builds the blocks and the forward
+that runs them), then `unet_config_from_state_dict`, which reads a config off a checkpoint's shapes for the loader.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterator, Mapping, NamedTuple
+from typing import Mapping
 
 import torch
 from torch import nn
 
-from .attention import CrossAttention, SpatialTransformer
+from .attention import SpatialTransformer
 from .norm import GroupNorm32
 from .unet_blocks import Downsample, ResBlock, TimestepEmbedSequential, Upsample, timestep_embedding
 
@@ -98,90 +101,6 @@ class UNetConfig:
             return self.num_heads, ch // self.num_heads
         return ch // self.num_head_channels, self.num_head_channels
 
-    @classmethod
-    def from_state_dict(cls, sd: Mapping[str, torch.Tensor]) -> UNetConfig:
-        """Infer the config from a UNet state dict (prefix already stripped) using only key names and shapes.
-
-        Everything is read off the shapes except the head split, which no weight shape records. Heuristic: context
-        width 768 (CLIP ViT-L, SD1.x) means 8 heads, anything else (1024, OpenCLIP ViT-H, SD2.x; 2048 / 1280, SDXL)
-        means 64-wide heads. A checkpoint that breaks the rule needs an explicit config, e.g.
-        `dataclasses.replace(cfg, num_heads=...)`. upcast_attention is a runtime choice and stays False.
-
-        A level without attention has no transformer depth to read. One depth throughout (with the middle block's)
-        is the YAMLs' scalar form; otherwise the list has the middle block's depth at the last level and 1 at other
-        attention-free levels, which is what SDXL base's [1, 2, 10] has at its first level.
-        """
-        n_in = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
-        model_channels, in_channels = sd["input_blocks.0.0.weight"].shape[:2]
-        downs = [i for i in range(n_in) if f"input_blocks.{i}.0.op.weight" in sd]
-        levels = len(downs) + 1
-        num_res_blocks = (n_in - 1 - len(downs)) // levels
-        # input_blocks: [conv_in] + per level (num_res_blocks ResBlocks [+ Downsample except at the last level])
-        if downs != [(lvl + 1) * (num_res_blocks + 1) for lvl in range(levels - 1)]:
-            raise ValueError(f"input_blocks layout not recognised (downsamplers at {downs} of {n_in} blocks)")
-        first_res = [1 + lvl * (num_res_blocks + 1) for lvl in range(levels)]
-        channel_mult = tuple(sd[f"input_blocks.{i}.0.in_layers.2.weight"].shape[0] // model_channels for i in first_res)
-        attention_resolutions = tuple(2**lvl for lvl, i in enumerate(first_res) if f"input_blocks.{i}.1.norm.weight" in sd)
-        context_dim = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
-        transformer_depth = _infer_depth(sd, levels, num_res_blocks)
-        num_heads, num_head_channels = (8, -1) if context_dim == 768 else (-1, 64)
-        return cls(
-            in_channels=in_channels,
-            out_channels=sd["out.2.weight"].shape[0],
-            model_channels=model_channels,
-            channel_mult=channel_mult,
-            num_res_blocks=num_res_blocks,
-            attention_resolutions=attention_resolutions,
-            context_dim=context_dim,
-            use_linear_in_transformer=sd["middle_block.1.proj_in.weight"].ndim == 2,
-            transformer_depth=transformer_depth,
-            adm_in_channels=sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else None,
-            num_heads=num_heads,
-            num_head_channels=num_head_channels,
-        )
-
-
-def _infer_depth(sd: Mapping[str, torch.Tensor], levels: int, num_res_blocks: int) -> int | tuple[int, ...]:
-    """`transformer_depth` from the `transformer_blocks.N.` keys (see UNetConfig.from_state_dict for the rule)."""
-    blocks: dict[str, int] = {}  # SpatialTransformer prefix -> number of transformer blocks
-    for k in sd:
-        m = re.match(r"(.*)\.transformer_blocks\.(\d+)\.", k)
-        if m:
-            blocks[m[1]] = max(blocks.get(m[1], 0), int(m[2]) + 1)
-    middle = blocks.pop("middle_block.1")
-    per_level: dict[int, set[int]] = {}
-    for prefix, depth in blocks.items():
-        kind, index = prefix.split(".")[:2]
-        # input block i >= 1 sits at level (i-1) // (nrb+1); output block j at level L-1 - j // (nrb+1)
-        level = (int(index) - 1) // (num_res_blocks + 1) if kind == "input_blocks" else \
-            levels - 1 - int(index) // (num_res_blocks + 1)
-        per_level.setdefault(level, set()).add(depth)
-    if any(len(d) > 1 for d in per_level.values()):
-        raise ValueError(f"transformer depth differs within a level: {blocks}")
-    depth = {level: d.pop() for level, d in per_level.items()}
-    if set(depth.values()) <= {middle}:
-        return middle
-    if depth.get(levels - 1, middle) != middle:
-        raise ValueError(f"the middle block's transformer depth {middle} differs from the last level's "
-                         f"{depth[levels - 1]} (sgm's transformer_depth_middle is not supported)")
-    return tuple(depth.get(level, middle if level == levels - 1 else 1) for level in range(levels))
-
-
-class AttentionSite(NamedTuple):
-    """One attention module and where it sits: `ds` is the downsampling factor of its feature map (1, 2, 4, 8), so a
-    latent of size h x w gives Nq = query_hw(h, ds) * query_hw(w, ds) query tokens."""
-
-    name: str
-    module: CrossAttention
-    ds: int
-
-
-def query_hw(n: int, ds: int) -> int:
-    """Spatial size after log2(ds) stride-2 convs (each maps n to ceil(n/2))."""
-    while ds > 1:
-        n, ds = (n + 1) // 2, ds // 2
-    return n
-
 
 class UNetModel(nn.Module):
     """eps/v-predicting UNet: (x_t [B,4,h,w], t [B], text context [B,77,D], SDXL: vector y [B,adm]) -> [B,4,h,w].
@@ -233,9 +152,6 @@ class UNetModel(nn.Module):
             return SpatialTransformer(ch, heads, dim_head, cfg.depth(level), cfg.context_dim,
                                       cfg.use_linear_in_transformer, cfg.upcast_attention)
 
-        # name prefix of each SpatialTransformer -> ds, for attention_sites()
-        self._transformer_ds: dict[str, int] = {}
-
         # Encoder: the reference's level loop.
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_chans = [mc]
@@ -245,7 +161,6 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    self._transformer_ds[f"input_blocks.{len(self.input_blocks)}.1"] = ds
                     layers.append(transformer(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chans.append(ch)
@@ -255,7 +170,6 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         # Bottleneck: always has attention, whatever attention_resolutions says, as deep as the last level's.
-        self._transformer_ds["middle_block.1"] = ds
         self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch), transformer(ch, len(cfg.channel_mult) - 1),
                                                     ResBlock(ch, emb_dim, ch))
 
@@ -267,7 +181,6 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_chans.pop(), emb_dim, mc * mult)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
-                    self._transformer_ds[f"output_blocks.{len(self.output_blocks)}.1"] = ds
                     layers.append(transformer(ch, level))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
@@ -306,10 +219,73 @@ class UNetModel(nn.Module):
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h).to(x.dtype)
 
-    def attention_sites(self, cross: bool = True) -> Iterator[AttentionSite]:
-        """All cross-attention (`attn2`; `cross=False`: self-attention `attn1`) modules, in forward order."""
-        which = "attn2" if cross else "attn1"
-        for prefix, ds in self._transformer_ds.items():
-            st = self.get_submodule(prefix)
-            for j, block in enumerate(st.transformer_blocks):
-                yield AttentionSite(f"{prefix}.transformer_blocks.{j}.{which}", getattr(block, which), ds)
+
+# ------------------------------------------------------------------ reading a config off a checkpoint (the loader's)
+
+
+def unet_config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> UNetConfig:
+    """Infer the config from a UNet state dict (prefix already stripped) using only key names and shapes.
+
+    Everything is read off the shapes except the head split, which no weight shape records. Heuristic: context
+    width 768 (CLIP ViT-L, SD1.x) means 8 heads, anything else (1024, OpenCLIP ViT-H, SD2.x; 2048 / 1280, SDXL)
+    means 64-wide heads. A checkpoint that breaks the rule needs an explicit config, e.g.
+    `dataclasses.replace(config, num_heads=...)`. upcast_attention is a runtime choice and stays False.
+
+    A level without attention has no transformer depth to read. One depth throughout (with the middle block's)
+    is the YAMLs' scalar form; otherwise the list has the middle block's depth at the last level and 1 at other
+    attention-free levels, which is what SDXL base's [1, 2, 10] has at its first level.
+    """
+    n_in = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
+    model_channels, in_channels = sd["input_blocks.0.0.weight"].shape[:2]
+    downs = [i for i in range(n_in) if f"input_blocks.{i}.0.op.weight" in sd]
+    levels = len(downs) + 1
+    num_res_blocks = (n_in - 1 - len(downs)) // levels
+    # input_blocks: [conv_in] + per level (num_res_blocks ResBlocks [+ Downsample except at the last level])
+    if downs != [(lvl + 1) * (num_res_blocks + 1) for lvl in range(levels - 1)]:
+        raise ValueError(f"input_blocks layout not recognised (downsamplers at {downs} of {n_in} blocks)")
+    first_res = [1 + lvl * (num_res_blocks + 1) for lvl in range(levels)]
+    channel_mult = tuple(sd[f"input_blocks.{i}.0.in_layers.2.weight"].shape[0] // model_channels for i in first_res)
+    attention_resolutions = tuple(2**lvl for lvl, i in enumerate(first_res) if f"input_blocks.{i}.1.norm.weight" in sd)
+    context_dim = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    transformer_depth = _infer_depth(sd, levels, num_res_blocks)
+    num_heads, num_head_channels = (8, -1) if context_dim == 768 else (-1, 64)
+    return UNetConfig(
+        in_channels=in_channels,
+        out_channels=sd["out.2.weight"].shape[0],
+        model_channels=model_channels,
+        channel_mult=channel_mult,
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=attention_resolutions,
+        context_dim=context_dim,
+        use_linear_in_transformer=sd["middle_block.1.proj_in.weight"].ndim == 2,
+        transformer_depth=transformer_depth,
+        adm_in_channels=sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else None,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+    )
+
+
+def _infer_depth(sd: Mapping[str, torch.Tensor], levels: int, num_res_blocks: int) -> int | tuple[int, ...]:
+    """`transformer_depth` from the `transformer_blocks.N.` keys (see unet_config_from_state_dict for the rule)."""
+    blocks: dict[str, int] = {}  # SpatialTransformer prefix -> number of transformer blocks
+    for k in sd:
+        m = re.match(r"(.*)\.transformer_blocks\.(\d+)\.", k)
+        if m:
+            blocks[m[1]] = max(blocks.get(m[1], 0), int(m[2]) + 1)
+    middle = blocks.pop("middle_block.1")
+    per_level: dict[int, set[int]] = {}
+    for prefix, depth in blocks.items():
+        kind, index = prefix.split(".")[:2]
+        # input block i >= 1 sits at level (i-1) // (nrb+1); output block j at level L-1 - j // (nrb+1)
+        level = (int(index) - 1) // (num_res_blocks + 1) if kind == "input_blocks" else \
+            levels - 1 - int(index) // (num_res_blocks + 1)
+        per_level.setdefault(level, set()).add(depth)
+    if any(len(d) > 1 for d in per_level.values()):
+        raise ValueError(f"transformer depth differs within a level: {blocks}")
+    depth = {level: d.pop() for level, d in per_level.items()}
+    if set(depth.values()) <= {middle}:
+        return middle
+    if depth.get(levels - 1, middle) != middle:
+        raise ValueError(f"the middle block's transformer depth {middle} differs from the last level's "
+                         f"{depth[levels - 1]} (sgm's transformer_depth_middle is not supported)")
+    return tuple(depth.get(level, middle if level == levels - 1 else 1) for level in range(levels))

@@ -7,10 +7,11 @@ import numpy as np
 import torch
 from _util import rel_err
 
-from gbsd_core.ddim import DDIMScheduler
+from gbsd_core.ddim import DDIMSampler
 from gbsd_core.fast import make_stepper
 from gbsd_core.fast.attention import swap_attention
 from gbsd_core.pipeline import generate, sweep
+from gbsd_core.noise_schedule import SD as SD_SCHEDULE
 from gbsd_core.samplers import make_sampler
 from gbsd_core.sampling import CFGStep, denoise, gbsd_stages
 from gbsd_core.unet import UNetConfig, UNetModel
@@ -39,9 +40,9 @@ def fast_unet(seed: int = 0) -> UNetModel:
     return unet
 
 
-def gbsd_run(unet, stepper=None, n=6, sigma=0.5, rows=1, seed=0, sampler="ddim", schedule="normal",
+def gbsd_run(unet, stepper=None, n=6, layout=0.5, rows=1, seed=0, sampler="ddim", schedule="normal",
              prediction_type="epsilon", inference=True):
-    """Latents after every step of a GBSD run of `sampler` (stage switch at round(σn)); `rows` > 1 branches the focus
+    """Latents after every step of a GBSD run of `sampler` (stage switch at round(layout·n)); `rows` > 1 branches the focus
     stage (a sweep). The stepper (default: the plain CFGStep) is given the run's sampler; fresh noise (euler_a) comes
     from a generator seeded with `seed`, so two runs see the same noise. `inference=False` drives `denoise` outside
     inference mode, as a caller may."""
@@ -49,14 +50,14 @@ def gbsd_run(unet, stepper=None, n=6, sigma=0.5, rows=1, seed=0, sampler="ddim",
     d = unet.config.context_dim
     glob, loc, unc = (torch.randn(1, 77, d, generator=g) for _ in range(3))
     focus = loc.repeat(rows, 1, 1) * torch.linspace(0.5, 1.5, rows).view(-1, 1, 1)
-    sched = make_sampler(DDIMScheduler(prediction_type), sampler, schedule)
+    sched = make_sampler(SD_SCHEDULE, prediction_type, sampler, schedule)
     ts = sched.timesteps(n)
     x = sched.start_latents(torch.randn(1, 4, 8, 8, generator=g))
     if stepper is not None:
-        stepper.scheduler = sched
+        stepper.sampler = sched
     with torch.inference_mode(inference):
         step = stepper if stepper is not None else CFGStep(unet, sched, 7.5)
-        return [s.latents for s in denoise(step, x, ts, gbsd_stages(glob, focus, n, sigma), unc,
+        return [s.latents for s in denoise(step, x, ts, gbsd_stages(glob, focus, n, layout), unc,
                                            generator=torch.Generator().manual_seed(seed))]
 
 
@@ -93,7 +94,7 @@ def tiny_bundle(prediction_type: str = "epsilon", seed: int = 0):
     vae = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1)).eval()
     family = SD2_768_V if prediction_type == "v_prediction" else SD1
     return SDBundle(unet=tiny_unet(seed), vae=vae, text_encoder=None, tokenizer=None,
-                    scheduler=DDIMScheduler(prediction_type), family=family)
+                    family=family)
 
 
 def compile_as(monkeypatch, backend: str = "aot_eager"):

@@ -13,7 +13,7 @@ TOL = 1e-5
 
 # Tiny but complete: two levels, attention at level 0 and in the middle, one res block per level. The parts fit
 # together as the loader checks (UNet context width = text width, latent channels = VAE channels), so the context is
-# the text width 64 (SD2: 128), and heads are 64 wide: what UNetConfig.from_state_dict infers for a context that is
+# the text width 64 (SD2: 128), and heads are 64 wide: what unet.unet_config_from_state_dict infers for a context that is
 # not CLIP-L's 768 (the 768 => 8 heads rule is covered by the golden full-size key lists).
 TINY_UNET = UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,),
                        num_heads=-1, num_head_channels=64, context_dim=64)

@@ -7,12 +7,19 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# CI puts a copy of shared/ beside the clone; sessions have it at the same place.
-LDM_KEYS = REPO.parent / "shared" / "fixtures" / "ldm_keys"
+# The original checkpoints' key lists, emitted by the CompVis / Stability / sgm code (README inside).
+LDM_KEYS = REPO / "tests" / "fixtures" / "ldm_keys"
 # The golden key list of each family's original checkpoint, in LDM_KEYS.
 GOLDEN = {"sd1": "sd1_v1-inference.tsv", "sd2-512": "sd2_v2-inference.tsv", "sd2-768-v": "sd2_v2-inference-v.tsv"}
 # diffusers configs of SD1.5 (unet/, vae/, text_encoder/, ...), for diffusers' converters and from_single_file offline.
 CONFIGS = Path(__file__).resolve().parent / "configs" / "sd15"
+
+
+def model_ddim(bundle):
+    """The model's own DDIM: its noise schedule, what it predicts (ε or v), the schedule's spacing."""
+    from gbsd_core.samplers import make_sampler
+
+    return make_sampler(bundle.noise_schedule, bundle.family.prediction_type)
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -25,7 +32,7 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 def read_keys_tsv(path: Path) -> dict[str, tuple[tuple[int, ...], str, str | None]]:
     """Parse a fixtures/ldm_keys TSV: key -> (shape, dtype, optional-tag or None)."""
     if not path.exists():
-        raise FileNotFoundError(f"golden key list {path} is missing (shared/ must sit beside the repo)")
+        raise FileNotFoundError(f"golden key list {path} is missing")
     out = {}
     for line in path.read_text().splitlines():
         if not line:

@@ -14,6 +14,7 @@ from gbsd_core.fast import FastOptions, make_stepper
 from gbsd_core.params import GenerationParams, check_schedule
 from gbsd_core.pipeline import generate, sweep
 from gbsd_core.samplers import SAMPLERS, SCHEDULES, SPACINGS, make_sampler
+from _util import model_ddim
 
 P = GenerationParams("a bunny and a carrot", focus="a carrot", steps=2, width=64, height=64)
 RACK = GenerationParams("a bunny and a carrot", focus="a bunny", focus_to="a carrot", steps=2, width=64, height=64)
@@ -35,9 +36,9 @@ RUN_CASES = [
     ("sweep-bundle-none", lambda b, p: sweep(None, P, alphas=[0.5]), "bundle must be an SDBundle"),
     ("rack-params-dict", lambda b, p: rack_focus(b, {"prompt": "a cat"}), "params must be"),
     ("rack-bundle-path", lambda b, p: rack_focus(str(p), RACK, frames=2), "bundle must be an SDBundle"),
-    ("make-sampler-scheduler-str", lambda b, p: make_sampler("ddim", "euler"), "scheduler must be a DDIMScheduler"),
-    ("sampler-strength-str", lambda b, p: make_sampler(b.scheduler, "euler").timesteps(10, "0.5"), "strength"),
-    ("ddim-strength-str", lambda b, p: b.scheduler.timesteps(10, "0.5"), "strength"),
+    ("make-sampler-schedule-str", lambda b, p: make_sampler("ddim", "epsilon", "euler"), "noise_schedule must be a NoiseSchedule"),
+    ("sampler-strength-str", lambda b, p: make_sampler(b.noise_schedule, b.family.prediction_type, "euler").timesteps(10, "0.5"), "strength"),
+    ("ddim-strength-str", lambda b, p: model_ddim(b).timesteps(10, "0.5"), "strength"),
     ("make-stepper-options-none", lambda b, p: make_stepper(b, None, 7.5), "options must be a FastOptions"),
     ("make-stepper-bundle-path", lambda b, p: make_stepper(str(p), FastOptions(), 7.5), "bundle must be"),
     ("make-stepper-cfg-str", lambda b, p: make_stepper(b, FastOptions(), "7.5"), "cfg must be a number"),
@@ -88,15 +89,14 @@ def test_every_spacing_either_refuses_a_step_count_or_descends():
     σ, a zero-length step in λ and a division by zero in the update): every sampler, schedule and spacing either
     refuses a step count (ValueError) or gives strictly descending noise levels, and `check_schedule` with the same
     spacing says the same."""
-    from gbsd_core.ddim import DDIMScheduler
+    from gbsd_core.noise_schedule import SD
 
-    scheduler = DDIMScheduler()
     counts = [*range(1, 1001, 37), 997, 998, 999, 1000]
     for name in SAMPLERS[1:]:
         for schedule in SCHEDULES:
             for spacing in SPACINGS:
                 for n in counts:
-                    sampler = make_sampler(scheduler, name, schedule, spacing)
+                    sampler = make_sampler(SD, "epsilon", name, schedule, spacing)
                     params = GenerationParams("p", steps=n, sampler=name, schedule=schedule)
                     try:
                         sampler.timesteps(n)
@@ -110,14 +110,14 @@ def test_every_spacing_either_refuses_a_step_count_or_descends():
 
 
 def test_dpmpp_2m_linspace_at_1000_steps_is_refused_and_999_run_finite(bundle):
-    sampler = make_sampler(bundle.scheduler, "dpmpp_2m", spacing="linspace")
+    sampler = make_sampler(bundle.noise_schedule, bundle.family.prediction_type, "dpmpp_2m", spacing="linspace")
     with pytest.raises(ValueError, match="do not descend"):
         sampler.timesteps(1000)
     ts = sampler.timesteps(999)
     g = torch.Generator().manual_seed(0)
     x, prev = sampler.start_latents(torch.randn(1, 4, 2, 2, generator=g)), None
     for i in range(len(ts)):
-        x, prev = sampler.update(i, x, torch.randn(1, 4, 2, 2, generator=g), prev_x0=prev)
+        x, prev = sampler.update(x, i, torch.randn(1, 4, 2, 2, generator=g), prev_x0=prev)
     assert bool(torch.isfinite(x).all())
 
 

@@ -8,7 +8,7 @@ import torch
 from _reference import DDIM_CONFIG
 from _util import rel_err
 
-from gbsd_core.ddim import DDIMScheduler
+from gbsd_core.ddim import DDIMSampler
 
 # Tolerances vs diffusers (rel_err = max|diff| / max|ref|, CPU float32). diffusers' ᾱ is a float32 cumprod, ours (and
 # CompVis') a float64 cumprod rounded to float32; they drift apart by up to ~1e-6 relative (printed below).
@@ -26,7 +26,7 @@ def reference(prediction_type: str = "epsilon"):
 
 
 def test_timesteps_equal_diffusers_for_every_n():
-    ours, ref = DDIMScheduler(), reference()
+    ours, ref = DDIMSampler(), reference()
     for n in range(1, 1000):
         ref.set_timesteps(n)
         ts = ours.timesteps(n)
@@ -48,7 +48,7 @@ def test_alphas_cumprod_is_compvis_float64_rounded_and_near_diffusers():
     # CompVis register_schedule: numpy float64 cumprod, registered as float32.
     betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
     compvis = torch.from_numpy(np.cumprod(1.0 - betas).astype(np.float32))
-    ours = DDIMScheduler().alphas_cumprod
+    ours = DDIMSampler().alphas_cumprod
     assert ours.dtype == torch.float32 and ours.shape == (1000,)
     assert torch.equal(ours, compvis)
     ref = reference().alphas_cumprod
@@ -60,7 +60,7 @@ def test_alphas_cumprod_is_compvis_float64_rounded_and_near_diffusers():
 @pytest.mark.parametrize("n", [10, 20, 25, 50, 100, 200, 250, 500, 1000])
 def test_schedule_matches_compvis_construction(n):
     """Re-derive ldm make_ddim_timesteps / make_ddim_sampling_parameters (n dividing 1000: same as diffusers)."""
-    ours = DDIMScheduler()
+    ours = DDIMSampler()
     acp = ours.alphas_cumprod  # CompVis' float32 buffer (checked above)
     c = 1000 // n
     ddim_t = np.asarray(list(range(0, 1000, c))) + 1
@@ -71,9 +71,9 @@ def test_schedule_matches_compvis_construction(n):
         ddim_t, alphas, alphas_prev, sigmas = ddim_t[:-1], alphas[:-1], alphas_prev[:-1], sigmas[:-1]
     ts = ours.timesteps(n, 1.0 if n < 1000 else 0.999)
     assert ts.tolist() == ddim_t[::-1].tolist()
-    for i, t in enumerate(ddim_t):
+    for i, t in enumerate(ddim_t):  # ddim_t ascends; executed step len(ts) - 1 - i visits it
         assert ours._alpha_prev(int(t)) == pytest.approx(alphas_prev[i], rel=1e-12)
-        assert ours.sigma(int(t), 1.0) == pytest.approx(sigmas[i], rel=1e-12)
+        assert ours.noise_std(len(ts) - 1 - i, 1.0) == pytest.approx(sigmas[i], rel=1e-12)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -81,7 +81,7 @@ def test_schedule_matches_compvis_construction(n):
 @pytest.mark.parametrize("n", N_STEPS)
 def test_step_equals_diffusers(n, eta, prediction_type):
     """Every executed step, with fresh random (model_output, x_t) per step so each coefficient is exercised."""
-    ours, ref = DDIMScheduler(prediction_type), reference(prediction_type)
+    ours, ref = DDIMSampler(prediction_type), reference(prediction_type)
     ts = ours.timesteps(n, 1.0 if n < 1000 else 0.999)  # n = 1000: its first step t = 1000 cannot run
     ref.set_timesteps(n)
     assert torch.equal(ts, ref.timesteps[n - len(ts):])
@@ -90,10 +90,10 @@ def test_step_equals_diffusers(n, eta, prediction_type):
     for k, t in enumerate(ts):
         x = torch.randn(2, 4, 8, 8, generator=g)
         out = torch.randn(2, 4, 8, 8, generator=g)
-        # Same seed on both sides: diffusers' randn_tensor draws float32 on the CPU generator, as we do.
-        ga, gb = torch.Generator().manual_seed(k), torch.Generator().manual_seed(k)
-        prev, x0 = ours.step(out, t, x, eta=eta, generator=ga)
-        r = ref.step(out, int(t), x, eta=eta, generator=gb)
+        # The same z on both sides (diffusers' variance_noise): the caller draws it, as sampling.denoise does.
+        z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(k))
+        prev, x0 = ours.update(x, k, out, eta=eta, noise=z if eta else None)
+        r = ref.step(out, int(t), x, eta=eta, variance_noise=z if eta else None)
         worst_prev = max(worst_prev, rel_err(prev, r.prev_sample))
         worst_x0 = max(worst_x0, rel_err(x0, r.pred_original_sample))
     print(f"n={n} eta={eta} {prediction_type}: max rel_err prev_sample {worst_prev:.3g}, pred_x0 {worst_x0:.3g}")
@@ -108,7 +108,7 @@ def test_step_equals_compvis_formula_in_float64(n, eta, prediction_type):
     betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
     acp = np.cumprod(1.0 - betas).astype(np.float32).astype(np.float64)
     c = 1000 // n
-    ours = DDIMScheduler(prediction_type)
+    ours = DDIMSampler(prediction_type)
     ts = ours.timesteps(n)
     g = torch.Generator().manual_seed(5)
     worst = 0.0
@@ -126,7 +126,7 @@ def test_step_equals_compvis_formula_in_float64(n, eta, prediction_type):
             pred_x0 = np.sqrt(a_t) * xd - np.sqrt(1 - a_t) * od
             e_t = np.sqrt(a_t) * od + np.sqrt(1 - a_t) * xd
         want = np.sqrt(a_prev) * pred_x0 + np.sqrt(1 - a_prev - sigma**2) * e_t + sigma * z.double()
-        got, got_x0 = ours.step(out, t, x, eta=eta, generator=torch.Generator().manual_seed(k))
+        got, got_x0 = ours.update(x, k, out, eta=eta, noise=z if eta else None)
         worst = max(worst, rel_err(got, want), rel_err(got_x0, pred_x0))
     print(f"n={n} eta={eta} {prediction_type}: max rel_err vs float64 CompVis formula {worst:.3g}")
     assert worst <= COMPVIS_TOL
@@ -135,7 +135,7 @@ def test_step_equals_compvis_formula_in_float64(n, eta, prediction_type):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_chained_sampling_loop_equals_diffusers(prediction_type):
     """A whole 50-step loop with a fake model, so per-step differences could accumulate."""
-    ours, ref = DDIMScheduler(prediction_type), reference(prediction_type)
+    ours, ref = DDIMSampler(prediction_type), reference(prediction_type)
     ts = ours.timesteps(50)
     ref.set_timesteps(50)
 
@@ -144,45 +144,43 @@ def test_chained_sampling_loop_equals_diffusers(prediction_type):
 
     x_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     a = b = x_T
-    for t in ts:
-        a, _ = ours.step(fake_model(a, int(t)), t, a)
+    for i, t in enumerate(ts):
+        a, _ = ours.update(a, i, fake_model(a, int(t)))
         b = ref.step(fake_model(b, int(t)), int(t), b).prev_sample
     err = rel_err(a, b)
     print(f"50-step chained loop ({prediction_type}): rel_err {err:.3g}")
     assert err <= 1e-5
 
 
-def test_eta_noise_is_the_generator_noise():
-    """With η > 0 the noise z is the passed CPU generator's first float32 draw (diffusers given that z must agree)."""
-    s = DDIMScheduler()
+def test_eta_noise_is_the_callers_noise():
+    """With η > 0 the step adds std_t(η)·z with the caller's z (diffusers given that z as variance_noise must agree);
+    without a z it refuses, since a sampler draws nothing itself (the run's generator is sampling.denoise's)."""
+    s = DDIMSampler()
     t = int(s.timesteps(20)[5])
     x, out = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
-    det, _ = s.step(out, t, x, eta=0.0)
-    sto, _ = s.step(out, t, x, eta=1.0, generator=torch.Generator().manual_seed(7))
+    det, _ = s.update(x, 5, out, eta=0.0)
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    sto, _ = s.update(x, 5, out, eta=1.0, noise=z)
     ref = reference()
     ref.set_timesteps(20)
     want = ref.step(out, t, x, eta=1.0, variance_noise=z).prev_sample
     assert rel_err(sto, want) <= ETA_TOL
     assert not torch.allclose(sto, det)
-    # Caller-drawn noise (`noise=`, diffusers' variance_noise) is used as is.
-    given, _ = s.step(out, t, x, eta=1.0, noise=z)
-    assert torch.equal(given, sto)
-    with pytest.raises(ValueError, match="not both"):
-        s.step(out, t, x, eta=1.0, noise=z, generator=torch.Generator())
+    with pytest.raises(ValueError, match="pass noise="):
+        s.update(x, 5, out, eta=1.0)
     with pytest.raises(ValueError, match="noise shape"):
-        s.step(out, t, x, eta=1.0, noise=z[:, :2])
+        s.update(x, 5, out, eta=1.0, noise=z[:, :2])
 
 
 def test_v_prediction_recovers_x0_and_eps():
     """Build x_t and v from known (x_0, ε) with the forward definitions; to_eps_x0 must invert them."""
-    s = DDIMScheduler("v_prediction")
+    s = DDIMSampler("v_prediction")
     x0, eps = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)
     for t in (1, 500, 999):
         a = s.alphas_cumprod[t].double()
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         v = a.sqrt() * eps - (1 - a).sqrt() * x0
-        e, x = s.to_eps_x0(v, t, xt)
+        e, x = s.to_eps_x0(xt, t, v)
         assert rel_err(x, x0) < 1e-12 and rel_err(e, eps) < 1e-12
 
 
@@ -197,7 +195,7 @@ def test_img2img_timesteps_equal_pipeline_get_timesteps(n, strength):
     ref.set_timesteps(n)
     # The pipeline's own method, called on a minimal object that has only the scheduler.
     want, n_run = StableDiffusionImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=ref), n, strength, "cpu")
-    ours = DDIMScheduler()
+    ours = DDIMSampler()
     if n_run == 0:
         with pytest.raises(ValueError, match=rf"int\({n} \* {strength}\) = 0"):
             ours.timesteps(n, strength)
@@ -213,7 +211,7 @@ def test_img2img_timesteps_equal_pipeline_get_timesteps(n, strength):
 
 
 def test_add_noise_equals_diffusers():
-    ours, ref = DDIMScheduler(), reference()
+    ours, ref = DDIMSampler(), reference()
     g = torch.Generator().manual_seed(3)
     x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     for t in (0, 1, 21, 500, 981, 999):
@@ -226,11 +224,12 @@ def test_add_noise_equals_diffusers():
 
 
 def test_bad_arguments_raise():
-    s = DDIMScheduler()
+    s = DDIMSampler()
     with pytest.raises(ValueError, match="prediction_type"):
-        DDIMScheduler("sample")
-    with pytest.raises(ValueError, match="before step"):
-        s.step(torch.zeros(1, 4, 2, 2), 981, torch.zeros(1, 4, 2, 2))
+        DDIMSampler("sample")
+    zero = torch.zeros(1, 4, 2, 2)
+    with pytest.raises(ValueError, match="call timesteps"):
+        s.update(zero, 0, zero)
     for n in (0, -3, 1001):
         with pytest.raises(ValueError, match="num_inference_steps"):
             s.timesteps(n)
@@ -242,9 +241,9 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match=r"int\(10 \* 0.05\) = 0"):
         s.timesteps(10, 0.05)
     s.timesteps(10)
-    with pytest.raises(ValueError, match="timestep"):
-        s.step(torch.zeros(1, 4, 2, 2), 1000, torch.zeros(1, 4, 2, 2))
+    with pytest.raises(ValueError, match="outside the run's 10 steps"):
+        s.update(zero, 10, zero)
     with pytest.raises(ValueError, match="eta"):
-        s.step(torch.zeros(1, 4, 2, 2), 901, torch.zeros(1, 4, 2, 2), eta=-1.0)
+        s.update(zero, 1, zero, eta=-1.0)
     with pytest.raises(ValueError, match="too large"):
-        s.step(torch.zeros(1, 4, 2, 2), 1, torch.zeros(1, 4, 2, 2), eta=100.0)
+        s.update(zero, 9, zero, eta=100.0, noise=zero)

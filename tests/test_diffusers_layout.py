@@ -285,19 +285,19 @@ def test_tiny_pipe_generates_what_diffusers_generates(tiny_pipe: Path, focus: st
     from gbsd_core.pipeline import GenerationParams, generate
     from gbsd_core.sampling import layout_steps
 
-    prompt, n, alpha, sigma = "a bunny and a carrot in a garden, bokeh", 10, 0.3, 0.6
+    prompt, n, alpha, layout = "a bunny and a carrot in a garden, bokeh", 10, 0.3, 0.6
     b = load(tiny_pipe)
     ref = StableDiffusionPipeline.from_pretrained(tiny_pipe, local_files_only=True, safety_checker=None,
                                                   requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
     x_T = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(4))
-    ours = generate(b, GenerationParams(prompt, focus=focus, alpha=alpha, layout=sigma, steps=n, cfg=7.5), x_T=x_T)
+    ours = generate(b, GenerationParams(prompt, focus=focus, alpha=alpha, layout=layout, steps=n, cfg=7.5), x_T=x_T)
     assert ours.image.size == (64, 64)
     callback = None
     if focus is not None:
         g, neg = ref.encode_prompt(prompt, "cpu", 1, True, "")
         loc, _ = ref.encode_prompt(focus, "cpu", 1, True, "")
-        n_layout = layout_steps(n, sigma)
+        n_layout = layout_steps(n, layout)
 
         def callback(pipe, i, t, kwargs):
             return {"prompt_embeds": torch.cat([neg, alpha * g + (1 - alpha) * loc])} if i == n_layout - 1 else {}

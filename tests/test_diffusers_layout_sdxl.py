@@ -219,16 +219,16 @@ def test_other_valid_sdxl_configs_load_and_generate_what_diffusers_generates(tmp
 
 def _txt2img_equals_diffusers(folder: Path, focus: str | None) -> None:
     base_folder = folder
-    n, alpha, sigma = 8, 0.3, 0.5
+    n, alpha, layout = 8, 0.3, 0.5
     b, ref = load(base_folder), _reference(base_folder)
     x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
-    ours = generate(b, GenerationParams(PROMPT, focus=focus, alpha=alpha, layout=sigma, steps=n), x_T=x_T)
+    ours = generate(b, GenerationParams(PROMPT, focus=focus, alpha=alpha, layout=layout, steps=n), x_T=x_T)
     assert ours.image.size == (64, 64)
     callback = None
     if focus is not None:
         g, neg, g_pooled, neg_pooled = ref.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=True)
         loc, _, loc_pooled, _ = ref.encode_prompt(focus, device="cpu", do_classifier_free_guidance=True)
-        n_layout = layout_steps(n, sigma)
+        n_layout = layout_steps(n, layout)
 
         def callback(pipe, i, t, kwargs):
             if i != n_layout - 1:

@@ -36,7 +36,7 @@ from gbsd_core.loading import (
     split_components,
 )
 from gbsd_core.openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
-from gbsd_core.unet import UNetConfig, UNetModel
+from gbsd_core.unet import UNetConfig, UNetModel, unet_config_from_state_dict
 from gbsd_core.vae import AutoencoderKL, VAEConfig
 
 
@@ -53,7 +53,7 @@ def sd1_file(tmp_path_factory: pytest.TempPathFactory, sd1_modules: dict[str, to
 # ------------------------------------------------------------------------------------------------ round trips
 def test_single_file_round_trip(sd1_file: Path, sd1_modules: dict[str, torch.nn.Module]) -> None:
     b = load(sd1_file)
-    assert b.family is SD1 and b.scheduler.prediction_type == "epsilon" and b.tokenizer is not None
+    assert b.family is SD1 and b.family.prediction_type == "epsilon" and b.tokenizer is not None
     assert_same_weights(sd1_modules, bundle_modules(b))
     want, got = outputs(sd1_modules), outputs(bundle_modules(b))
     for k in want:
@@ -325,7 +325,7 @@ def test_golden_file_passes_strict_loading(family: str, with_ema: bool) -> None:
         rows.update(read_keys_tsv(LDM_KEYS / GOLDEN[family].replace(".tsv", ".model_ema.tsv")))
     parts = split_components(meta_state_dict(rows), Path(GOLDEN[family]))
     sd1 = family == "sd1"
-    assert UNetConfig.from_state_dict(parts["unet"]) == (UNetConfig.sd1() if sd1 else UNetConfig.sd2())
+    assert unet_config_from_state_dict(parts["unet"]) == (UNetConfig.sd1() if sd1 else UNetConfig.sd2())
     assert VAEConfig.from_state_dict(parts["vae"]) == VAEConfig()
     te_cfg = (CLIPTextConfig.from_state_dict(parts["text_encoder"]) if sd1
               else OpenCLIPTextConfig.from_state_dict(parts["text_encoder"]))
@@ -481,7 +481,7 @@ def test_sd2_single_file_family_from_name(tmp_path: Path) -> None:
     mods = tiny_modules(sd2=True)
     path = save_single_file(mods, tmp_path / "tiny-768-v.safetensors")
     b = load(path)
-    assert b.family is SD2_768_V and b.scheduler.prediction_type == "v_prediction"
+    assert b.family is SD2_768_V and b.family.prediction_type == "v_prediction"
     assert b.unet.config.upcast_attention and b.text_encoder.config.penultimate
     want, got = outputs(mods, 128), outputs(bundle_modules(b), 128)
     for k in want:

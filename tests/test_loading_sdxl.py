@@ -22,7 +22,7 @@ from gbsd_core.loading import (
     split_components,
 )
 from gbsd_core.sdxl_conditioner import SDXLConditioner, SDXLConditionerConfig
-from gbsd_core.unet import UNetConfig, UNetModel
+from gbsd_core.unet import UNetConfig, UNetModel, unet_config_from_state_dict
 from gbsd_core.vae import AutoencoderKL, VAEConfig
 
 GOLDEN = {"sdxl-base": "sdxl_base.tsv", "sdxl-refiner": "sdxl_refiner.tsv"}
@@ -66,7 +66,7 @@ def test_golden_file_passes_strict_loading(family: str) -> None:
     assert detect(sd.keys(), path) is family_by_name(family)
     parts = split_components(sd, path, SDXL_PREFIXES)
     unet_cfg, cond_cfg = CONFIGS[family]
-    assert UNetConfig.from_state_dict(parts["unet"]) == unet_cfg
+    assert unet_config_from_state_dict(parts["unet"]) == unet_cfg
     assert VAEConfig.from_state_dict(parts["vae"]) == VAEConfig()
     assert SDXLConditionerConfig.from_state_dict(parts["text_encoder"]) == cond_cfg
     assert cond_cfg.vector_dim == unet_cfg.adm_in_channels
@@ -99,7 +99,7 @@ def test_single_file_round_trip(tmp_path: Path, refiner: bool) -> None:
     assert ("conditioner.embedders.1.model.text_projection" in keys) != refiner
     b = load(path)
     assert b.family is (SDXL_REFINER if refiner else SDXL_BASE)
-    assert b.vae.config.scale_factor == 0.13025 and b.scheduler.prediction_type == "epsilon"
+    assert b.vae.config.scale_factor == 0.13025 and b.family.prediction_type == "epsilon"
     assert_same_weights(modules, bundle_modules(b))
     c = b.encode_prompt(["a photo of a cat", "a dog"])
     assert c.context.shape == (2, 77, 128 if refiner else 192) and c.pooled.shape == (2, 32) and c.micro is None

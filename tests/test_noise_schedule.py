@@ -18,7 +18,7 @@ from _tiny import save_tiny_pipe
 from _util import rel_err
 
 from gbsd_core import diffusers_configs as dc
-from gbsd_core.ddim import DDIMScheduler
+from gbsd_core.ddim import DDIMSampler
 from gbsd_core.loading import load, save_single_file
 from gbsd_core.noise_schedule import SD, NoiseSchedule, leading_timesteps, trailing_timesteps
 from gbsd_core.params import GenerationParams, check_schedule
@@ -65,7 +65,7 @@ def test_sd_schedule_is_compvis_bit_for_bit():
     """ldm make_beta_schedule("linear"): linspace(√0.00085, √0.012, 1000)² in float64, cumprod, stored as float32."""
     betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
     assert torch.equal(SD.alphas_cumprod(), torch.from_numpy(np.cumprod(1.0 - betas)).float())
-    assert torch.equal(DDIMScheduler().alphas_cumprod, SD.alphas_cumprod())
+    assert torch.equal(DDIMSampler().alphas_cumprod, SD.alphas_cumprod())
 
 
 @pytest.mark.parametrize("T", [1000, 500, 1001])
@@ -94,7 +94,7 @@ def test_ddim_on_a_zero_snr_schedule_steps_as_diffusers(n, eta):
     """DDIM on the rescaled schedule, v-prediction, trailing timesteps (the default of such a schedule): every step
     of a run equals diffusers' DDIMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing").step, η noise
     given to both. The first step starts at t = 999, SNR 0, where x̂_0 = −v."""
-    ours = DDIMScheduler("v_prediction", _ours(ZERO_SNR))
+    ours = DDIMSampler("v_prediction", _ours(ZERO_SNR))
     assert ours.spacing == "trailing"
     ref = _theirs(ZERO_SNR)
     ts = ours.timesteps(n)
@@ -102,10 +102,10 @@ def test_ddim_on_a_zero_snr_schedule_steps_as_diffusers(n, eta):
     assert torch.equal(ts, ref.timesteps[:n]) and int(ts[0]) == 999
     g = torch.Generator().manual_seed(n)
     x, worst = torch.randn(1, 4, 8, 8, generator=g), 0.0
-    for t in ts:  # each step from the same state in both: the bound is per step
+    for i, t in enumerate(ts):  # each step from the same state in both: the bound is per step
         v = torch.randn(1, 4, 8, 8, generator=g) + 0.1 * x  # a "model output" that depends on the latent
         z = torch.randn(1, 4, 8, 8, generator=g)
-        a, _ = ours.step(v, t, x, eta=eta, noise=z if eta else None)
+        a, _ = ours.update(x, i, v, eta=eta, noise=z if eta else None)
         b = ref.step(v, int(t), x, eta=eta, variance_noise=z if eta else None).prev_sample
         worst, x = max(worst, rel_err(a, b)), a
     print(f"zero-SNR DDIM, {n} steps, η {eta}: max per-step rel err {worst:.1e}")
@@ -121,8 +121,7 @@ def test_sigma_samplers_on_a_zero_snr_schedule_take_diffusers_sigmas(name, sched
     trailing spacing's timesteps and σ, and the start scaling (init_noise_sigma), equal diffusers' for each method."""
     ref = diffusers_scheduler(name, schedule, "v_prediction",
                               dict(LEADING, rescale_betas_zero_snr=True, timestep_spacing="trailing"))
-    sched = DDIMScheduler("v_prediction", _ours(ZERO_SNR))
-    ours = make_sampler(sched, name, schedule)  # the model's spacing: trailing
+    ours = make_sampler(_ours(ZERO_SNR), "v_prediction", name, schedule)  # the schedule's spacing: trailing
     assert ours.spacing == "trailing"
     for n in (1, 4, 20):
         ts = ours.timesteps(n)
@@ -200,7 +199,7 @@ def test_a_folder_with_its_own_schedule_generates_what_diffusers_generates(folde
     the stage boundary in callback_on_step_end. Within 1/255."""
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 
-    prompt, n, alpha, sigma = "a bunny and a carrot in a garden, bokeh", 10, 0.3, 0.6
+    prompt, n, alpha, layout = "a bunny and a carrot in a garden, bokeh", 10, 0.3, 0.6
     b = load(folder)
     ref = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
                                                   requires_safety_checker=False)
@@ -211,13 +210,13 @@ def test_a_folder_with_its_own_schedule_generates_what_diffusers_generates(folde
                                                                 solver_order=2)
     ref.set_progress_bar_config(disable=True)
     x_T = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(4))
-    ours = generate(b, GenerationParams(prompt, focus=focus, alpha=alpha, layout=sigma, steps=n, sampler=sampler),
+    ours = generate(b, GenerationParams(prompt, focus=focus, alpha=alpha, layout=layout, steps=n, sampler=sampler),
                     x_T=x_T)
     callback = None
     if focus is not None:
         g, neg = ref.encode_prompt(prompt, "cpu", 1, True, "")
         loc, _ = ref.encode_prompt(focus, "cpu", 1, True, "")
-        n_layout = layout_steps(n, sigma)
+        n_layout = layout_steps(n, layout)
 
         def callback(pipe, i, t, kwargs):
             return {"prompt_embeds": torch.cat([neg, alpha * g + (1 - alpha) * loc])} if i == n_layout - 1 else {}
@@ -226,9 +225,9 @@ def test_a_folder_with_its_own_schedule_generates_what_diffusers_generates(folde
                  callback_on_step_end_tensor_inputs=["prompt_embeds"]).images[0]
     assert 0.2 < np.mean((theirs > 0.02) & (theirs < 0.98)), "saturated reference: the comparison would be empty"
     diff = float(np.abs(_pixels(ours.image) - theirs).max())
-    sd = b.scheduler.noise_schedule
+    sd = b.noise_schedule
     print(f"{folder.name} ({sd.beta_schedule}, T {sd.num_train_timesteps}, zero SNR {sd.zero_terminal_snr}, "
-          f"{b.scheduler.spacing}), {sampler}, {focus or 'plain'}: max pixel diff {diff * 255:.3f}/255 vs diffusers")
+          f"{b.noise_schedule.spacing}), {sampler}, {focus or 'plain'}: max pixel diff {diff * 255:.3f}/255 vs diffusers")
     assert diff <= 1 / 255
 
 
@@ -237,19 +236,19 @@ def test_the_models_schedule_decides_what_a_run_can_do(folder, tmp_path):
     leading one cannot); the T = 500 folder has 500 steps at most. A single file cannot carry the schedule, so
     writing one is refused."""
     b = load(folder)
-    T = b.scheduler.num_train_timesteps
-    if b.scheduler.noise_schedule.zero_terminal_snr:
-        assert check_schedule(GenerationParams("p", steps=1000), False, b.scheduler) == 1000
+    T = b.noise_schedule.num_train_timesteps
+    if b.noise_schedule.zero_terminal_snr:
+        assert check_schedule(GenerationParams("p", steps=1000), False, b.noise_schedule) == 1000
         with pytest.raises(ValueError, match="start at t=1000"):  # SD's leading DDIM cannot
-            check_schedule(GenerationParams("p", steps=1000), False, DDIMScheduler())
+            check_schedule(GenerationParams("p", steps=1000), False)
     else:
         with pytest.raises(ValueError, match=f"must be in \\[1, {T}\\]"):
-            check_schedule(GenerationParams("p", steps=T + 1), False, b.scheduler)
+            check_schedule(GenerationParams("p", steps=T + 1), False, b.noise_schedule)
     with pytest.raises(ValueError, match="noise schedule"):
         save_single_file(b, tmp_path / "x.safetensors")
     described = b.describe()["noise_schedule"]
     print(described)
-    assert f"{T} timesteps" in described and b.scheduler.spacing in described
+    assert f"{T} timesteps" in described and b.noise_schedule.spacing in described
 
 
 def test_the_cli_runs_a_zero_snr_folder_as_the_api_does(tmp_path, capsys, monkeypatch, tiny_ckpt):

@@ -11,6 +11,7 @@ from _util import max_pixel_diff
 from PIL import Image
 
 import gbsd_core
+from gbsd_core.noise_schedule import SD as SD_SCHEDULE
 from gbsd_core.pipeline import GenerationParams, generate, sweep
 from gbsd_core.sampling import layout_steps
 
@@ -29,14 +30,14 @@ def pixels(result) -> np.ndarray:
     return np.asarray(result.image, dtype=np.int16)
 
 
-def test_sigma_one_is_plain_sd_on_the_global_prompt_bit_for_bit(bundle):
+def test_layout_fraction_one_is_plain_sd_on_the_global_prompt_bit_for_bit(bundle):
     plain = generate(bundle, GenerationParams(PROMPT, steps=6, seed=3, **SIZE))
     gbsd = generate(bundle, GenerationParams(PROMPT, focus=FOCUS, alpha=0.3, layout=1.0, steps=6, seed=3, **SIZE))
     assert gbsd.layout_steps == 6
     assert np.array_equal(pixels(plain), pixels(gbsd))
 
 
-def test_sigma_zero_alpha_zero_is_plain_sd_on_the_local_prompt_bit_for_bit(bundle):
+def test_layout_fraction_zero_alpha_zero_is_plain_sd_on_the_local_prompt_bit_for_bit(bundle):
     plain = generate(bundle, GenerationParams(FOCUS, steps=6, seed=3, **SIZE))
     gbsd = generate(bundle, GenerationParams(PROMPT, focus=FOCUS, alpha=0.0, layout=0.0, steps=6, seed=3, **SIZE))
     global_only = generate(bundle, GenerationParams(PROMPT, steps=6, seed=3, **SIZE))
@@ -54,14 +55,14 @@ def test_same_seed_same_image_other_seed_other_image(bundle):
 
 
 def test_sweep_equals_independent_runs_and_shares_the_layout_stage(bundle):
-    n, sigma, alphas, focus = 10, 0.8, [0.0, 0.5, 1.0], ["a carrot", "a bunny"]
-    results = sweep(bundle, GenerationParams(PROMPT, layout=sigma, steps=n, seed=5, **SIZE), alphas=alphas,
+    n, layout, alphas, focus = 10, 0.8, [0.0, 0.5, 1.0], ["a carrot", "a bunny"]
+    results = sweep(bundle, GenerationParams(PROMPT, layout=layout, steps=n, seed=5, **SIZE), alphas=alphas,
                     focus_prompts=focus)
     assert len(results) == 6
-    k, n_layout = len(results), layout_steps(n, sigma)
+    k, n_layout = len(results), layout_steps(n, layout)
     assert results[0].unet_calls == n_layout + k * (n - n_layout) == 20  # instead of k·n = 60
     for r in results:
-        single = generate(bundle, GenerationParams(PROMPT, focus=r.params.focus, alpha=r.params.alpha, layout=sigma,
+        single = generate(bundle, GenerationParams(PROMPT, focus=r.params.focus, alpha=r.params.alpha, layout=layout,
                                                    steps=n, seed=5, **SIZE))
         assert single.unet_calls == n
         assert np.abs(pixels(r) - pixels(single)).max() <= 1  # batched vs batch-1 matmuls: ≤ 1/255
@@ -69,9 +70,9 @@ def test_sweep_equals_independent_runs_and_shares_the_layout_stage(bundle):
 
 
 def test_sweep_unet_calls_for_k10(bundle):
-    n, sigma = 10, 0.8
+    n, layout = 10, 0.8
     alphas = [i / 9 for i in range(10)]
-    results = sweep(bundle, GenerationParams(PROMPT, focus=FOCUS, layout=sigma, steps=n, seed=0, **SIZE), alphas=alphas)
+    results = sweep(bundle, GenerationParams(PROMPT, focus=FOCUS, layout=layout, steps=n, seed=0, **SIZE), alphas=alphas)
     assert len(results) == 10
     assert results[0].unet_calls == 8 + 10 * 2 == 28  # n_layout + K·(n − n_layout), against K·n = 100
 
@@ -81,7 +82,7 @@ def test_img2img_runs_the_truncated_schedule(bundle):
     r = generate(bundle, GenerationParams(PROMPT, focus=FOCUS, steps=10, strength=0.5, layout=0.8, seed=1), init_image=init)
     assert r.executed_steps == 5 and r.layout_steps == 4 and r.unet_calls == 5
     assert r.image.size == (64, 64)
-    # σ = 1 img2img equals plain img2img bit for bit, too.
+    # A layout fraction of 1 in img2img equals plain img2img bit for bit, too.
     a = generate(bundle, GenerationParams(PROMPT, steps=10, strength=0.6, seed=1), init_image=init)
     b = generate(bundle, GenerationParams(PROMPT, focus=FOCUS, layout=1.0, steps=10, strength=0.6, seed=1), init_image=init)
     assert np.array_equal(pixels(a), pixels(b))
@@ -167,11 +168,11 @@ def test_fair_values_are_accepted_and_normalised():
 def test_the_validator_and_the_schedule_agree(sampler, schedule):
     """What GenerationParams and params.check_schedule (the CLI's pre-load check) accept, the sampler runs; what
     they refuse, it refuses: DDIM's 1000 steps only with strength < 1, at least one step at any strength."""
-    from gbsd_core.ddim import DDIMScheduler
+    from gbsd_core.ddim import DDIMSampler
     from gbsd_core.params import check_schedule
     from gbsd_core.samplers import make_sampler
 
-    run = make_sampler(DDIMScheduler(), sampler, schedule)
+    run = make_sampler(SD_SCHEDULE, "epsilon", sampler, schedule)
     for n in [*range(1, 1003, 37), 999, 1000, 1001]:
         for strength in (1.0, 0.999, 0.5, 0.001):
             try:
@@ -256,16 +257,16 @@ def test_plain_txt2img_equals_diffusers(bundle, reference):
     assert diff <= 1 / 255
 
 
-@pytest.mark.parametrize("alpha, sigma", [(0.5, 0.8), (0.2, 0.5)])
-def test_gbsd_equals_diffusers_with_embeddings_switched_at_the_boundary(bundle, reference, alpha, sigma):
+@pytest.mark.parametrize("alpha, layout", [(0.5, 0.8), (0.2, 0.5)])
+def test_gbsd_equals_diffusers_with_embeddings_switched_at_the_boundary(bundle, reference, alpha, layout):
     n = 10
     x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(22))
-    ours = generate(bundle, GenerationParams(PROMPT, focus=FOCUS, alpha=alpha, layout=sigma, steps=n, **SIZE), x_T=x_T)
+    ours = generate(bundle, GenerationParams(PROMPT, focus=FOCUS, alpha=alpha, layout=layout, steps=n, **SIZE), x_T=x_T)
     # The reference's own text encoder gives E(global), E(local), E(""); the paper's interpolation is applied here.
     g, neg = reference.encode_prompt(PROMPT, "cpu", 1, True, "")
     loc, _ = reference.encode_prompt(FOCUS, "cpu", 1, True, "")
     focus = alpha * g + (1 - alpha) * loc
-    n_layout = layout_steps(n, sigma)
+    n_layout = layout_steps(n, layout)
     switched = []
 
     def switch(pipe, i, t, kwargs):
@@ -276,7 +277,7 @@ def test_gbsd_equals_diffusers_with_embeddings_switched_at_the_boundary(bundle, 
         return {}
 
     diff = max_pixel_diff(pixels(ours), _reference_image(reference, PROMPT, n, x_T, switch))
-    print(f"GBSD (α={alpha}, σ={sigma}) vs diffusers + callback switch: max pixel diff {diff * 255:.3f}/255")
+    print(f"GBSD (α={alpha}, layout fraction {layout}) vs diffusers + callback switch: max pixel diff {diff * 255:.3f}/255")
     assert switched == [n_layout - 1]
     assert diff <= 1 / 255
     plain = _reference_image(reference, PROMPT, n, x_T)

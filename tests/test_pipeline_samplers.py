@@ -24,7 +24,7 @@ from _util import rel_err
 from PIL import Image
 
 import gbsd_core
-from gbsd_core.ddim import DDIMScheduler
+from gbsd_core.ddim import DDIMSampler
 from gbsd_core.pipeline import GenerationParams, generate, sweep
 from gbsd_core.samplers import make_sampler
 from gbsd_core.sampling import (
@@ -68,12 +68,12 @@ def our_noise_draws(seed: int, n: int, skip: int = 0) -> list[torch.Tensor]:
 
 def _with_prediction(bundle, prediction_type: str):
     """The bundle with its UNet output read as `prediction_type` (a random tiny UNet is as good an ε- as a v-model)."""
-    return bundle if prediction_type == "epsilon" else replace(bundle, scheduler=DDIMScheduler(prediction_type))
+    return replace(bundle, family=replace(bundle.family, prediction_type=prediction_type))
 
 
 def our_states(bundle, params: GenerationParams, x_T: torch.Tensor, restart_history: bool = False) -> list:
     """generate's loop, with the per-step states kept (same sampler, embeddings, stages, generator)."""
-    sampler = make_sampler(bundle.scheduler, params.sampler, params.schedule)
+    sampler = make_sampler(bundle.noise_schedule, bundle.family.prediction_type, params.sampler, params.schedule)
     ts = sampler.timesteps(params.steps)
     neg, g, loc = (bundle.encode_prompt(p) for p in (params.negative, params.prompt, params.focus or ""))
     n = len(ts)
@@ -163,7 +163,7 @@ def test_linspace_spacing_equals_a_diffusers_swap_on_sd15s_shipped_config(bundle
     gets from `XScheduler.from_config(sd15_pipe.scheduler.config)`: SD1.5's config names no spacing."""
     x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(21))
     params = GenerationParams(PROMPT, steps=N, seed=4, sampler=name, **SIZE)
-    step = CFGStep(bundle.unet, make_sampler(bundle.scheduler, name, "normal", spacing="linspace"), 7.5)
+    step = CFGStep(bundle.unet, make_sampler(bundle.noise_schedule, bundle.family.prediction_type, name, "normal", spacing="linspace"), 7.5)
     result = generate(bundle, params, x_T=x_T, stepper=step)
     if name == "euler_a":
         ancestral_noise.extend(our_noise_draws(params.seed, N))
@@ -191,7 +191,7 @@ def test_the_stage_switch_matters_and_karras_moves_its_sigma(bundle, pipe, sched
     assert r.layout_steps == 16
     print(f"dpmpp_2m {schedule}: switch at step 16 of 20 at σ={r.boundary_sigma:.4f}, t={r.boundary_timestep}")
     if schedule == "karras":
-        normal = make_sampler(bundle.scheduler, "dpmpp_2m")
+        normal = make_sampler(bundle.noise_schedule, bundle.family.prediction_type, "dpmpp_2m")
         normal.timesteps(20)
         assert r.boundary_sigma < 0.5 * normal.sigma(16)
 
@@ -260,9 +260,9 @@ def test_ddim_default_is_unchanged_and_records_its_boundary(bundle):
     assert (p.sampler, p.schedule) == ("ddim", "normal")
     a, b = generate(bundle, p), generate(bundle, replace(p, sampler="ddim"))
     assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
-    t = int(DDIMScheduler().timesteps(N)[8])
+    t = int(DDIMSampler().timesteps(N)[8])
     assert a.boundary_timestep == t == 101
-    alpha_bar = float(bundle.scheduler.alphas_cumprod[t])
+    alpha_bar = float(bundle.noise_schedule.alphas_cumprod()[t])
     assert a.boundary_sigma == pytest.approx(((1 - alpha_bar) / alpha_bar) ** 0.5, rel=1e-12)
     assert generate(bundle, replace(p, focus=None)).boundary_sigma is None  # plain SD: no switch
 
@@ -286,7 +286,7 @@ def test_bad_sampler_parameters_fail_before_any_compute(bad, match):
 
 
 def test_a_stepper_must_run_the_sampler_the_parameters_ask_for(bundle):
-    sampler = make_sampler(bundle.scheduler, "euler", "karras")
+    sampler = make_sampler(bundle.noise_schedule, bundle.family.prediction_type, "euler", "karras")
     step = CFGStep(bundle.unet, sampler, 7.5)
     p = GenerationParams(PROMPT, steps=4, sampler="euler", **SIZE)
     with pytest.raises(ValueError, match="the stepper runs sampler 'euler' with the 'karras' schedule"):

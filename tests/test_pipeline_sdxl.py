@@ -50,13 +50,13 @@ def test_families_and_conditioning_shapes(bundle, refiner):
     assert refiner.conditioning("", (64, 64), negative=True).context.any()
 
 
-def test_sigma_one_is_plain_sdxl_on_the_global_prompt_bit_for_bit(bundle):
+def test_layout_fraction_one_is_plain_sdxl_on_the_global_prompt_bit_for_bit(bundle):
     plain = generate(bundle, GenerationParams(PROMPT, steps=4, seed=3, **SIZE))
     gbsd = generate(bundle, GenerationParams(PROMPT, focus=FOCUS, alpha=0.3, layout=1.0, steps=4, seed=3, **SIZE))
     assert np.array_equal(pixels(plain), pixels(gbsd))
 
 
-def test_sigma_zero_alpha_zero_is_plain_sdxl_on_the_local_prompt_bit_for_bit(bundle):
+def test_layout_fraction_zero_alpha_zero_is_plain_sdxl_on_the_local_prompt_bit_for_bit(bundle):
     plain = generate(bundle, GenerationParams(FOCUS, steps=4, seed=3, **SIZE))
     gbsd = generate(bundle, GenerationParams(PROMPT, focus=FOCUS, alpha=0.0, layout=0.0, steps=4, seed=3, **SIZE))
     global_only = generate(bundle, GenerationParams(PROMPT, steps=4, seed=3, **SIZE))
@@ -65,13 +65,13 @@ def test_sigma_zero_alpha_zero_is_plain_sdxl_on_the_local_prompt_bit_for_bit(bun
 
 
 def test_sweep_equals_independent_runs_and_shares_the_layout_stage(bundle):
-    n, sigma, alphas, focus = 6, 0.5, [0.0, 1.0], ["a carrot", "a bunny"]
-    results = sweep(bundle, GenerationParams(PROMPT, layout=sigma, steps=n, seed=5, **SIZE), alphas=alphas,
+    n, layout, alphas, focus = 6, 0.5, [0.0, 1.0], ["a carrot", "a bunny"]
+    results = sweep(bundle, GenerationParams(PROMPT, layout=layout, steps=n, seed=5, **SIZE), alphas=alphas,
                     focus_prompts=focus)
-    n_layout = layout_steps(n, sigma)
+    n_layout = layout_steps(n, layout)
     assert results[0].unet_calls == n_layout + len(results) * (n - n_layout) == 15
     for r in results:
-        single = generate(bundle, GenerationParams(PROMPT, focus=r.params.focus, alpha=r.params.alpha, layout=sigma,
+        single = generate(bundle, GenerationParams(PROMPT, focus=r.params.focus, alpha=r.params.alpha, layout=layout,
                                                    steps=n, seed=5, **SIZE))
         assert np.abs(pixels(r) - pixels(single)).max() <= 1  # batched vs batch-1 matmuls: ≤ 1/255
     assert not np.array_equal(pixels(results[0]), pixels(results[2]))  # the focus prompt matters
@@ -132,16 +132,16 @@ def _switch(reference, alpha: float, n_layout: int, pooled: bool = True):
 
 # σ = 0.7 (the paper's lower bound) rather than 0.8: with 10 steps the tiny model's last two steps move pixels by
 # only ~2/255, too little for "the switch matters" to be a sharp check.
-@pytest.mark.parametrize("alpha, sigma", [(0.5, 0.7), (0.2, 0.5)])
-def test_gbsd_equals_diffusers_with_both_embeddings_switched(bundle, reference, alpha, sigma):
+@pytest.mark.parametrize("alpha, layout", [(0.5, 0.7), (0.2, 0.5)])
+def test_gbsd_equals_diffusers_with_both_embeddings_switched(bundle, reference, alpha, layout):
     n = 10
     x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(22))
-    ours = generate(bundle, GenerationParams(PROMPT, focus=FOCUS, alpha=alpha, layout=sigma, steps=n, **SIZE), x_T=x_T)
-    n_layout = layout_steps(n, sigma)
+    ours = generate(bundle, GenerationParams(PROMPT, focus=FOCUS, alpha=alpha, layout=layout, steps=n, **SIZE), x_T=x_T)
+    n_layout = layout_steps(n, layout)
     switch, switched = _switch(reference, alpha, n_layout)
     ref = _reference_image(reference, PROMPT, n, x_T, switch)
     diff = max_pixel_diff(pixels(ours), ref)
-    print(f"SDXL GBSD (α={alpha}, σ={sigma}) vs diffusers + callback switch: max pixel diff {diff * 255:.3f}/255")
+    print(f"SDXL GBSD (α={alpha}, layout fraction {layout}) vs diffusers + callback switch: max pixel diff {diff * 255:.3f}/255")
     assert switched == [n_layout - 1]
     assert diff <= 1 / 255
     plain = _reference_image(reference, PROMPT, n, x_T)
@@ -156,16 +156,16 @@ def test_every_sampler_runs_gbsd_on_sdxl_as_diffusers_does(bundle, reference, na
     """Euler (SDXL's own default), Euler a and DPM++ 2M, normal and Karras σ: GBSD on the tiny SDXL base equals
     StableDiffusionXLPipeline with the matching diffusers scheduler (tests/_samplers.py) and both embeddings switched
     at the same executed step, within 1/255; Euler a's noise is the z our run draws (injected into diffusers)."""
-    n, alpha, sigma, seed = 10, 0.5, 0.7, 4
+    n, alpha, layout, seed = 10, 0.5, 0.7, 4
     x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(23))
-    params = GenerationParams(PROMPT, focus=FOCUS, alpha=alpha, layout=sigma, steps=n, seed=seed, sampler=name,
+    params = GenerationParams(PROMPT, focus=FOCUS, alpha=alpha, layout=layout, steps=n, seed=seed, sampler=name,
                               schedule=schedule, **SIZE)
     ours = generate(bundle, params, x_T=x_T)
     given = inject_ancestral_noise(monkeypatch)
     if name == "euler_a":
         g = torch.Generator().manual_seed(seed)
         given.extend(torch.randn(1, 4, 8, 8, generator=g) for _ in range(n))
-    n_layout = layout_steps(n, sigma)
+    n_layout = layout_steps(n, layout)
     switch, switched = _switch(reference, alpha, n_layout)
     ddim, reference.scheduler = reference.scheduler, diffusers_scheduler(name, schedule)
     try:
@@ -177,7 +177,7 @@ def test_every_sampler_runs_gbsd_on_sdxl_as_diffusers_does(bundle, reference, na
           f"σ = {ours.boundary_sigma:.3f}")
     assert switched == [n_layout - 1] and not given  # diffusers switched where we did, and took all of our noise
     assert diff <= 1 / 255
-    ddim_image = pixels(generate(bundle, GenerationParams(PROMPT, focus=FOCUS, alpha=alpha, layout=sigma, steps=n,
+    ddim_image = pixels(generate(bundle, GenerationParams(PROMPT, focus=FOCUS, alpha=alpha, layout=layout, steps=n,
                                                           seed=seed, **SIZE), x_T=x_T))
     # DDIM (η = 0) is Euler's method on x/√ᾱ_t in σ (Song et al. 2021, eq. 14; Karras et al. 2022, sec. 3), so on
     # the same timesteps Euler's normal schedule gives DDIM's image; every other sampler makes another one.

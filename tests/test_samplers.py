@@ -16,7 +16,8 @@ import torch
 from _samplers import COMBOS, diffusers_scheduler, inject_ancestral_noise, vp_scale
 from _util import rel_err
 
-from gbsd_core.ddim import DDIMScheduler
+from gbsd_core.ddim import DDIMSampler
+from gbsd_core.noise_schedule import SD as SD_SCHEDULE
 from gbsd_core.samplers import make_sampler
 
 TOL = 1e-5  # latents at every step, fp32 (measured: ≤ 4e-6)
@@ -44,7 +45,7 @@ def our_loop(s, n: int, zs: list[torch.Tensor], restart_at: int | None = None) -
     for i in range(len(ts)):
         z = zs[i] if s.noise_std(i, 0.0) > 0 else None
         prev = None if i == restart_at else prev
-        x, prev = s.update(i, x, fake_model(s.model_input(x, i), float(ts[i])), noise=z, prev_x0=prev)
+        x, prev = s.update(x, i, fake_model(s.model_input(x, i), float(ts[i])), noise=z, prev_x0=prev)
         out.append(x)
     return out
 
@@ -58,7 +59,7 @@ def ancestral_noise(monkeypatch):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("n", [7, 20])
 def test_loop_equals_diffusers_scheduler(name, schedule, prediction_type, n, ancestral_noise):
-    s = make_sampler(DDIMScheduler(prediction_type), name, schedule)
+    s = make_sampler(SD_SCHEDULE, prediction_type, name, schedule)
     ref = diffusers_scheduler(name, schedule, prediction_type)
     zs = noises(n)
     ours = our_loop(s, n, zs)
@@ -120,7 +121,7 @@ def paper_loop(name: str, s, n: int, prediction_type: str, zs: list[torch.Tensor
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_loop_equals_the_papers_vp_form_in_float64(name, schedule, spacing, prediction_type):
     n = 12
-    s = make_sampler(DDIMScheduler(prediction_type), name, schedule, spacing)
+    s = make_sampler(SD_SCHEDULE, prediction_type, name, schedule, spacing)
     zs = noises(n)
     ours = our_loop(s, n, zs)
     ref = paper_loop(name, s, n, prediction_type, zs)
@@ -135,14 +136,14 @@ def test_euler_is_ddim_in_sigma_space(name, eta, prediction_type):
     """On DDIM's timesteps Euler is DDIM η = 0, and Euler a is DDIM η = 1 (same z), divided by √ᾱ — but for the last
     step, where DDIM stops at ᾱ_0's noise level and the σ samplers go to σ = 0."""
     n = 10
-    ddim = DDIMScheduler(prediction_type)
-    s = make_sampler(ddim, name)
+    ddim = DDIMSampler(prediction_type)
+    s = make_sampler(SD_SCHEDULE, prediction_type, name)
     zs = noises(n)
     ours = our_loop(s, n, zs)
     ts = ddim.timesteps(n)
     x = x_T()
     for i in range(n - 1):
-        x, _ = ddim.step(fake_model(x, float(ts[i])), int(ts[i]), x, eta=eta, noise=zs[i])
+        x, _ = ddim.update(x, i, fake_model(x, float(ts[i])), eta=eta, noise=zs[i])
         a_next = float(ddim.alphas_cumprod[ts[i + 1]])
         assert rel_err(ours[i] * math.sqrt(a_next), x) <= TOL, i
 
@@ -151,21 +152,21 @@ def test_dpmpp_2m_restart_is_a_first_order_step():
     """With no history (a restart at a stage switch) the step is the first-order DPM-Solver++ = DDIM (η = 0) step;
     with history it differs."""
     n = 10
-    s = make_sampler(DDIMScheduler(), "dpmpp_2m", "karras")
+    s = make_sampler(SD_SCHEDULE, "epsilon", "dpmpp_2m", "karras")
     kept, restarted = our_loop(s, n, []), our_loop(s, n, [], restart_at=5)
     assert all(torch.equal(a, b) for a, b in zip(kept[:5], restarted[:5]))
     x, i = kept[4], 5
     out = fake_model(s.model_input(x, i), float(s.run_timesteps[i]))
-    d = s.denoised(out, i, x)
+    d = s.denoised(x, i, out)
     first_order = d + s.sigma(i + 1) * (x - d) / s.sigma(i)
     assert rel_err(restarted[5], first_order) <= 1e-6
     assert rel_err(restarted[5], kept[5]) > 1e-4  # the history matters
     with pytest.raises(ValueError, match="no previous step"):
-        s.update(0, x, out, prev_x0=d)
+        s.update(x, 0, out, prev_x0=d)
 
 
 def test_euler_ancestral_noise_levels():
-    s = make_sampler(DDIMScheduler(), "euler_a", "karras")
+    s = make_sampler(SD_SCHEDULE, "epsilon", "euler_a", "karras")
     s.timesteps(8)
     for i in range(8):
         down, up = s.ancestral_step(i)
@@ -173,24 +174,26 @@ def test_euler_ancestral_noise_levels():
         assert s.noise_std(i, 0.0) == up and (up > 0) == (i < 7)  # no noise into σ = 0
     x = torch.zeros(1, 4, 2, 2)
     with pytest.raises(ValueError, match="pass noise"):
-        s.update(0, x, x)
+        s.update(x, 0, x)
     with pytest.raises(ValueError, match="noise shape"):
-        s.update(0, x, x, noise=torch.zeros(1, 4, 3, 3))
+        s.update(x, 0, x, noise=torch.zeros(1, 4, 3, 3))
     with pytest.raises(ValueError, match="eta"):
         s.noise_std(0, 1.0)
 
 
 def test_ddim_fits_the_interface_without_changing_its_numbers():
-    d = DDIMScheduler()
+    d = DDIMSampler()
     ts = d.timesteps(10, 0.6)
     g = torch.Generator().manual_seed(2)
     x, out, z = (torch.randn(1, 4, 8, 8, generator=g) for _ in range(3))
     for i, t in enumerate(ts.tolist()):
-        assert torch.equal(d.update(i, x, out, eta=0.5, noise=z)[0], d.step(out, t, x, eta=0.5, noise=z)[0])
-        assert d.noise_std(i, 0.5) == d.sigma(t, 0.5) and d.noise_std(i, 0.0) == 0.0
-        assert d.model_input(x, i) is x
+        a, a_prev = float(d.alphas_cumprod[t]), float(d.alphas_cumprod[max(t - 100, 0)])  # T // n = 100
+        assert d.noise_std(i, 0.5) == pytest.approx(0.5 * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev)),
+                                                    rel=1e-12)
+        assert d.noise_std(i, 0.0) == 0.0 and d.model_input(x, i) is x
         a = float(d.alphas_cumprod[t])
         assert float(d.sigmas[i]) == pytest.approx(math.sqrt((1 - a) / a), rel=1e-12)
     assert torch.equal(d.start_latents(z), z)
     assert torch.equal(d.start_latents(z, x), d.add_noise(x, z, int(ts[0])))
-    assert make_sampler(d) is d
+    made = make_sampler(SD_SCHEDULE, "epsilon")
+    assert isinstance(made, DDIMSampler) and torch.equal(made.alphas_cumprod, d.alphas_cumprod)

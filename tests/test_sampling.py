@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from gbsd_core.ddim import DDIMScheduler
+from gbsd_core.ddim import DDIMSampler
 from gbsd_core.sampling import (
     CFGStep,
     Stage,
@@ -37,13 +37,13 @@ def _emb(value: float, rows: int = 1) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "n, sigma, expected", [(50, 0.8, 40), (10, 0.7, 7), (5, 0.5, 3), (1, 0.8, 1), (1, 0.4, 0), (7, 1.0, 7), (7, 0.0, 0)]
+    "n, layout, expected", [(50, 0.8, 40), (10, 0.7, 7), (5, 0.5, 3), (1, 0.8, 1), (1, 0.4, 0), (7, 1.0, 7), (7, 0.0, 0)]
 )
-def test_layout_steps_rounds_half_up(n, sigma, expected):
-    assert layout_steps(n, sigma) == expected
+def test_layout_steps_rounds_half_up(n, layout, expected):
+    assert layout_steps(n, layout) == expected
 
 
-def test_layout_steps_is_monotonic_in_sigma_and_n():
+def test_layout_steps_is_monotonic_in_the_layout_fraction_and_n():
     for n in range(1, 60):
         counts = [layout_steps(n, s / 100) for s in range(101)]
         assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == n
@@ -53,7 +53,7 @@ def test_layout_steps_is_monotonic_in_sigma_and_n():
 
 
 def test_layout_steps_rejects_out_of_range():
-    with pytest.raises(ValueError, match="σ"):
+    with pytest.raises(ValueError, match="layout fraction"):
         layout_steps(10, 1.5)
 
 
@@ -75,11 +75,11 @@ def test_check_stages_rejects_gaps_and_wrong_totals():
 
 
 @pytest.mark.parametrize(
-    "steps, sigma, strength",
+    "steps, layout, strength",
     list(itertools.product([1, 2, 5, 10, 23, 50], [0.0, 0.3, 0.7, 0.8, 1.0], [1.0, 0.75, 0.5, 0.2])),
 )
-def test_every_step_uses_the_conditioning_the_schedule_says(steps, sigma, strength):
-    sched = DDIMScheduler()
+def test_every_step_uses_the_conditioning_the_schedule_says(steps, layout, strength):
+    sched = DDIMSampler()
     try:
         timesteps = sched.timesteps(steps, strength)
     except ValueError:
@@ -91,8 +91,8 @@ def test_every_step_uses_the_conditioning_the_schedule_says(steps, sigma, streng
     alpha = 0.5
     focus = focus_conditioning(g, loc, alpha)
     model = RecordingModel()
-    states = list(denoise(CFGStep(model, sched, 7.5), torch.randn(1, 4, 2, 2), timesteps, gbsd_stages(g, focus, n, sigma), u))
-    n_layout = layout_steps(n, sigma)
+    states = list(denoise(CFGStep(model, sched, 7.5), torch.randn(1, 4, 2, 2), timesteps, gbsd_stages(g, focus, n, layout), u))
+    n_layout = layout_steps(n, layout)
     assert [s.step for s in states] == list(range(n))
     assert [s.timestep for s in states] == [int(t) for t in timesteps] == model.timesteps
     for i, (state, ctx) in enumerate(zip(states, model.contexts)):
@@ -103,7 +103,7 @@ def test_every_step_uses_the_conditioning_the_schedule_says(steps, sigma, streng
 
 
 def test_context_tensor_is_built_once_per_stage():
-    sched = DDIMScheduler()
+    sched = DDIMSampler()
     timesteps = sched.timesteps(6)
     model = RecordingModel()
     seen = []
@@ -144,25 +144,25 @@ def test_a_stage_switch_is_told_each_stage_before_its_conditioning_is_set():
 
 
 def test_branching_stage_equals_independent_runs_and_counts_evaluations():
-    sched = DDIMScheduler()
-    n, sigma = 10, 0.8
+    sched = DDIMSampler()
+    n, layout = 10, 0.8
     timesteps = sched.timesteps(n)
     g, u = _emb(0.3), _emb(0.0)
     locals_ = [_emb(v) for v in (-1.0, 0.5, 2.0)]
     x_T = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(0))
     focus_rows = torch.cat([focus_conditioning(g, loc, 0.4) for loc in locals_])
     model = RecordingModel()
-    branched = list(denoise(CFGStep(model, sched, 5.0), x_T, timesteps, gbsd_stages(g, focus_rows, n, sigma), u))
+    branched = list(denoise(CFGStep(model, sched, 5.0), x_T, timesteps, gbsd_stages(g, focus_rows, n, layout), u))
     calls = sum(c.shape[0] // 2 for c in model.contexts)
-    n_layout = layout_steps(n, sigma)
+    n_layout = layout_steps(n, layout)
     assert calls == n_layout + len(locals_) * (n - n_layout)
     for k, row in enumerate(focus_rows):
-        single = list(denoise(CFGStep(RecordingModel(), sched, 5.0), x_T, timesteps, gbsd_stages(g, row[None], n, sigma), u))
+        single = list(denoise(CFGStep(RecordingModel(), sched, 5.0), x_T, timesteps, gbsd_stages(g, row[None], n, layout), u))
         torch.testing.assert_close(branched[-1].latents[k : k + 1], single[-1].latents, rtol=1e-6, atol=1e-6)
 
 
 def test_eta_noise_is_shared_across_branches():
-    sched = DDIMScheduler()
+    sched = DDIMSampler()
     n = 8
     timesteps = sched.timesteps(n)
     g, u = _emb(0.3), _emb(0.0)
@@ -179,14 +179,14 @@ def test_eta_noise_is_shared_across_branches():
 
 
 def test_guidance_scale_one_runs_without_the_unconditional_batch():
-    sched = DDIMScheduler()
+    sched = DDIMSampler()
     model = RecordingModel()
     list(denoise(CFGStep(model, sched, 1.0), torch.randn(1, 4, 2, 2), sched.timesteps(3), [Stage("g", range(3), _emb(1))], _emb(0)))
     assert all(c.shape[0] == 1 for c in model.contexts)
 
 
 def test_mismatched_branch_is_refused():
-    sched = DDIMScheduler()
+    sched = DDIMSampler()
     stages = [Stage("a", range(2), torch.cat([_emb(0)] * 2)), Stage("b", range(2, 3), torch.cat([_emb(1)] * 3))]
     with pytest.raises(ValueError, match="3 conditionings for 2 latents"):
         list(denoise(CFGStep(RecordingModel(), sched, 1.0), torch.randn(1, 4, 2, 2), sched.timesteps(3), stages, None))
@@ -203,7 +203,7 @@ def test_blend_embeddings_is_exact_at_the_ends_and_the_same_bits_alone_or_batche
 
 
 def test_step_states_carry_no_sigma_for_ddim():
-    sched = DDIMScheduler()
+    sched = DDIMSampler()
     states = list(denoise(CFGStep(RecordingModel(), sched, 2.0), torch.randn(1, 4, 2, 2), sched.timesteps(3),
                           [Stage("g", range(3), _emb(1))], _emb(0)))
     assert [s.sigma for s in states] == [None, None, None]  # DDIM steps by timestep; σ-based samplers set it
@@ -213,7 +213,7 @@ def test_eta_noise_is_drawn_once_per_run_with_the_per_step_draws():
     """η > 0: the run's noise is drawn when it starts and reaches the device in one copy (pinned and non-blocking on
     CUDA), not one blocking copy per step. The draws are those one per step makes, in step order (a hand-written loop
     here, 3×3 latents: 36 values per draw, not a multiple of CPU randn's 16-value blocks), so a seed keeps its image."""
-    sched = DDIMScheduler()
+    sched = DDIMSampler()
     n = 6
     timesteps = sched.timesteps(n)
     g, u = _emb(0.3), _emb(0.0)
@@ -240,7 +240,7 @@ def test_eta_noise_is_drawn_once_per_run_with_the_per_step_draws():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh runs it)")
 def test_cuda_eta_noise_comes_from_the_cpu_generator_in_one_copy():
     """On CUDA the run's noise is drawn on the CPU generator (same image on any device), pinned, moved once."""
-    sched = DDIMScheduler()
+    sched = DDIMSampler()
     timesteps = sched.timesteps(4)
     g, u = _emb(0.3).cuda(), _emb(0.0).cuda()
     x_T = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(1))

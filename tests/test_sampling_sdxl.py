@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gbsd_core.ddim import DDIMScheduler
+from gbsd_core.ddim import DDIMSampler
 from gbsd_core.sampling import (
     CFGStep,
     Conditioning,
@@ -57,13 +57,13 @@ def test_focus_mixes_context_and_pooled_and_keeps_the_size_embeddings_bit_for_bi
 
 
 def test_every_step_gets_the_stage_vector_with_cfg():
-    sched = DDIMScheduler()
-    n, sigma = 6, 0.5
+    sched = DDIMSampler()
+    n, layout = 6, 0.5
     g, loc, u = _cond(1.0), _cond(-1.0), _cond(0.0, micro=3.0)  # the negative row has its own micro (refiner)
     focus = focus_conditioning(g, loc, 0.25)
     model = RecordingSDXLModel()
     states = list(denoise(CFGStep(model, sched, 7.5), torch.randn(1, 4, 2, 2), sched.timesteps(n),
-                          gbsd_stages(g, focus, n, sigma), u))
+                          gbsd_stages(g, focus, n, layout), u))
     assert len(states) == len(model.vectors) == n
     for i, (ctx, y) in enumerate(zip(model.contexts, model.vectors)):
         want = g if i < 3 else focus
@@ -74,7 +74,7 @@ def test_every_step_gets_the_stage_vector_with_cfg():
 
 
 def test_branching_repeats_vectors_and_plain_tensors_call_without_y():
-    sched = DDIMScheduler()
+    sched = DDIMSampler()
     model = RecordingSDXLModel()
     stages = [Stage("layout", range(2), _cond(0.5)), Stage("focus", range(2, 4), cat_conditioning([_cond(1), _cond(2)]))]
     list(denoise(CFGStep(model, sched, None), torch.randn(1, 4, 2, 2), sched.timesteps(4), stages))

@@ -11,7 +11,8 @@ import torch
 from _samplers import COMBOS, SD15_SHIPPED, diffusers_scheduler
 from _util import rel_err
 
-from gbsd_core.ddim import DDIMScheduler
+from gbsd_core.ddim import DDIMSampler
+from gbsd_core.noise_schedule import SD as SD_SCHEDULE
 from gbsd_core.samplers import make_sampler
 from gbsd_core.sigmas import karras_sigmas, sigma_to_t, train_sigmas
 
@@ -20,7 +21,7 @@ SIGMA_TOL = 1e-5  # float64 σ from CompVis' float32 ᾱ vs diffusers' float32 �
 
 
 def ours(name: str, schedule: str, prediction_type: str = "epsilon", spacing: str = "leading"):
-    return make_sampler(DDIMScheduler(prediction_type), name, schedule, spacing)
+    return make_sampler(SD_SCHEDULE, prediction_type, name, schedule, spacing)
 
 
 def _check_run(s, ref, label) -> None:
@@ -58,7 +59,7 @@ def test_run_equals_diffusers_set_timesteps(name, schedule, n, spacing):
 def test_leading_timesteps_as_documented():
     e, d = ours("euler", "normal"), ours("dpmpp_2m", "normal")
     assert e.timesteps(20).tolist() == list(range(951, 0, -50))  # DDIM's own
-    assert torch.equal(e.run_timesteps, DDIMScheduler().timesteps(20))
+    assert torch.equal(e.run_timesteps, DDIMSampler().timesteps(20))
     assert d.timesteps(20).tolist() == list(range(941, 47, -47))  # 941, 894, …, 48
     lin = ours("dpmpp_2m", "normal", spacing="linspace")
     assert lin.timesteps(20).tolist()[:3] == [999, 949, 899] and int(lin.run_timesteps[-1]) == 50
@@ -67,7 +68,7 @@ def test_leading_timesteps_as_documented():
     k = ours("dpmpp_2m", "karras")
     k.timesteps(20)
     assert k.run_timesteps.dtype == torch.long and int(k.run_timesteps[0]) == 999  # rounded t(σ_max)
-    assert abs(float(k.sigmas[0]) - float(train_sigmas(DDIMScheduler().alphas_cumprod)[-1])) < 1e-12
+    assert abs(float(k.sigmas[0]) - float(train_sigmas(DDIMSampler().alphas_cumprod)[-1])) < 1e-12
 
 
 @pytest.mark.parametrize("spacing", ["leading", "linspace"])
@@ -110,7 +111,7 @@ def test_img2img_bad_strengths_are_refused_like_ddim():
 
 
 def _log_sigma_table() -> np.ndarray:
-    return np.log(train_sigmas(DDIMScheduler().alphas_cumprod).numpy())
+    return np.log(train_sigmas(DDIMSampler().alphas_cumprod).numpy())
 
 
 def _k_sigmas(n: int, schedule: str) -> np.ndarray:
@@ -152,7 +153,7 @@ def test_k_diffusion_karras_equals_diffusers_linspace_karras():
 
 
 def test_sigma_to_t_inverts_the_table_and_interpolates_in_log_sigma():
-    table = train_sigmas(DDIMScheduler().alphas_cumprod)
+    table = train_sigmas(DDIMSampler().alphas_cumprod)
     t = torch.arange(1000, dtype=torch.float64)
     assert float((sigma_to_t(table, table) - t).abs().max()) <= 1e-9
     sig = torch.exp(torch.linspace(float(table[0].log()), float(table[-1].log()), 257, dtype=torch.float64))
@@ -176,32 +177,32 @@ def test_denoiser_recovers_x0_and_the_unet_sees_x_t(prediction_type):
     s.timesteps(10)
     g = torch.Generator().manual_seed(1)
     x0, eps = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64).unbind(0)
-    a_table = DDIMScheduler().alphas_cumprod.double()
+    a_table = DDIMSampler().alphas_cumprod.double()
     for i, t in enumerate(s.run_timesteps.tolist()):
         a = a_table[t]
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
         x = x_t / a.sqrt()  # σ-space
         out = eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
         assert rel_err(s.model_input(x, i), x_t) <= 1e-12
-        assert rel_err(s.denoised(out, i, x), x0) <= 1e-12
+        assert rel_err(s.denoised(x, i, out), x0) <= 1e-12
 
 
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="unknown sampler"):
-        make_sampler(DDIMScheduler(), "heun")
+        make_sampler(SD_SCHEDULE, "epsilon", "heun")
     with pytest.raises(ValueError, match="schedule"):
-        make_sampler(DDIMScheduler(), "euler", "exponential")
+        make_sampler(SD_SCHEDULE, "epsilon", "euler", "exponential")
     with pytest.raises(ValueError, match="spacing"):
-        make_sampler(DDIMScheduler(), "euler", "normal", "exponential")
+        make_sampler(SD_SCHEDULE, "epsilon", "euler", "normal", "exponential")
     with pytest.raises(ValueError, match="ddim sampler runs DDIM timesteps"):
-        make_sampler(DDIMScheduler(), "ddim", "karras")
+        make_sampler(SD_SCHEDULE, "epsilon", "ddim", "karras")
     with pytest.raises(ValueError, match="leading or trailing spacing"):
-        make_sampler(DDIMScheduler(), "ddim", "normal", "linspace")
+        make_sampler(SD_SCHEDULE, "epsilon", "ddim", "normal", "linspace")
     s = ours("euler", "normal")
     with pytest.raises(ValueError, match="call timesteps"):
         s.model_input(torch.zeros(1, 4, 2, 2), 0)
     s.timesteps(4)
     with pytest.raises(ValueError, match="outside the run"):
-        s.update(4, torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2))
+        s.update(torch.zeros(1, 4, 2, 2), 4, torch.zeros(1, 4, 2, 2))
     with pytest.raises(ValueError, match="eta"):
-        s.update(0, torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2), eta=0.5)
+        s.update(torch.zeros(1, 4, 2, 2), 0, torch.zeros(1, 4, 2, 2), eta=0.5)

@@ -11,7 +11,8 @@ import torch
 from _reference import diffusers_unet
 from _util import LDM_KEYS, read_keys_tsv, rel_err
 
-from gbsd_core.unet import UNetConfig, UNetModel, query_hw
+from gbsd_core.attention_sites import attention_sites, query_hw
+from gbsd_core.unet import UNetConfig, UNetModel, unet_config_from_state_dict
 from gbsd_core.unet_blocks import timestep_embedding
 
 PREFIX = "model.diffusion_model."
@@ -50,13 +51,13 @@ def test_keys_match_original_checkpoint(fixture, cfg):
     assert sorted(set(ours) ^ set(golden)) == []
     assert {k: s for k, s in ours.items() if s != golden[k]} == {}
     # Config inference from the original key names/shapes alone gives back the YAML config.
-    assert UNetConfig.from_state_dict({k: torch.empty(s, device="meta") for k, s in golden.items()}) == cfg
+    assert unet_config_from_state_dict({k: torch.empty(s, device="meta") for k, s in golden.items()}) == cfg
 
 
 @pytest.mark.parametrize("name", TINY)
 def test_config_round_trip(name):
     cfg = TINY[name]
-    inferred = UNetConfig.from_state_dict(_model(cfg).state_dict())
+    inferred = unet_config_from_state_dict(_model(cfg).state_dict())
     # The head split is not recorded in any shape (documented heuristic); everything else must round-trip.
     assert dataclasses.replace(inferred, num_heads=cfg.num_heads, num_head_channels=cfg.num_head_channels) == cfg
     assert (inferred.num_heads, inferred.num_head_channels) == (-1, 64)  # context_dim != 768 -> SD2 rule
@@ -64,7 +65,7 @@ def test_config_round_trip(name):
 
 def test_config_round_trip_exact_with_sd1_heads():
     cfg = dataclasses.replace(TINY_CONV, num_heads=8, context_dim=768)
-    assert UNetConfig.from_state_dict(_model(cfg).state_dict()) == cfg
+    assert unet_config_from_state_dict(_model(cfg).state_dict()) == cfg
 
 
 def test_config_accepts_lists():
@@ -122,10 +123,10 @@ def test_scalar_timestep_broadcasts():
 def test_attention_sites_name_every_cross_attention_with_its_level(name):
     cfg = TINY[name]
     model = _model(cfg)
-    sites = list(model.attention_sites())
+    sites = list(attention_sites(model))
     assert len(sites) == sum(len(m.transformer_blocks) for m in model.modules() if hasattr(m, "transformer_blocks"))
     assert all(s.name.endswith("attn2") and model.get_submodule(s.name) is s.module for s in sites)
-    assert [s.name.replace("attn2", "attn1") for s in sites] == [s.name for s in model.attention_sites(cross=False)]
+    assert [s.name.replace("attn2", "attn1") for s in sites] == [s.name for s in attention_sites(model, cross=False)]
     # ds is the map's downsampling factor: the query count each module sees at a 9x7 latent (forward pre-hooks).
     x, t, ctx = _inputs(cfg, 9, 7)
     seen = {}
@@ -143,8 +144,8 @@ def test_head_counts_follow_the_config():
     # the attention level, 64/16 in the middle block).
     for cfg, expected in [(TINY_CONV, {2}), (TINY_LINEAR, {2, 4})]:
         model = _model(cfg)
-        assert {s.module.heads for s in model.attention_sites()} == expected
-        assert all(s.module.heads * s.module.dim_head == s.module.to_q.out_features for s in model.attention_sites())
+        assert {s.module.heads for s in attention_sites(model)} == expected
+        assert all(s.module.heads * s.module.dim_head == s.module.to_q.out_features for s in attention_sites(model))
 
 
 def test_upcast_attention_low_precision(monkeypatch):
@@ -226,8 +227,8 @@ def test_sdxl_counts_match_the_release():
 def test_sdxl_blocks_follow_the_docstring_table():
     with torch.device("meta"):
         m = UNetModel(UNetConfig.sdxl_base())
-    depth = {s.name.rsplit(".transformer_blocks", 1)[0]: 0 for s in m.attention_sites()}
-    for s in m.attention_sites():
+    depth = {s.name.rsplit(".transformer_blocks", 1)[0]: 0 for s in attention_sites(m)}
+    for s in attention_sites(m):
         depth[s.name.rsplit(".transformer_blocks", 1)[0]] += 1
     assert depth == {"input_blocks.4.1": 2, "input_blocks.5.1": 2, "input_blocks.7.1": 10, "input_blocks.8.1": 10,
                      "middle_block.1": 10, **{f"output_blocks.{j}.1": 10 for j in (0, 1, 2)},
@@ -246,7 +247,7 @@ TINY_REFINER = UNetConfig(model_channels=32, channel_mult=(1, 2, 2, 2), num_res_
 
 @pytest.mark.parametrize("cfg", [TINY_SDXL, TINY_REFINER], ids=["base", "refiner"])
 def test_sdxl_config_round_trip(cfg):
-    inferred = UNetConfig.from_state_dict(_model(cfg).state_dict())
+    inferred = unet_config_from_state_dict(_model(cfg).state_dict())
     assert dataclasses.replace(inferred, num_head_channels=cfg.num_head_channels) == cfg
 
 
@@ -259,12 +260,12 @@ def test_transformer_depth_forms():
     sd = _model(TINY_SDXL).state_dict()
     one_less = {k: v for k, v in sd.items() if not k.startswith("output_blocks.0.1.transformer_blocks.1.")}
     with pytest.raises(ValueError, match="differs within a level"):
-        UNetConfig.from_state_dict(one_less)
+        unet_config_from_state_dict(one_less)
     # the last level (input 5, outputs 0-2) one block shallower than the middle block: sgm's transformer_depth_middle
     shallow = {k: v for k, v in sd.items()
                if not re.match(r"(input_blocks\.5|output_blocks\.[012])\.1\.transformer_blocks\.1\.", k)}
     with pytest.raises(ValueError, match="transformer_depth_middle"):
-        UNetConfig.from_state_dict(shallow)
+        unet_config_from_state_dict(shallow)
 
 
 # The micro-conditioning values each model takes (the raw `time_ids` diffusers embeds itself): base (h, w, top, left,

@@ -39,11 +39,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attention import CrossAttention
+from ..attention_sites import attention_sites, query_hw
 from ..prompts.encode import read_prompt
 from ..prompts.schedule import prompt_schedule, text_at
 from ..sampling import Denoiser, Stage, layout_steps
 from ..tokenizer import CONTEXT_LENGTH, EOT_TOKEN_ID, SOT_TOKEN_ID
-from ..unet import UNetModel, query_hw
+from ..unet import UNetModel
 from .masks import attention_to_mask
 
 if TYPE_CHECKING:
@@ -111,9 +112,9 @@ class CrossAttentionCollector:
 
     def __init__(self, unet: UNetModel, positions: Sequence[int], levels: Sequence[int] = MIDDLE_LEVELS,
                  stage_names: Collection[str] = ("focus",), period: int | None = None) -> None:
-        self.sites = [s for s in unet.attention_sites(cross=True) if s.ds in set(levels)]
+        self.sites = [s for s in attention_sites(unet, cross=True) if s.ds in set(levels)]
         if not self.sites:
-            have = sorted({s.ds for s in unet.attention_sites(cross=True)})
+            have = sorted({s.ds for s in attention_sites(unet, cross=True)})
             raise ValueError(f"the UNet has no cross-attention at levels ds={tuple(levels)} (it has ds={have})")
         positions = sorted(set(int(p) for p in positions))
         if not positions:
@@ -194,7 +195,7 @@ class CrossAttentionCollector:
         """The mean attention mass on the positions, float64 [B, h, w] on the finest collected grid (see module doc)."""
         if not self.collected:
             raise ValueError("no attention was collected (the run had no step in stages "
-                             f"{sorted(self.stage_names)}: e.g. σ = 1 has no focus stage)")
+                             f"{sorted(self.stage_names)}: e.g. a layout fraction of 1 has no focus stage)")
         finest = min(self._sums)
         size = tuple(self._sums[finest].shape[-2:])
         total = torch.zeros_like(self._sums[finest])

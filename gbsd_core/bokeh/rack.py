@@ -71,7 +71,7 @@ def check_rack(params: GenerationParams, frames: int) -> None:
         raise ValueError(f"focus and focus_to are the same prompt ({params.focus!r}): nothing to pull focus between")
     params.validate()
     if params.layout >= 1.0:
-        raise ValueError("layout (σ) 1 leaves no focus stage: every frame would be the same image")
+        raise ValueError("a layout fraction of 1 leaves no focus stage: every frame would be the same image")
     if params.alpha >= 1.0:
         raise ValueError("alpha 1 leaves the local prompts out of the focus stage: every frame would be the same image")
 

@@ -10,7 +10,7 @@ The pairs file's format is pairs.py's. Per pair, text to image: the baseline is 
 both from the same seed (the same x_T). Image to image: GBSD runs on the input image and the input is the baseline.
 Both images are scored on ONE mask: the given mask or box, else the GBSD run's cross-attention map of the focus
 words (gbsd_core/bokeh/attnmaps.py), Otsu-thresholded. Target = inside the mask, background = outside.
-`gbsd grid` (grid.py) draws α × σ contact sheets.
+`gbsd grid` (grid.py) draws α × layout-fraction contact sheets.
 
 Output folder: run.json (settings), pairs/<id>/ (the images, mask.png, overlay.png, heatmap_*.png, record.json),
 results.csv and results.json (one row per image), table.md (means over pairs in the form of the paper's Table 1).
@@ -301,7 +301,7 @@ def run_eval(args: argparse.Namespace) -> int:
     checkpoint = common.inspect_checkpoint(model_path, family)
     for img2img in {p.init is not None for p in pairs}:  # the schedule of each mode the pairs use, the model's
         with usage_errors(f"--steps {settings.steps}" + (f" --strength {settings.strength}: " if img2img else ": ")):
-            check_schedule(params, img2img, scheduler=checkpoint.scheduler())
+            check_schedule(params, img2img, noise_schedule=checkpoint.noise_schedule)
     _check_sizes(pairs, settings, checkpoint.limits(), source)
     library = common.embedding_library(args)
     for p in pairs:  # every pair's prompts, before any weights load (a pairs file is anyone's file)
@@ -384,7 +384,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pairs", nargs="?", help=f"JSONL of prompt pairs (default: the shipped {DEFAULT_PAIRS.name})")
     p.add_argument("-o", "--output", default="eval_out", help="output folder, resumed if it exists (eval_out)")
     p.add_argument("--alpha", type=float, default=0.5, help="GBSD focus-stage mix α (0.5)")
-    p.add_argument("--layout", type=float, default=0.8, help="GBSD σ, fraction of steps in the layout stage (0.8)")
+    p.add_argument("--layout", type=float, default=0.8, help="GBSD's layout fraction: the share of steps in the layout stage (0.8)")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (50)")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (7.5)")
     p.add_argument("--negative", default="", help="negative prompt ('')")

@@ -98,7 +98,7 @@ def markdown_table(summary: dict[str, dict], settings: Settings) -> str:
     """The paper's Table 1 form: means over pairs, GBSD / baseline and target / background ratios (of the means)."""
     from .pngmeta import sampler_label  # (PIL: not at import, `gbsd --help` stays instant)
 
-    lines = [f"# Bokeh evaluation: {settings.model}, α = {settings.alpha}, σ = {settings.layout}, "
+    lines = [f"# Bokeh evaluation: {settings.model}, α = {settings.alpha}, layout fraction {settings.layout}, "
              f"{settings.steps} {sampler_label(settings.sampler, settings.schedule)} steps, CFG {settings.cfg}", ""]
     rows = [("VoL", "target", "laplacian_var", "{:.2f}"), ("VoL", "background", "laplacian_var", "{:.2f}"),
             ("Brenner (sum)", "target", "brenner_sum", "{:.3g}"),

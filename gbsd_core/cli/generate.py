@@ -66,7 +66,7 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """The flags of every GBSD run besides its prompts (generate, img2img, sweep, rack); defaults None (see below)."""
     p.add_argument("--alpha", type=float, help="focus-stage mix α·E(prompt) + (1-α)·E(focus), in [0,1] (0.5)")
-    p.add_argument("--layout", type=float, help="σ: fraction of steps in the layout stage, in [0,1] (0.8)")
+    p.add_argument("--layout", type=float, help="the layout fraction: the share of steps in the layout stage, in [0,1] (0.8)")
     p.add_argument("--steps", type=int, help="sampler steps (50)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (7.5)")
     p.add_argument("--negative", help="negative prompt ('')")
@@ -270,12 +270,12 @@ def plan(args: argparse.Namespace) -> Plan:
 
     if (params.focus is not None or focus_stack) and params.layout < LAYOUT_WARN_BELOW:
         warn(f"--layout {params.layout} < {LAYOUT_WARN_BELOW}: the GBSD paper reports objects start to mix "
-             "below σ = 0.7")
+             "below a layout fraction of 0.7")
     model_path, family = common.resolve_model(args, png_meta)
     device, dtype = common.device_dtype(args)
     checkpoint = common.inspect_checkpoint(model_path, family)
     with usage_errors(steps_flags):  # the sampler's own schedule on the model's noise schedule (the run's)
-        check_schedule(params, img2img=init_path is not None, scheduler=checkpoint.scheduler())
+        check_schedule(params, img2img=init_path is not None, noise_schedule=checkpoint.noise_schedule)
     # The image size against the model: a multiple of its VAE's factor, within its family's largest size.
     source = (f"--size {args.size}: " if args.size is not None else f"--init {init_path}: "
               if init_image is not None and params.width is None and params.height is None
@@ -339,7 +339,7 @@ def execute(p: Plan) -> None:
         from ..samplers import make_sampler
 
         # the chosen sampler's own truncation of its schedule (the one the run will make)
-        sampler = make_sampler(bundle.scheduler, p.params.sampler, p.params.schedule)
+        sampler = make_sampler(bundle.noise_schedule, bundle.family.prediction_type, p.params.sampler, p.params.schedule)
         executed = len(sampler.timesteps(p.params.steps, p.params.strength))
         label = pngmeta.sampler_label(p.params.sampler, p.params.schedule)
         print(f"img2img: strength {p.params.strength} runs {executed} of {p.params.steps} steps ({label})",

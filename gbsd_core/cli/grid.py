@@ -2,9 +2,9 @@
 Laplacian of its target and background ("T 95.5 / B 12.1"), plus the same sheet with the target masks overlaid and
 as local-sharpness heat maps (one colour scale for every cell).
 
-One `sweep` per σ: the α values share its layout stage, so a column costs n_layout + K·(n − n_layout) UNet calls.
+One `sweep` per layout fraction: the α values share its layout stage, so a column costs n_layout + K·(n − n_layout) UNet calls.
 Each cell's target is its own focus-word attention mask (gbsd_core/bokeh/attnmaps.py) unless --mask or --box gives
-one. A σ with no focus stage (σ = 1, plain SD on the global prompt: round(σ·n) = n) has no attention map of its own;
+one. A layout fraction with no focus stage (1, plain SD on the global prompt: round(layout·n) = n) has no attention map of its own;
 its cells take the mask of the same row at the nearest σ that has one. Masks and boxes are checked against the image
 size before any weights load.
 
@@ -46,7 +46,7 @@ def _nearest(j: int, layouts: tuple[float, ...], has_focus: list[bool]) -> int:
 
 
 def run_grid(args: argparse.Namespace) -> int:
-    """α (rows) × σ (columns) contact sheet, one `sweep` per σ (the α values share its layout stage)."""
+    """α (rows) × layout fraction (columns) contact sheet, one `sweep` per column (the α values share its layout stage)."""
     from ..params import GenerationParams, check_schedule, image_size
     from ..sampling import layout_steps
 
@@ -74,13 +74,13 @@ def run_grid(args: argparse.Namespace) -> int:
                                 chunk_padding=args.chunk_padding or "repeat")
     has_focus = [layout_steps(base.steps, s) < base.steps for s in layouts]
     if not any(has_focus) and not (args.mask or box):
-        raise UsageError(f"--layouts {args.layouts}: with {base.steps} steps every σ leaves no focus stage (round(σ·n) = "
-                         "n), so no cell has an attention mask to measure on: give --mask or --box, or a smaller σ")
+        raise UsageError(f"--layouts {args.layouts}: with {base.steps} steps every layout fraction leaves no focus stage (round(layout·n) = "
+                         "n), so no cell has an attention mask to measure on: give --mask or --box, or a smaller layout fraction")
     model_path, family = common.resolve_model(args, None)
     device, dtype = common.device_dtype(args)
     checkpoint = common.inspect_checkpoint(model_path, family)
     with usage_errors(f"--steps {base.steps}: "):  # the sampler's own schedule on the model's noise schedule
-        check_schedule(base, img2img=False, scheduler=checkpoint.scheduler())
+        check_schedule(base, img2img=False, noise_schedule=checkpoint.noise_schedule)
     with usage_errors(f"--size {args.size}: " if args.size else ""):
         w, h = image_size(base, checkpoint.limits())
     if mask_size is not None and mask_size != (w, h):
@@ -151,11 +151,11 @@ def run_grid(args: argparse.Namespace) -> int:
 
 
 def add_grid_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("grid", help="α × σ contact sheet with target/background sharpness")
+    p = sub.add_parser("grid", help="α × layout-fraction contact sheet with target/background sharpness")
     p.add_argument("prompt", help="the global prompt")
     p.add_argument("--focus", required=True, help="the local prompt (the object kept sharp)")
     p.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="rows: α values (0,0.25,0.5,0.75,1)")
-    p.add_argument("--layouts", default="0.7,0.8,0.9", help="columns: σ values (0.7,0.8,0.9)")
+    p.add_argument("--layouts", default="0.7,0.8,0.9", help="columns: layout fractions (0.7,0.8,0.9)")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (50)")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (7.5)")
     p.add_argument("--negative", default="", help="negative prompt ('')")

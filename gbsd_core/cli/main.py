@@ -2,7 +2,7 @@
 
     gbsd generate | img2img | sweep      generate.py     text/image to image, GBSD sweeps
     gbsd eval                            eval.py         GBSD vs plain SD sharpness table (pairs.py reads the pairs)
-    gbsd grid                            grid.py         α × σ contact sheets
+    gbsd grid                            grid.py         α × layout-fraction sheets
     gbsd rack                            rack.py         rack focus: pull focus between two objects (trace.py: --trace)
     gbsd download | info                 model_files.py  registry downloads (weights.py), checkpoint facts
 

@@ -38,7 +38,7 @@ def add_rack_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from", dest="focus", metavar="PROMPT", help="the object in focus in the first frame")
     p.add_argument("--to", dest="focus_to", metavar="PROMPT", help="the object in focus in the last frame")
     p.add_argument("--frames", type=int, help=f"number of frames K, 2 to 64 ({DEFAULT_FRAMES})")
-    add_run_args(p)  # --alpha (here < 1), --layout (here < 1: σ = 1 has no focus stage), --steps, --cfg, ...
+    add_run_args(p)  # --alpha (here < 1), --layout (here < 1: a layout fraction of 1 has no focus stage), --steps, --cfg, ...
     p.add_argument("--from-png", metavar="FILE", help="take the parameters from a rack frame or sheet; flags override")
     p.add_argument("-o", "--output", default="rack.webp",
                    help="the animation, .webp or .gif (rack.webp); NAME_sheet.png and NAME_00.png … go beside it")
@@ -111,18 +111,18 @@ def plan_rack(args: argparse.Namespace) -> RackPlan:
     with usage_errors():
         check_rack(params, frames)
     if layout_steps(params.steps, params.layout) == params.steps:
-        raise UsageError(f"--layout {params.layout} with {params.steps} steps leaves no focus stage (round(σ·n) = n): "
+        raise UsageError(f"--layout {params.layout} with {params.steps} steps leaves no focus stage (round(layout·n) = n): "
                          "every frame would be the same image")
     animation, sheet, frame_paths = rack_outputs(args.output, frames)
     check_not_inputs((animation, sheet, *frame_paths), {"--from-png": args.from_png})
     if params.layout < LAYOUT_WARN_BELOW:
         warn(f"--layout {params.layout} < {LAYOUT_WARN_BELOW}: the GBSD paper reports objects start to mix "
-             "below σ = 0.7")
+             "below a layout fraction of 0.7")
     model_path, family = common.resolve_model(args, png_meta)
     device, dtype = common.device_dtype(args)
     checkpoint = common.inspect_checkpoint(model_path, family)
     with usage_errors(f"--steps {params.steps}: "):  # the sampler's own schedule on the model's noise schedule
-        check_schedule(params, img2img=False, scheduler=checkpoint.scheduler())
+        check_schedule(params, img2img=False, noise_schedule=checkpoint.noise_schedule)
     with usage_errors(f"--size {args.size}: " if args.size else ""):
         image_size(params, checkpoint.limits())
     library = common.embedding_library(args)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..attention_sites import attention_sites
 from .attention import swap_attention
 from .kernels import triton_available
 from .modules import (
@@ -82,7 +83,7 @@ def accelerate(bundle: SDBundle, options: FastOptions) -> None:
     unet.to(options.dtype)
     attentions = swap_attention(unet)
     if options.dtype == torch.float16 and bundle.family.prediction_type == "v_prediction":
-        for attn in attentions:  # SD2-768-v overflows fp16 attention logits (GUIDE §2); SDPA accumulates in fp32 anyway
+        for attn in attentions:  # SD2-768-v overflows fp16 attention logits (Stability's _ATTN_PRECISION); SDPA accumulates in fp32 anyway
             attn.upcast = True
     if options.attention == "math":
         for attn in attentions:
@@ -94,7 +95,7 @@ def accelerate(bundle: SDBundle, options: FastOptions) -> None:
     if options.dtype != torch.float32:
         swap_group_norms(unet)
     if options.fuse_qkv:  # last: it must see the final dtype/device (see CrossAttention.fuse_qkv)
-        for site in unet.attention_sites(cross=False):
+        for site in attention_sites(unet, cross=False):
             site.module.fuse_qkv()
     accelerate_vae(bundle.vae, options.vae_dtype or torch.float32)
     if use_prepack:  # after every cast and layout change (the packed copies would follow them anyway, see prepack.py)
@@ -129,7 +130,7 @@ def make_stepper(bundle: SDBundle, options: FastOptions, guidance_scale: float |
 
     guidance_scale None or 1.0 means no classifier-free guidance (one UNet row per latent). Accelerates the bundle
     first if needed. The stepper is cached on the bundle (its UNet) per (options, guidance, η, sampler, schedule,
-    spacing, the bundle's scheduler): a second call returns the same object, whose compiled step, coefficient tables
+    spacing, the bundle's noise schedule): a second call returns the same object, whose compiled step, coefficient tables
     and CUDA graphs (one per shape, with their K/V buffers) serve every later run, so a second `generate` neither
     compiles nor captures again. Steppers of other samplers share the compiled step (it does not specialise on the
     sampler). Close it (or use `with`) after a run to take its K/V cache off the UNet; `release_steppers(bundle)` frees
@@ -144,14 +145,14 @@ def make_stepper(bundle: SDBundle, options: FastOptions, guidance_scale: float |
     check_field("eta", eta)
     accelerate(bundle, options)
     guidance = None if guidance_scale is None or guidance_scale == 1.0 else float(guidance_scale)
-    spacing = bundle.scheduler.spacing if spacing is None else spacing  # None: the model's own (make_sampler)
-    key = (options, guidance, float(eta), sampler, schedule, spacing, bundle.scheduler)
+    spacing = bundle.noise_schedule.spacing if spacing is None else spacing  # None: the model's own (make_sampler)
+    key = (options, guidance, float(eta), sampler, schedule, spacing, bundle.noise_schedule, bundle.family.prediction_type)
     cache = bundle.unet.fast_steppers
     stepper = cache.get(key)
     if stepper is None:
         stepper = FastStepper(
             bundle.unet,
-            make_sampler(bundle.scheduler, sampler, schedule, spacing),
+            make_sampler(bundle.noise_schedule, bundle.family.prediction_type, sampler, schedule, spacing),
             guidance,
             float(eta),
             cache_context_kv=options.cache_context_kv,

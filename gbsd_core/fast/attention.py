@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import CrossAttention
+from ..attention_sites import attention_sites
 from ..unet import UNetModel
 
 
@@ -136,7 +137,7 @@ class FastCrossAttention(CrossAttention):
 
 def swap_attention(unet: UNetModel) -> list[FastCrossAttention]:
     """Replace every CrossAttention of `unet` by a FastCrossAttention sharing its parameters; returns them all."""
-    for site in [*unet.attention_sites(cross=False), *unet.attention_sites(cross=True)]:
+    for site in [*attention_sites(unet, cross=False), *attention_sites(unet, cross=True)]:
         if not isinstance(site.module, FastCrossAttention):
             parent, name = site.name.rsplit(".", 1)
             setattr(unet.get_submodule(parent), name, FastCrossAttention.from_plain(site.module))
@@ -151,7 +152,7 @@ def set_context_kv(unet: UNetModel, context: Tensor | None) -> None:
     if context is not None and context.dtype != dtype:
         # forward() would cast it to a new tensor, which the caches (keyed by tensor identity) would not accept
         raise ValueError(f"pass the context in the UNet's dtype {dtype}, got {context.dtype}")
-    for site in unet.attention_sites():
+    for site in attention_sites(unet):
         if not isinstance(site.module, FastCrossAttention):
             raise TypeError(f"{site.name} is a plain CrossAttention; gbsd_core.fast.accelerate the UNet first")
         site.module.set_context_kv(context)

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..attention_sites import attention_sites
 from .attention import FastCrossAttention, set_context_kv, swap_attention
 from .options import CUDAGRAPH_COMPILE_MODES
 
@@ -77,7 +78,7 @@ def step_coefficients(sampler: Sampler, i: int, eta: float, second_order: bool) 
     prev = zero if second_order and i > 0 else None
 
     def update(x: Tensor, out: Tensor, history: Tensor | None, z: Tensor) -> tuple[Tensor, Tensor]:
-        return sampler.update(i, x, out, eta=eta, noise=z, prev_x0=history)
+        return sampler.update(x, i, out, eta=eta, noise=z, prev_x0=history)
 
     a_x, d_x = update(one, zero, prev, zero)
     a_out, d_out = update(zero, one, prev, zero)
@@ -230,15 +231,15 @@ class _Graph:
 
 class FastStepper:
     """A `sampling.Stepper` running `cfg_step` eagerly, compiled (`compile_mode`), and/or from CUDA graphs
-    (`capture`), for the sampler `scheduler` (any samplers.Sampler). Latents stay fp32 whatever the UNet's dtype. Made
+    (`capture`), for the sampler `sampler` (any samplers.Sampler). Latents stay fp32 whatever the UNet's dtype. Made
     (and cached per bundle) by `fast.make_stepper`; `close()` (or leaving a `with` block) removes the K/V cache from
     the UNet and keeps the compiled step and the graphs for the next run; `release()` drops those too. One run at a
     time per stepper."""
 
-    def __init__(self, unet: UNetModel, scheduler: Sampler, guidance_scale: float | None, eta: float, *,
+    def __init__(self, unet: UNetModel, sampler: Sampler, guidance_scale: float | None, eta: float, *,
                  cache_context_kv: bool = False, channels_last: bool = False, compile_mode: str | None = None,
                  capture: Capture | None = None, sdpa_backend: SDPBackend | None = None, max_graphs: int = 4) -> None:
-        self.unet, self.scheduler = unet, scheduler
+        self.unet, self.sampler = unet, sampler
         self.cache_context_kv, self.channels_last, self.capture = cache_context_kv, channels_last, capture
         param = next(unet.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -253,7 +254,7 @@ class FastStepper:
         if cache_context_kv:
             # The K/V cache lives in FastCrossAttention (`accelerate` has swapped it in already; swapping is idempotent).
             swap_attention(unet)
-            self._attn2 = [site.module for site in unet.attention_sites()]
+            self._attn2 = [site.module for site in attention_sites(unet)]
         self._context: Tensor | None = None
         self._vector: Tensor | None = None  # SDXL's y
         self._context_dirty = False
@@ -287,14 +288,14 @@ class FastStepper:
 
     def step(self, latents: Tensor, i: int, noise: Tensor | None,
              prev_x0: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Executed step i of the sampler's run (`scheduler.timesteps(n, strength)` fixes it): latents [B,4,h,w] ->
+        """Executed step i of the sampler's run (`sampler.timesteps(n, strength)` fixes it): latents [B,4,h,w] ->
         (next latents, x̂_0). `noise`: the step's fresh noise, None when it adds none; `prev_x0`: step i−1's x̂_0, None
         at a first-order step (what `sampling.denoise` passes)."""
         if self._context is None:
             raise RuntimeError("set_context() must be called before the first step")
         with torch.inference_mode():
             coefs = self._coefficients(i, prev_x0 is not None)
-            t = float(self.scheduler.run_timesteps[i])  # the UNet embeds t in fp32: float32(t) is what it sees
+            t = float(self.sampler.run_timesteps[i])  # the UNet embeds t in fp32: float32(t) is what it sees
             # fresh inference tensors (see set_context); zeros where the step has no noise or no history
             x = latents.to(self.device, torch.float32, copy=True)
             noise = torch.zeros_like(x) if noise is None else noise.to(self.device, torch.float32, copy=True)
@@ -342,9 +343,9 @@ class FastStepper:
     def _coefficients(self, i: int, second_order: bool) -> Tensor:
         """Step i's coefficients on the device. The whole run's table in one host->device copy, once per run (the
         sampler, its steps, strength and σ): a cached stepper's later runs copy nothing."""
-        sampler = self.scheduler
+        sampler = self.sampler
         if sampler.run_timesteps is None:
-            raise ValueError("call scheduler.timesteps(num_inference_steps) first: it fixes the run the steps index into")
+            raise ValueError("call sampler.timesteps(num_inference_steps) first: it fixes the run the steps index into")
         key = (sampler, sampler.num_inference_steps, sampler.run_timesteps.numpy().tobytes(),
                sampler.sigmas.numpy().tobytes())
         table = self._tables.get(key)

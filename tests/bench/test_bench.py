@@ -9,7 +9,7 @@ import tempfile
 import time
 
 import pytest
-from _util import REPO
+from _util import REPO, model_ddim
 
 if str(REPO) not in sys.path:  # `pytest` (not `python -m pytest`) does not put the repo root on sys.path
     sys.path.insert(0, str(REPO))
@@ -30,10 +30,10 @@ def test_tiny_run_prints_table_and_writes_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     out = tmp_path / "bench.json"
     md = tmp_path / "bench.md"
-    steps, k, sigma = 5, 3, 0.8
+    steps, k, layout = 5, 3, 0.8
     rc = main(["--tiny", "--device", "cpu", "--threads", "1", "--steps", str(steps), "--repeat", "1",
                "--configs", "eager,fast,graphs,diffusers", "--sweep", "eager", "--sweep-k", str(k),
-               "--sweep-layout", str(sigma), "--json", str(out), "--markdown", str(md)])
+               "--sweep-layout", str(layout), "--json", str(out), "--markdown", str(md)])
     printed = capsys.readouterr().out
     print(printed)
     assert rc == 0
@@ -66,7 +66,7 @@ def test_tiny_run_prints_table_and_writes_json(tmp_path, capsys, monkeypatch):
     assert recs["eager"]["step_vs_diffusers"] == pytest.approx(recs["diffusers"]["step_ms"] / recs["eager"]["step_ms"])
     assert recs["diffusers"]["loop_vs_diffusers"] == pytest.approx(1.0)
 
-    # The sweep: n_layout = round(σ·n) shared steps at batch 1, then K branches for the rest (counted by the
+    # The sweep: n_layout = round(layout·n) shared steps at batch 1, then K branches for the rest (counted by the
     # pipeline's own UNet-call counter) vs K·n for independent runs.
     sw = data["sweep"]
     assert "error" not in sw, sw.get("error")
@@ -166,8 +166,8 @@ def test_sdxl_tiny_run_and_its_two_steps_compute_the_same(tmp_path, capsys):
     with torch.inference_mode():
         uncond, cond = ours_contexts(bundle, s, torch.float32)
         x_T = make_inputs(s, torch.float32)
-        ours = ours_step_call(CFGStep(bundle.unet, bundle.scheduler, 7.5), uncond, cond, x_T,
-                              bundle.scheduler.timesteps(3), s)()[0]
+        ours = ours_step_call(CFGStep(bundle.unet, (ddim := model_ddim(bundle)), 7.5), uncond, cond, x_T,
+                              ddim.timesteps(3), s)()[0]
         pe, npe, pooled, npooled = pipe.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1,
                                                       do_classifier_free_guidance=True, negative_prompt=None)
         added = diffusers_added_cond((npooled, pooled), s, pe.dtype)

@@ -21,7 +21,7 @@ from bench.schema import ENVIRONMENT_FIELDS, RECORD_FIELDS, SCHEMA, derive  # no
 
 # ----------------------------------------------------------------------------------------------------- FLOPs, peaks
 def test_step_flops_of_sd15_at_512_match_the_count_by_hand():
-    """GUIDE §5 counts an SD1.5 UNet at a 64x64 latent at 0.40 TMAC per sample: 1.61 TFLOP per CFG step. The
+    """By hand, an SD1.5 UNet at a 64x64 latent at 0.40 TMAC per sample: 1.61 TFLOP per CFG step. The
     counter (FlopCounterMode over the real CFGStep on the meta device) must agree, and scale with the batch."""
     one = step_flops("sd15", False, 512, 1, 7.5)
     print(f"SD1.5 512² CFG step: {one / 1e12:.3f} TFLOP")

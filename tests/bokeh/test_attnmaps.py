@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import gbsd_core
+from gbsd_core.attention_sites import attention_sites
 from gbsd_core.bokeh.attnmaps import (
     CrossAttentionCollector,
     attention_probs,
@@ -19,6 +20,7 @@ from gbsd_core.bokeh.attnmaps import (
 )
 from gbsd_core.pipeline import GenerationParams, generate, sweep
 from gbsd_core.sampling import CFGStep, Stage, denoise, focus_conditioning
+from _util import model_ddim
 
 PROMPT, FOCUS = "a bunny and a carrot on grass", "a carrot"
 SIZE = dict(width=64, height=64)  # 8x8 latents: the tiny UNet has attn2 at ds 1 (8x8) and ds 2 (4x4)
@@ -36,10 +38,11 @@ def embeddings(bundle):
 
 
 def _run(bundle, model, stages, n, uncond, seed=0):
-    """Plain CFG denoise loop over a hand-made schedule."""
+    """Plain CFG denoise loop over a hand-made schedule (the model's DDIM)."""
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    ddim = model_ddim(bundle)
     with torch.inference_mode():
-        for _ in denoise(CFGStep(model, bundle.scheduler, 7.5), x, bundle.scheduler.timesteps(n), stages, uncond):
+        for _ in denoise(CFGStep(model, ddim, 7.5), x, ddim.timesteps(n), stages, uncond):
             pass
 
 
@@ -64,7 +67,7 @@ def test_attention_probs_reproduce_every_modules_output(bundle, embeddings):
     through to_out gives the module's own output, for self- and cross-attention alike."""
     uncond, g, _ = embeddings
     unet = bundle.unet
-    sites = [*unet.attention_sites(cross=False), *unet.attention_sites()]
+    sites = [*attention_sites(unet, cross=False), *attention_sites(unet)]
     seen = []
 
     def check(module, args, out):
@@ -97,7 +100,7 @@ def test_shapes_and_totals_all_positions_sum_to_one(bundle, embeddings):
     mid = CrossAttentionCollector(bundle.unet, words)  # default levels (2, 4): only ds 2 exists here
     mid_rest = CrossAttentionCollector(bundle.unet, rest)
     model = bundle.unet
-    timesteps = bundle.scheduler.timesteps(n)
+    timesteps = model_ddim(bundle).timesteps(n)
     for c in (every, mid, mid_rest):  # nested wrappers: all three collect in the same run
         model = c.wrap(model, timesteps, stages, cfg=True)
     _run(bundle, model, stages, n, embeddings[0])
@@ -121,10 +124,10 @@ def test_only_the_focus_stage_counts_and_only_the_conditional_half(bundle, embed
     n = 6
     # A three-stage schedule with the focus stage in the middle.
     stages = [Stage("layout", range(0, 2), g), Stage("focus", range(2, 4), f), Stage("tail", range(4, 6), g)]
-    timesteps = bundle.scheduler.timesteps(n)
+    timesteps = model_ddim(bundle).timesteps(n)
     words = word_positions(bundle.tokenizer(FOCUS))
     collector = CrossAttentionCollector(bundle.unet, words)
-    ds_of = {id(s.module): s.ds for s in bundle.unet.attention_sites()}
+    ds_of = {id(s.module): s.ds for s in attention_sites(bundle.unet)}
     current = {}
     expected: list[torch.Tensor] = []
     uncond_half: list[torch.Tensor] = []
@@ -140,7 +143,7 @@ def test_only_the_focus_stage_counts_and_only_the_conditional_half(bundle, embed
         return bundle.unet(x, t, context)
 
     focus_t = [int(timesteps[i]) for i in range(2, 4)]
-    handles = [site.module.register_forward_pre_hook(ref_hook) for site in bundle.unet.attention_sites()]
+    handles = [site.module.register_forward_pre_hook(ref_hook) for site in attention_sites(bundle.unet)]
     try:
         _run(bundle, collector.wrap(tracking, timesteps, stages, cfg=True), stages, n, embeddings[0])
     finally:
@@ -172,7 +175,7 @@ def test_collection_does_not_change_the_image_and_hooks_are_removed(bundle, monk
     collected = generate(bundle, params, probe=collector)
     assert len(calls) == 2 * 4  # 2 focus steps (n_layout = 3 of 5) x 4 attn2 layers at ds 2
     assert np.array_equal(np.asarray(plain.image), np.asarray(collected.image))
-    for site in bundle.unet.attention_sites():
+    for site in attention_sites(bundle.unet):
         assert not site.module._forward_pre_hooks
 
 
@@ -194,7 +197,7 @@ def test_sweep_rows_match_single_runs_and_sigma_one_collects_nothing(bundle):
     none = CrossAttentionCollector(bundle.unet, words)
     generate(bundle, GenerationParams(PROMPT, focus=FOCUS, steps=3, layout=1.0, **SIZE), probe=none)
     assert not none.collected
-    with pytest.raises(ValueError, match="σ = 1"):
+    with pytest.raises(ValueError, match="layout fraction of 1"):
         none.token_map()
 
 
@@ -214,7 +217,7 @@ def test_sdxl_four_argument_unet_call_is_collected_and_passed_on(tmp_path):
     probed = generate(xl, params, probe=collector)
     plain = generate(xl, params)
     assert np.array_equal(np.asarray(probed.image), np.asarray(plain.image))
-    assert collector.timesteps == [int(t) for t in xl.scheduler.timesteps(4)[2:]]  # the focus stage's two steps
+    assert collector.timesteps == [int(t) for t in model_ddim(xl).timesteps(4)[2:]]  # the focus stage's two steps
     m = collector.token_map()
     assert m.shape == (1, 4, 4) and float(m.min()) >= 0 and float(m.max()) <= 1 and float(m.std()) > 0
     assert collector.mask(0, (64, 64)).any()

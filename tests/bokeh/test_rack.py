@@ -13,6 +13,7 @@ from gbsd_core.bokeh.metrics import SharpnessReport, to_gray
 from gbsd_core.bokeh.rack import check_rack, rack_focus, rack_mixes
 from gbsd_core.pipeline import GenerationParams, generate
 from gbsd_core.sampling import CFGStep, Stage, denoise
+from _util import model_ddim
 
 PROMPT, FROM, TO = "a bunny and a carrot in a garden, bokeh", "a bunny", "a carrot"
 SIZE = dict(width=64, height=64)
@@ -83,7 +84,7 @@ def test_a_middle_frame_is_the_blended_embedding_run_by_hand(bundle, counted_rac
     stages = [Stage("layout", range(0, 4), g), Stage("focus", range(4, N), alpha * g + (1 - alpha) * local)]
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        for state in denoise(CFGStep(bundle.unet, bundle.scheduler, 7.5), x, bundle.scheduler.timesteps(N),
+        for state in denoise(CFGStep(bundle.unet, (ddim := model_ddim(bundle)), 7.5), x, ddim.timesteps(N),
                              stages, neg):
             pass
     ref = bundle.decode_latents(state.latents)[0]

@@ -13,6 +13,7 @@ from gbsd_core.bokeh.pictures import MARK, MARK_WIDTH, PAD, save_animation
 from gbsd_core.bokeh.trace import Tracer, latent_rgb_preview, trace_steps
 from gbsd_core.pipeline import GenerationParams, generate
 from gbsd_core.sampling import CFGStep, Stage, StepState, denoise, focus_conditioning
+from _util import model_ddim
 
 PROMPT, FOCUS = "a bunny and a carrot in a garden, bokeh", "a carrot"
 SIZE = dict(width=64, height=64)
@@ -87,9 +88,9 @@ def test_one_vae_decode_per_kept_frame(responsive, monkeypatch):
 
 
 def test_frames_and_captions_follow_the_settings(responsive):
-    n, sigma = 10, 0.7  # layout steps 0..6, focus 7..9
+    n, layout = 10, 0.7  # layout steps 0..6, focus 7..9
     tracer = Tracer(responsive.decode_latents, every=3)
-    params = GenerationParams(PROMPT, focus=FOCUS, steps=n, layout=sigma, seed=2, **SIZE)
+    params = GenerationParams(PROMPT, focus=FOCUS, steps=n, layout=layout, seed=2, **SIZE)
     generate(responsive, params, watch=tracer)
     assert [f.step for f in tracer.frames] == [0, 3, 6, 7, 9]
     assert tracer.captions() == [
@@ -99,9 +100,10 @@ def test_frames_and_captions_follow_the_settings(responsive):
     g, loc, neg = (responsive.encode_prompt(p) for p in (PROMPT, FOCUS, ""))
     stages = [Stage("layout", range(0, 7), g), Stage("focus", range(7, 10), focus_conditioning(g, loc, 0.5))]
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    ddim = model_ddim(responsive)
     with torch.inference_mode():
-        x0 = {s.step: s.pred_x0 for s in denoise(CFGStep(responsive.unet, responsive.scheduler, 7.5), x,
-                                                    responsive.scheduler.timesteps(n), stages, neg)}
+        x0 = {s.step: s.pred_x0 for s in denoise(CFGStep(responsive.unet, ddim, 7.5), x, ddim.timesteps(n), stages,
+                                                    neg)}
     for frame in tracer.frames:
         ref = np.asarray(responsive.decode_latents(x0[frame.step])[0], dtype=np.int16)
         assert np.abs(np.asarray(frame.image, dtype=np.int16) - ref).max() <= 1

@@ -446,7 +446,7 @@ def test_a_fifo_sha256_sidecar_does_not_hang(tiny_ckpt, tmp_path, capsys):
 
 
 def test_end_to_end_edge_values(tiny_ckpt, tmp_path, capsys):
-    """The largest seed, η = 1 and a σ = 1 sweep run and are recorded as given."""
+    """The largest seed, η = 1 and a layout-fraction-1 sweep run and are recorded as given."""
     out = tmp_path / "edge.png"
     code, _, err = run_cli(["generate", "p", "--focus", "f", "--seed", str(2**64 - 1), "--eta", "1", "--cfg", "0",
                             "--weights", tiny_ckpt, *TINY, "-o", out], capsys)

@@ -1,4 +1,5 @@
-"""`gbsd grid`: α × σ contact sheets, one sweep per σ, with target/background sharpness per cell."""
+"""`gbsd grid`: α × layout-fraction contact sheets, one sweep per layout fraction, with target/background sharpness
+per cell."""
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ def test_grid_contact_sheets(amp_ckpt, tmp_path, monkeypatch, capsys):
     argv = ["grid", "a bunny and a carrot on grass", "--focus", "a carrot", "--alphas", "0,1", "--layouts", "0.5,0.75",
             "--steps", "4", "--size", "64x64", "--weights", str(amp_ckpt), "-o", str(out), "-q"]
     assert cli_main(argv) == 0
-    assert [list(c) for c in calls] == [[0.0, 1.0], [0.0, 1.0]]  # one sweep per σ, the α values sharing its layout stage
+    assert [list(c) for c in calls] == [[0.0, 1.0], [0.0, 1.0]]  # one sweep per layout fraction, the α values sharing its layout stage
     for name in ("grid.png", "grid_overlay.png", "grid_heatmap.png"):
         w, h = Image.open(out / name).size
         assert w > 2 * 64 and h > 2 * 64
@@ -42,9 +43,9 @@ def test_grid_runs_the_chosen_sampler(amp_ckpt, tmp_path, monkeypatch, capsys):
     assert (data["sampler"], data["schedule"], data["steps"]) == ("euler_a", "karras", 4)
 
 
-def test_grid_sigma_one_takes_its_masks_from_the_other_cells(amp_ckpt, tmp_path, capsys):
-    """σ = 1 is plain SD on the global prompt (no focus stage, so no attention map of its own): each row's σ = 1
-    cell is measured on the mask of the same row's nearest σ with a focus stage."""
+def test_grid_layout_fraction_one_takes_its_masks_from_the_other_cells(amp_ckpt, tmp_path, capsys):
+    """A layout fraction of 1 is plain SD on the global prompt (no focus stage, so no attention map of its own): each
+    row's cell at 1 is measured on the mask of the same row's nearest layout fraction with a focus stage."""
     out = tmp_path / "grid"
     argv = ["grid", "a bunny and a carrot on grass", "--focus", "a carrot", "--alphas", "0,1", "--layouts", "0.5,1",
             "--steps", "4", "--size", "64x64", "--weights", str(amp_ckpt), "-o", str(out), "-q"]

@@ -30,7 +30,7 @@ def test_trace_leaves_the_image_unchanged_and_writes_sheet_and_animation(ckpt, t
     assert out.split() == [str(traced), str(sheet), str(anim)]
     assert sorted(os.listdir(trace_dir)) == ["bokeh_trace.png", "bokeh_trace.webp"]
     data = json.loads(png_texts(sheet)["gbsd"])
-    # 10 steps, σ 0.8: layout 0..7, focus from step 8; every 3rd from the first, the first focus step, the last.
+    # 10 steps, layout fraction 0.8: layout 0..7, focus from step 8; every 3rd from the first, the first focus step, the last.
     assert data["trace"]["steps"] == [0, 3, 6, 8, 9] and data["trace"]["preview"] == "vae"
     assert data["trace"]["captions"][3] == "step 9/10\nt 101\nfocus starts"
     assert data["params"] == json.loads(png_texts(traced)["gbsd"])["params"]  # the image's own parameters
@@ -71,5 +71,5 @@ def test_img2img_trace_covers_the_executed_steps(responsive_ckpt, tmp_path, caps
                             "-o", tmp_path / "out.png"], capsys)
     assert code == 0, err
     data = json.loads(png_texts(tmp_path / "out_trace.png")["gbsd"])
-    assert data["trace"]["steps"] == [0, 1, 2, 3]  # 4 of 8 steps run; σ 0.8 -> layout 0..2, focus from 3
+    assert data["trace"]["steps"] == [0, 1, 2, 3]  # 4 of 8 steps run; layout fraction 0.8 -> layout 0..2, focus from 3
     assert data["trace"]["captions"][3] == "step 4/4\nt 1\nfocus starts"

@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 import torch
 from _fast import FOCUS, PROMPT, SIZE, fast_generate, fast_sweep, psnr
-from _util import REPO, rel_err
+from _util import REPO, model_ddim, rel_err
 
 import gbsd_core
 import gbsd_core.fast.apply as fast_apply
+from gbsd_core.attention_sites import attention_sites
 from gbsd_core.fast import FastOptions, accelerate, make_stepper
 from gbsd_core.fast.apply import KernelGroupNorm, UpcastingAutoencoderKL
 from gbsd_core.fast.prepack import PackedConv2d, PackedLinear
@@ -35,15 +36,15 @@ from gbsd_core.vae import AutoencoderKL, VAEConfig
 def test_fused_cached_channels_last_fast_pipeline_equals_plain_fp32(fresh, plain):
     opts = FastOptions(fuse_qkv=True, cache_context_kv=True, channels_last=True, attention="math")
     fast_bundle = fresh()
-    for sigma in (0.5, 1.0):
-        p = GenerationParams(PROMPT, focus=FOCUS, alpha=0.3, layout=sigma, steps=6, seed=3, **SIZE)
+    for layout in (0.5, 1.0):
+        p = GenerationParams(PROMPT, focus=FOCUS, alpha=0.3, layout=layout, steps=6, seed=3, **SIZE)
         a, b = generate(plain, p), fast_generate(fast_bundle, p, opts)
         diff = np.abs(np.asarray(a.image, dtype=np.int16) - np.asarray(b.image, dtype=np.int16)).max()
-        print(f"σ={sigma}: fp32 fast pipeline vs plain, max pixel diff {diff}")
+        print(f"layout fraction {layout}: fp32 fast pipeline vs plain, max pixel diff {diff}")
         assert diff <= 1 and a.unet_calls == b.unet_calls == 6
     # The bundle really is accelerated, and the stepper dropped its K/V cache when the run ended.
     assert fast_bundle.unet.fast_options == opts
-    assert all(site.module.context_kv is None for site in fast_bundle.unet.attention_sites())
+    assert all(site.module.context_kv is None for site in attention_sites(fast_bundle.unet))
 
 
 def test_sweep_branching_with_cache_equals_independent_fast_runs(fresh, plain):
@@ -101,7 +102,7 @@ def test_reduced_precision_step_error_and_image_psnr(fresh, plain, dtype):
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     ours = theirs = 0.0
     with torch.no_grad():
-        for t in plain.scheduler.timesteps(10):
+        for t in model_ddim(plain).timesteps(10):
             tt = torch.full((2,), int(t))
             ref = plain.unet(x, tt, ctx)
             ours = max(ours, rel_err(b.unet(x, tt, ctx.to(dtype)), ref))
@@ -272,10 +273,9 @@ with make_stepper(fast, FastOptions(triton=True, compile="default", cpu_prepack=
     g = torch.Generator().manual_seed(0)
     glob, focus, unc = (torch.randn(1, 77, 64, generator=g) for _ in range(3))
     x = torch.randn(1, 4, 8, 8, generator=g)
-    ts = fast.scheduler.timesteps(4)
-    plain.scheduler.timesteps(4)
+    ts = step.sampler.timesteps(4)
     runs = []
-    for stepper in (step, CFGStep(plain.unet, plain.scheduler, 7.5)):
+    for stepper in (step, CFGStep(plain.unet, step.sampler, 7.5)):
         with torch.inference_mode():
             runs.append([s.latents for s in denoise(stepper, x, ts, gbsd_stages(glob, focus, 4, 0.5), unc)])
 report["step_err"] = max(rel_err(a, b) for a, b in zip(*runs))

@@ -7,13 +7,14 @@ import torch
 from _fast import fast_unet, tiny_unet
 from _util import rel_err
 
+from gbsd_core.attention_sites import attention_sites
 from gbsd_core.fast.attention import FastCrossAttention, set_context_kv
 
 
 # ----------------------------------------------------------------------------------------------------- fused QKV
 def test_fused_qkv_is_exact_keeps_keys_and_shares_memory():
     unet, fused = tiny_unet(), fast_unet()
-    for site in fused.attention_sites(cross=False):
+    for site in attention_sites(fused, cross=False):
         site.module.fuse_qkv()
     x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 48)
     with torch.no_grad():
@@ -22,7 +23,7 @@ def test_fused_qkv_is_exact_keeps_keys_and_shares_memory():
     assert err <= 1e-5
     sd, sd_fused = unet.state_dict(), fused.state_dict()
     assert list(sd) == list(sd_fused) and all(torch.equal(sd[k], sd_fused[k]) for k in sd)
-    attn = next(fused.attention_sites(cross=False)).module
+    attn = next(attention_sites(fused, cross=False)).module
     assert attn.qkv_weight is not None
     for lin in (attn.to_q, attn.to_k, attn.to_v):  # views into the stacked weight: no extra memory
         assert lin.weight.untyped_storage().data_ptr() == attn.qkv_weight.untyped_storage().data_ptr()
@@ -34,7 +35,7 @@ def test_fused_qkv_is_exact_keeps_keys_and_shares_memory():
     print(f"fused QKV after load_state_dict: rel err {err:.2e}")
     assert err <= 1e-5
     with pytest.raises(ValueError, match="self-attention"):
-        next(fused.attention_sites()).module.fuse_qkv()
+        next(attention_sites(fused)).module.fuse_qkv()
 
 
 # ----------------------------------------------------------------------------------------------------- K/V cache
@@ -48,7 +49,7 @@ def test_context_kv_cache_is_exact_refuses_other_contexts_and_updates_in_place()
         err1 = rel_err(unet(x, t, c1), ref1)
         with pytest.raises(RuntimeError, match="cached for another context"):
             unet(x, t, c2)
-        site = next(unet.attention_sites()).module
+        site = next(attention_sites(unet)).module
         k_before = site.context_kv[1].data_ptr()
         set_context_kv(unet, c2)  # same shapes: written in place (what a captured CUDA graph relies on)
         assert site.context_kv[1].data_ptr() == k_before
@@ -157,14 +158,13 @@ def test_cuda_sd2_v_fp16_forced_backends_run(attention):
     b, plain = tiny_bundle("v_prediction"), tiny_bundle("v_prediction")
     b.unet.cuda(), b.vae.cuda()
     ctx, x = torch.randn(2, 77, 48), torch.randn(1, 4, 8, 8)
-    t = int(plain.scheduler.timesteps(10)[2])
-    b.scheduler.timesteps(10)
     with make_stepper(b, FastOptions(dtype=torch.float16, attention=attention), 7.5) as step:
+        t = int(step.sampler.timesteps(10)[2])
         step.set_context(ctx.cuda())
         ours = step(x.cuda(), t, None)[0].cpu()
     from gbsd_core.sampling import CFGStep
 
-    ref = CFGStep(plain.unet, plain.scheduler, 7.5)
+    ref = CFGStep(plain.unet, step.sampler, 7.5)
     ref.set_context(ctx)
     with torch.no_grad():
         err = rel_err(ours, ref(x, t, None)[0])

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from _util import rel_err
 from torch import nn
 
+from gbsd_core.attention_sites import attention_sites
 from gbsd_core.fast.attention import FastCrossAttention, swap_attention
 from gbsd_core.fast.prepack import LINEAR_DTYPES, PackedConv2d, PackedLinear, prepack_, prepack_available
 from gbsd_core.unet import UNetConfig, UNetModel
@@ -156,7 +157,7 @@ def test_prepacked_unet_keeps_keys_and_matches_the_plain_unet(dtype):
     plain = plain.to(dtype)
     packed = copy.deepcopy(plain)
     swap_attention(packed)
-    for site in packed.attention_sites(cross=False):
+    for site in attention_sites(packed, cross=False):
         site.module.fuse_qkv()
     keys = {k: v.data_ptr() for k, v in packed.state_dict().items()}
     layers = sum(type(m) in (nn.Conv2d, nn.Linear) for m in packed.modules())

@@ -19,12 +19,14 @@ from _fast import (
 )
 from _util import rel_err
 
-from gbsd_core.ddim import DDIMScheduler
+from gbsd_core.attention_sites import attention_sites
+from gbsd_core.ddim import DDIMSampler
 from gbsd_core.fast import FastOptions, make_stepper
 from gbsd_core.fast.attention import set_context_kv
 from gbsd_core.fast.prepack import prepack_
 from gbsd_core.fast.step import FastStepper, eager_capture, step_coefficients
 from gbsd_core.pipeline import GenerationParams
+from gbsd_core.noise_schedule import SD as SD_SCHEDULE
 from gbsd_core.samplers import make_sampler
 from gbsd_core.sampling import CFGStep, denoise, gbsd_stages
 
@@ -39,14 +41,14 @@ FORMS = [("ddim", "normal", eta) for eta in (0.0, 1.0)] + [
 def test_coefficient_form_reproduces_the_samplers_update(name, schedule, eta, prediction_type):
     """x / in_scale is what the sampler's model_input gives (bit for bit), and a_x·x + a_out·out + a_prev·prev + a_noise·z / d_x·x +
     d_out·out what its update gives, at every step of a 20-step run, first and second order, on random fp32 inputs."""
-    sampler = make_sampler(DDIMScheduler(prediction_type), name, schedule)
+    sampler = make_sampler(SD_SCHEDULE, prediction_type, name, schedule)
     gen = torch.Generator().manual_seed(0)
     worst = 0.0
     for i in range(len(sampler.timesteps(20))):
         x, out, prev, z = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(4))
         needs_noise = sampler.noise_std(i, eta) > 0
         for second in (False, True) if i > 0 else (False,):
-            ref_next, ref_x0 = sampler.update(i, x, out, eta=eta, noise=z if needs_noise else None,
+            ref_next, ref_x0 = sampler.update(x, i, out, eta=eta, noise=z if needs_noise else None,
                                               prev_x0=prev if second else None)
             c = step_coefficients(sampler, i, eta, second).float()
             mine = c[1] * x + c[2] * out + c[3] * (prev if second else 0) + c[4] * z
@@ -66,20 +68,20 @@ def _count_calls(modules) -> list[int]:
 
 
 def test_gbsd_stage_switch_with_cache_equals_uncached_run():
-    """σ = 0.5: the cache must be rebuilt at the stage switch; the run equals the uncached and the plain runs."""
+    """Layout fraction 0.5: the cache must be rebuilt at the stage switch; the run equals the uncached and the plain runs."""
     unet = tiny_unet()
     plain_run = gbsd_run(unet)
     uncached = gbsd_run(unet, FastStepper(unet, None, 7.5, 0.0))
-    to_k = _count_calls(site.module.to_k for site in unet.attention_sites())
+    to_k = _count_calls(site.module.to_k for site in attention_sites(unet))
     with FastStepper(unet, None, 7.5, 0.0, cache_context_kv=True) as stepper:
         cached = gbsd_run(unet, stepper)
-    n_attn2 = len(list(unet.attention_sites()))
+    n_attn2 = len(list(attention_sites(unet)))
     assert to_k[0] == 2 * n_attn2  # K computed once per stage (2 stages), not once per step (6)
     err_cache, err_plain = max_rel(cached, uncached), max_rel(cached, plain_run)
-    print(f"GBSD σ=0.5 cached vs uncached: {err_cache:.2e}; fast vs plain CFGStep: {err_plain:.2e}")
+    print(f"GBSD layout fraction 0.5 cached vs uncached: {err_cache:.2e}; fast vs plain CFGStep: {err_plain:.2e}")
     assert err_cache <= 1e-5 and err_plain <= 1e-5
     # Without the stage switch the last steps differ: the comparison above can fail.
-    assert max_rel(gbsd_run(unet, sigma=1.0), plain_run) > 1e-3
+    assert max_rel(gbsd_run(unet, layout=1.0), plain_run) > 1e-3
 
 
 # ----------------------------------------------------------------------------------------------------- graphs
@@ -116,7 +118,7 @@ def test_graphed_step_buffers_with_cpu_stand_in():
     second = graphed.step(x, 0, None)
     assert graphed.captures == 1 and torch.equal(first[0], second[0]) and _kv_ptrs(graphed) == kv_ptrs[0]
     graphed.close()
-    reference = FastStepper(unet, graphed.scheduler, 7.5, 0.0)
+    reference = FastStepper(unet, graphed.sampler, 7.5, 0.0)
     reference.set_context(ctx)
     with torch.inference_mode():
         assert rel_err(first[0], reference.step(x, 0, None)[0]) <= 1e-6
@@ -126,8 +128,8 @@ def test_graph_rechecks_v_as_well_as_k():
     """Issue item 6: the graphed step checked only K's storage to decide whether the cached K/V it reads had moved.
     Re-point V alone (K untouched, same context): the next step must put the graph's own V back before replaying."""
     unet = tiny_unet()
-    graphed = FastStepper(unet, DDIMScheduler(), 7.5, 0.0, cache_context_kv=True, capture=eager_capture)
-    graphed.scheduler.timesteps(10)
+    graphed = FastStepper(unet, DDIMSampler(), 7.5, 0.0, cache_context_kv=True, capture=eager_capture)
+    graphed.sampler.timesteps(10)
     ctx, x = torch.randn(2, 77, 48), torch.randn(1, 4, 8, 8)
     graphed.set_context(ctx)
     first = graphed.step(x, 0, None)
@@ -150,7 +152,7 @@ def test_graphs_survive_close_and_alternate_shapes_without_recapture():
         out = gbsd_run(unet, graphed, rows=rows)
         graphed.close()
         assert all(torch.equal(a, b) for a, b in zip(out, ref))
-        assert all(site.module.context_kv is None for site in unet.attention_sites())  # close() took the cache off
+        assert all(site.module.context_kv is None for site in attention_sites(unet))  # close() took the cache off
     assert graphed.captures == 2  # batch 1 and batch 3, once each
 
 
@@ -165,7 +167,7 @@ def test_cuda_graphs_real(fresh, dtype):
     b2.unet.cuda(), b2.vae.cuda(), b2.text_encoder.cuda()
     opts = FastOptions(dtype=dtype, cache_context_kv=True, fuse_qkv=True, cuda_graphs=True)
     with make_stepper(b2, opts, 7.5) as stepper:
-        ts = b2.scheduler.timesteps(8)
+        ts = stepper.sampler.timesteps(8)
         cond = torch.cat([b2.encode_prompt(PROMPT), b2.encode_prompt(FOCUS)]).cuda()
         x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).cuda()
         list(denoise(stepper, x, ts, gbsd_stages(cond[:1], cond[1:], 8, 0.5), b2.encode_prompt("").cuda()))
@@ -262,22 +264,22 @@ def test_twelve_guidance_batch_size_variants_through_the_compiled_step(monkeypat
     for guidance in (2.0, 3.0, 4.5, 5.5, 7.5, 9.0):
         with make_stepper(b, opts, guidance) as step:
             for batch, hw in ((1, 8), (2, 16)):
-                worst = max(worst, _step_vs_plain(step, plain, b.scheduler, guidance, batch, hw, seed=done))
+                worst = max(worst, _step_vs_plain(step, plain, guidance, batch, hw, seed=done))
                 done += 1
     print(f"12 (guidance, batch, size) variants through the compiled step: worst rel err vs CFGStep {worst:.2e}")
     assert done == 12 and worst <= 1e-4
 
 
-def _step_vs_plain(step, plain, scheduler, guidance, batch, hw, seed) -> float:
-    """One step of `step` on random inputs against the plain CFGStep on the same weights."""
+def _step_vs_plain(step, plain, guidance, batch, hw, seed) -> float:
+    """One step of `step` on random inputs against the plain CFGStep (the same sampler) on the same weights."""
     from gbsd_core.sampling import CFGStep
 
     g = torch.Generator().manual_seed(seed)
     ctx = torch.randn(2 * batch, 77, 48, generator=g)
     x = torch.randn(batch, 4, hw, hw, generator=g)
-    scheduler.timesteps(10)
+    step.sampler.timesteps(10)
     step.set_context(ctx)
-    ref_step = CFGStep(plain.unet, scheduler, guidance)
+    ref_step = CFGStep(plain.unet, step.sampler, guidance)
     ref_step.set_context(ctx)
     with torch.inference_mode():
         return rel_err(step.step(x, 3, None)[0], ref_step.step(x, 3, None, None)[0])
@@ -298,10 +300,10 @@ def test_past_the_recompile_limit_the_stepper_warns_and_runs_eager_steps(monkeyp
     b, plain = tiny_bundle(), tiny_bundle()
     with torch._dynamo.config.patch(**{key: 1}), \
             make_stepper(b, FastOptions(compile="default", cpu_prepack=False), 7.5) as step:
-        err = _step_vs_plain(step, plain, b.scheduler, 7.5, 1, 8, seed=0)
+        err = _step_vs_plain(step, plain, 7.5, 1, 8, seed=0)
         with pytest.warns(UserWarning, match="recompile limit"):
-            err = max(err, _step_vs_plain(step, plain, b.scheduler, 7.5, 2, 8, seed=1))
-        err = max(err, _step_vs_plain(step, plain, b.scheduler, 7.5, 1, 16, seed=2))
+            err = max(err, _step_vs_plain(step, plain, 7.5, 2, 8, seed=1))
+        err = max(err, _step_vs_plain(step, plain, 7.5, 1, 16, seed=2))
     assert step._fn.eager and err <= 1e-4
 
 

@@ -11,8 +11,9 @@ import torch
 from _fast import CUDA, gbsd_run, max_rel, tiny_unet
 from _util import rel_err
 
-from gbsd_core.ddim import DDIMScheduler
+from gbsd_core.ddim import DDIMSampler
 from gbsd_core.fast.step import CudaGraphCapture, FastStepper, eager_capture
+from gbsd_core.noise_schedule import SD as SD_SCHEDULE
 from gbsd_core.samplers import make_sampler
 
 
@@ -92,7 +93,7 @@ def test_graph_pools_across_eviction_and_release(monkeypatch):
     the pool while the old one still holds it, and evicted after; a capture after release() starts a fresh pool."""
     pools = _fake_cuda_graphs(monkeypatch)
     unet = tiny_unet()
-    sampler = make_sampler(DDIMScheduler(), "ddim", "normal")
+    sampler = make_sampler(SD_SCHEDULE, "epsilon", "ddim", "normal")
     sampler.timesteps(4)
     stepper = FastStepper(unet, sampler, 7.5, 0.0, cache_context_kv=True, capture=CudaGraphCapture(warmup=1),
                           max_graphs=1)
@@ -113,7 +114,7 @@ def test_cuda_graph_pools_across_eviction_and_release():
     """The same on a GPU, with real graphs: every step's latents equal the eager stepper's."""
     torch.manual_seed(0)
     unet = tiny_unet().cuda()
-    sampler = make_sampler(DDIMScheduler(), "ddim", "normal")
+    sampler = make_sampler(SD_SCHEDULE, "epsilon", "ddim", "normal")
     sampler.timesteps(4)
     graphed = FastStepper(unet, sampler, 7.5, 0.0, cache_context_kv=True, capture=CudaGraphCapture(), max_graphs=1)
     eager = FastStepper(unet, sampler, 7.5, 0.0, cache_context_kv=True)

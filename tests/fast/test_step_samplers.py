@@ -35,12 +35,12 @@ class Lockstep:
         self.guidance_scale, self.eta = fast.guidance_scale, fast.eta
 
     @property
-    def scheduler(self):
-        return self.fast.scheduler
+    def sampler(self):
+        return self.fast.sampler
 
-    @scheduler.setter
-    def scheduler(self, sampler) -> None:
-        self.fast.scheduler = sampler
+    @sampler.setter
+    def sampler(self, sampler) -> None:
+        self.fast.sampler = sampler
         self.plain = CFGStep(self.unet, sampler, self.guidance_scale)
 
     def set_context(self, context, vector=None) -> None:

@@ -15,12 +15,14 @@ from _sdxl import TINY_UNET, write_tiny_sdxl
 from _util import rel_err
 
 import gbsd_core
-from gbsd_core.ddim import DDIMScheduler
+from gbsd_core.attention_sites import attention_sites
+from gbsd_core.ddim import DDIMSampler
 from gbsd_core.fast import FastOptions, make_stepper
 from gbsd_core.fast import apply as fast_apply
 from gbsd_core.fast.step import FastStepper, eager_capture
 from gbsd_core.fast.vae import UpcastingAutoencoderKL
 from gbsd_core.pipeline import GenerationParams, generate
+from gbsd_core.noise_schedule import SD as SD_SCHEDULE
 from gbsd_core.samplers import make_sampler
 from gbsd_core.sampling import (
     CFGStep,
@@ -46,7 +48,7 @@ def _unet(seed: int = 0) -> UNetModel:
     return unet
 
 
-def _run(step, n: int = 4, sigma: float = 0.5, rows: int = 1, seed: int = 0) -> list[torch.Tensor]:
+def _run(step, n: int = 4, layout: float = 0.5, rows: int = 1, seed: int = 0) -> list[torch.Tensor]:
     """Latents after every step of an SDXL-shaped GBSD run (global, local and negative Conditionings with pooled and
     micro parts) on the stepper's sampler (Euler a's noise from a seeded generator); `rows` > 1 branches the focus
     stage."""
@@ -57,18 +59,18 @@ def _run(step, n: int = 4, sigma: float = 0.5, rows: int = 1, seed: int = 0) -> 
                       for _ in range(3))
     alphas = torch.linspace(0.2, 0.8, rows)
     focus = focus_conditioning(glob, loc.map(lambda t: t.repeat(rows, *[1] * (t.ndim - 1))), alphas)
-    sched = step.scheduler
+    sched = step.sampler
     ts = sched.timesteps(n)
     x = torch.randn(1, 4, 8, 8, generator=g)
     with torch.inference_mode():
-        return [s.latents for s in denoise(step, sched.start_latents(x), ts, gbsd_stages(glob, focus, n, sigma), unc,
+        return [s.latents for s in denoise(step, sched.start_latents(x), ts, gbsd_stages(glob, focus, n, layout), unc,
                                            generator=torch.Generator().manual_seed(seed + 1))]
 
 
 def test_fast_stepper_passes_the_vector_eagerly():
     unet = _unet()
-    ref = _run(CFGStep(unet, DDIMScheduler(), 7.5))
-    fast = _run(FastStepper(unet, DDIMScheduler(), 7.5, 0.0))
+    ref = _run(CFGStep(unet, DDIMSampler(), 7.5))
+    fast = _run(FastStepper(unet, DDIMSampler(), 7.5, 0.0))
     err = max(rel_err(a, b) for a, b in zip(fast, ref))
     print(f"SDXL-shaped FastStepper (eager) vs CFGStep: max rel_err {err:.2e}")
     assert err <= 1e-6
@@ -80,8 +82,8 @@ def test_graphed_step_keeps_the_vector_in_a_static_buffer():
     nothing new; a sweep's branched focus stage (3 rows) is one more shape, one more capture."""
     unet = _unet()
     for rows, captures in ((1, 1), (3, 2)):
-        eager = _run(FastStepper(unet, DDIMScheduler(), 7.5, 0.0, cache_context_kv=True), rows=rows)
-        graphed = FastStepper(unet, DDIMScheduler(), 7.5, 0.0, cache_context_kv=True, capture=eager_capture)
+        eager = _run(FastStepper(unet, DDIMSampler(), 7.5, 0.0, cache_context_kv=True), rows=rows)
+        graphed = FastStepper(unet, DDIMSampler(), 7.5, 0.0, cache_context_kv=True, capture=eager_capture)
         seen = []  # (buffer address, buffer contents == the stepper's current y) at every switch
         real = graphed._switch_context
         graphed._switch_context = lambda g: (real(g), seen.append((g.vector.data_ptr(),
@@ -93,7 +95,7 @@ def test_graphed_step_keeps_the_vector_in_a_static_buffer():
         if rows == 1:
             assert seen[0][0] == seen[1][0]  # one graph, one vector buffer, written in place at the switch
     # the copy matters: a graph that kept the layout stage's y in the focus stage would make another image
-    stale = FastStepper(unet, DDIMScheduler(), 7.5, 0.0, capture=eager_capture)
+    stale = FastStepper(unet, DDIMSampler(), 7.5, 0.0, capture=eager_capture)
     switch = stale._switch_context
 
     def keep_the_old_vector(g) -> None:
@@ -102,7 +104,7 @@ def test_graphed_step_keeps_the_vector_in_a_static_buffer():
         g.vector.copy_(old)
 
     stale._switch_context = keep_the_old_vector
-    assert not torch.equal(_run(stale)[-1], _run(FastStepper(unet, DDIMScheduler(), 7.5, 0.0))[-1])
+    assert not torch.equal(_run(stale)[-1], _run(FastStepper(unet, DDIMSampler(), 7.5, 0.0))[-1])
 
 
 @pytest.mark.parametrize("name, schedule", [("euler", "karras"), ("euler_a", "normal"), ("dpmpp_2m", "karras")])
@@ -114,7 +116,7 @@ def test_every_sampler_runs_sdxl_through_the_graphed_step(name, schedule):
     unet = _unet()
 
     def sampler():
-        return make_sampler(DDIMScheduler(), name, schedule)
+        return make_sampler(SD_SCHEDULE, "epsilon", name, schedule)
 
     ref = _run(CFGStep(unet, sampler(), 7.5), rows=3)
     eager = _run(FastStepper(unet, sampler(), 7.5, 0.0, cache_context_kv=True), rows=3)
@@ -125,7 +127,7 @@ def test_every_sampler_runs_sdxl_through_the_graphed_step(name, schedule):
     err = max(rel_err(a, b) for a, b in zip(out, ref))
     print(f"SDXL {name} {schedule}: graphed fast step vs CFGStep, max rel_err {err:.2e}")
     assert err <= 1e-5
-    assert not torch.equal(ref[-1], _run(CFGStep(unet, DDIMScheduler(), 7.5), rows=3)[-1])  # another sampler
+    assert not torch.equal(ref[-1], _run(CFGStep(unet, DDIMSampler(), 7.5), rows=3)[-1])  # another sampler
 
 
 def test_compiled_step_takes_the_vector_in_one_graph(monkeypatch):
@@ -135,10 +137,10 @@ def test_compiled_step_takes_the_vector_in_one_graph(monkeypatch):
 
     compiled_fns = compile_as(monkeypatch, "aot_eager")
     unet = _unet()
-    eager = _run(FastStepper(unet, DDIMScheduler(), 7.5, 0.0, cache_context_kv=True))
+    eager = _run(FastStepper(unet, DDIMSampler(), 7.5, 0.0, cache_context_kv=True))
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        out = _run(FastStepper(unet, DDIMScheduler(), 7.5, 0.0, cache_context_kv=True, compile_mode="default"))
+        out = _run(FastStepper(unet, DDIMSampler(), 7.5, 0.0, cache_context_kv=True, compile_mode="default"))
     assert len(compiled_fns) == 1
     err = max(rel_err(a, b) for a, b in zip(out, eager))
     print(f"SDXL compiled (aot_eager, fullgraph) vs eager fast step: max rel_err {err:.2e}")
@@ -173,7 +175,7 @@ def test_fast_sdxl_bundle_is_close_to_the_plain_pipeline(xl_ckpt, plain, dtype, 
     print(f"SDXL fast path {dtype}: PSNR vs plain fp32 {quality:.1f} dB")
     assert b.unet.input_blocks[0][0].weight.dtype == dtype
     assert b.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
-    assert all(hasattr(s.module, "qkv_weight") for s in b.unet.attention_sites(cross=False))
+    assert all(hasattr(s.module, "qkv_weight") for s in attention_sites(b.unet, cross=False))
     assert quality >= min_psnr
     assert (np.asarray(fast.image) != np.asarray(generate(plain, GenerationParams(PROMPT, steps=4, seed=3,
                                                                                   **SIZE)).image)).any()

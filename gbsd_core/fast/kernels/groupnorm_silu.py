@@ -9,7 +9,7 @@ tensor, reads it again for SiLU and writes it again; fused, it is two reads and 
 Numerics (the reason for the fp32 rule): CompVis' ``GroupNorm32.forward`` runs
 ``super().forward(x.float()).type(x.dtype)``, i.e. statistics in fp32 even in an fp16 model. Both paths here
 accumulate mean and variance in fp32 whatever the input dtype (fp16 / bf16 / fp32) and return the input dtype.
-eps is 1e-5 in UNet ResBlocks and 1e-6 in the VAE and the SpatialTransformer norms (see shared/GUIDE.md §2); the
+eps is 1e-5 in UNet ResBlocks and 1e-6 in the VAE and the SpatialTransformer norms (norm.py); the
 caller passes it.
 
 Layouts: the Triton path reads NCHW-contiguous and channels_last-contiguous inputs in place and returns the same memory
