@@ -74,7 +74,7 @@ def write_lora(unet: torch.nn.Module, rank: int, path: Path, seed: int = 0) -> i
 
 
 def bundle_of(unet: torch.nn.Module) -> SDBundle:
-    return SDBundle(unet=unet, vae=None, text_encoder=None, tokenizer=None, scheduler=None, family=SD1)
+    return SDBundle(unet=unet, vae=None, text_encoder=None, tokenizer=None, family=SD1)
 
 
 def timed(fn) -> tuple[float, object]:
@@ -127,8 +127,8 @@ def run_step(args: argparse.Namespace) -> dict:
     if args.path == "fast":
         step = make_stepper(bundle, FastOptions(dtype=dtype, channels_last=True, fuse_qkv=True), 7.5)
     else:
-        step = CFGStep(unet, make_sampler(bundle.scheduler, "ddim", "normal"), 7.5)
-    step.scheduler.timesteps(args.steps)
+        step = CFGStep(unet, make_sampler(bundle.noise_schedule, bundle.family.prediction_type), 7.5)
+    step.sampler.timesteps(args.steps)
     step.set_context(ctx, vector) if vector is not None else step.set_context(ctx)
     applied = AppliedLoras(bundle, [(lora, 1.0)])
     times: dict[str, list[float]] = {"plain weights": [], "LoRA merged": []}

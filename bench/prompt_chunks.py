@@ -34,6 +34,7 @@ import time
 
 import torch
 
+from gbsd_core.attention_sites import attention_sites
 from gbsd_core.fast import FastOptions, make_stepper
 from gbsd_core.samplers import make_sampler
 from gbsd_core.sampling import CFGStep
@@ -58,7 +59,7 @@ def attn2_flops(unet: UNetModel, size: int, chunks: int, batch: int = 2) -> floa
     call on `batch` rows of a size x size image: 2 products x 2 FLOPs per multiply-add x rows x Nq x Nk x inner width."""
     total = 0.0
     latent = size // 8
-    for site in unet.attention_sites(cross=True):
+    for site in attention_sites(unet, cross=True):
         nq = (latent // site.ds) ** 2
         inner = site.module.heads * site.module.dim_head
         total += 2 * 2 * batch * nq * 77 * chunks * inner
@@ -88,7 +89,7 @@ def attn2_times(unet: UNetModel, step, x: torch.Tensor, contexts: dict[int, torc
     """Seconds the UNet's cross-attention modules take per step, summed, for each chunk count (module docstring)."""
     from gbsd_core.fast.attention import set_context_kv
 
-    sites = list(unet.attention_sites(cross=True))
+    sites = list(attention_sites(unet, cross=True))
     inputs: dict[str, torch.Tensor] = {}
     def keep(name: str):
         def pre_hook(module: torch.nn.Module, args: tuple) -> None:  # returns None: the call goes on unchanged
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     vector = None
     if unet.config.adm_in_channels:  # SDXL's y
         vector = torch.randn(2, unet.config.adm_in_channels, generator=g)
-    sampler = make_sampler(bundle.scheduler, "ddim", "normal")
+    sampler = make_sampler(bundle.noise_schedule, bundle.family.prediction_type)
     sampler.timesteps(50)
     record = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "arch": args.arch, "tiny": args.tiny,
               "size": args.size, "repeat": args.repeat, "torch": torch.__version__, "configs": {}}
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             step = CFGStep(unet, sampler, 7.5)
         elif config == "fast":
             step = make_stepper(bundle, FastOptions(channels_last=True, fuse_qkv=True, cache_context_kv=True), 7.5)
-            step.scheduler.timesteps(50)
+            step.sampler.timesteps(50)
         else:
             raise SystemExit(f"unknown config {config!r}")
         times = time_steps(step, x, contexts, vector, args.repeat)

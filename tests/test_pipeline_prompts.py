@@ -8,12 +8,12 @@ import pytest
 import torch
 from _fast import fast_generate
 from _reference import DDIM_CONFIG, diffusers_unet
+from _util import model_ddim
 
 import gbsd_core
 from gbsd_core.fast import FastOptions
 from gbsd_core.pipeline import GenerationParams, generate, sweep
 from gbsd_core.prompts.parser import PromptError
-from gbsd_core.samplers import make_sampler
 from gbsd_core.sampling import CFGStep, Stage, denoise, focus_conditioning, gbsd_stages, layout_steps
 
 PROMPT, FOCUS = "a bunny and a carrot in a garden, bokeh", "a carrot"
@@ -41,7 +41,7 @@ def test_prompt_lengths(bundle):
 
 def _today(bundle, params: GenerationParams, x_T: torch.Tensor) -> np.ndarray:
     """The image of the path before prompts/: bundle.encode_prompt's [1, 77] embeddings through the same stages."""
-    sampler = make_sampler(bundle.scheduler, "ddim", "normal")
+    sampler = model_ddim(bundle)
     ts = sampler.timesteps(params.steps)
     e = {p: bundle.encode_prompt(p) for p in (params.prompt, params.focus, params.negative)}
     focus = focus_conditioning(e[params.prompt], e[params.focus], params.alpha)
@@ -120,7 +120,7 @@ def test_contexts_repeat_to_a_limit(bundle):
 
 
 def test_gbsd_across_chunk_counts(bundle):
-    """A 2-chunk global prompt with a 1-chunk local one: α = 0, σ = 0 is the local prompt alone (repeated, which
+    """A 2-chunk global prompt with a 1-chunk local one: α = 0 at layout fraction 0 is the local prompt alone (repeated, which
     attention does not see), α = 1 the global prompt alone; the mix is of the weighted, mean-restored embeddings."""
     x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
 
@@ -132,7 +132,7 @@ def test_gbsd_across_chunk_counts(bundle):
     # α·E(global) + (1−α)·E(local) on weighted embeddings: against the stages built by hand from conditioning()
     p = GenerationParams(LONG, focus="(a carrot:1.4)", alpha=0.4, layout=0.5, steps=6, **SIZE)
     g, loc, neg = (bundle.conditioning(t, (64, 64), negative=t == "").context for t in (LONG, p.focus, ""))
-    sampler = make_sampler(bundle.scheduler, "ddim", "normal")
+    sampler = model_ddim(bundle)
     stages = gbsd_stages(g, 0.4 * g + 0.6 * loc.repeat(1, 2, 1), 6, 0.5)
     with torch.inference_mode():
         *_, last = denoise(CFGStep(bundle.unet, sampler, 7.5), sampler.start_latents(x_T), sampler.timesteps(6),
@@ -170,7 +170,7 @@ def test_prompt_editing_is_a_stage_list(bundle):
     >= the step), `to` after; with GBSD, the focus stage splits the same way."""
     n = 8
     x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
-    sampler = make_sampler(bundle.scheduler, "ddim", "normal")
+    sampler = model_ddim(bundle)
 
     def by_hand(stages, negative):
         with torch.inference_mode():

@@ -21,12 +21,13 @@ def test_the_attention_estimate_is_what_a_longer_context_adds_to_the_counted_ste
     import torch
 
     with torch.device("meta"):
+        from gbsd_core.attention_sites import attention_sites
         from gbsd_core.unet import UNetModel
 
         unet = UNetModel(ARCHS["sd15"].unet)
     counted = step_flops("sd15", False, 512, 1, 7.5, positions=231) - step_flops("sd15", False, 512, 1, 7.5)
     products = attn2_flops(unet, 512, 3) - attn2_flops(unet, 512, 1)
-    kv = sum(2 * 2 * 2 * 154 * 768 * s.module.heads * s.module.dim_head for s in unet.attention_sites(cross=True))
+    kv = sum(2 * 2 * 2 * 154 * 768 * s.module.heads * s.module.dim_head for s in attention_sites(unet, cross=True))
     print(f"SD1.5 512²: 231 vs 77 positions add {counted / 1e9:.2f} GFLOP per CFG step "
           f"(attention products {products / 1e9:.2f}, K/V projections {kv / 1e9:.2f})")
     assert counted == products + kv

@@ -234,7 +234,7 @@ def test_focus_words_repeat_with_a_repeated_context(bundle, embeddings):
     for r, collector in ((1, CrossAttentionCollector(bundle.unet, words)),
                          (3, CrossAttentionCollector(bundle.unet, words, period=77))):
         stages = [Stage("layout", range(0, 2), g.repeat(1, r, 1)), Stage("focus", range(2, 4), f.repeat(1, r, 1))]
-        _run(bundle, collector.wrap(bundle.unet, bundle.scheduler.timesteps(n), stages, cfg=True), stages, n,
+        _run(bundle, collector.wrap(bundle.unet, model_ddim(bundle).timesteps(n), stages, cfg=True), stages, n,
              uncond.repeat(1, r, 1))
         maps.append(collector.token_map())
     assert (maps[0] - maps[1]).abs().max() < 1e-5

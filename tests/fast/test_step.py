@@ -374,7 +374,7 @@ def test_long_contexts_through_the_graphed_step():
     stepper bit for bit and the plain CFGStep within 1e-5."""
     unet = tiny_unet()
     g = torch.Generator().manual_seed(0)
-    sched = make_sampler(DDIMScheduler(), "ddim", "normal")
+    sched = make_sampler(SD_SCHEDULE, "epsilon")
     ts = sched.timesteps(4)
     x = torch.randn(1, 4, 8, 8, generator=g)
     graphed = FastStepper(unet, sched, 7.5, 0.0, cache_context_kv=True, capture=eager_capture)

@@ -41,7 +41,7 @@ def test_fullsize_sd15_unet_rank32_lora_equals_diffusers_fused(tmp_path):
 
     adapted = sum(isinstance(m, BaseTunerLayer) for m in ref.modules())
     ref.fuse_lora(lora_scale=SCALE, adapter_names=["r32"])
-    bundle = SDBundle(unet=ours, vae=None, text_encoder=None, tokenizer=None, scheduler=None, family=SD1)
+    bundle = SDBundle(unet=ours, vae=None, text_encoder=None, tokenizer=None, family=SD1)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 4, 16, 16, generator=g)
     t = torch.tensor([981, 1])

@@ -44,7 +44,7 @@ def test_bigg_text_projection_is_a_transposed_linear(tmp_path):
     is [width, embed], applied as x @ P: a LoRA's ΔW lands transposed (and moves the pooled vector)."""
     modules = tiny_sdxl_modules()
     bundle = SDBundle(unet=modules["unet"], vae=None, text_encoder=modules["text_encoder"], tokenizer=None,
-                      scheduler=None, family=SDXL_BASE)
+                      family=SDXL_BASE)
     proj = modules["text_encoder"].embedders[1].model.text_projection  # [128, 32]
     sd = kohya_state_dict([("lora_te2_", [("text_projection", (32, 128))])])
     before = proj.detach().clone()
@@ -58,7 +58,7 @@ def test_bigg_text_projection_is_a_transposed_linear(tmp_path):
 def test_a_base_lora_with_clip_l_modules_is_refused_by_the_refiner(tmp_path):
     modules = tiny_sdxl_modules(refiner=True)
     bundle = SDBundle(unet=modules["unet"], vae=None, text_encoder=modules["text_encoder"], tokenizer=None,
-                      scheduler=None, family=SDXL_REFINER)
+                      family=SDXL_REFINER)
     sd = kohya_state_dict([("lora_te1_", [("text_model.encoder.layers.0.self_attn.q_proj", (64, 64))])])
     with pytest.raises(ValueError, match=r"has modules for SDXL's CLIP-L \(lora_te1_\), which this model does not have "
                                          r"\(it has SDXL's bigG \(lora_te2_\)\)"):

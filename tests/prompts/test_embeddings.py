@@ -16,7 +16,6 @@ from safetensors.torch import save_file
 
 import gbsd_core
 from gbsd_core.bundle import SDBundle
-from gbsd_core.ddim import DDIMScheduler
 from gbsd_core.family import family_by_name
 from gbsd_core.pipeline import GenerationParams, generate
 from gbsd_core.prompts.embeddings import EmbeddingLibrary, read_embedding
@@ -125,7 +124,7 @@ def test_library_reads_files_on_demand(tmp_path: Path) -> None:
 
 
 def sd_bundle(sd2: bool = False) -> SDBundle:
-    return SDBundle(**tiny_modules(sd2=sd2), tokenizer=Tokenizer(0 if sd2 else 49407), scheduler=DDIMScheduler(),
+    return SDBundle(**tiny_modules(sd2=sd2), tokenizer=Tokenizer(0 if sd2 else 49407),
                     family=family_by_name("sd2-512" if sd2 else "sd1"))
 
 

@@ -15,7 +15,6 @@ from _util import rel_err
 
 import gbsd_core
 from gbsd_core.bundle import SDBundle
-from gbsd_core.ddim import DDIMScheduler
 from gbsd_core.family import family_by_name
 from gbsd_core.prompts.parser import PromptError
 from gbsd_core.tokenizer import Tokenizer
@@ -27,7 +26,7 @@ PLAIN = ["a bunny and a carrot in a garden, bokeh", "", "a photo: of x; 50% off!
 
 def sd_bundle(sd2: bool = False) -> SDBundle:
     return SDBundle(**tiny_modules(sd2=sd2, seed=4), tokenizer=Tokenizer(0 if sd2 else EOT),
-                    scheduler=DDIMScheduler(), family=family_by_name("sd2-512" if sd2 else "sd1"))
+                    family=family_by_name("sd2-512" if sd2 else "sd1"))
 
 
 @pytest.fixture(scope="module")
