@@ -268,7 +268,7 @@ def generate(
             local = blend_embeddings(local, local_embs.map(lambda t: t[1:]), params.focus_mix)
         return focus_conditioning(global_emb, local, params.alpha)
 
-    # plain SD: one "global" stage; GBSD: "layout" for round(σ·n) steps, then "focus"
+    # plain SD: one "global" stage; GBSD: "layout" for round(layout·n) steps, then "focus"
     n_layout = n if params.focus is None else layout_steps(n, params.layout)
     stages = _stages(start, n, n_layout, "global" if params.focus is None else "layout", focus_of)
     latents, unet_calls = _denoise(bundle, params, start, stages, progress, probe, stepper, watch, switch)

@@ -105,7 +105,8 @@ def _open_init(pair: Pair) -> Image.Image:
 def evaluate_pair(bundle: SDBundle, pair: Pair, settings: Settings, progress: bool = False,
                   switch: StageSwitch | None = None) -> PairResult:
     """Generate the pair's images, find the target mask and measure both images on it. `switch`: per-stage LoRAs
-    (gbsd_core.lora), which the plain-SD baseline sees as GBSD with σ = 1 does (the layout stage's set)."""
+    (gbsd_core.lora), which the plain-SD baseline sees as GBSD with a layout fraction of 1 does (the layout
+    stage's set)."""
     from PIL import Image
 
     from .. import pipeline

@@ -97,25 +97,26 @@ def test_a_focus_only_lora_equals_weights_switched_by_hand_at_n_layout(bundle, d
 
 def test_a_sweep_shares_the_layout_stage_with_a_focus_lora(bundle, detail):
     lora, _ = detail
-    n, sigma = 6, 0.5
-    params = GenerationParams(PROMPT, layout=sigma, steps=n, seed=5, **SIZE)
+    n, layout = 6, 0.5
+    params = GenerationParams(PROMPT, layout=layout, steps=n, seed=5, **SIZE)
     with apply_loras(bundle, focus=[(lora, 0.8)]) as applied:
         results = sweep(bundle, params, alphas=[0.0, 0.7], focus_prompts=[FOCUS, "a bunny"], switch=applied)
-        n_layout = layout_steps(n, sigma)
+        n_layout = layout_steps(n, layout)
         assert results[0].unet_calls == n_layout + len(results) * (n - n_layout)
         for r in results:
-            single = generate(bundle, GenerationParams(PROMPT, focus=r.params.focus, alpha=r.params.alpha, layout=sigma,
-                                                       steps=n, seed=5, **SIZE), switch=applied)
+            single = generate(bundle, GenerationParams(PROMPT, focus=r.params.focus, alpha=r.params.alpha,
+                                                       layout=layout, steps=n, seed=5, **SIZE), switch=applied)
             assert np.abs(_pixels(r) - _pixels(single)).max() <= 1  # batched vs batch-1 matmuls: ≤ 1/255
 
 
 def test_a_run_without_a_focus_stage_gets_the_layout_set(bundle, detail):
-    """Plain SD (one "global" stage) is GBSD with σ = 1 (one "layout" stage): both get loras + layout, bit for bit."""
+    """Plain SD (one "global" stage) is GBSD with a layout fraction of 1 (one "layout" stage): both get loras +
+    layout, bit for bit."""
     lora, _ = detail
     with apply_loras(bundle, layout=[(lora, 0.5)]) as applied:
         plain = generate(bundle, GenerationParams(PROMPT, steps=4, seed=2, **SIZE), switch=applied)
-        sigma_one = generate(bundle, GenerationParams(PROMPT, focus=FOCUS, layout=1.0, steps=4, seed=2, **SIZE),
+        layout_one = generate(bundle, GenerationParams(PROMPT, focus=FOCUS, layout=1.0, steps=4, seed=2, **SIZE),
                              switch=applied)
     without = generate(bundle, GenerationParams(PROMPT, steps=4, seed=2, **SIZE))
-    assert np.array_equal(_pixels(plain), _pixels(sigma_one))
+    assert np.array_equal(_pixels(plain), _pixels(layout_one))
     assert np.abs(_pixels(plain) - _pixels(without)).max() > 2
