@@ -23,8 +23,9 @@ from gbsd_core.unet import UNetModel
 from .models import ARCHS, TINY_ARCHS
 
 
-def step_flops(arch: str, tiny: bool, size: int, batch: int, cfg: float) -> int:
-    """FLOPs of one step at `size`² (batch `batch`; CFG doubles the UNet batch unless cfg == 1)."""
+def step_flops(arch: str, tiny: bool, size: int, batch: int, cfg: float, positions: int = 77) -> int:
+    """FLOPs of one step at `size`² (batch `batch`; CFG doubles the UNet batch unless cfg == 1), with a context of
+    `positions` tokens (77·k for a prompt of k chunks)."""
     spec = (TINY_ARCHS if tiny else ARCHS)[arch]
     with torch.device("meta"):
         unet = UNetModel(spec.unet).eval()
@@ -32,7 +33,7 @@ def step_flops(arch: str, tiny: bool, size: int, batch: int, cfg: float) -> int:
     sampler.timesteps(50)  # the run the step indexes into (every step costs the same)
     step = CFGStep(unet, sampler, cfg)
     rows = batch if step.guidance_scale is None else 2 * batch
-    context = torch.empty(rows, 77, spec.unet.context_dim, device="meta")
+    context = torch.empty(rows, positions, spec.unet.context_dim, device="meta")
     if spec.unet.adm_in_channels is None:
         step.set_context(context)
     else:  # SDXL: the vector y [rows, 2816] through the label embedding too

@@ -118,6 +118,15 @@ def build_bundle(arch: str, device: str | torch.device = "cpu", dtype: torch.dty
     )
 
 
+def build_unet(arch: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               tiny: bool = False, seed: int = 0) -> UNetModel:
+    """The UNet of `arch` alone, seeded as in `build_bundle` (bench.lora: the LoRA merge needs no VAE or text towers,
+    and an SDXL bundle's would not fit beside the merge's backups)."""
+    device = torch.device(device)
+    return _build(UNetModel, (TINY_ARCHS if tiny else ARCHS)[arch].unet, device,
+                  torch.Generator(device).manual_seed(seed), dtype)
+
+
 def parameter_counts(bundle: SDBundle) -> dict[str, int]:
     return {name: sum(p.numel() for p in getattr(bundle, name).parameters())
             for name in ("unet", "vae", "text_encoder")}

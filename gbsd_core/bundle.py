@@ -21,6 +21,7 @@ from .family import Family
 from .noise_schedule import SD, NoiseSchedule
 from .openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
 from .params import ModelLimits
+from .prompts.encode import encode
 from .sampling import Conditioning
 from .sdxl_conditioner import SDXLConditioner, SDXLConditionerConfig, micro_embedding
 from .tokenizer import CONTEXT_LENGTH, EOT_TOKEN_ID
@@ -30,6 +31,7 @@ from .vae import AutoencoderKL, VAEConfig
 if TYPE_CHECKING:  # the tokenizer's BPE tables (open_clip) load on first use; PIL is only needed for images
     from PIL import Image
 
+    from .prompts.embeddings import EmbeddingLibrary
     from .tokenizer import Tokenizer
 
 TextEncoder = Union[CLIPTextEncoder, OpenCLIPTextEncoder, SDXLConditioner]
@@ -109,6 +111,8 @@ class SDBundle:
     noise_schedule: NoiseSchedule = SD  # β/ᾱ the UNet was trained on (a diffusers folder's scheduler config; else SD's)
     path: Path | None = None
     native_size: int | None = None  # a diffusers folder's unet sample_size x VAE factor; None: the family's
+    # textual-inversion embeddings that prompts may name (gbsd_core/prompts/embeddings.py); None: none
+    embeddings: EmbeddingLibrary | None = None
 
     def limits(self) -> ModelLimits:
         """VAE factor, latent channels, native and largest image side (what `params.image_size` checks)."""
@@ -133,16 +137,22 @@ class SDBundle:
         return self.text_encoder(self.tokenizer(prompts).to(device))
 
     @torch.no_grad()
-    def conditioning(self, prompt: str, size: tuple[int, int], negative: bool = False) -> Conditioning:
+    def conditioning(self, prompt: str, size: tuple[int, int], negative: bool = False,
+                     emphasis: str = "original") -> Conditioning:
         """What the UNet is conditioned on for one prompt (one row) when making an image of size (width, height).
 
         SD1/SD2: the token embeddings. SDXL: the context and the pooled embedding, plus the micro-conditioning for
         that size (original = target = the image's size, no crop; refiner: aesthetic score 6, or 2.5 for the negative
         prompt). SDXL base's empty negative prompt is zeros, not E("") (`Family.force_zeros_for_empty_prompt`).
+
+        The prompt is read as A1111 writes it (gbsd_core/prompts/: `(word:1.2)`, BREAK, any length in 75-token chunks,
+        the embeddings' names; `emphasis` "none" reads brackets as text), so the context is [1, 77·k, D] for k chunks.
+        A plain prompt of at most 75 tokens is `encode_prompt`'s call and bits. Prompt editing ([from:to:when]) is a
+        schedule of texts, which the pipeline encodes one by one (prompts/schedule.py); here a text is one text.
         """
-        text = self.encode_prompt(prompt)
+        text = encode(self.text_encoder, self.tokenizer, prompt, emphasis, self.embeddings, self.family.name)
         if not isinstance(self.text_encoder, SDXLConditioner):
-            return Conditioning(text)
+            return text
         if negative and prompt == "" and self.family.force_zeros_for_empty_prompt:
             text = text.map(torch.zeros_like)
         values = torch.tensor([self.text_encoder.micro_values(size, negative)], device=text.context.device)

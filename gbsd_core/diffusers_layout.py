@@ -164,6 +164,31 @@ def unet_plan(keys: list[str]) -> Plan:
     return plan
 
 
+def unet_diffusers_names(names: list[str], num_res_blocks: int) -> dict[str, str]:
+    """The table read backwards, for lookups by either spelling: original UNet module names (or keys) -> diffusers
+    names, e.g. `input_blocks.1.1.proj_in` -> `down_blocks.0.attentions.0.proj_in` (LoRA files name modules in
+    both). The level loop is `unet_block_prefixes`' own, fed the diffusers blocks the original names imply; names
+    that have no diffusers counterpart (none in a UNet this module builds) are left out."""
+    outs = _indices(names, r"output_blocks\.(\d+)\.")
+    levels = (max(outs) + 1) // (num_res_blocks + 1) if outs else 0
+    blocks = [f"down_blocks.{lvl}.resnets.{j}.x" for lvl in range(levels) for j in range(num_res_blocks)]
+    # an up level has attention when its first output block holds a SpatialTransformer at index 1
+    blocks += [f"up_blocks.{lvl}.attentions.0.x" for lvl in range(levels)
+               if any(n.startswith(f"output_blocks.{lvl * (num_res_blocks + 1)}.1.") for n in names)]
+    to_diffusers = {orig: diff for diff, orig in {**UNET_TOP, **unet_block_prefixes(blocks)}.items()}
+    resnet_back = {orig: diff for diff, orig in UNET_RESNET.items()}
+    out: dict[str, str] = {}
+    for name in names:
+        for orig in sorted(to_diffusers, key=len, reverse=True):
+            if name == orig or name.startswith(orig + "."):
+                diff, suffix = to_diffusers[orig], name[len(orig) + 1:]
+                if ".resnets." in diff:
+                    suffix = _rename_first(suffix, resnet_back)
+                out[name] = f"{diff}.{suffix}" if suffix else diff
+                break
+    return out
+
+
 def vae_plan(keys: list[str]) -> Plan:
     """Plan for a diffusers AutoencoderKL state dict → CompVis AutoencoderKL names.
 

@@ -26,11 +26,14 @@ from .ddim import NUM_TRAIN_TIMESTEPS
 from .noise_schedule import SD, NoiseSchedule
 from .noise_schedule import SPACINGS as DDIM_SPACINGS
 from .family import FAMILIES
+from .prompts.chunks import PADDINGS
+from .prompts.parser import EMPHASIS
+from .prompts.schedule import check_prompt
 from .samplers import SAMPLERS, make_sampler
 from .sampling import layout_steps
 from .sigmas import SCHEDULES, SPACINGS
 
-TEXT_MAX_CHARS = 10_000  # CLIP reads 75 tokens (a few hundred characters); this bound only stops absurd inputs
+TEXT_MAX_CHARS = 10_000  # prompts are read in 75-token chunks, at most 8 (prompts/chunks.py); this stops absurd input
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; seeds here are non-negative
 CFG_MAX = 100.0  # guidance above ~30 burns images out; 100 is a bound with room, not a recommendation
 SIZE_MAX = max(f.max_size for f in FAMILIES)  # no family renders more; a model's own bound is ModelLimits.max_size
@@ -99,8 +102,7 @@ class Field:
 
 def _check_text(name: str, text: str, nonblank: bool) -> str:
     if len(text) > TEXT_MAX_CHARS:
-        raise ValueError(f"{name} is {len(text):,} characters long, more than the {TEXT_MAX_CHARS:,} accepted (CLIP "
-                         "reads the first 75 tokens)")
+        raise ValueError(f"{name} is {len(text):,} characters long, more than the {TEXT_MAX_CHARS:,} accepted")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:  # a lone surrogate: undecodable bytes on a command line, "\ud800" in JSON
@@ -135,6 +137,10 @@ FIELDS: Mapping[str, Field] = MappingProxyType({
     # rack focus (gbsd_core/bokeh/rack.py): the local embedding (1 − m)·E(focus) + m·E(focus_to), m = focus_mix
     "focus_to": Field(str, optional=True, nonblank=True),
     "focus_mix": Field(float, 0.0, 1.0),
+    # how prompts are read (gbsd_core/prompts/): A1111's emphasis mode, and how prompts of different chunk counts
+    # are brought to one length
+    "emphasis": Field(str, choices=EMPHASIS),
+    "chunk_padding": Field(str, choices=PADDINGS),
 })
 
 
@@ -156,6 +162,11 @@ def check_together(p: GenerationParams) -> None:
     if p.sampler == "lcm" and p.spacing is not None:
         raise ValueError(f"spacing {p.spacing!r}: the lcm sampler runs its own schedule (the timesteps the model "
                          "was distilled on); leave the spacing out")
+    # The prompt syntax gbsd refuses, found without a model (prompts/): a weight that is not a number or beyond the
+    # limit, AND, extra-network tags it cannot apply, prompt editing in the negative prompt.
+    for name in ("prompt", "negative", "focus", "focus_to"):
+        if getattr(p, name) is not None:
+            check_prompt(getattr(p, name), p.emphasis, p.steps, name)
 
 
 def check_schedule(p: GenerationParams, img2img: bool, noise_schedule: NoiseSchedule = SD,
@@ -202,6 +213,11 @@ class GenerationParams:
     # m = focus_mix, instead of E(focus). None / 0 = the plain GBSD local prompt.
     focus_to: str | None = None
     focus_mix: float = 0.0
+    # Prompts (gbsd_core/prompts/, README "Prompts"): "original" reads A1111's (word:1.2) and rescales to the mean
+    # (also "no_norm", "ignore", "none" = brackets are text); "repeat" brings prompts of different chunk counts to one
+    # length by repeating them (A1111's separate calls, exactly), "empty" by padding with the empty prompt's chunk.
+    emphasis: str = "original"
+    chunk_padding: str = "repeat"
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -20,7 +20,7 @@ compiled, CUDA-graphed; any sampler) that are passed in as `stepper=`.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -30,6 +30,9 @@ from torch import Tensor
 from .bundle import SDBundle, check_finite
 from .images import to_rgb
 from .params import GenerationParams, image_size
+from .prompts.chunks import fit_conditionings
+from .prompts.parser import check_lora_tags_taken_out
+from .prompts.schedule import prompt_schedule, staged
 from .samplers import Sampler, make_sampler
 from .sampling import (
     CFGStep,
@@ -37,13 +40,13 @@ from .sampling import (
     Probe,
     Stage,
     Stepper,
+    StageSwitch,
     StepState,
     Watcher,
     blend_embeddings,
     cat_conditioning,
     denoise,
     focus_conditioning,
-    gbsd_stages,
     layout_steps,
 )
 from .sampling import guidance as sampling_guidance
@@ -118,10 +121,13 @@ class _Start:
 
     sampler: Sampler  # its run fixed to `timesteps`
     timesteps: Tensor  # the UNet timesteps of the executed steps, descending
-    # Conditionings (sampling.Conditioning): the token embeddings E(·) [rows,77,D], for SDXL with pooled + sizes
+    # Conditionings (sampling.Conditioning): the token embeddings E(·) [1,77·k,D] (k: the run's chunk count, one for
+    # prompts of at most 75 tokens), for SDXL with pooled + sizes
     uncond: Conditioning  # E(negative prompt), 1 row
-    global_emb: Conditioning  # E(global prompt), 1 row
-    local_embs: Conditioning | None  # E(local prompt), one row per focus prompt (F); None without one
+    # The global prompt's then each local prompt's schedule [(end step, text)]: one entry, unless the prompt uses
+    # prompt editing ([from:to:when], prompts/schedule.py)
+    schedules: list[list[tuple[int, str]]]
+    embs: dict[str, Conditioning]  # E(text) of every text the schedules hold
     latents: Tensor  # x_T, or the noised input image, [1,C,h,w] fp32 (C = 4, h = H/8 for SD)
     generator: torch.Generator
     size: tuple[int, int]  # (width, height) of the image
@@ -157,9 +163,18 @@ def _start(bundle: SDBundle, params: GenerationParams, local_prompts: Sequence[s
     # One text-encoder call per prompt rather than one batch: CPU matmul kernels may round differently at another
     # batch size, and a prompt must embed to the same bits whichever run or sweep it is part of (a layout fraction of 1 is then
     # bit-identical to plain SD). The cost is a few ms per prompt. (SDXL: each also carries the size embeddings.)
-    conds = [bundle.conditioning(p, (w, h), negative=i == 0).map(lambda t: t.to(device, torch.float32))
-             for i, p in enumerate((params.negative, params.prompt, *local_prompts))]
-    local_embs = cat_conditioning(conds[2:]) if local_prompts else None
+    # Prompts are read as A1111 writes them (prompts/: weights, chunks of 75 tokens, embeddings, prompt editing);
+    # then every context of the run is brought to one length (prompts/chunks.py: repeated, or padded). A LoRA tag
+    # must have been taken out and applied before (gbsd_core.lora); the run would silently lack its LoRA otherwise.
+    wheres = ["prompt", "negative", *["focus"] * len(local_prompts)]
+    for where, prompt in zip(wheres, (params.prompt, params.negative, *local_prompts)):
+        check_lora_tags_taken_out(prompt, where)
+    schedules = [prompt_schedule(p, params.steps) for p in (params.prompt, *local_prompts)]
+    texts = list(dict.fromkeys(text for schedule in schedules for _, text in schedule))
+    conds = [bundle.conditioning(p, (w, h), negative=i == 0, emphasis=params.emphasis)
+             for i, p in enumerate((params.negative, *texts))]
+    conds = fit_conditionings(conds, params.chunk_padding, lambda: bundle.conditioning("", (w, h)).context)
+    conds = [c.map(lambda t: t.to(device, torch.float32)) for c in conds]
 
     latent_shape = limits.latent_shape(w, h)
     if init_image is None:
@@ -173,7 +188,18 @@ def _start(bundle: SDBundle, params: GenerationParams, local_prompts: Sequence[s
         x0 = bundle.encode_images(_image_to_tensor(init_image, (w, h)), generator=generator).to(device, torch.float32)
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
         latents = sampler.start_latents(noise, x0)
-    return _Start(sampler, timesteps, conds[0], conds[1], local_embs, latents, generator, (w, h))
+    return _Start(sampler, timesteps, conds[0], schedules, dict(zip(texts, conds[1:])), latents, generator, (w, h))
+
+
+def _stages(start: _Start, n: int, n_layout: int, plain: str,
+            focus_of: Callable[[Conditioning, Conditioning], Conditioning]) -> list[Stage]:
+    """GBSD's stages: E(global) for the first n_layout steps, then `focus_of(E(global), E(local prompts))` (the
+    locals stacked, one row each); a stage splits where prompt editing changes a text (prompts/schedule.py)."""
+    def cond(focus: bool, texts: list[str]) -> Conditioning:
+        global_emb = start.embs[texts[0]]
+        return focus_of(global_emb, cat_conditioning([start.embs[t] for t in texts[1:]])) if focus else global_emb
+
+    return staged(n, n_layout, start.schedules, cond, plain)
 
 
 def _boundary(start: _Start, n_layout: int, has_focus: bool) -> tuple[int | float | None, float | None]:
@@ -184,7 +210,8 @@ def _boundary(start: _Start, n_layout: int, has_focus: bool) -> tuple[int | floa
 
 
 def _denoise(bundle: SDBundle, params: GenerationParams, start: _Start, stages: list[Stage], progress: bool,
-             probe: Probe | None, stepper: Stepper | None, watch: Watcher | None = None) -> tuple[Tensor, int]:
+             probe: Probe | None, stepper: Stepper | None, watch: Watcher | None = None,
+             switch: StageSwitch | None = None) -> tuple[Tensor, int]:
     """Run the stages; returns the final latents and the UNet evaluations per sample row (counted from the states)."""
     guidance = sampling_guidance(params.cfg)  # None at cfg ≤ 1: the conditional branch alone
     if stepper is None:
@@ -197,7 +224,7 @@ def _denoise(bundle: SDBundle, params: GenerationParams, start: _Start, stages: 
         raise ValueError(f"the stepper runs guidance {stepper.guidance_scale}, η {stepper.eta}; these parameters ask "
                          f"for {guidance}, {params.eta}")
     states: Iterator[StepState] = denoise(stepper, start.latents, start.timesteps, stages, start.uncond,
-                                          generator=start.generator)
+                                          generator=start.generator, switch=switch)
     if watch is not None:
         states = watch.watch(states, start.timesteps, stages)
     if progress:
@@ -223,6 +250,7 @@ def generate(
     probe: Probe | None = None,
     stepper: Stepper | None = None,
     watch: Watcher | None = None,
+    switch: StageSwitch | None = None,
 ) -> GenerationResult:
     """One image: text-to-image, or image-to-image when `init_image` is given. GBSD when `params.focus` is set.
 
@@ -231,20 +259,23 @@ def generate(
     `params.schedule` names); it must have been made with `params.cfg` and `params.eta` and run that sampler (e.g.
     `gbsd_core.fast.make_stepper(bundle, options, params.cfg, params.eta, params.sampler, params.schedule)`).
     `watch`: sees every step's state on the way, e.g. gbsd_core.bokeh.trace.Tracer (the x̂_0 filmstrip).
+    `switch`: told when each stage starts (sampling.StageSwitch), e.g. gbsd_core.lora's per-stage LoRAs.
     """
     check_run_args(bundle, params, stepper=stepper, probe=probe, watch=watch)
     local_prompts = [p for p in (params.focus, params.focus_to) if p is not None]
     start = _start(bundle, params, local_prompts, init_image, x_T, stepper)
     n = len(start.timesteps)
-    if params.focus is None:
-        stages, n_layout = [Stage("global", range(n), start.global_emb)], n  # plain SD
-    else:
-        local = start.local_embs.map(lambda t: t[:1])
+
+    def focus_of(global_emb: Conditioning, local_embs: Conditioning) -> Conditioning:
+        local = local_embs.map(lambda t: t[:1])
         if params.focus_to is not None:
-            local = blend_embeddings(local, start.local_embs.map(lambda t: t[1:]), params.focus_mix)
-        focus = focus_conditioning(start.global_emb, local, params.alpha)
-        stages, n_layout = gbsd_stages(start.global_emb, focus, n, params.layout), layout_steps(n, params.layout)
-    latents, unet_calls = _denoise(bundle, params, start, stages, progress, probe, stepper, watch)
+            local = blend_embeddings(local, local_embs.map(lambda t: t[1:]), params.focus_mix)
+        return focus_conditioning(global_emb, local, params.alpha)
+
+    # plain SD: one "global" stage; GBSD: "layout" for round(layout·n) steps, then "focus"
+    n_layout = n if params.focus is None else layout_steps(n, params.layout)
+    stages = _stages(start, n, n_layout, "global" if params.focus is None else "layout", focus_of)
+    latents, unet_calls = _denoise(bundle, params, start, stages, progress, probe, stepper, watch, switch)
     image = bundle.decode_latents(latents)[0]
     return GenerationResult(image, replace(params, width=start.size[0], height=start.size[1]), n, n_layout, unet_calls,
                             *_boundary(start, n_layout, params.focus is not None))
@@ -262,6 +293,7 @@ def sweep(
     progress: bool = False,
     probe: Probe | None = None,
     stepper: Stepper | None = None,
+    switch: StageSwitch | None = None,
 ) -> list[GenerationResult]:
     """A grid of focus stages (local prompt × α × focus mix) that share one layout stage.
 
@@ -295,14 +327,17 @@ def sweep(
     # The only difference from generate: K focus rows, one per cell, focus-prompt-major.
     alpha_rows = torch.tensor([a for _, a, _ in cells])
     per_prompt = len(alphas) * len(mixes)
-    local_rows = start.local_embs.map(lambda t: t[:len(focus_prompts)].repeat_interleave(per_prompt, dim=0))
-    if params.focus_to is not None:
-        to_row = start.local_embs.map(lambda t: t[-1:])
-        local_rows = blend_embeddings(local_rows, to_row, torch.tensor([m for *_, m in cells]))
-    global_rows = start.global_emb.map(lambda t: t.expand(len(cells), *t.shape[1:]))
-    focus = focus_conditioning(global_rows, local_rows, alpha_rows)
-    stages = gbsd_stages(start.global_emb, focus, n, params.layout)
-    latents, unet_calls = _denoise(bundle, params, start, stages, progress, probe, stepper)
+
+    def focus_of(global_emb: Conditioning, local_embs: Conditioning) -> Conditioning:
+        local_rows = local_embs.map(lambda t: t[:len(focus_prompts)].repeat_interleave(per_prompt, dim=0))
+        if params.focus_to is not None:
+            to_row = local_embs.map(lambda t: t[-1:])
+            local_rows = blend_embeddings(local_rows, to_row, torch.tensor([m for *_, m in cells]))
+        global_rows = global_emb.map(lambda t: t.expand(len(cells), *t.shape[1:]))
+        return focus_conditioning(global_rows, local_rows, alpha_rows)
+
+    stages = _stages(start, n, layout_steps(n, params.layout), "layout", focus_of)
+    latents, unet_calls = _denoise(bundle, params, start, stages, progress, probe, stepper, switch=switch)
     images = bundle.decode_latents(latents)
     if len(images) == 1 and len(cells) > 1:
         # layout fraction 1: no focus stage ran, so nothing branched: every cell is the same global-prompt image.

@@ -67,8 +67,9 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         raise CheckpointError(f"{path}: not a readable safetensors file, probably truncated or corrupt ({e})") from e
 
 
-def read_torch(path: Path) -> dict[str, torch.Tensor]:
-    """A `.ckpt`/`.pt`/`.pth`/`.bin` state dict, unpickled with weights_only=True (tensors and containers only)."""
+def read_pickle(path: Path) -> object:
+    """What a `.ckpt`/`.pt`/`.pth`/`.bin` file holds, unpickled with weights_only=True: tensors, containers, numbers
+    and strings only (a pickle that names any other class is refused: loading it would run code)."""
     check_regular_file(path)
 
     def _load(mmap: bool) -> object:
@@ -96,6 +97,12 @@ def read_torch(path: Path) -> dict[str, torch.Tensor]:
         # a damaged zip or pickle stream raises any of these from inside torch.load
         raise CheckpointError(f"{path}: not a readable torch checkpoint, probably truncated or corrupt "
                               f"({type(e).__name__}: {e})") from e
+    return obj
+
+
+def read_torch(path: Path) -> dict[str, torch.Tensor]:
+    """A `.ckpt`/`.pt`/`.pth`/`.bin` state dict, unpickled with weights_only=True (tensors and containers only)."""
+    obj = read_pickle(path)
     # Lightning checkpoints wrap the weights: {"state_dict": {...}, "global_step": ..., ...}.
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]

@@ -212,6 +212,7 @@ def denoise(
     *,
     generator: torch.Generator | None = None,
     restart_history: bool = False,
+    switch: StageSwitch | None = None,
 ) -> Iterator[StepState]:
     """Run `stepper` over `timesteps` with the conditioning each stage gives, yielding every step's state.
 
@@ -222,7 +223,7 @@ def denoise(
     of the fresh noise a step may add (DDIM with η > 0, Euler ancestral; CPU by default, so a seed gives the same
     image on any device). restart_history: a multistep sampler (DPM++ 2M) forgets its history at each stage's first
     step and runs it first order; by default the history carries across the stage switch, as diffusers' and A1111's
-    samplers keep theirs.
+    samplers keep theirs. switch: told when each stage starts (`StageSwitch`), e.g. to merge a stage's LoRAs.
     """
     _check_run(stepper, timesteps, stages, uncond)
     sampler = stepper.sampler
@@ -233,6 +234,8 @@ def denoise(
         if restart_history:
             pred_x0 = None
         context = _guided_context(stage.cond, uncond if stepper.guidance_scale is not None else None, latents)
+        if switch is not None:
+            switch.enter(stage)  # the model's own switch (per-stage LoRAs), before the stepper reads its weights
         stepper.set_context(context.context, context.vector)  # the GBSD switch: this stage's conditioning from now on
         for i in stage.steps:
             latents, pred_x0 = stepper.step(latents, i, noise_of(i, latents.shape[0]), pred_x0)
@@ -386,3 +389,12 @@ class Watcher(Protocol):
 
     def watch(self, states: Iterator[StepState], timesteps: Tensor,
               stages: Sequence[Stage]) -> Iterator[StepState]: ...
+
+
+class StageSwitch(Protocol):
+    """Changes the model itself at stage boundaries (the conditioning is the stage's own): `denoise` calls `enter`
+    at the start of every stage, before the stepper is given the stage's conditioning, so whatever the stepper
+    derives from the weights when a stage starts sees the switched ones. gbsd_core.lora merges a stage's LoRAs this
+    way (in place)."""
+
+    def enter(self, stage: Stage) -> None: ...

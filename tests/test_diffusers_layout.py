@@ -106,6 +106,29 @@ def test_openclip_table_inverts_diffusers_converter() -> None:
         assert torch.equal(back[k], expected[k]), k
 
 
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl-base", "sdxl-refiner"])
+def test_unet_names_backwards_name_diffusers_own_modules(arch: str) -> None:
+    """unet_diffusers_names (the table read backwards, for LoRA lookups by either spelling) gives every Linear and
+    Conv2d of our UNet the name of diffusers' own module holding the same weight (the twin is filled by diffusers'
+    convert_ldm_unet_checkpoint), and names each diffusers module exactly once."""
+    from _reference import diffusers_unet
+    from _sdxl import tiny_sdxl_modules
+    from _tiny import tiny_modules
+
+    unet = (tiny_modules(sd2=arch == "sd2")["unet"] if arch in ("sd1", "sd2")
+            else tiny_sdxl_modules(refiner=arch == "sdxl-refiner")["unet"])
+    ref = diffusers_unet(unet)
+    layers = (torch.nn.Linear, torch.nn.Conv2d)
+    ours = {n: m for n, m in unet.named_modules() if isinstance(m, layers)}
+    theirs = {n: m for n, m in ref.named_modules() if isinstance(m, layers)}
+    names = dl.unet_diffusers_names(list(ours), unet.config.num_res_blocks)
+    print(f"{arch}: {len(ours)} layers named, {len(theirs)} in diffusers' UNet")
+    assert set(names) == set(ours) and sorted(names.values()) == sorted(theirs)
+    for name, diffusers_name in names.items():
+        mine, other = ours[name].weight, theirs[diffusers_name].weight
+        assert torch.equal(mine, other.reshape(mine.shape)), (name, diffusers_name)
+
+
 # ------------------------------------------------------------------------------------------------ diffusers folders
 def _diffusers_models(sd2: bool, wide: bool = False):
     from diffusers import AutoencoderKL as DAutoencoderKL

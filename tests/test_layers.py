@@ -1,6 +1,6 @@
 """The package's layers, read from its imports: the core (plain SD) imports nothing outside itself and no reference
-library; the wings (fast/, bokeh/, cli/, ...) import the core; only cli/ imports other wings; no private name is
-imported across modules."""
+library; the wings (fast/, bokeh/, lora/, cli/, ...) import the core; only cli/ imports other wings; no private name
+is imported across modules. prompts/ is a package of the core (bundle, params and pipeline call it), not a wing."""
 from __future__ import annotations
 
 import ast
@@ -9,6 +9,7 @@ from _util import REPO
 
 PACKAGE = REPO / "gbsd_core"
 TEST_ONLY = ("diffusers", "transformers", "peft", "cv2", "pytest")
+CORE_PACKAGES = ("prompts",)  # folders of the core, off the learning route: the core's own modules import them
 
 
 def _imports(path):
@@ -29,9 +30,10 @@ def _imports(path):
 
 
 def _layer(module: str) -> str:
-    """'core' for gbsd_core.X (a top-level module), else the wing's name (gbsd_core.fast.step -> 'fast')."""
+    """'core' for gbsd_core.X (a top-level module) or a core package's module, else the wing's name
+    (gbsd_core.fast.step -> 'fast')."""
     rest = module.split(".")[1:]
-    if not rest or (len(rest) == 1 and not (PACKAGE / rest[0]).is_dir()):
+    if not rest or (len(rest) == 1 and not (PACKAGE / rest[0]).is_dir()) or rest[0] in CORE_PACKAGES:
         return "core"
     return rest[0]
 
@@ -70,3 +72,4 @@ def test_no_private_name_is_imported_across_modules():
 def test_the_layer_rule_can_fail(tmp_path):
     assert _layer("gbsd_core.fast.step") == "fast" and _layer("gbsd_core.unet") == "core"
     assert _layer("gbsd_core.fast") == "fast" and _layer("gbsd_core") == "core"
+    assert _layer("gbsd_core.prompts.encode") == "core" and _layer("gbsd_core.lora.merge") == "lora"

@@ -122,6 +122,32 @@ def test_context_tensor_is_built_once_per_stage():
     assert len(set(seen[:3])) == 1 and len(set(seen[3:])) == 1 and seen[0] != seen[3]
 
 
+def test_a_stage_switch_is_told_each_stage_before_its_conditioning_is_set():
+    """`denoise(switch=)`: `enter(stage)` once per stage, at its first step, before the stepper gets the stage's
+    conditioning (what the stepper derives from the weights then sees the switched ones), nothing in between."""
+    sched = DDIMSampler()
+    timesteps = sched.timesteps(6)
+    events = []
+
+    class Switch:
+        def enter(self, stage):
+            events.append(("enter", stage.name))
+
+    class Step(CFGStep):
+        def set_context(self, context, vector=None):
+            events.append(("set_context", float(context[1, 0, 0])))
+            super().set_context(context, vector)
+
+        def step(self, latents, i, noise, prev_x0):
+            events.append(("step", i))
+            return super().step(latents, i, noise, prev_x0)
+
+    list(denoise(Step(RecordingModel(), sched, 3.0), torch.randn(1, 4, 2, 2), timesteps,
+                 gbsd_stages(_emb(1), _emb(2), 6, 0.5), _emb(0), switch=Switch()))
+    assert events == [("enter", "layout"), ("set_context", 1.0), *(("step", i) for i in range(3)),
+                      ("enter", "focus"), ("set_context", 2.0), *(("step", i) for i in range(3, 6))]
+
+
 def test_branching_stage_equals_independent_runs_and_counts_evaluations():
     sched = DDIMSampler()
     n, layout = 10, 0.8

@@ -17,7 +17,10 @@ Choices, and why:
 - Steps: the focus stage only. Its context is α·E(global) + (1−α)·E(local) (sampling.focus_conditioning), mixed
   position by position, so context positions 1..len(local) hold the local prompt's word tokens (weighted 1−α,
   mixed with the global prompt's first words, weighted α). Those positions are the "focus tokens". Position 0
-  (the start token, which soaks up most attention) and the end/padding positions are left out.
+  (the start token, which soaks up most attention) and the end/padding positions are left out. A local prompt as
+  A1111 writes it (gbsd_core/prompts/) has its words in each of its 77-token chunks, and a run whose prompts have
+  other chunk counts repeats its context whole (`chunk_padding` "repeat"): then the words come back every
+  77·k positions (`period`; `focus_collector` works both out).
 - Classifier-free guidance runs the UNet on [uncond; cond]; only the conditional half is read: the unconditional
   branch attends to the empty prompt, whose positions carry no words.
 - The probabilities are recomputed beside each attn2 (a forward pre-hook computes softmax(q k^T · scale) from the
@@ -28,6 +31,7 @@ Choices, and why:
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,11 +39,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attention import CrossAttention
-from ..sampling import Denoiser, Stage
-from ..tokenizer import EOT_TOKEN_ID, SOT_TOKEN_ID
 from ..attention_sites import attention_sites, query_hw
+from ..prompts.encode import read_prompt
+from ..prompts.schedule import prompt_schedule, text_at
+from ..sampling import Denoiser, Stage, layout_steps
+from ..tokenizer import CONTEXT_LENGTH, EOT_TOKEN_ID, SOT_TOKEN_ID
 from ..unet import UNetModel
 from .masks import attention_to_mask
+
+if TYPE_CHECKING:
+    from ..bundle import SDBundle
+    from ..params import GenerationParams
 
 MIDDLE_LEVELS = (2, 4)  # downsampling factors ds of the collected attn2 layers (32x32 and 16x16 for 512² images)
 
@@ -71,10 +81,29 @@ def word_positions(tokens: Tensor) -> list[int]:
     return list(range(1, end))
 
 
+def prompt_positions(bundle: SDBundle, prompt: str, params: GenerationParams) -> tuple[list[int], int | None]:
+    """(context positions of a local prompt's words, the period they repeat with in the run's context or None), as
+    `params` reads and lays out prompts (gbsd_core/prompts/; an edited prompt: its text where the focus stage
+    starts). ValueError when the prompt has no words."""
+    n = params.steps
+    text = text_at(prompt_schedule(prompt, n), layout_steps(n, params.layout))
+    read = read_prompt(text, bundle.tokenizer, params.emphasis, bundle.embeddings)
+    positions = read.word_positions()
+    if not positions:
+        raise ValueError("the prompt has no words (empty focus prompt)")
+    return positions, CONTEXT_LENGTH * len(read.chunks) if params.chunk_padding == "repeat" else None
+
+
+def focus_collector(bundle: SDBundle, prompt: str, params: GenerationParams) -> CrossAttentionCollector:
+    """A collector of the focus-stage attention on `prompt`'s words in a run of `params` (eval, grid, rack)."""
+    positions, period = prompt_positions(bundle, prompt, params)
+    return CrossAttentionCollector(bundle.unet, positions, period=period)
+
+
 class CrossAttentionCollector:
     """Accumulates the cross-attention mass on chosen context positions over the UNet calls of chosen steps.
 
-        collector = CrossAttentionCollector(bundle.unet, word_positions(bundle.tokenizer(focus)))
+        collector = focus_collector(bundle, focus, params)        # or CrossAttentionCollector(unet, positions)
         result = generate(bundle, params, probe=collector)        # pipeline wraps its denoiser with `wrap`
         mask = collector.mask(0, (height, width))                 # bool [H, W] for result row 0
 
@@ -82,7 +111,7 @@ class CrossAttentionCollector:
     """
 
     def __init__(self, unet: UNetModel, positions: Sequence[int], levels: Sequence[int] = MIDDLE_LEVELS,
-                 stage_names: Collection[str] = ("focus",)) -> None:
+                 stage_names: Collection[str] = ("focus",), period: int | None = None) -> None:
         self.sites = [s for s in attention_sites(unet, cross=True) if s.ds in set(levels)]
         if not self.sites:
             have = sorted({s.ds for s in attention_sites(unet, cross=True)})
@@ -91,9 +120,16 @@ class CrossAttentionCollector:
         if not positions:
             raise ValueError("no context positions to collect")
         self.positions = positions
+        self.period = period  # the positions repeat every `period` context positions (a repeated context)
         self.stage_names = frozenset(stage_names)
         self._ds = {id(s.module): s.ds for s in self.sites}
         self.reset()
+
+    def _at(self, length: int) -> list[int]:
+        """The collected positions in a context of `length` positions."""
+        if self.period is None:
+            return [p for p in self.positions if p < length]
+        return [p + k * self.period for k in range(length // self.period) for p in self.positions]
 
     def reset(self) -> None:
         self._sums: dict[int, Tensor] = {}  # ds -> float64 [B, h_ds, w_ds], summed over layers and steps
@@ -109,7 +145,7 @@ class CrossAttentionCollector:
         if self._cfg:
             x, context = x.chunk(2)[1], context.chunk(2)[1]  # the conditional half
         probs = attention_probs(module, x, context)  # [B, heads, Nq, 77]
-        mass = probs[..., self.positions].sum(-1).mean(1)  # [B, Nq]
+        mass = probs[..., self._at(context.shape[1])].sum(-1).mean(1)  # [B, Nq]
         ds = self._ds[id(module)]
         h, w = (query_hw(n, ds) for n in self._latent_hw)
         m = mass.double().reshape(-1, h, w).cpu()

@@ -34,8 +34,8 @@ from torch import Tensor
 
 from .. import pipeline
 from ..pipeline import GenerationParams, GenerationResult
-from ..sampling import Denoiser, Probe, Stage
-from .attnmaps import CrossAttentionCollector, word_positions
+from ..sampling import Denoiser, Probe, Stage, StageSwitch
+from .attnmaps import CrossAttentionCollector, focus_collector
 from .metrics import SharpnessReport, to_gray
 from .pictures import captioned, fit_cell, tile
 
@@ -122,11 +122,12 @@ class _Probes:
         return model
 
 
-def _collectors(bundle: SDBundle, prompts: Sequence[str]) -> dict[str, CrossAttentionCollector]:
+def _collectors(bundle: SDBundle, prompts: Sequence[str],
+                params: GenerationParams) -> dict[str, CrossAttentionCollector]:
     """One focus-stage attention collector per object prompt; {} when the model has no attention to collect or a
     prompt has no words (the rack still runs, without masks)."""
     try:
-        return {p: CrossAttentionCollector(bundle.unet, word_positions(bundle.tokenizer(p))) for p in prompts}
+        return {p: focus_collector(bundle, p, params) for p in prompts}
     except ValueError:
         return {}
 
@@ -142,20 +143,21 @@ def _measure(image: Image.Image, masks: dict[str, np.ndarray]) -> dict[str, Shar
 
 
 def rack_focus(bundle: SDBundle, params: GenerationParams, frames: int = 12, *, masks: bool = True,
-               x_T: Tensor | None = None, progress: bool = False) -> Rack:
+               x_T: Tensor | None = None, progress: bool = False, switch: StageSwitch | None = None) -> Rack:
     """K = `frames` images pulling focus from `params.focus` to `params.focus_to`, sharing one layout stage.
 
     `params.focus_mix` is ignored (each frame gets its own m_k). masks=False skips the attention collection and the
     sharpness numbers. Raises ValueError (check_rack) before any compute when the request is not a rack focus.
+    `switch`: told when each stage starts (sampling.StageSwitch, e.g. per-stage LoRAs), as in `pipeline.sweep`.
     """
     check_rack(params, frames)
     pipeline.check_run_args(bundle, params)
     start, end = params.focus, params.focus_to
-    collectors = _collectors(bundle, [start, end]) if masks else {}
+    collectors = _collectors(bundle, [start, end], params) if masks else {}
     probe = _Probes(list(collectors.values())) if collectors else None
     # pipeline.sweep looked up at call time (not bound at import), so a test can watch the call
     results = pipeline.sweep(bundle, replace(params, focus_mix=0.0), mixes=rack_mixes(frames), x_T=x_T, probe=probe,
-                             progress=progress)
+                             progress=progress, switch=switch)
     found: dict[str, np.ndarray] = {}
     size = (results[0].image.height, results[0].image.width)
     for prompt, row in ((start, 0), (end, frames - 1)):  # the pure end frames: E(from) alone, E(to) alone

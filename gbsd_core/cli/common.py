@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
     from ..bundle import SDBundle
     from ..loading import Checkpoint
+    from ..params import GenerationParams
+    from ..prompts.embeddings import EmbeddingLibrary
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -164,6 +166,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=DTYPES, default="fp32", help="UNet/text encoder dtype (default fp32; the VAE "
                    "stays fp32)")
     g.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    g.add_argument("--embedding", action="append", metavar="PATH",
+                   help="a textual-inversion embedding (.pt, .bin, .safetensors), named in prompts by its file stem; "
+                        "repeatable (the weights folder's embeddings/ is searched too)")
 
 
 # ------------------------------------------------------------------------------------------------ input checks
@@ -558,7 +563,7 @@ def inspect_checkpoint(path: Path, family: str | None) -> Checkpoint:
 
 def load_checkpoint(checkpoint: Checkpoint, device: torch.device | str, dtype: torch.dtype) -> SDBundle:
     """`loading.build` for the commands: the weights converted, checked finite and assigned; a rejected tensor becomes
-    a one-line usage error (exit 2).
+    a one-line usage error (exit 2). (The commands then give it the embeddings library: `SDBundle.embeddings`.)
 
     The commands call it as `common.load_checkpoint` (an attribute lookup at call time), so tests can replace it
     for every command at once.
@@ -570,6 +575,62 @@ def load_checkpoint(checkpoint: Checkpoint, device: torch.device | str, dtype: t
     except CheckpointError as e:
         msg = one_line(e)
         raise UsageError(msg if str(checkpoint.path) in msg else f"{checkpoint.path}: {msg}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- prompts
+
+
+@contextlib.contextmanager
+def prompt_errors() -> Iterator[None]:
+    """A prompt refused while it is encoded (prompts.PromptError, after the weights are loaded: nothing is written
+    yet) becomes a UsageError: one line, exit 2."""
+    from ..prompts.parser import PromptError
+
+    try:
+        yield
+    except PromptError as e:
+        raise UsageError(str(e)) from None
+
+
+
+def embedding_library(args: argparse.Namespace) -> EmbeddingLibrary:
+    """The embeddings prompts may name: `--embedding` files, and the weights folder's embeddings/ (read on demand)."""
+    from ..prompts.embeddings import EmbeddingLibrary
+    from . import weights
+
+    with usage_errors():
+        return EmbeddingLibrary(getattr(args, "embedding", None) or (), weights.weights_dir() / "embeddings")
+
+
+def check_prompts(params: GenerationParams, local_prompts: Sequence[str], checkpoint: Checkpoint,
+                  library: EmbeddingLibrary, where: str = "") -> dict[str, str]:
+    """Everything about a run's prompts that needs no weights (gbsd_core/prompts/encode.check_run): syntax, chunk
+    counts, the embeddings they name and whether those fit the model's text towers, the run's one context length.
+    Returns {embedding name: its file's sha256} for the metadata. A refusal is a UsageError after `where`."""
+    import hashlib
+
+    from ..prompts.encode import check_run, text_towers
+    from ..tokenizer import Tokenizer
+
+    prompts = [("prompt", params.prompt), ("negative", params.negative), *(("focus", p) for p in local_prompts)]
+    with usage_errors(where):
+        names = check_run(prompts, params.steps, params.emphasis, params.chunk_padding,
+                          Tokenizer(checkpoint.family.pad_token_id), library,
+                          text_towers(checkpoint.configs["text_encoder"]), checkpoint.family.name)
+    return {name: hashlib.sha256(library.get(name).path.read_bytes()).hexdigest() for name in names}
+
+
+def compare_embeddings(png_meta: Mapping, used: Mapping[str, str], library: EmbeddingLibrary) -> None:
+    """Warn when a PNG was made with embeddings this run does not have, or has other files of (by sha256, or the
+    10-digit prefix A1111 writes)."""
+    for name, digest in (png_meta.get("embeddings") or {}).items():
+        if name not in used:
+            warn(f"--from-png image was made with the embedding {name!r}, which this prompt does not name here (no "
+                 f"file {name}.pt/.safetensors in {library.folder} or --embedding): it is read as text, the image "
+                 "will differ")
+        elif not used[name].startswith(digest.lower()):
+            warn(f"--from-png image was made with embedding {name!r} sha256 {digest[:10]}, this file is "
+                 f"{used[name][:10]}: the image will differ")
 
 
 def parse_or_exit(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace | int:

@@ -24,19 +24,21 @@ backend is NCCL when CUDA is available (rank r on cuda:LOCAL_RANK), else gloo.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import common
+from . import loras as loras_cli
 from .common import (EXIT_FAILURE, Parser, UsageError, check_files_in, check_output_dir, link_problem, parse_or_exit,
                      parse_size, run_main, shown, usage_errors, write_text_atomic)
 from .evaltable import finished_record, write_pair, write_summary
-from .generate import add_sampler_args
+from .generate import add_prompt_args, add_sampler_args
 from .pairs import DEFAULT_PAIRS, Pair, read_pairs
 
 if TYPE_CHECKING:
@@ -47,6 +49,8 @@ if TYPE_CHECKING:
     from ..bundle import SDBundle
     from ..loading import Checkpoint
     from ..params import GenerationParams, ModelLimits
+    from ..prompts.embeddings import EmbeddingLibrary
+    from ..sampling import StageSwitch
 
 # -------------------------------------------------------------------------------------------- one pair's run
 
@@ -67,6 +71,9 @@ class Settings:
     sampler: str = "ddim"  # samplers.SAMPLERS: the paper's table is DDIM 50
     schedule: str = "normal"
     spacing: str | None = None  # None: the model's own
+    emphasis: str = "original"  # how prompts are read (gbsd_core/prompts/)
+    chunk_padding: str = "repeat"
+    loras: str = ""  # the LoRAs merged (cli/loras.py), "name sha256[:10] scale stage; ...": both images get them
 
     def params(self, pair: Pair, focus: str | None) -> GenerationParams:
         from ..params import GenerationParams
@@ -74,7 +81,8 @@ class Settings:
         return GenerationParams(pair.prompt, focus=focus, alpha=self.alpha, layout=self.layout, steps=self.steps,
                                 cfg=self.cfg, negative=self.negative, seed=pair.seed, width=self.width,
                                 height=self.height, strength=self.strength, sampler=self.sampler,
-                                schedule=self.schedule, spacing=self.spacing)
+                                schedule=self.schedule, spacing=self.spacing, emphasis=self.emphasis,
+                                chunk_padding=self.chunk_padding)
 
 
 @dataclass
@@ -96,24 +104,27 @@ def _open_init(pair: Pair) -> Image.Image:
         return to_rgb(im)  # read_pairs checked that it converts
 
 
-def evaluate_pair(bundle: SDBundle, pair: Pair, settings: Settings, progress: bool = False) -> PairResult:
-    """Generate the pair's images, find the target mask and measure both images on it."""
+def evaluate_pair(bundle: SDBundle, pair: Pair, settings: Settings, progress: bool = False,
+                  switch: StageSwitch | None = None) -> PairResult:
+    """Generate the pair's images, find the target mask and measure both images on it. `switch`: per-stage LoRAs
+    (gbsd_core.lora), which the plain-SD baseline sees as GBSD with a layout fraction of 1 does (the layout
+    stage's set)."""
     from PIL import Image
 
     from .. import pipeline
-    from ..bokeh.attnmaps import CrossAttentionCollector, word_positions
+    from ..bokeh.attnmaps import focus_collector
     from ..bokeh.masks import box_to_mask, load_mask
     from ..bokeh.metrics import SharpnessReport, to_gray
 
     init = _open_init(pair) if pair.init is not None else None
     collector = None
     if pair.mask is None and pair.box is None:
-        collector = CrossAttentionCollector(bundle.unet, word_positions(bundle.tokenizer(pair.focus)))
+        collector = focus_collector(bundle, pair.focus, settings.params(pair, pair.focus))
     gbsd = pipeline.generate(bundle, settings.params(pair, pair.focus), init_image=init, probe=collector,
-                             progress=progress).image
+                             progress=progress, switch=switch).image
     if init is None:
         baseline_name = "sd"
-        baseline = pipeline.generate(bundle, settings.params(pair, None), progress=progress).image
+        baseline = pipeline.generate(bundle, settings.params(pair, None), progress=progress, switch=switch).image
     else:
         # The pipeline resizes the input the same way when --size differs from it.
         baseline_name = "input"
@@ -276,9 +287,12 @@ def run_eval(args: argparse.Namespace) -> int:
             raise UsageError(f"--limit must be >= 1, got {args.limit}")
         pairs = pairs[: args.limit]
     width, height = parse_size(args.size) if args.size else (None, None)
+    for p in pairs:
+        loras_cli.refuse_tags([p.prompt, p.focus], f"{source} line {p.line}", "give them as --lora / --focus-lora")
     model_path, family = common.resolve_model(args, None)
     settings = Settings(model_path.name, args.alpha, args.layout, args.steps, args.cfg, args.negative, width, height,
-                        args.strength, args.sampler or "ddim", args.schedule or "normal", args.spacing)
+                        args.strength, args.sampler or "ddim", args.schedule or "normal", spacing=args.spacing,
+                        emphasis=args.emphasis or "original", chunk_padding=args.chunk_padding or "repeat")
     with usage_errors():
         params = settings.params(pairs[0], pairs[0].focus)  # the flags by the core's rules (pairs' fields: pairs.py)
     out = Path(args.output)
@@ -292,10 +306,16 @@ def run_eval(args: argparse.Namespace) -> int:
         with usage_errors(f"--steps {settings.steps}" + (f" --strength {settings.strength}: " if img2img else ": ")):
             check_schedule(params, img2img, noise_schedule=checkpoint.noise_schedule)
     _check_sizes(pairs, settings, checkpoint.limits(), source)
+    library = common.embedding_library(args)
+    for p in pairs:  # every pair's prompts, before any weights load (a pairs file is anyone's file)
+        common.check_prompts(settings.params(p, p.focus), [p.focus], checkpoint, library, f"{source} line {p.line}: ")
+    loras = loras_cli.plan_loras(args, checkpoint, [], None, has_focus=True)
+    settings = replace(settings, loras="; ".join(f"{r['name']} {r['sha256'][:10]} {r['scale']!r} {r['stage']}"
+                                                 for r in loras.records()))
 
     world, device = init_world(device)
     try:
-        return _run_eval(world, pairs, settings, out, checkpoint, device, dtype, not args.quiet)
+        return _run_eval(world, pairs, settings, out, checkpoint, device, dtype, not args.quiet, loras, library)
     finally:
         if world.size > 1:
             import torch.distributed as dist
@@ -304,7 +324,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_eval(world: World, pairs: list[Pair], settings: Settings, out: Path, checkpoint: Checkpoint,
-              device: torch.device, dtype: torch.dtype, progress: bool) -> int:
+              device: torch.device, dtype: torch.dtype, progress: bool,
+              loras: loras_cli.RunLoras | None = None, library: EmbeddingLibrary | None = None) -> int:
     pending, error = [], None
     if world.rank == 0:
         try:
@@ -321,13 +342,16 @@ def _run_eval(world: World, pairs: list[Pair], settings: Settings, out: Path, ch
     failures: list[str] = []
     if todo:
         bundle = common.load_checkpoint(checkpoint, device, dtype)
+        bundle.embeddings = library
+        applied = loras.apply(bundle) if loras is not None and loras.specs else None
         done = 0
         for start in range(0, len(todo), world.size):  # one pair per rank per round
             index = start + world.rank
             payload: PairResult | str | None = None
             if index < len(todo):
-                try:
-                    payload = evaluate_pair(bundle, todo[index], settings, progress and world.size == 1)
+                try:  # the LoRAs merged for each pair (a merge costs far less than its two runs)
+                    with applied if applied is not None else contextlib.nullcontext():
+                        payload = evaluate_pair(bundle, todo[index], settings, progress and world.size == 1, applied)
                 except Exception as e:  # one bad pair must not stop the others (or hang the other ranks)
                     payload = f"pair {todo[index].id} (line {todo[index].line}): {type(e).__name__}: {e}"
             for rank, r in enumerate(_gather(world, payload)):
@@ -373,8 +397,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strength", type=float, default=0.75, help="img2img: fraction of the schedule re-run (0.75)")
     p.add_argument("--limit", type=int, help="only the first N pairs")
     add_sampler_args(p)
+    add_prompt_args(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     common.add_model_args(p)
+    loras_cli.add_lora_args(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import common
+from . import loras as loras_cli
 from . import trace as trace_cli
 from .common import (
     UsageError,
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from ..fast import FastOptions
     from ..loading import Checkpoint
     from ..params import GenerationParams
+    from ..prompts.embeddings import EmbeddingLibrary
 
 SWEEP_PATTERN = "sweep_{index:02d}_{focus}_a{alpha:g}.png"
 
@@ -72,6 +74,22 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", metavar="WxH", help="image size, multiples of 8 (family default, or the input's size)")
     p.add_argument("--eta", type=float, help="DDIM η (0 = deterministic; ddim only)")
     add_sampler_args(p)
+    add_prompt_args(p)
+
+
+# The names of prompts.EMPHASIS / chunks.PADDINGS, written out so `--help` imports no torch (a test holds them equal)
+EMPHASIS_HELP = ("how (word:1.2) is read, A1111's modes: original (default: weights, then the mean restored), "
+                 "no_norm, ignore (syntax read, weights not applied), none (brackets and BREAK are text)")
+PADDING_HELP = ("prompts of different 75-token chunk counts: repeat (default; A1111's separate calls, exactly) or "
+                "empty (pad with the chunk of \"\", A1111's 'Pad prompt/negative prompt')")
+
+
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    """How prompts are read (README, Prompts), checked by the core's rules (params.FIELDS) like every parameter."""
+    p.add_argument("--emphasis", metavar="MODE", help=EMPHASIS_HELP)
+    p.add_argument("--no-emphasis", dest="emphasis", action="store_const", const="none",
+                   help="brackets are text: --emphasis none")
+    p.add_argument("--chunk-padding", metavar="MODE", help=PADDING_HELP)
 
 
 # The names of samplers.SAMPLERS / sigmas.SCHEDULES, written out so `--help` imports no torch (a test holds them equal)
@@ -113,6 +131,7 @@ def add_generate_commands(sub: argparse._SubParsersAction) -> None:
         add_params_args(p, img2img=img2img)
         common.add_model_args(p)
         add_speed_args(p)
+        loras_cli.add_lora_args(p)
         if name == "sweep":
             p.add_argument("--alphas", metavar="A,B,...", help="comma-separated α values, e.g. 0,0.25,0.5")
             p.add_argument("--focus-stack", nargs="+", metavar="PROMPT", help="focus prompts, one image (row) each")
@@ -188,6 +207,10 @@ class Plan:
     progress: bool = True
     fast: FastOptions | None = None  # None: the plain path
     trace: trace_cli.TracePlan | None = None  # --trace DIR: the x̂0 filmstrip beside the image
+    loras: loras_cli.RunLoras | None = None  # --lora / --layout-lora / --focus-lora and the prompts' tags
+    typed: tuple[str, str | None] | None = None  # prompt and focus as given, LoRA tags in them (for the PNG)
+    library: EmbeddingLibrary | None = None  # the textual inversions prompts may name
+    embeddings: dict[str, str] = dataclasses.field(default_factory=dict)  # the ones they do: name -> sha256
 
 
 def read_from_png(path: str | None) -> dict[str, Any] | None:
@@ -214,7 +237,8 @@ def plan(args: argparse.Namespace) -> Plan:
     from ..params import check_schedule, image_size
 
     png_meta = read_from_png(args.from_png)
-    params = params_from_args(args, png_meta["params"] if png_meta else {})
+    typed = params_from_args(args, png_meta["params"] if png_meta else {})
+    params, tag_loras = strip_lora_tags(typed)
 
     init_path = getattr(args, "init", None)
     init_image = read_image(init_path, "--init", rgb=True) if init_path is not None else None
@@ -228,6 +252,8 @@ def plan(args: argparse.Namespace) -> Plan:
     if args.command == "sweep":
         alphas = parse_floats(args.alphas, "--alphas", "alpha") if args.alphas is not None else None
         if args.focus_stack:
+            loras_cli.refuse_tags(args.focus_stack, "--focus-stack", "the branches share one focus stage: use "
+                                                                     "--focus-lora")
             with usage_errors("--focus-stack: "):
                 focus_stack = tuple(dataclasses.replace(params, focus=f).focus for f in args.focus_stack)
         if alphas is None and not focus_stack:
@@ -267,13 +293,41 @@ def plan(args: argparse.Namespace) -> Plan:
               else f"--from-png {args.from_png}: " if png_meta is not None else "")
     with usage_errors(source):
         image_size(params, checkpoint.limits(), init_image.size if init_image is not None else None)
+    library = common.embedding_library(args)
+    local_prompts = [p for p in (*(focus_stack or [params.focus]), params.focus_to) if p is not None]
+    embeddings = common.check_prompts(params, local_prompts, checkpoint, library)
+    if png_meta is not None:
+        common.compare_embeddings(png_meta, embeddings, library)
     fast = None
     if args.fast or args.compile:
         from ..fast import FastOptions
 
         fast = FastOptions(dtype=dtype, channels_last=True, fuse_qkv=True, cache_context_kv=True, compile=args.compile)
+    loras = loras_cli.plan_loras(args, checkpoint, tag_loras, png_meta, params.focus is not None or bool(focus_stack))
     return Plan(args.command, params, outputs, model_path, checkpoint, device, dtype, init_image, alphas, focus_stack,
-                png_meta, progress=not args.quiet, fast=fast, trace=trace)
+                png_meta, progress=not args.quiet, fast=fast, trace=trace, loras=loras,
+                typed=(typed.prompt, typed.focus), library=library, embeddings=embeddings)
+
+
+def strip_lora_tags(params: GenerationParams) -> tuple[GenerationParams, list[loras_cli.LoraSpec]]:
+    """The parameters the pipeline runs (A1111's LoRA tags taken out of the prompts: the global prompt's for both
+    stages, the focus prompt's for the focus stage) and the tags. Raises UsageError."""
+    prompt, tags = loras_cli.split_tags(params.prompt, "prompt", "both")
+    focus, focus_tags = loras_cli.split_tags(params.focus, "--focus", "focus")
+    if params.focus_to is not None:
+        loras_cli.refuse_tags([params.focus_to], "--focus-to", "use --focus-lora")
+    if not tags and not focus_tags:
+        return params, []
+    with usage_errors("without its LoRA tags, "):
+        return dataclasses.replace(params, prompt=prompt, focus=focus), [*tags, *focus_tags]
+
+
+def recorded(params: GenerationParams, typed: tuple[str, str | None] | None, run_focus: str | None) -> GenerationParams:
+    """A result's parameters as the PNG records them: the prompts as given, LoRA tags in them."""
+    if typed is None:
+        return params
+    focus = typed[1] if params.focus is not None and params.focus == run_focus else params.focus
+    return dataclasses.replace(params, prompt=typed[0], focus=focus)
 
 
 # -------------------------------------------------------------------------------------------------- running
@@ -285,6 +339,7 @@ def execute(p: Plan) -> None:
     from . import pngmeta, weights
 
     bundle = common.load_checkpoint(p.checkpoint, p.device, p.dtype)
+    bundle.embeddings = p.library
     sha = weights.model_sha256(p.model_path, progress=p.progress)
     made_with = (p.png_meta or {}).get("model_sha256")
     if made_with and sha and made_with != sha:
@@ -309,12 +364,14 @@ def execute(p: Plan) -> None:
         stepper = make_stepper(bundle, p.fast, p.params.cfg, p.params.eta, p.params.sampler, p.params.schedule,
                                p.params.spacing)
     try:
-        if p.mode == "sweep":
-            results = pipeline.sweep(bundle, p.params, alphas=p.alphas, focus_prompts=p.focus_stack,
-                                     init_image=init_image, progress=p.progress, stepper=stepper)
-        else:
-            results = [pipeline.generate(bundle, p.params, init_image=init_image, progress=p.progress,
-                                         stepper=stepper, watch=tracer)]
+        # prompt_errors: what only the weights show (weights that cancel a chunk's mean)
+        with loras_cli.merged(p.loras, bundle) as loras, common.prompt_errors():
+            if p.mode == "sweep":
+                results = pipeline.sweep(bundle, p.params, alphas=p.alphas, focus_prompts=p.focus_stack,
+                                         init_image=init_image, progress=p.progress, stepper=stepper, switch=loras)
+            else:
+                results = [pipeline.generate(bundle, p.params, init_image=init_image, progress=p.progress,
+                                             stepper=stepper, watch=tracer, switch=loras)]
     finally:
         if stepper is not None:
             stepper.close()
@@ -323,11 +380,13 @@ def execute(p: Plan) -> None:
             width=result.image.width, height=result.image.height, model_file=p.model_path.name, model_sha256=sha,
             img2img=init_image is not None, executed_steps=result.executed_steps,
             layout_steps=result.layout_steps if result.params.focus is not None else None,
+            loras=p.loras.records() if p.loras is not None else (), embeddings=p.embeddings,
         )
-        pngmeta.save_png_atomic(result.image, out, pngmeta.pnginfo(result.params, record))
+        params = recorded(result.params, p.typed, p.params.focus)
+        pngmeta.save_png_atomic(result.image, out, pngmeta.pnginfo(params, record))
         print(out)
         if tracer is not None:
-            for path in trace_cli.write_trace(p.trace, tracer, result.params, record):
+            for path in trace_cli.write_trace(p.trace, tracer, params, record):
                 print(path)
 
 

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import common
+from . import loras as loras_cli
 from .common import (UsageError, check_box, check_files_in, check_image, check_output_dir, parse_floats, parse_size,
                      shown, usage_errors, write_text_atomic)
-from .generate import add_sampler_args
+from .generate import add_prompt_args, add_sampler_args
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -64,10 +65,13 @@ def run_grid(args: argparse.Namespace) -> int:
     out = Path(args.output)
     check_output_dir(out)
     check_files_in(out, OUTPUTS, f"-o {shown(out)}")
+    prompt, tag_loras = loras_cli.split_tags(args.prompt, "prompt", "both")
+    focus, focus_loras = loras_cli.split_tags(args.focus, "--focus", "focus")
     with usage_errors():
-        base = GenerationParams(args.prompt, focus=args.focus, steps=args.steps, cfg=args.cfg, negative=args.negative,
+        base = GenerationParams(prompt, focus=focus, steps=args.steps, cfg=args.cfg, negative=args.negative,
                                 seed=args.seed, width=width, height=height, sampler=args.sampler or "ddim",
-                                schedule=args.schedule or "normal", spacing=args.spacing)
+                                schedule=args.schedule or "normal", spacing=args.spacing,
+                                emphasis=args.emphasis or "original", chunk_padding=args.chunk_padding or "repeat")
     has_focus = [layout_steps(base.steps, s) < base.steps for s in layouts]
     if not any(has_focus) and not (args.mask or box):
         raise UsageError(f"--layouts {args.layouts}: with {base.steps} steps every layout fraction leaves no focus stage (round(layout·n) = "
@@ -81,9 +85,12 @@ def run_grid(args: argparse.Namespace) -> int:
         w, h = image_size(base, checkpoint.limits())
     if mask_size is not None and mask_size != (w, h):
         raise UsageError(f"--mask {args.mask} is {mask_size[0]}x{mask_size[1]} (W x H) but the images are {w}x{h}")
+    library = common.embedding_library(args)
+    common.check_prompts(base, [focus], checkpoint, library)
+    run_loras = loras_cli.plan_loras(args, checkpoint, [*tag_loras, *focus_loras], None, has_focus=True)
 
     from .. import pipeline
-    from ..bokeh.attnmaps import CrossAttentionCollector, word_positions
+    from ..bokeh.attnmaps import CrossAttentionCollector, prompt_positions
     from ..bokeh.masks import box_to_mask, load_mask
     from ..bokeh.metrics import SharpnessReport, local_variance_of_laplacian, to_gray
     from ..bokeh.pictures import contact_sheet, overlay_mask, sharpness_heatmap
@@ -91,18 +98,24 @@ def run_grid(args: argparse.Namespace) -> int:
     with usage_errors("--box: " if box else "--mask: "):
         given = load_mask(args.mask, (h, w)) if args.mask else box_to_mask(box, (h, w)) if box else None
     bundle = common.load_checkpoint(checkpoint, device, dtype)
-    positions = word_positions(bundle.tokenizer(args.focus))
+    bundle.embeddings = library
     images = [[None] * len(layouts) for _ in alphas]
     masks, reports = [row[:] for row in images], [row[:] for row in images]
-    for j, sigma in enumerate(layouts):
-        collector = CrossAttentionCollector(bundle.unet, positions) if given is None and has_focus[j] else None
-        results = pipeline.sweep(bundle, replace(base, layout=sigma), alphas=alphas, probe=collector,
-                                 progress=not args.quiet)
-        for i, r in enumerate(results):
-            images[i][j] = r.image
-            if collector is not None:
-                with usage_errors(f"sigma {sigma:g}, alpha {alphas[i]:g}: "):
-                    masks[i][j] = collector.mask(i, (h, w))
+    with loras_cli.merged(run_loras, bundle) as loras:
+        for j, sigma in enumerate(layouts):
+            collector = None
+            if given is None and has_focus[j]:  # the focus words' positions where this σ's focus stage starts
+                with usage_errors("--focus: "):
+                    positions, period = prompt_positions(bundle, focus, replace(base, layout=sigma))
+                collector = CrossAttentionCollector(bundle.unet, positions, period=period)
+            with common.prompt_errors():
+                results = pipeline.sweep(bundle, replace(base, layout=sigma), alphas=alphas, probe=collector,
+                                         progress=not args.quiet, switch=loras)
+            for i, r in enumerate(results):
+                images[i][j] = r.image
+                if collector is not None:
+                    with usage_errors(f"sigma {sigma:g}, alpha {alphas[i]:g}: "):
+                        masks[i][j] = collector.mask(i, (h, w))
     for j in range(len(layouts)):
         for i in range(len(alphas)):
             if given is not None:
@@ -133,7 +146,7 @@ def run_grid(args: argparse.Namespace) -> int:
     write_text_atomic(out / "grid.json", json.dumps({"prompt": args.prompt, "focus": args.focus, "seed": args.seed,
                                                      "steps": base.steps, "sampler": base.sampler,
                                                      "schedule": base.schedule, "model": model_path.name,
-                                                     "cells": cells}, indent=1))
+                                                     "loras": list(run_loras.records()), "cells": cells}, indent=1))
     return 0
 
 
@@ -151,7 +164,9 @@ def add_grid_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mask", metavar="PNG", help="target mask for every cell (default: each cell's attention mask)")
     p.add_argument("--box", metavar="X0,Y0,X1,Y1", help="target box for every cell, in pixels")
     add_sampler_args(p)
+    add_prompt_args(p)
     p.add_argument("-o", "--output", default="grid", help="output folder (grid)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     common.add_model_args(p)
+    loras_cli.add_lora_args(p)
     p.set_defaults(run=run_grid)

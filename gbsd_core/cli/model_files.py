@@ -22,8 +22,8 @@ def add_model_file_commands(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--repo", help="fetch the file from this Hub repo instead (a mirror; the sha256 is still checked)")
     d.set_defaults(run=cmd_download)
 
-    n = sub.add_parser("info", help="family, parts, parameter counts and dtype of a checkpoint")
-    n.add_argument("checkpoint", help="checkpoint file or diffusers folder")
+    n = sub.add_parser("info", help="family, parts, parameter counts and dtype of a checkpoint (or what a LoRA holds)")
+    n.add_argument("checkpoint", help="checkpoint file, diffusers folder or LoRA file")
     n.add_argument("--family", help="force the model family (sd1, sd2-512, sd2-768-v, sdxl-base, sdxl-refiner)")
     n.set_defaults(run=cmd_info)
 
@@ -67,6 +67,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
     if not path.exists():
         raise UsageError(f"{path}: no such file or folder")
+    from .loras import describe_lora, looks_like_lora
+
+    if looks_like_lora(path):  # a LoRA: its format, family, ranks and targets (cli/loras.py)
+        print(f"file: {path}")
+        print_tree(describe_lora(path))
+        return 0
     family = None
     if args.family is not None:
         from ..family import family_by_name

@@ -29,6 +29,14 @@ Two text chunks are written:
   is "Sampler: LCM" with no schedule written, and a schedule read with it is ignored, as DDIM's (lcm.py runs its own).
   The `gbsd` JSON keeps every spacing exactly.
 
+  Prompts are written as given, their syntax intact (A1111's emphasis, BREAK, prompt editing, embedding names).
+  How they were read is written as A1111 does: `Emphasis: No norm` (or Ignore, None) when not A1111's default
+  "Original", `Pad conds: True` when prompts of different chunk counts were padded with the empty prompt's chunk
+  (gbsd's `chunk_padding` "empty"; without it A1111 runs them as separate calls, gbsd's default "repeat"), and
+  `TI hashes: "name: 0123456789, ..."` for the textual-inversion embeddings named (the first 10 hex digits of each
+  file's sha256, A1111's short hash). Read back the same way ("Pad conds v0", A1111's older last-vector padding, is
+  not implemented and is refused by name).
+
 * `gbsd` -- machine-readable JSON with every `GenerationParams` field exactly (floats via JSON's shortest
   round-trip repr), the model file name and its full sha256. `read_params` prefers it; the infotext parser is the
   fallback for images whose JSON chunk was stripped, or that came from elsewhere.
@@ -62,6 +70,8 @@ SGM_UNIFORM = "SGM Uniform"
 # What A1111's other labels for our two schedules mean when read (its "Normal" is evenly spaced in t as well)
 _SCHEDULES_READ = {"uniform": "normal", "normal": "normal", "karras": "karras"}
 _AUTOMATIC = {"dpmpp_2m": "karras"}  # A1111 >= 1.9: a sampler's default schedule where it is not the model's own
+# GenerationParams.emphasis by A1111's names (modules/sd_emphasis.py)
+EMPHASIS_NAMES = {"original": "Original", "no_norm": "No norm", "ignore": "Ignore", "none": "None"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +85,9 @@ class ImageRecord:
     img2img: bool = False
     executed_steps: int | None = None
     layout_steps: int | None = None
+    # The run's LoRAs (cli/loras.py RunLoras.records): name, file, sha256, a1111_hash, scale, stage, from
+    loras: tuple[dict[str, Any], ...] = ()
+    embeddings: dict[str, str] | None = None  # the textual inversions the prompts name: name -> file sha256
 
 
 # --------------------------------------------------------------------------------------------------- writing
@@ -129,8 +142,28 @@ def _read_sampler(pairs: dict[str, str]) -> dict[str, str]:
     return {"sampler": sampler, "schedule": _SCHEDULES_READ.get(label.lower(), label)}
 
 
+def _flag_tags(record: ImageRecord, stage: str) -> str:
+    """The LoRAs given by flag for `stage`, as A1111 tags (those given as tags are in the prompts already)."""
+    return " ".join(f"<lora:{e['name']}:{_num(e['scale'])}>" for e in record.loras
+                    if e["from"] == "flag" and e["stage"] == stage)
+
+
+def _with(text: str, tags: str) -> str:
+    return f"{text} {tags}" if tags else text
+
+
+def lora_hashes(record: ImageRecord) -> str:
+    """A1111's `Lora hashes` value, "name: hash, ...", ':' and ',' taken out of the names (extra_networks_lora.py)."""
+    seen: dict[str, str] = {}
+    for e in record.loras:
+        seen.setdefault(re.sub(r"[:,]", "", e["name"]), e["a1111_hash"])
+    return ", ".join(f"{name}: {h}" for name, h in seen.items())
+
+
 def infotext(params: GenerationParams, record: ImageRecord) -> str:
-    """The A1111-style `parameters` text for one image (see module docstring)."""
+    """The A1111-style `parameters` text for one image (see module docstring). LoRAs as A1111 records them: tags in
+    the prompt (those given by flag added: both stages to the prompt, the focus stage's to `GBSD focus`, the layout
+    stage's under `GBSD layout loras`) and `Lora hashes`."""
     fields: list[tuple[str, Any]] = [("Steps", params.steps), ("Sampler", SAMPLER_NAMES[params.sampler])]
     if params.sampler not in ("ddim", "lcm"):
         trailing = params.spacing == "trailing" and params.schedule == "normal"
@@ -149,14 +182,26 @@ def infotext(params: GenerationParams, record: ImageRecord) -> str:
     if params.eta != 0.0:
         fields.append(("Eta DDIM", _num(params.eta)))  # A1111 writes this key only when eta is not its default 0
     if params.focus is not None:
-        fields += [("GBSD focus", params.focus), ("GBSD alpha", _num(params.alpha)), ("GBSD layout", _num(params.layout))]
+        fields += [("GBSD focus", _with(params.focus, _flag_tags(record, "focus"))), ("GBSD alpha", _num(params.alpha)),
+                   ("GBSD layout", _num(params.layout))]
         if params.focus_to is not None:  # a rack-focus frame: the local embedding part way to a second prompt
             fields += [("GBSD focus to", params.focus_to), ("GBSD focus mix", _num(params.focus_mix))]
         if record.layout_steps is not None:
             fields.append(("GBSD layout steps", record.layout_steps))
     if record.executed_steps is not None:
         fields.append(("GBSD executed steps", record.executed_steps))
-    text = params.prompt
+    if _flag_tags(record, "layout"):
+        fields.append(("GBSD layout loras", _flag_tags(record, "layout")))
+    if params.emphasis != "original":
+        fields.append(("Emphasis", EMPHASIS_NAMES[params.emphasis]))
+    if params.chunk_padding == "empty":
+        fields.append(("Pad conds", "True"))
+    if record.embeddings:
+        fields.append(("TI hashes", ", ".join(f"{n.replace(':', '').replace(',', '')}: {h[:10]}"
+                                              for n, h in record.embeddings.items())))
+    if record.loras:
+        fields.append(("Lora hashes", lora_hashes(record)))
+    text = _with(params.prompt, _flag_tags(record, "both"))
     if params.negative:
         text += f"\nNegative prompt: {params.negative}"
     return text + "\n" + ", ".join(f"{k}: {_quote(v)}" for k, v in fields)
@@ -173,7 +218,10 @@ def json_text(params: GenerationParams, record: ImageRecord, extra: dict[str, An
         "model": {"file": record.model_file, "sha256": record.model_sha256},
         "executed_steps": record.executed_steps,
         "layout_steps": record.layout_steps,
+        "embeddings": record.embeddings or {},
     }
+    if record.loras:
+        payload["loras"] = list(record.loras)
     clash = sorted(set(extra or {}) & set(payload))
     if clash:
         raise ValueError(f"extra metadata may not replace the standard entries {clash}")
@@ -250,6 +298,18 @@ def parse_infotext(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
             except ValueError:
                 raise ValueError(f"unreadable {key!r} value {pairs[key]!r:.40} in PNG parameters") from None
     params.update(_read_sampler(pairs))
+    if "Emphasis" in pairs:  # an unknown label stays as it is, so the parameter check names it
+        by_name = {v.lower(): k for k, v in EMPHASIS_NAMES.items()}
+        params["emphasis"] = by_name.get(pairs["Emphasis"].strip().lower(), pairs["Emphasis"])
+    if pairs.get("Pad conds v0", "").strip() == "True":
+        params["chunk_padding"] = "last vector (A1111's Pad conds v0)"  # not implemented: the check refuses it
+    elif pairs.get("Pad conds", "").strip() == "True":
+        params["chunk_padding"] = "empty"
+    extra["embeddings"] = {}
+    for item in pairs.get("TI hashes", "").split(","):
+        name, _, digest = item.rpartition(":")
+        if name.strip() and re.fullmatch(r"[0-9a-fA-F]{1,64}", digest.strip()):
+            extra["embeddings"][name.strip()] = digest.strip().lower()
     if "Size" in pairs:
         m = re.fullmatch(r"(\d+)x(\d+)", pairs["Size"])
         if not m:
@@ -260,6 +320,8 @@ def parse_infotext(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
         extra["hires"] = {**hires, "Denoising strength": pairs.get("Denoising strength")}
     extra["model_hash"] = pairs.get("Model hash")
     extra["model"] = pairs.get("Model")
+    extra["lora_hashes"] = pairs.get("Lora hashes")
+    extra["layout_loras"] = pairs.get("GBSD layout loras")
     for key, name in (("GBSD executed steps", "executed_steps"), ("GBSD layout steps", "layout_steps")):
         if key in pairs:
             try:
@@ -304,12 +366,20 @@ def read_metadata(png: str | os.PathLike | Image.Image) -> dict[str, Any]:
         sha = _optional(model, "sha256", "model sha256")
         if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
             raise ValueError(f"broken '{JSON_KEY}' metadata chunk (model sha256 {sha!r:.80} is not 64 hex digits)")
+        embeddings = data.get("embeddings") or {}
+        if not isinstance(embeddings, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)
+                for k, v in embeddings.items()):
+            raise ValueError(f"broken '{JSON_KEY}' metadata chunk (embeddings must map names to sha256 digests)")
         return {"source": "json", "params": data["params"], "model_file": _optional(model, "file", "model file"),
-                "model_sha256": sha, "img2img": _optional(data, "mode", "mode") == "img2img", "json": data}
+                "model_sha256": sha, "img2img": _optional(data, "mode", "mode") == "img2img", "json": data,
+                "embeddings": embeddings}
     if INFOTEXT_KEY in texts:
         params, extra = parse_infotext(texts[INFOTEXT_KEY])
         return {"source": "infotext", "params": params, "model_file": extra["model"],
-                "model_hash": extra["model_hash"], "img2img": extra["img2img"], "hires": extra.get("hires")}
+                "model_hash": extra["model_hash"], "img2img": extra["img2img"], "hires": extra.get("hires"),
+                "lora_hashes": extra["lora_hashes"], "layout_loras": extra["layout_loras"],
+                "embeddings": extra["embeddings"]}
     raise ValueError(f"{where}no generation parameters in this PNG (no '{JSON_KEY}' or '{INFOTEXT_KEY}' chunk)")
 
 

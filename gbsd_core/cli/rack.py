@@ -11,13 +11,14 @@ Every PNG carries the metadata of its frame (the sheet: of frame 0, plus a "rack
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import common
+from . import loras as loras_cli
 from .common import UsageError, check_not_inputs, check_output, usage_errors, warn
-from .generate import add_run_args, params_from_args, read_from_png
+from .generate import add_run_args, params_from_args, read_from_png, recorded, strip_lora_tags
 
 if TYPE_CHECKING:
     import torch
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from ..bokeh.rack import Rack
     from ..loading import Checkpoint
     from ..pipeline import GenerationParams
+    from ..prompts.embeddings import EmbeddingLibrary
 
 DEFAULT_FRAMES = 12
 FRAME_MS = 250  # display time of one frame in the animation
@@ -42,6 +44,7 @@ def add_rack_command(sub: argparse._SubParsersAction) -> None:
                    help="the animation, .webp or .gif (rack.webp); NAME_sheet.png and NAME_00.png … go beside it")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     common.add_model_args(p)
+    loras_cli.add_lora_args(p)
     p.set_defaults(run=cmd_rack)
 
 
@@ -57,6 +60,10 @@ class RackPlan:
     device: torch.device
     dtype: torch.dtype
     progress: bool
+    loras: loras_cli.RunLoras | None = None
+    typed: tuple[str, str | None] | None = None  # the prompt as given (LoRA tags in it), and --from
+    library: EmbeddingLibrary | None = None  # the textual inversions prompts may name
+    embeddings: dict[str, str] = field(default_factory=dict)  # the ones they do: name -> sha256
 
 
 def rack_outputs(output: str, frames: int) -> tuple[Path, Path, tuple[Path, ...]]:
@@ -95,7 +102,10 @@ def plan_rack(args: argparse.Namespace) -> RackPlan:
             raise UsageError(f"rack needs {flag} PROMPT, the object in focus in the {which} frame")
         if not isinstance(prompt, str) or not prompt.strip():
             raise UsageError(f"{flag} is empty: name an object in the scene")
-    params = replace(params_from_args(args, base), focus_mix=0.0)  # each frame gets its own mix
+    loras_cli.refuse_tags([t for t in (args.focus, args.focus_to, base.get("focus"), base.get("focus_to"))
+                           if isinstance(t, str)], "--from / --to", "the frames share one focus stage: use --focus-lora")
+    typed = replace(params_from_args(args, base), focus_mix=0.0)  # each frame gets its own mix
+    params, tag_loras = strip_lora_tags(typed)
     if same_prompt(params.focus, params.focus_to):
         raise UsageError(f"--from and --to are the same prompt ({params.focus!r}): nothing to pull focus between")
     with usage_errors():
@@ -115,8 +125,14 @@ def plan_rack(args: argparse.Namespace) -> RackPlan:
         check_schedule(params, img2img=False, noise_schedule=checkpoint.noise_schedule)
     with usage_errors(f"--size {args.size}: " if args.size else ""):
         image_size(params, checkpoint.limits())
+    library = common.embedding_library(args)
+    embeddings = common.check_prompts(params, [params.focus, params.focus_to], checkpoint, library)
+    if png_meta is not None:
+        common.compare_embeddings(png_meta, embeddings, library)
+    loras = loras_cli.plan_loras(args, checkpoint, tag_loras, png_meta, has_focus=True)
     return RackPlan(params, frames, animation, sheet, frame_paths, model_path, checkpoint, device, dtype,
-                    progress=not args.quiet)
+                    progress=not args.quiet, loras=loras, typed=(typed.prompt, typed.focus), library=library,
+                    embeddings=embeddings)
 
 
 def _sheet_record(rack: Rack) -> dict[str, Any]:
@@ -136,16 +152,21 @@ def execute_rack(p: RackPlan) -> None:
     from . import pngmeta, weights
 
     bundle = common.load_checkpoint(p.checkpoint, p.device, p.dtype)
+    bundle.embeddings = p.library
     sha = weights.model_sha256(p.model_path, progress=p.progress)
-    rack = rack_focus(bundle, p.params, p.frames, progress=p.progress)
+    with loras_cli.merged(p.loras, bundle) as loras, common.prompt_errors():
+        rack = rack_focus(bundle, p.params, p.frames, progress=p.progress, switch=loras)
     first = rack.frames[0].result
     record = pngmeta.ImageRecord(width=first.image.width, height=first.image.height, model_file=p.model_path.name,
-                                 model_sha256=sha, executed_steps=first.executed_steps, layout_steps=first.layout_steps)
+                                 model_sha256=sha, executed_steps=first.executed_steps, layout_steps=first.layout_steps,
+                                 loras=p.loras.records() if p.loras is not None else (), embeddings=p.embeddings)
     for k, (frame, path) in enumerate(zip(rack.frames, p.frame_paths, strict=True)):
         extra = {"rack": {"frame": k, "frames": p.frames}}
-        pngmeta.save_png_atomic(frame.result.image, path, pngmeta.pnginfo(frame.result.params, record, extra))
+        params = recorded(frame.result.params, p.typed, p.params.focus)
+        pngmeta.save_png_atomic(frame.result.image, path, pngmeta.pnginfo(params, record, extra))
         print(path)
-    pngmeta.save_png_atomic(rack.sheet(), p.sheet, pngmeta.pnginfo(first.params, record, {"rack": _sheet_record(rack)}))
+    pngmeta.save_png_atomic(rack.sheet(), p.sheet, pngmeta.pnginfo(recorded(first.params, p.typed, p.params.focus),
+                                                                     record, {"rack": _sheet_record(rack)}))
     print(p.sheet)
     save_animation(rack.images(), p.animation, FRAME_MS)
     print(p.animation)

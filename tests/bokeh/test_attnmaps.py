@@ -3,6 +3,8 @@ probabilities reproduce each module's output, shapes, totals, which steps and ro
 independent softmax written out here), bit-identical images, and no hooks when collection is off."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,8 @@ from gbsd_core.attention_sites import attention_sites
 from gbsd_core.bokeh.attnmaps import (
     CrossAttentionCollector,
     attention_probs,
+    focus_collector,
+    prompt_positions,
     word_positions,
 )
 from gbsd_core.pipeline import GenerationParams, generate, sweep
@@ -217,3 +221,27 @@ def test_sdxl_four_argument_unet_call_is_collected_and_passed_on(tmp_path):
     m = collector.token_map()
     assert m.shape == (1, 4, 4) and float(m.min()) >= 0 and float(m.max()) <= 1 and float(m.std()) > 0
     assert collector.mask(0, (64, 64)).any()
+
+
+def test_focus_words_repeat_with_a_repeated_context(bundle, embeddings):
+    """A local prompt's words in a run whose context is repeated whole (prompts' "repeat" padding) come back every
+    77 positions; collecting them with `period` gives the map of the context itself (attention splits each key's
+    weight equally between its copies), and `focus_collector` works the positions out from the prompt."""
+    uncond, g, f = embeddings
+    n = 4
+    words = word_positions(bundle.tokenizer(FOCUS))
+    maps = []
+    for r, collector in ((1, CrossAttentionCollector(bundle.unet, words)),
+                         (3, CrossAttentionCollector(bundle.unet, words, period=77))):
+        stages = [Stage("layout", range(0, 2), g.repeat(1, r, 1)), Stage("focus", range(2, 4), f.repeat(1, r, 1))]
+        _run(bundle, collector.wrap(bundle.unet, model_ddim(bundle).timesteps(n), stages, cfg=True), stages, n,
+             uncond.repeat(1, r, 1))
+        maps.append(collector.token_map())
+    assert (maps[0] - maps[1]).abs().max() < 1e-5
+    params = GenerationParams(PROMPT, focus=FOCUS, steps=n, **SIZE)
+    assert prompt_positions(bundle, "(a carrot:1.4)", params) == (words, 77)  # the brackets are not words
+    long = ", ".join(["a carrot"] * 30)  # 2 chunks: words in both, repeating every 154
+    positions, period = prompt_positions(bundle, long, params)
+    assert period == 154 and positions[0] == 1 and positions[-1] > 77 and 77 not in positions
+    assert prompt_positions(bundle, long, replace(params, chunk_padding="empty"))[1] is None
+    assert focus_collector(bundle, FOCUS, params).positions == words

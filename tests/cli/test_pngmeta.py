@@ -64,7 +64,9 @@ def test_parse_real_a1111_text():
     assert params["negative"] == "lowres, bad anatomy\nextra fingers"
     assert params["steps"] == 20 and params["cfg"] == 7.0 and params["seed"] == 1234567890
     assert (params["width"], params["height"]) == (512, 768) and params["strength"] == 0.6
-    assert extra == {"img2img": True, "model_hash": "6ce0161689", "model": "v1-5-pruned-emaonly"}
+    assert extra == {"img2img": True, "model_hash": "6ce0161689", "model": "v1-5-pruned-emaonly",
+                     "lora_hashes": "add_detail: 7c6bad76eb54", "layout_loras": None,  # A1111 1.6's "Lora hashes"
+                     "embeddings": {}}
     assert "focus" not in params  # not a GBSD image: GenerationParams defaults apply
     assert (params["sampler"], params["schedule"]) == ("dpmpp_2m", "karras")  # A1111 < 1.9's "DPM++ 2M Karras"
 
