@@ -1,8 +1,8 @@
 """Few-step sampling (README "Few-step") on the tiny SD1 checkpoint against diffusers on the same weights, x_T and
 prompts, within 1/255: Euler / Euler ancestral with the trailing spacing at 1, 2 and 4 steps with guidance off (what
-SD-Turbo's and SDXL-Turbo's cards run), LCMScheduler at 4 and 8 steps, plain and with GBSD's stage switch (diffusers
-through `callback_on_step_end` replacing `prompt_embeds`); LCM through img2img and a sweep; the guidance rule; GBSD's
-splits at 2–8 steps.
+SD-Turbo's and SDXL-Turbo's cards run), LCMScheduler at 4 and 8 steps, also with an LCM-LoRA-shaped LoRA (diffusers'
+`load_lora_weights`), plain and with GBSD's stage switch (diffusers through `callback_on_step_end` replacing
+`prompt_embeds`); LCM through img2img and a sweep; the guidance rule; GBSD's splits at 2–8 steps.
 
 Fresh noise (Euler a, LCM): diffusers' schedulers draw it with `randn_tensor` in their module; the tests replace it
 with the z our run draws from the run's generator, in our order, and check diffusers used them all (as
@@ -15,12 +15,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from _lora import adapted, kohya_state_dict, layers, write
 from _reference import diffusers_sd_pipeline
 from _samplers import LEADING
 from PIL import Image
 
 import gbsd_core
 from gbsd_core.lcm import LCMSampler
+from gbsd_core.lora import apply_loras, load_lora
 from gbsd_core.pipeline import GenerationParams, generate, sweep
 from gbsd_core.samplers import make_sampler
 from gbsd_core.sampling import CFGStep, guidance, layout_steps
@@ -131,6 +133,50 @@ def test_lcm_equals_diffusers_lcm_scheduler(bundle, pipe, monkeypatch, n, gbsd):
     px = _px(ours.image, reference(pipe, diffusers_scheduler("lcm"), x_T, n, 1.5, None if k is None else k - 1))
     print(f"lcm {n} steps cfg 1.5 {'GBSD switch at ' + str(k) if gbsd else 'plain'}: max pixel diff {px * 255:.3f}/255")
     assert px <= 1 / 255 and not noise
+
+
+# The modules LCM-LoRA adapts: the default `lora_target_modules` of diffusers' LCM-LoRA distillation script
+# (examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py): every attention projection, proj_in/out, the
+# feed-forward, the resnets' convs and time projections, the down/upsampler convs; UNet only, no text encoder.
+LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                    "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
+
+@pytest.fixture(scope="module")
+def lcm_lora(pipe, tmp_path_factory):
+    """An LCM-LoRA-shaped file (kohya names over diffusers' UNet modules, rank 8, alpha 8: scale 1), seeded."""
+    targets = [(n, s) for n, s in layers(pipe.unet) if n.endswith(LCM_LORA_TARGETS)]
+    sd = kohya_state_dict([("lora_unet_", targets)], seed=11, rank=8, alpha=8.0, std=0.08)
+    return sd, write(sd, tmp_path_factory.mktemp("lcm-lora") / "lcm-lora-tiny.safetensors")
+
+
+@pytest.mark.parametrize("n, cfg, gbsd", [(n, cfg, gbsd) for n, cfg in ((4, 1.0), (8, 1.5)) for gbsd in (False, True)])
+def test_lcm_lora_equals_diffusers_load_lora_weights(bundle, pipe, lcm_lora, monkeypatch, n, cfg, gbsd):
+    """LCM-LoRA's card: the LoRA at scale 1 on the base model, LCMScheduler, 4–8 steps, guidance 1 (off) or 1.5."""
+    sd, path = lcm_lora
+    lora = load_lora(path)
+    noise = _inject(monkeypatch, "diffusers.schedulers.scheduling_lcm")
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(21))
+    params = GenerationParams(PROMPT, focus=FOCUS if gbsd else None, alpha=ALPHA, steps=n, cfg=cfg, seed=4,
+                              sampler="lcm", **SIZE)
+    with apply_loras(bundle, [(lora, 1.0)]) as applied:
+        ours = generate(bundle, params, x_T=x_T)
+    plain = generate(bundle, params, x_T=x_T)  # without the LoRA
+    noise.extend(_draws(params.seed, n - 1))
+    k = ours.layout_steps if gbsd else None
+    pipe.load_lora_weights(dict(sd), adapter_name="lcm")
+    try:
+        count = adapted(pipe.unet, pipe.text_encoder)
+        ref = reference(pipe, diffusers_scheduler("lcm"), x_T, n, cfg, None if k is None else k - 1)
+    finally:
+        pipe.unload_lora_weights()
+    px = _px(ours.image, ref)
+    print(f"LCM-LoRA (rank 8, {len(lora.modules)} modules) lcm {n} steps cfg {cfg} "
+          f"{'GBSD switch at ' + str(k) if gbsd else 'plain'}: max pixel diff {px * 255:.3f}/255; without the LoRA "
+          f"{_px(plain.image, ref) * 255:.1f}/255")
+    assert px <= 1 / 255 and not noise
+    assert applied.report.modules == count == len(lora.modules) > 20
+    assert _px(plain.image, ref) > 2 / 255  # the LoRA changes the image: the comparison can fail
 
 
 def test_lcm_timesteps_are_diffusers(bundle):
