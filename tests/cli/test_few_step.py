@@ -81,3 +81,92 @@ def test_few_step_bad_inputs_exit_2_with_one_line(flags, match, tiny_ckpt, tmp_p
     assert re.search(match, err), err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ turbo diffusers folders
+
+# stabilityai/sd-turbo's scheduler/scheduler_config.json is EulerDiscreteScheduler on SD's scaled-linear betas with
+# timestep_spacing "trailing"; the folder below writes that shape over a tiny SD2-architecture pipeline.
+TURBO_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                   "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+                   "interpolation_type": "linear", "use_karras_sigmas": False, "steps_offset": 1,
+                   "timestep_spacing": "trailing"}
+
+
+@pytest.fixture(scope="module")
+def sd2_folder(tmp_path_factory):
+    from _tiny import save_tiny_pipe
+
+    return save_tiny_pipe(tmp_path_factory.mktemp("sd2-folder") / "pipe", sd2=True)
+
+
+def _variant(base, dest, spacing: str, sample_size: int, **scheduler):
+    """A copy of a tiny diffusers folder with the turbo scheduler config at `spacing` and the UNet's sample_size
+    (native side = sample_size x the tiny VAE's factor 2)."""
+    import shutil
+
+    shutil.copytree(base, dest)
+    (dest / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({**TURBO_SCHEDULER, "timestep_spacing": spacing, **scheduler}))
+    unet = json.loads((dest / "unet" / "config.json").read_text())
+    (dest / "unet" / "config.json").write_text(json.dumps({**unet, "sample_size": sample_size}))
+    return dest
+
+
+FOLDERS = [  # (spacing, sample_size, extra scheduler options, the family it is)
+    ("trailing", 256, {}, "sd-turbo"),  # SD-Turbo's: trailing at a native 512²
+    ("leading", 256, {}, "sd2-512"),  # SD 2.1-base's spacing at 512²
+    ("trailing", 32, {}, "sd2-512"),  # trailing, but native 64²: not a turbo model's size
+    ("trailing", 384, {}, "sd2-512"),  # native 768²
+    ("trailing", 256, {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}, "sd2-768-v"),  # zero SNR
+]
+
+
+@pytest.mark.parametrize("spacing, sample_size, extra, family", FOLDERS)
+def test_a_diffusers_folder_with_a_trailing_scheduler_at_512_is_the_turbo_family(sd2_folder, tmp_path, spacing,
+                                                                                  sample_size, extra, family):
+    import gbsd_core
+
+    folder = _variant(sd2_folder, tmp_path / "f", spacing, sample_size, **extra)
+    assert gbsd_core.load(folder).family.name == family
+
+
+def test_the_cli_runs_the_turbo_recipe_on_a_turbo_folder_and_not_on_its_sd2_twin(sd2_folder, tmp_path, capsys):
+    """No flags: a turbo folder gets its card's Euler a, trailing, 1 step, guidance off; the same weights with SD 2.1's
+    leading scheduler config get SD's defaults (DDIM, guided)."""
+    runs = {}
+    for name, spacing in (("turbo", "trailing"), ("sd2", "leading")):
+        folder = _variant(sd2_folder, tmp_path / name, spacing, 256)
+        out = tmp_path / f"{name}.png"
+        code, _, err = run_cli(["generate", "a red fox", "--weights", folder, "--size", "64x64", "-q", "-o", out],
+                               capsys)
+        assert code == 0, err
+        runs[name] = json.loads(png_texts(out)["gbsd"])["params"]
+        runs[name]["text"] = png_texts(out)["parameters"]
+    t = runs["turbo"]
+    assert (t["sampler"], t["spacing"], t["steps"], t["cfg"]) == ("euler_a", "trailing", 1, 0.0)
+    assert "Steps: 1, Sampler: Euler a, Schedule type: SGM Uniform, CFG scale: 0.0," in t["text"]
+    s = runs["sd2"]
+    assert s["sampler"] != "euler_a" and s["steps"] > 1 and s["cfg"] > 1 and s.get("spacing") != "trailing"
+
+
+MISMATCHES = [  # a turbo family forced onto weights of another architecture: the loader's family check, one line
+    ("sd-turbo", "tiny_sdxl_ckpt", "sd-turbo.*expects a openclip text encoder.*holds a sdxl-clip\\+openclip one"),
+    ("sdxl-turbo", "tiny_ckpt", "sdxl-turbo.*expects a sdxl-clip\\+openclip text encoder.*holds a clip one"),
+    ("sdxl-turbo", "sd2_folder", "sdxl-turbo.*expects a sdxl-clip\\+openclip text encoder.*holds a openclip one"),
+    ("sd-turbo", "tiny_sdxl_refiner_ckpt", "sd-turbo.*expects a openclip text encoder.*holds a sdxl-openclip one"),
+]
+
+
+@pytest.mark.parametrize("family, weights, match", MISMATCHES)
+def test_a_turbo_family_forced_onto_other_weights_exits_2_with_one_line(family, weights, match, request, tmp_path,
+                                                                         capsys):
+    import re
+
+    out = tmp_path / "x.png"
+    code, _, err = run_cli(["generate", "a red fox", "--weights", request.getfixturevalue(weights), "--family", family,
+                            "--size", "64x64", "-q", "-o", out], capsys)
+    assert code == 2, err
+    assert re.search(match, err), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
