@@ -6,6 +6,7 @@
     python -m bench --arch sdxl --device cuda --dtype fp16 --size 1024 --steps 20 \
         --configs fast,graphs,graphs+compile,diffusers,diffusers+compile
     python -m bench --samplers ddim,euler,euler_a,dpmpp_2m --configs eager,fast --parts loop --steps 20
+    python -m bench few-step --size 256 --steps 1,2,4,8 --batch 1,2   # images/s end to end, SD-Turbo-shaped (few_step.py)
 """
 from __future__ import annotations
 
@@ -225,15 +226,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse (bad input: one line, exit 2), then run. Ctrl-C, SIGTERM and SIGHUP end the run as the `gbsd` commands
-    do: no temporary file left by the JSON writer, one line, exit 128 + the signal (130, 143, 129)."""
+    do: no temporary file left by the JSON writer, one line, exit 128 + the signal (130, 143, 129).
+    `python -m bench few-step ...`: the few-step end-to-end benchmark (bench/few_step.py)."""
     import signal
 
     from gbsd_core.cli.common import Terminated, signals_as_interrupts
 
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["few-step"]:
+        from . import few_step
+
+        args = few_step.parse_args(argv[1:])
+        run_it: Callable[[], int] = lambda: few_step.main(args)
+    else:
+        args = parse_args(argv)
+        run_it = lambda: run(args)
     try:
         with signals_as_interrupts():
-            return run(args)
+            return run_it()
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
         print(f"[bench] {signal.Signals(signum).name}: interrupted; --json holds what was measured so far",
