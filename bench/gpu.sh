@@ -23,7 +23,8 @@
 #                              cudnn.benchmark on for diffusers, graphs, fast; merge
 #   GBSD_GPU_CALL=2            what call 1 cannot hold (a later lease): SDXL graphs+compile and diffusers+compile (cold
 #                              compiles of the 2.6B UNet), then SD1.5 fast+compile
-#   GBSD_GPU_CALL=3            the Triton kernels (tests, bench.kernels, fast+triton), text / VAE / e2e, the K=10 sweep
+#   GBSD_GPU_CALL=3            the Triton kernels (tests, bench.kernels, fast+triton), text / VAE / e2e, the K=10 sweep,
+#                              then SD-Turbo 512² 1 and 4 steps end to end (images/s, shares; bench/few_step.py)
 #
 # Section caps and the seconds planned for each: the CAP and PLAN tables below (bench/README.md explains each
 # estimate). GBSD_GPU_CAPS="name=seconds ..." overrides caps. Without a GPU, `GBSD_GPU_SMOKE=1 PY=/path/to/python
@@ -54,13 +55,13 @@ declare -A CAP=(
   [setup]=40 [tests]=45 [sd15-eager]=80 [sd15-graphs-compile]=140 [sd15-diffusers-compile]=120 [sd15-batch]=40
   [sdxl-eager]=70 [sd15-cudnn]=35
   [sdxl-graphs-compile]=240 [sdxl-diffusers-compile]=220 [sd15-fast-compile]=110
-  [tests-triton]=90 [kernels]=40 [sd15-triton]=60 [sd15-parts]=80 [sd15-sweep]=90
+  [tests-triton]=90 [kernels]=40 [sd15-triton]=60 [sd15-parts]=80 [sd15-sweep]=90 [turbo-few-step]=60
 )
 declare -A PLAN=(
   [setup]=20 [tests]=35 [sd15-eager]=60 [sd15-graphs-compile]=105 [sd15-diffusers-compile]=90 [sd15-batch]=30
   [sdxl-eager]=55 [sd15-cudnn]=25
   [sdxl-graphs-compile]=200 [sdxl-diffusers-compile]=180 [sd15-fast-compile]=90
-  [tests-triton]=70 [kernels]=30 [sd15-triton]=40 [sd15-parts]=60 [sd15-sweep]=60
+  [tests-triton]=70 [kernels]=30 [sd15-triton]=40 [sd15-parts]=60 [sd15-sweep]=60 [turbo-few-step]=45
 )
 for kv in ${GBSD_GPU_CAPS:-}; do CAP[${kv%%=*}]=${kv#*=}; done
 
@@ -75,6 +76,7 @@ if [[ $SMOKE == 1 ]]; then
   SWEEP=(--sweep fast --sweep-k 2 --sweep-steps 2 --sweep-independent measure)
   # the same pytest commands on one quick file each (on a CPU every CUDA case skips anyway)
   TESTS1=(tests/fast/test_step_lifecycle.py); TESTS3=(tests/fast/kernels)
+  FEW=("$PY" -m bench few-step --tiny --device cpu --dtype fp32 --threads 1 --size 64 --steps 1,4 --batch 1 --repeat 1)
 else
   SD15=("$PY" -m bench --arch sd15 --device cuda --dtype fp16 --size 512 --steps 50 --cfg 7.5)
   # SDXL: 4 steps (it/s over the loop), 3 timed steps; a compiled configuration's first step is its cold compile
@@ -89,6 +91,8 @@ else
   TESTS1=(tests/fast/test_step_lifecycle.py tests/fast/test_step.py tests/fast/test_step_sdxl.py
           tests/fast/test_attention.py tests/fast/test_apply.py tests/test_sampling.py)
   TESTS3=(tests/fast/kernels tests/fast/test_apply.py)
+  # SD-Turbo-shaped (SD 2.1's networks), its card's recipe: Euler a, trailing, guidance off; ours vs diffusers
+  FEW=("$PY" -m bench few-step --device cuda --dtype fp16 --size 512 --steps 1,4 --batch 1,4 --repeat 5)
 fi
 
 pack() {  # everything measured so far -> $OUT/measured.tgz (renamed into place: a cut call never leaves half a tar)
@@ -222,6 +226,8 @@ call3() {
   bench sd15-triton "${SD15[@]}" --batch 1 --parts step,loop "${TIMES[@]}" --configs "diffusers,$FAST_TRITON"
   bench sd15-parts "${SD15[@]}" --batch 1 --parts text,vae,e2e "${TIMES[@]}" --configs diffusers,fast,graphs
   bench sd15-sweep "${SD15[@]}" --batch 1 --configs none "${SWEEP[@]}" "${TIMES[@]}"
+  # its own JSON format (not merged: the merge reads sd*.json), rewritten after each steps x batch
+  section turbo-few-step TERM "${FEW[@]}" --json "$WORK/turbo-few-step.json"
 }
 
 setup

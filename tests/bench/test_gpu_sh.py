@@ -112,18 +112,22 @@ def test_the_deadline_skips_what_no_longer_fits(tmp_path):
 
 def test_call3_kernels_parts_and_the_sweep(tmp_path):
     """The third call's plan, tiny: the Triton tests' command, bench.kernels (interpreted), fast+triton (stood in by
-    fast), text / VAE / e2e, and the sweep, whose record is in its JSON."""
-    caps = " ".join(f"{n}=600" for n in ("setup", "tests-triton", "kernels", "sd15-triton", "sd15-parts", "sd15-sweep"))
+    fast), text / VAE / e2e, the sweep, whose record is in its JSON, and the SD-Turbo few-step end to end."""
+    caps = " ".join(f"{n}=600" for n in ("setup", "tests-triton", "kernels", "sd15-triton", "sd15-parts", "sd15-sweep",
+                                          "turbo-few-step"))
     proc, out, log = _gpu_sh(tmp_path, GBSD_GPU_CALL="3", GBSD_GPU_CAPS=caps, GBSD_GPU_BUDGET="5000")
     assert proc.returncode == 0, log[-3000:]
     assert [s for s in _sections(log) if s != "setup"] == ["tests-triton", "kernels", "sd15-triton", "sd15-parts",
-                                                           "sd15-sweep"]
-    for name in ("kernels", "sd15-triton", "sd15-parts", "sd15-sweep"):
+                                                           "sd15-sweep", "turbo-few-step"]
+    for name in ("kernels", "sd15-triton", "sd15-parts", "sd15-sweep", "turbo-few-step"):
         assert f"section {name} rc=0" in log, name
     assert _tar_json(out, "kernels")["kernels"]
     sweep = _tar_json(out, "sd15-sweep")["sweep"]
     assert sweep["speedup"] > 0 and len(sweep["independent_runs_s"]) == 2
     parts = _tar_json(out, "sd15-parts")["results"]
     assert [r["config"] for r in parts] == ["diffusers", "fast", "graphs"] and "vae" in parts[0]
+    few = _tar_json(out, "turbo-few-step")["results"]
+    assert {(r["impl"], r["steps"]) for r in few} == {(i, n) for i in ("ours", "diffusers") for n in (1, 4)}
+    assert all(r["images_s"] > 0 and abs(sum(r["shares"].values()) - 1) < 0.05 for r in few)
     assert sorted(p.name for p in out.iterdir()) == ["RESULTS-gpu.md", "gpu.log", "measured.tgz", "results.json",
                                                       "tests-triton.log"]
