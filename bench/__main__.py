@@ -6,7 +6,7 @@
     python -m bench --arch sdxl --device cuda --dtype fp16 --size 1024 --steps 20 \
         --configs fast,graphs,graphs+compile,diffusers,diffusers+compile
     python -m bench --samplers ddim,euler,euler_a,dpmpp_2m --configs eager,fast --parts loop --steps 20
-    python -m bench few-step --size 256 --steps 1,2,4,8 --batch 1,2   # images/s end to end, SD-Turbo-shaped (few_step.py)
+    python -m bench few-step --size 256 --steps 1,2,4,8 --batch 1,2   # images/s end to end (bench/few_step.py)
 """
 from __future__ import annotations
 

@@ -184,7 +184,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(out: dict[str, Any]) -> str:
-    rows = ["| steps | batch | impl | images/s | e2e s | text | UNet | VAE | other |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| steps | batch | impl | images/s | e2e s | text | UNet | VAE | other |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in out["results"]:
         s = r["shares"]
         rows.append(f"| {r['steps']} | {r['batch']} | {r['impl']} | {r['images_s']:.3f} | {r['e2e_s']:.3f} | "

@@ -74,6 +74,11 @@ SDXL_REFINER = Family("sdxl-refiner", "epsilon", 1024, 0, "sdxl-openclip", vae_s
 # SDXL base's networks and keys, made for 512² at 1–4 steps without guidance (their cards: guidance_scale=0.0),
 # shipped with Euler ancestral on the trailing spacing. Their tensors do not tell them from SD2 / SDXL base: the
 # family comes from --family or a diffusers folder's trailing scheduler config (README "Few-step").
+# Checked against Stability's own demo, generative-models scripts/demo/turbo.py: SD-Turbo runs with
+# configs/inference/sd_2_1.yaml, whose denoiser is EpsScaling (ε-prediction, as SD 2.1-base, not 2.1-768's v),
+# SDXL-Turbo with sd_xl_base.yaml (ε); both at 512² through EulerAncestralSampler (η = 1), no unconditional branch.
+# At n > 1 that demo takes t = 999, 899, 799, ... (every 100th of 1000); the recipe here is diffusers' trailing
+# spacing (n = 4: 999, 749, 499, 249), what the cards' diffusers snippets run and the parity tests hold gbsd to.
 TURBO = Recipe("euler_a", "trailing", 1, 0.0)
 SD_TURBO = Family("sd-turbo", "epsilon", 512, 0, "openclip", recipe=TURBO)
 SDXL_TURBO = Family("sdxl-turbo", "epsilon", 512, 49407, "sdxl-clip+openclip", vae_scale_factor=0.13025,
