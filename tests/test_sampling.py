@@ -120,7 +120,7 @@ def test_context_tensor_is_built_once_per_stage():
 def test_a_stage_switch_is_told_each_stage_before_its_conditioning_is_set():
     """`denoise(switch=)`: `enter(stage)` once per stage, at its first step, before the stepper gets the stage's
     conditioning (what the stepper derives from the weights then sees the switched ones), nothing in between."""
-    sched = DDIMScheduler()
+    sched = DDIMSampler()
     timesteps = sched.timesteps(6)
     events = []
 
