@@ -65,7 +65,7 @@ def layout_steps(n: int, layout: float) -> int:
     """n_layout = round(layout·n) for the layout fraction `layout`, rounding halves up (0.8 of 50 → 40; 0.5 of 5 → 3).
 
     Python's round() rounds halves to even (round(2.5) == 2), which would make the split jump around as n grows;
-    floor(x + 0.5) is monotonic in both σ and n. A tiny epsilon absorbs float error such as 0.7·10 = 7.000000000000001.
+    floor(x + 0.5) is monotonic in layout and n. A tiny epsilon absorbs float error such as 0.7·10 = 7.000000000000001.
     """
     if not 0.0 <= layout <= 1.0:
         raise ValueError(f"the layout fraction must be in [0, 1], got {layout}")
