@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .bundle import SDBundle, check_finite
 from .images import to_rgb
-from .params import GenerationParams, image_size
+from .params import GenerationParams, image_size, sweep_axes
 from .samplers import Sampler, make_sampler
 from .sampling import (
     CFGStep,
@@ -269,21 +269,8 @@ def sweep(
     Results are ordered focus-prompt-major, then α, then mix: [(f0, α0, m0), (f0, α0, m1), …, (f0, α1, m0), …].
     """
     check_run_args(bundle, params, stepper=stepper, probe=probe)
-    for name, given in (("alphas", alphas), ("focus_prompts", focus_prompts), ("mixes", mixes)):
-        if given is not None and (isinstance(given, (str, bytes)) or not isinstance(given, Sequence)):
-            raise ValueError(f"{name} must be a list, got {type(given).__name__}")
-    alphas = [params.alpha] if alphas is None else list(alphas)
-    focus_prompts = list(focus_prompts) if focus_prompts is not None else [params.focus] if params.focus else []
-    mixes = [params.focus_mix] if mixes is None else list(mixes)
-    if not alphas:
-        raise ValueError("a sweep needs at least one alpha")
-    if not focus_prompts:
-        raise ValueError("a sweep needs a focus prompt (params.focus or focus_prompts)")
-    if not mixes:
-        raise ValueError("a sweep needs at least one focus mix")
-    # Every cell's parameters are valid ones (GenerationParams checks the type and range of each α, focus and mix).
-    cells = [(c.focus, c.alpha, c.focus_mix) for c in (replace(params, focus=f, alpha=a, focus_mix=m)
-                                                        for f in focus_prompts for a in alphas for m in mixes)]
+    alphas, focus_prompts, mixes, cell_params = sweep_axes(params, alphas, focus_prompts, mixes)
+    cells = [(c.focus, c.alpha, c.focus_mix) for c in cell_params]
 
     to_prompt = [params.focus_to] if params.focus_to is not None else []
     start = _start(bundle, params, [*focus_prompts, *to_prompt], init_image, x_T, stepper)
