@@ -10,6 +10,7 @@ import io
 import re
 import subprocess
 import tokenize
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,3 +262,35 @@ def test_the_walk_reaches_each_landmark_within_its_hops():
     assert unet == 1
     assert depth_of[(ResBlock, "forward")] - unet <= 2
     assert depth_of[(SpatialTransformer, "forward")] - unet <= 2
+
+
+def _files_the_walk_runs() -> set[Path]:
+    """The files of gbsd_core whose code runs while the walk draws one SD1 GBSD image (the tiny bundle built first)."""
+    import sys
+
+    package = str(REPO / "gbsd_core")
+    files: set[Path] = set()
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(package):
+            files.add(Path(frame.f_code.co_filename))
+
+    bundle = tiny_bundle()
+    sys.setprofile(profile)
+    try:
+        walk(bundle, PROMPT, FOCUS, steps=2, size=(64, 64))
+    finally:
+        sys.setprofile(None)
+    return files
+
+
+def test_the_readmes_size_promise_is_measured():
+    """README's "N files, M lines" is the walk's path as it stands: the file count exact, the lines within 3%."""
+    promise = re.search(r"SD1 \+ GBSD from prompt to pixels, is \*\*(\d+) files, ([\d,]+) lines\*\*",
+                        (REPO / "README.md").read_text())
+    assert promise, "README lost its size promise"
+    files = _files_the_walk_runs()
+    lines = sum(len(f.read_text().splitlines()) for f in files)
+    print(f"the walk's path: {len(files)} files, {lines} lines: {sorted(f.name for f in files)}")
+    assert int(promise[1]) == len(files)
+    assert abs(int(promise[2].replace(",", "")) - lines) <= 0.03 * lines
