@@ -44,61 +44,6 @@ COMPONENTS = ("unet", "vae", "text_encoder")
 TextConfig = Union[CLIPTextConfig, OpenCLIPTextConfig, SDXLConditionerConfig]
 
 
-def check_parts_fit(unet: UNetConfig, vae: VAEConfig, text: TextConfig) -> None:
-    """Raise ValueError naming the part that disagrees, if the three networks cannot run together with gbsd's
-    tokenizer: latents flow VAE -> UNet -> VAE, the text encoder's tokens [B, 77] -> context [B, 77, width] feeds the
-    UNet's cross-attention (SDXL: its towers' widths side by side, and the vector y its label embedding), images are
-    RGB."""
-    towers = ([t for t in (text.clip, text.openclip) if t is not None] if isinstance(text, SDXLConditionerConfig)
-              else [text])
-    width = sum(t.width for t in towers)
-    problems = []
-    if (vae.in_channels, vae.out_ch) != (3, 3):
-        problems.append(f"the vae reads {vae.in_channels}-channel and writes {vae.out_ch}-channel images, not RGB")
-    if unet.in_channels != vae.embed_dim:
-        what = " (an inpainting UNet: latents + mask + masked image; not supported)" if unet.in_channels == 9 else ""
-        problems.append(f"the unet takes {unet.in_channels}-channel input{what} but the vae makes {vae.embed_dim}-channel "
-                        "latents")
-    elif unet.out_channels != vae.embed_dim:
-        problems.append(f"the unet predicts {unet.out_channels} channels but the vae's latents have {vae.embed_dim}")
-    if unet.context_dim != width:
-        problems.append(f"the unet's cross-attention reads {unet.context_dim}-wide context but the text encoder "
-                        f"makes {width}-wide embeddings")
-    vector = text.vector_dim if isinstance(text, SDXLConditionerConfig) else None
-    if unet.adm_in_channels != vector:  # SDXL's pooled text + size embeddings, the UNet's label_emb input
-        takes = f"a {unet.adm_in_channels}-wide vector y" if unet.adm_in_channels else "no vector y"
-        gives = "none"
-        if isinstance(text, SDXLConditionerConfig):
-            values = (vector - text.openclip.embed_dim) // text.micro_dim
-            gives = (f"a {vector}-wide one (pooled {text.openclip.embed_dim} + {values} size values x "
-                     f"{text.micro_dim}, diffusers' addition_time_embed_dim)")
-        problems.append(f"the unet takes {takes} but the text encoder gives {gives}")
-    positions, vocab = min(t.context_length for t in towers), min(t.vocab_size for t in towers)
-    if positions < CONTEXT_LENGTH:
-        problems.append(f"the text encoder has {positions} positions but prompts are {CONTEXT_LENGTH} tokens")
-    if vocab <= EOT_TOKEN_ID:
-        problems.append(f"the text encoder has {vocab} token embeddings but CLIP's tokenizer emits token ids "
-                        f"up to {EOT_TOKEN_ID}")
-    if problems:
-        raise ValueError("the parts do not fit together: " + "; ".join(problems))
-
-
-def check_finite(x: torch.Tensor, what: str) -> None:
-    """Raise NonFiniteError when `x` holds NaN or inf, counting them: a NaN latent decodes to black pixels (the cast
-    to uint8 makes NaN 0), so nothing may be made from it. One reduction over the tensor."""
-    if bool(torch.isfinite(x).all()):
-        return
-    nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
-    raise NonFiniteError(f"{what} hold {nan} NaN and {inf} inf values (of {x.numel()}); no image is made from them")
-
-
-def model_limits(vae: VAEConfig, family: Family, native_size: int | None = None) -> ModelLimits:
-    """The image-size facts of a model: its VAE's factor and latent channels, the native side (a diffusers folder's
-    own when it has one, else the family's) and the family's largest side."""
-    return ModelLimits(vae_factor=vae.downsample_factor, latent_channels=vae.embed_dim,
-                       native_size=native_size or family.resolution, max_size=family.max_size)
-
-
 @dataclass
 class SDBundle:
     """A loaded Stable Diffusion: the three networks, tokenizer, family and noise schedule."""
@@ -213,6 +158,64 @@ class SDBundle:
             "parameters": parameters,
             "configs": {name: asdict(getattr(self, name).config) for name in COMPONENTS},
         }
+
+
+# ------------------------------------------------------------------ checks and facts about the parts (off the route)
+
+
+def check_parts_fit(unet: UNetConfig, vae: VAEConfig, text: TextConfig) -> None:
+    """Raise ValueError naming the part that disagrees, if the three networks cannot run together with gbsd's
+    tokenizer: latents flow VAE -> UNet -> VAE, the text encoder's tokens [B, 77] -> context [B, 77, width] feeds the
+    UNet's cross-attention (SDXL: its towers' widths side by side, and the vector y its label embedding), images are
+    RGB."""
+    towers = ([t for t in (text.clip, text.openclip) if t is not None] if isinstance(text, SDXLConditionerConfig)
+              else [text])
+    width = sum(t.width for t in towers)
+    problems = []
+    if (vae.in_channels, vae.out_ch) != (3, 3):
+        problems.append(f"the vae reads {vae.in_channels}-channel and writes {vae.out_ch}-channel images, not RGB")
+    if unet.in_channels != vae.embed_dim:
+        what = " (an inpainting UNet: latents + mask + masked image; not supported)" if unet.in_channels == 9 else ""
+        problems.append(f"the unet takes {unet.in_channels}-channel input{what} but the vae makes {vae.embed_dim}-channel "
+                        "latents")
+    elif unet.out_channels != vae.embed_dim:
+        problems.append(f"the unet predicts {unet.out_channels} channels but the vae's latents have {vae.embed_dim}")
+    if unet.context_dim != width:
+        problems.append(f"the unet's cross-attention reads {unet.context_dim}-wide context but the text encoder "
+                        f"makes {width}-wide embeddings")
+    vector = text.vector_dim if isinstance(text, SDXLConditionerConfig) else None
+    if unet.adm_in_channels != vector:  # SDXL's pooled text + size embeddings, the UNet's label_emb input
+        takes = f"a {unet.adm_in_channels}-wide vector y" if unet.adm_in_channels else "no vector y"
+        gives = "none"
+        if isinstance(text, SDXLConditionerConfig):
+            values = (vector - text.openclip.embed_dim) // text.micro_dim
+            gives = (f"a {vector}-wide one (pooled {text.openclip.embed_dim} + {values} size values x "
+                     f"{text.micro_dim}, diffusers' addition_time_embed_dim)")
+        problems.append(f"the unet takes {takes} but the text encoder gives {gives}")
+    positions, vocab = min(t.context_length for t in towers), min(t.vocab_size for t in towers)
+    if positions < CONTEXT_LENGTH:
+        problems.append(f"the text encoder has {positions} positions but prompts are {CONTEXT_LENGTH} tokens")
+    if vocab <= EOT_TOKEN_ID:
+        problems.append(f"the text encoder has {vocab} token embeddings but CLIP's tokenizer emits token ids "
+                        f"up to {EOT_TOKEN_ID}")
+    if problems:
+        raise ValueError("the parts do not fit together: " + "; ".join(problems))
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """Raise NonFiniteError when `x` holds NaN or inf, counting them: a NaN latent decodes to black pixels (the cast
+    to uint8 makes NaN 0), so nothing may be made from it. One reduction over the tensor."""
+    if bool(torch.isfinite(x).all()):
+        return
+    nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+    raise NonFiniteError(f"{what} hold {nan} NaN and {inf} inf values (of {x.numel()}); no image is made from them")
+
+
+def model_limits(vae: VAEConfig, family: Family, native_size: int | None = None) -> ModelLimits:
+    """The image-size facts of a model: its VAE's factor and latent channels, the native side (a diffusers folder's
+    own when it has one, else the family's) and the family's largest side."""
+    return ModelLimits(vae_factor=vae.downsample_factor, latent_channels=vae.embed_dim,
+                       native_size=native_size or family.resolution, max_size=family.max_size)
 
 
 def describe_schedule(ns: NoiseSchedule) -> str:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -229,6 +229,27 @@ class GenerationParams:
         for f in fields(self):
             check_field(f.name, getattr(self, f.name))
         check_together(self)
+
+
+def sweep_axes(p: GenerationParams, alphas: Any, focus_prompts: Any,
+               mixes: Any) -> tuple[list[str], list[GenerationParams]]:
+    """A sweep's focus prompts and its cells' parameters, focus-prompt-major, then α, then mix (an axis that is None:
+    the parameters' own value). ValueError when an axis is not a list or is empty; each cell is checked as a
+    GenerationParams."""
+    for name, given in (("alphas", alphas), ("focus_prompts", focus_prompts), ("mixes", mixes)):
+        if given is not None and (isinstance(given, (str, bytes)) or not isinstance(given, Sequence)):
+            raise ValueError(f"{name} must be a list, got {type(given).__name__}")
+    alphas = [p.alpha] if alphas is None else list(alphas)
+    focus_prompts = list(focus_prompts) if focus_prompts is not None else [p.focus] if p.focus else []
+    mixes = [p.focus_mix] if mixes is None else list(mixes)
+    if not alphas:
+        raise ValueError("a sweep needs at least one alpha")
+    if not focus_prompts:
+        raise ValueError("a sweep needs a focus prompt (params.focus or focus_prompts)")
+    if not mixes:
+        raise ValueError("a sweep needs at least one focus mix")
+    cells = [replace(p, focus=f, alpha=a, focus_mix=m) for f in focus_prompts for a in alphas for m in mixes]
+    return focus_prompts, cells
 
 
 # ------------------------------------------------------------------------------------- where and how it runs

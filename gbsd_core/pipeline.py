@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from PIL import Image
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from .bundle import SDBundle, check_finite
 from .images import to_rgb
-from .params import GenerationParams, image_size
+from .params import GenerationParams, image_size, sweep_axes
 from .prompts.chunks import fit_conditionings
 from .prompts.parser import check_lora_tags_taken_out
 from .prompts.schedule import prompt_schedule, staged
@@ -47,6 +48,7 @@ from .sampling import (
     cat_conditioning,
     denoise,
     focus_conditioning,
+    gbsd_stages,
     layout_steps,
 )
 from .sampling import guidance as sampling_guidance
@@ -191,15 +193,46 @@ def _start(bundle: SDBundle, params: GenerationParams, local_prompts: Sequence[s
     return _Start(sampler, timesteps, conds[0], schedules, dict(zip(texts, conds[1:])), latents, generator, (w, h))
 
 
-def _stages(start: _Start, n: int, n_layout: int, plain: str,
+def _stages(start: _Start, layout: float | None,
             focus_of: Callable[[Conditioning, Conditioning], Conditioning]) -> list[Stage]:
-    """GBSD's stages: E(global) for the first n_layout steps, then `focus_of(E(global), E(local prompts))` (the
-    locals stacked, one row each); a stage splits where prompt editing changes a text (prompts/schedule.py)."""
+    """The run's stages. Plain SD (`layout` None): one "global" stage. GBSD: the paper's two (`gbsd_stages`), E(global)
+    then `focus_of(E(global), E(local prompts))` (the locals stacked, one row each); only prompt editing
+    ([from:to:when], prompts/schedule.py) splits them further, where a text changes."""
+    n = len(start.timesteps)
+
     def cond(focus: bool, texts: list[str]) -> Conditioning:
         global_emb = start.embs[texts[0]]
         return focus_of(global_emb, cat_conditioning([start.embs[t] for t in texts[1:]])) if focus else global_emb
 
-    return staged(n, n_layout, start.schedules, cond, plain)
+    if any(len(schedule) > 1 for schedule in start.schedules):
+        n_layout = n if layout is None else layout_steps(n, layout)
+        return staged(n, n_layout, start.schedules, cond, "global" if layout is None else "layout")
+    texts = [schedule[0][1] for schedule in start.schedules]
+    if layout is None:
+        return [Stage("global", range(n), cond(False, texts))]  # plain SD
+    return gbsd_stages(cond(False, texts), cond(True, texts), n, layout)
+
+
+def _focus(params: GenerationParams, global_emb: Conditioning, local_embs: Conditioning) -> Conditioning:
+    """One run's focus conditioning α·E(global) + (1−α)·E(focus). A rack focus (`focus_to`, bokeh/rack.py) first
+    blends the local embedding toward E(focus_to) by `focus_mix`; `local_embs` then holds both rows."""
+    local = local_embs.map(lambda t: t[:1])
+    if params.focus_to is not None:
+        local = blend_embeddings(local, local_embs.map(lambda t: t[1:]), params.focus_mix)
+    return focus_conditioning(global_emb, local, params.alpha)
+
+
+def _sweep_focus(params: GenerationParams, cells: list[GenerationParams], n_prompts: int, global_emb: Conditioning,
+                 local_embs: Conditioning) -> Conditioning:
+    """A sweep's focus conditioning: one row per cell (focus-prompt-major, then α, then mix), each `_focus` of its
+    cell, stacked so the focus stage branches the batch. `local_embs`: the n_prompts focus prompts, then focus_to."""
+    per_prompt = len(cells) // n_prompts
+    local_rows = local_embs.map(lambda t: t[:n_prompts].repeat_interleave(per_prompt, dim=0))
+    if params.focus_to is not None:
+        to_row = local_embs.map(lambda t: t[-1:])
+        local_rows = blend_embeddings(local_rows, to_row, torch.tensor([c.focus_mix for c in cells]))
+    global_rows = global_emb.map(lambda t: t.expand(len(cells), *t.shape[1:]))
+    return focus_conditioning(global_rows, local_rows, torch.tensor([c.alpha for c in cells]))
 
 
 def _boundary(start: _Start, n_layout: int, has_focus: bool) -> tuple[int | float | None, float | None]:
@@ -265,16 +298,9 @@ def generate(
     local_prompts = [p for p in (params.focus, params.focus_to) if p is not None]
     start = _start(bundle, params, local_prompts, init_image, x_T, stepper)
     n = len(start.timesteps)
-
-    def focus_of(global_emb: Conditioning, local_embs: Conditioning) -> Conditioning:
-        local = local_embs.map(lambda t: t[:1])
-        if params.focus_to is not None:
-            local = blend_embeddings(local, local_embs.map(lambda t: t[1:]), params.focus_mix)
-        return focus_conditioning(global_emb, local, params.alpha)
-
     # plain SD: one "global" stage; GBSD: "layout" for round(layout·n) steps, then "focus"
+    stages = _stages(start, None if params.focus is None else params.layout, partial(_focus, params))
     n_layout = n if params.focus is None else layout_steps(n, params.layout)
-    stages = _stages(start, n, n_layout, "global" if params.focus is None else "layout", focus_of)
     latents, unet_calls = _denoise(bundle, params, start, stages, progress, probe, stepper, watch, switch)
     image = bundle.decode_latents(latents)[0]
     return GenerationResult(image, replace(params, width=start.size[0], height=start.size[1]), n, n_layout, unet_calls,
@@ -305,45 +331,20 @@ def sweep(
     Results are ordered focus-prompt-major, then α, then mix: [(f0, α0, m0), (f0, α0, m1), …, (f0, α1, m0), …].
     """
     check_run_args(bundle, params, stepper=stepper, probe=probe)
-    for name, given in (("alphas", alphas), ("focus_prompts", focus_prompts), ("mixes", mixes)):
-        if given is not None and (isinstance(given, (str, bytes)) or not isinstance(given, Sequence)):
-            raise ValueError(f"{name} must be a list, got {type(given).__name__}")
-    alphas = [params.alpha] if alphas is None else list(alphas)
-    focus_prompts = list(focus_prompts) if focus_prompts is not None else [params.focus] if params.focus else []
-    mixes = [params.focus_mix] if mixes is None else list(mixes)
-    if not alphas:
-        raise ValueError("a sweep needs at least one alpha")
-    if not focus_prompts:
-        raise ValueError("a sweep needs a focus prompt (params.focus or focus_prompts)")
-    if not mixes:
-        raise ValueError("a sweep needs at least one focus mix")
-    # Every cell's parameters are valid ones (GenerationParams checks the type and range of each α, focus and mix).
-    cells = [(c.focus, c.alpha, c.focus_mix) for c in (replace(params, focus=f, alpha=a, focus_mix=m)
-                                                        for f in focus_prompts for a in alphas for m in mixes)]
+    focus_prompts, cell_params = sweep_axes(params, alphas, focus_prompts, mixes)
 
     to_prompt = [params.focus_to] if params.focus_to is not None else []
     start = _start(bundle, params, [*focus_prompts, *to_prompt], init_image, x_T, stepper)
     n = len(start.timesteps)
-    # The only difference from generate: K focus rows, one per cell, focus-prompt-major.
-    alpha_rows = torch.tensor([a for _, a, _ in cells])
-    per_prompt = len(alphas) * len(mixes)
-
-    def focus_of(global_emb: Conditioning, local_embs: Conditioning) -> Conditioning:
-        local_rows = local_embs.map(lambda t: t[:len(focus_prompts)].repeat_interleave(per_prompt, dim=0))
-        if params.focus_to is not None:
-            to_row = local_embs.map(lambda t: t[-1:])
-            local_rows = blend_embeddings(local_rows, to_row, torch.tensor([m for *_, m in cells]))
-        global_rows = global_emb.map(lambda t: t.expand(len(cells), *t.shape[1:]))
-        return focus_conditioning(global_rows, local_rows, alpha_rows)
-
-    stages = _stages(start, n, layout_steps(n, params.layout), "layout", focus_of)
+    # The only difference from generate: K focus rows, one per cell.
+    stages = _stages(start, params.layout, partial(_sweep_focus, params, cell_params, len(focus_prompts)))
     latents, unet_calls = _denoise(bundle, params, start, stages, progress, probe, stepper, switch=switch)
     images = bundle.decode_latents(latents)
-    if len(images) == 1 and len(cells) > 1:
+    if len(images) == 1 and len(cell_params) > 1:
         # layout fraction 1: no focus stage ran, so nothing branched: every cell is the same global-prompt image.
-        images = images * len(cells)
+        images = images * len(cell_params)
     n_layout = layout_steps(n, params.layout)
     boundary = _boundary(start, n_layout, True)
-    return [GenerationResult(image, replace(params, focus=f, alpha=a, focus_mix=m, width=start.size[0],
-                                            height=start.size[1]), n, n_layout, unet_calls, *boundary)
-            for (f, a, m), image in zip(cells, images)]
+    return [GenerationResult(image, replace(cell, width=start.size[0], height=start.size[1]), n, n_layout,
+                             unet_calls, *boundary)
+            for cell, image in zip(cell_params, images)]

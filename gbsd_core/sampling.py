@@ -66,7 +66,7 @@ def layout_steps(n: int, layout: float) -> int:
     and for 0 < layout < 1 at least one step in each stage (0.8 of 2 → 1: few-step models; README "Few-step").
 
     Python's round() rounds halves to even (round(2.5) == 2), which would make the split jump around as n grows;
-    floor(x + 0.5) is monotonic in both σ and n. A tiny epsilon absorbs float error such as 0.7·10 = 7.000000000000001.
+    floor(x + 0.5) is monotonic in layout and n. A tiny epsilon absorbs float error such as 0.7·10 = 7.000000000000001.
     A fraction strictly between 0 and 1 asks for two stages, which one step cannot hold: ValueError.
     """
     if not 0.0 <= layout <= 1.0:

@@ -42,6 +42,7 @@ def walk(bundle: SDBundle, prompt: str, focus: str | None = None, alpha: float =
     # β_t linear in √β from 0.00085 to 0.012 (CompVis, built in float64, kept as float32). DDIM visits every
     # (T/n)-th timestep plus one: 50 steps are 981, 961, ..., 1. GBSD's layout fraction puts the first n_layout of
     # them in the layout stage (rounded half up; 1e-9 absorbs float error such as 0.7·10 = 7.000000000000001).
+    # (Below ~5 steps the library also keeps one step in each stage: README, "Few-step models".)
     T = 1000
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, T, dtype=torch.float64) ** 2
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).to(torch.float32)  # ᾱ_t [1000]
@@ -59,6 +60,7 @@ def walk(bundle: SDBundle, prompt: str, focus: str | None = None, alpha: float =
     # %% 4. The loop. One UNet call on the batch [x; x] with [E(negative); cond] predicts the noise both ways;
     # guidance moves from the unconditional towards the conditional prediction (Ho & Salimans 2022). DDIM's eq. 12
     # with η = 0 then steps x_t to x_prev: predict x̂_0, and re-noise it to the previous timestep along ε̂.
+    # (At cfg ≤ 1 the library skips guidance and runs the conditional half alone, as diffusers does.)
     for i, t in enumerate(timesteps):
         cond = e_global if i < n_layout else e_focus  # the GBSD switch: layout stage, then focus stage
         out = unet(torch.cat([x, x]), torch.full((2,), t), torch.cat([e_neg, cond]))  # [2, 4, 64, 64]

@@ -11,7 +11,7 @@ import gbsd_core
 from gbsd_core import loading
 from gbsd_core.bokeh.rack import rack_focus
 from gbsd_core.fast import FastOptions, make_stepper
-from gbsd_core.params import GenerationParams, check_schedule
+from gbsd_core.params import GenerationParams, check_schedule, sweep_axes
 from gbsd_core.pipeline import generate, sweep
 from gbsd_core.samplers import SAMPLERS, SCHEDULES, SPACINGS, make_sampler
 from _util import model_ddim
@@ -133,3 +133,31 @@ def test_a_fast_stepper_with_another_spacing_is_checked_by_its_own_schedule(bund
 def test_numpy_scalars_and_fair_values_still_pass(bundle):
     step = make_stepper(bundle, FastOptions(), np.float64(7.5), np.float32(0.0))
     assert step.guidance_scale == 7.5 and step.eta == 0.0
+
+
+# ----------------------------------------------------------------------------- a sweep's axes (params.sweep_axes)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"alphas": 0.5}, "alphas must be a list, got float"),
+    ({"focus_prompts": "a carrot"}, "focus_prompts must be a list, got str"),
+    ({"mixes": {0.5}}, "mixes must be a list, got set"),
+    ({"alphas": []}, "a sweep needs at least one alpha"),
+    ({"focus_prompts": []}, "a sweep needs a focus prompt"),
+    ({"mixes": []}, "a sweep needs at least one focus mix"),
+    ({"alphas": [0.5, 1.5]}, "alpha"),  # each cell is a checked GenerationParams
+])
+def test_sweep_axes_refuse_bad_lists(kwargs, message):
+    p = GenerationParams("a bunny and a carrot", focus="a carrot")
+    axes = {"alphas": None, "focus_prompts": None, "mixes": None, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        sweep_axes(p, **axes)
+
+
+def test_sweep_axes_fill_defaults_and_order_cells_focus_prompt_major():
+    p = GenerationParams("a bunny and a carrot", focus="a carrot", alpha=0.3)
+    focus_prompts, cells = sweep_axes(p, None, None, None)
+    assert focus_prompts == ["a carrot"] and [(c.alpha, c.focus_mix) for c in cells] == [(0.3, 0.0)]
+    _, cells = sweep_axes(p, [0.2, 0.4], ["a carrot", "a bunny"], None)
+    assert [(c.focus, c.alpha) for c in cells] == [("a carrot", 0.2), ("a carrot", 0.4), ("a bunny", 0.2),
+                                                    ("a bunny", 0.4)]

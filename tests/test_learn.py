@@ -10,6 +10,7 @@ import io
 import re
 import subprocess
 import tokenize
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,20 +222,14 @@ def test_nothing_points_outside_the_repository():
             assert not hits, f"{name} points outside the repository: {hits[0].strip()}"
 
 
-def test_the_walk_reaches_each_landmark_within_its_hops():
-    """From the walk, the text encoder, the UNet and the VAE decode are one call away (their calls are on the page,
-    as are DDIM's update and the GBSD switch), and a ResBlock and a cross-attention block at most two calls below the
-    UNet's forward."""
+def _trace_the_walk() -> tuple[dict[tuple, int], set[Path]]:
+    """Run the walk on the tiny bundle (built first) under a profiler: the call depth below `walk` at which each
+    (class, function) of gbsd_core is first reached, and the package's files whose code ran."""
     import sys
-
-    from gbsd_core.attention import SpatialTransformer
-    from gbsd_core.clip_text import CLIPTextEncoder
-    from gbsd_core.unet import UNetModel
-    from gbsd_core.unet_blocks import ResBlock
-    from gbsd_core.vae import AutoencoderKL
 
     package = str(REPO / "gbsd_core")
     depth_of: dict[tuple, int] = {}
+    files: set[Path] = set()
     stack: list[bool] = []
 
     def profile(frame, event, arg):
@@ -242,9 +237,10 @@ def test_the_walk_reaches_each_landmark_within_its_hops():
             code = frame.f_code
             ours = code.co_filename.startswith(package) and not code.co_name.startswith("<")
             stack.append(ours)
-            me = frame.f_locals.get("self")
+            if code.co_filename.startswith(package):
+                files.add(Path(code.co_filename))
             if ours:
-                depth_of.setdefault((type(me), code.co_name), sum(stack) - 1)
+                depth_of.setdefault((type(frame.f_locals.get("self")), code.co_name), sum(stack) - 1)
         elif event == "return" and stack:
             stack.pop()
 
@@ -254,6 +250,20 @@ def test_the_walk_reaches_each_landmark_within_its_hops():
         walk(bundle, PROMPT, FOCUS, steps=2, size=(64, 64))
     finally:
         sys.setprofile(None)
+    return depth_of, files
+
+
+def test_the_walk_reaches_each_landmark_within_its_hops():
+    """From the walk, the text encoder, the UNet and the VAE decode are one call away (their calls are on the page,
+    as are DDIM's update and the GBSD switch), and a ResBlock and a cross-attention block at most two calls below the
+    UNet's forward."""
+    from gbsd_core.attention import SpatialTransformer
+    from gbsd_core.clip_text import CLIPTextEncoder
+    from gbsd_core.unet import UNetModel
+    from gbsd_core.unet_blocks import ResBlock
+    from gbsd_core.vae import AutoencoderKL
+
+    depth_of, _ = _trace_the_walk()
     assert depth_of[(type(None), "walk")] == 0
     assert depth_of[(CLIPTextEncoder, "forward")] == 1
     assert depth_of[(AutoencoderKL, "decode")] == 1
@@ -261,3 +271,15 @@ def test_the_walk_reaches_each_landmark_within_its_hops():
     assert unet == 1
     assert depth_of[(ResBlock, "forward")] - unet <= 2
     assert depth_of[(SpatialTransformer, "forward")] - unet <= 2
+
+
+def test_the_readmes_size_promise_is_measured():
+    """README's "N files, M lines" is the walk's path as it stands: the file count exact, the lines within 3%."""
+    promise = re.search(r"SD1 \+ GBSD from prompt to pixels, is \*\*(\d+) files, ([\d,]+) lines\*\*",
+                        (REPO / "README.md").read_text())
+    assert promise, "README lost its size promise"
+    _, files = _trace_the_walk()
+    lines = sum(len(f.read_text().splitlines()) for f in files)
+    print(f"the walk's path: {len(files)} files, {lines} lines: {sorted(f.name for f in files)}")
+    assert int(promise[1]) == len(files)
+    assert abs(int(promise[2].replace(",", "")) - lines) <= 0.03 * lines

@@ -1,12 +1,12 @@
-"""`gbsd grid`: an α (rows) × σ (columns) contact sheet of GBSD images, each cell captioned with the variance of the
-Laplacian of its target and background ("T 95.5 / B 12.1"), plus the same sheet with the target masks overlaid and
-as local-sharpness heat maps (one colour scale for every cell).
+"""`gbsd grid`: an α (rows) × layout fraction (columns) contact sheet of GBSD images, each cell captioned with the
+variance of the Laplacian of its target and background ("T 95.5 / B 12.1"), plus the same sheet with the target masks
+overlaid and as local-sharpness heat maps (one colour scale for every cell).
 
-One `sweep` per layout fraction: the α values share its layout stage, so a column costs n_layout + K·(n − n_layout) UNet calls.
-Each cell's target is its own focus-word attention mask (gbsd_core/bokeh/attnmaps.py) unless --mask or --box gives
-one. A layout fraction with no focus stage (1, plain SD on the global prompt: round(layout·n) = n) has no attention map of its own;
-its cells take the mask of the same row at the nearest σ that has one. Masks and boxes are checked against the image
-size before any weights load.
+One `sweep` per layout fraction: the α values share its layout stage, so a column costs n_layout + K·(n − n_layout)
+UNet calls. Each cell's target is its own focus-word attention mask (gbsd_core/bokeh/attnmaps.py) unless --mask or
+--box gives one. A layout fraction with no focus stage (1, plain SD on the global prompt: round(layout·n) = n) has no
+attention map of its own; its cells take the mask of the same row at the nearest layout fraction that has one. Masks
+and boxes are checked against the image size before any weights load.
 
     gbsd grid "a bunny and a carrot on grass" --focus "a carrot" --alphas 0,0.5,1 --layouts 0.7,0.8,0.9 -o grid/
     gbsd grid "a bunny and a carrot on grass" --focus "a carrot" --sampler dpmpp_2m --schedule karras --steps 20
@@ -41,7 +41,7 @@ def _enlarge(image: Image.Image) -> Image.Image:
 
 
 def _nearest(j: int, layouts: tuple[float, ...], has_focus: list[bool]) -> int:
-    """The column with a focus stage whose σ is nearest to column j's (the lower σ on a tie)."""
+    """The column with a focus stage whose layout fraction is nearest to column j's (the lower one on a tie)."""
     return min((i for i in range(len(layouts)) if has_focus[i]), key=lambda i: (abs(layouts[i] - layouts[j]), layouts[i]))
 
 
@@ -102,30 +102,30 @@ def run_grid(args: argparse.Namespace) -> int:
     images = [[None] * len(layouts) for _ in alphas]
     masks, reports = [row[:] for row in images], [row[:] for row in images]
     with loras_cli.merged(run_loras, bundle) as loras:
-        for j, sigma in enumerate(layouts):
+        for j, layout in enumerate(layouts):
             collector = None
-            if given is None and has_focus[j]:  # the focus words' positions where this σ's focus stage starts
+            if given is None and has_focus[j]:  # the focus words' positions where this column's focus stage starts
                 with usage_errors("--focus: "):
-                    positions, period = prompt_positions(bundle, focus, replace(base, layout=sigma))
+                    positions, period = prompt_positions(bundle, focus, replace(base, layout=layout))
                 collector = CrossAttentionCollector(bundle.unet, positions, period=period)
             with common.prompt_errors():
-                results = pipeline.sweep(bundle, replace(base, layout=sigma), alphas=alphas, probe=collector,
+                results = pipeline.sweep(bundle, replace(base, layout=layout), alphas=alphas, probe=collector,
                                          progress=not args.quiet, switch=loras)
             for i, r in enumerate(results):
                 images[i][j] = r.image
                 if collector is not None:
-                    with usage_errors(f"sigma {sigma:g}, alpha {alphas[i]:g}: "):
+                    with usage_errors(f"layout {layout:g}, alpha {alphas[i]:g}: "):
                         masks[i][j] = collector.mask(i, (h, w))
     for j in range(len(layouts)):
         for i in range(len(alphas)):
             if given is not None:
                 masks[i][j] = given
-            elif not has_focus[j]:  # no focus stage, no attention map: the row's mask at the nearest σ
+            elif not has_focus[j]:  # no focus stage, no attention map: the row's mask at the nearest layout fraction
                 masks[i][j] = masks[i][_nearest(j, layouts, has_focus)]
             reports[i][j] = SharpnessReport.measure(to_gray(images[i][j]), masks[i][j])
     out.mkdir(exist_ok=True)
     # ASCII labels: Pillow's default font has no Greek letters.
-    rows, cols = [f"alpha {a:g}" for a in alphas], [f"sigma {s:g}" for s in layouts]
+    rows, cols = [f"alpha {a:g}" for a in alphas], [f"layout {s:g}" for s in layouts]
     captions = [[rep.caption() for rep in row] for row in reports]
     vmax = max(float(local_variance_of_laplacian(to_gray(im)).max()) for row in images for im in row)
     pictures = {  # OUTPUTS, with grid.json

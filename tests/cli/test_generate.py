@@ -376,7 +376,7 @@ def test_bad_input_exits_2_before_loading(case, tmp_path, capsys, monkeypatch, n
 
 
 def test_layout_warning_then_load(tmp_path, capsys, no_load, tiny_ckpt):
-    # σ < 0.7 with a focus prompt warns but proceeds: the (patched) loader is reached.
+    # a layout fraction below 0.7 with a focus prompt warns but proceeds: the (patched) loader is reached.
     with pytest.raises(Loaded):
         cli_main(["generate", "p", "--focus", "f", "--layout", "0.5", "--weights", str(tiny_ckpt),
                   "-o", str(tmp_path / "o.png")])
