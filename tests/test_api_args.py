@@ -92,7 +92,7 @@ def test_every_spacing_either_refuses_a_step_count_or_descends():
     from gbsd_core.noise_schedule import SD
 
     counts = [*range(1, 1001, 37), 997, 998, 999, 1000]
-    for name in SAMPLERS[1:]:
+    for name in (s for s in SAMPLERS[1:] if s != "lcm"):  # lcm takes no schedule or spacing: its own test below
         for schedule in SCHEDULES:
             for spacing in SPACINGS:
                 for n in counts:
@@ -107,6 +107,24 @@ def test_every_spacing_either_refuses_a_step_count_or_descends():
                     assert check_schedule(params, img2img=False, spacing=spacing) == n
                     s = sampler.sigmas[:-1]
                     assert bool((s[1:] < s[:-1]).all()) and bool((s > 0).all()), (name, schedule, spacing, n)
+
+
+def test_lcm_either_refuses_a_step_count_or_descends():
+    """LCM runs its own skipped schedule: every step count either is refused (ValueError, and `check_schedule` says
+    the same) or gives strictly descending timesteps."""
+    from gbsd_core.noise_schedule import SD
+
+    for n in [*range(1, 60, 3), 50, 51, 100, 1000]:
+        sampler = make_sampler(SD, "epsilon", "lcm")
+        params = GenerationParams("p", steps=n, sampler="lcm", cfg=1.5)
+        try:
+            timesteps = sampler.timesteps(n)
+        except ValueError:
+            with pytest.raises(ValueError):
+                check_schedule(params, img2img=False)
+            continue
+        assert check_schedule(params, img2img=False) == n
+        assert bool((timesteps[1:] < timesteps[:-1]).all()), n
 
 
 def test_dpmpp_2m_linspace_at_1000_steps_is_refused_and_999_run_finite(bundle):
