@@ -486,7 +486,7 @@ def test_generate_metadata_and_determinism(tiny_ckpt, tmp_path, capsys):
     assert data["params"] == {"prompt": "a bunny and a carrot", "focus": "a carrot", "alpha": 0.25, "layout": 0.75,
                               "steps": 3, "cfg": 5.0, "negative": "blurry", "seed": 7, "width": 64, "height": 64,
                               "strength": 0.75, "eta": 0.0, "sampler": "ddim", "schedule": "normal",
-                              "focus_to": None, "focus_mix": 0.0, "emphasis": "original", "chunk_padding": "repeat"}
+                              "spacing": None, "focus_to": None, "focus_mix": 0.0, "emphasis": "original", "chunk_padding": "repeat"}
     assert data["executed_steps"] == 3 and data["mode"] == "txt2img" and data["embeddings"] == {}
 
 
