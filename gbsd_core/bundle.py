@@ -17,7 +17,7 @@ import torch
 
 from .clip_text import CLIPTextConfig, CLIPTextEncoder
 from .errors import NonFiniteError
-from .family import Family
+from .family import Family, Recipe
 from .noise_schedule import SD, NoiseSchedule
 from .openclip_text import OpenCLIPTextConfig, OpenCLIPTextEncoder
 from .params import ModelLimits
@@ -154,6 +154,9 @@ class SDBundle:
             "vae_dtype": str(next(self.vae.parameters()).dtype).removeprefix("torch."),
             "device": str(p.device),
             "noise_schedule": describe_schedule(self.noise_schedule),
+            # a few-step family runs its card's recipe by default (family.Recipe), e.g. trailing spacing over the
+            # schedule's own leading one
+            **({"recipe": describe_recipe(self.family.recipe)} if self.family.recipe is not None else {}),
             "parts": describe_parts(self.unet.config, self.vae.config, self.text_encoder.config),
             "parameters": parameters,
             "configs": {name: asdict(getattr(self, name).config) for name in COMPONENTS},
@@ -222,6 +225,12 @@ def describe_schedule(ns: NoiseSchedule) -> str:
     """One line for `gbsd info`: the β schedule, T, zero terminal SNR, and the spacing the samplers run by default."""
     return (f"{ns.beta_schedule}, beta {ns.beta_start:g} to {ns.beta_end:g}, {ns.num_train_timesteps} timesteps"
             + (", rescaled to zero terminal SNR" if ns.zero_terminal_snr else "") + f"; {ns.spacing} spacing")
+
+
+def describe_recipe(recipe: Recipe) -> str:
+    """One line for `gbsd info`: what a few-step family runs when no flag says otherwise."""
+    return (f"{recipe.sampler}, {recipe.spacing} spacing, {recipe.steps} step{'s' if recipe.steps != 1 else ''}, "
+            f"cfg {recipe.cfg:g} (the CLI's defaults for this family)")
 
 
 def _tower(config: CLIPTextConfig | OpenCLIPTextConfig) -> str:

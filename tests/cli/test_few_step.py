@@ -150,6 +150,18 @@ def test_the_cli_runs_the_turbo_recipe_on_a_turbo_folder_and_not_on_its_sd2_twin
     assert s["sampler"] != "euler_a" and s["steps"] > 1 and s["cfg"] > 1 and s.get("spacing") != "trailing"
 
 
+def test_info_on_a_turbo_folder_says_the_recipe_it_runs(sd2_folder, tmp_path, capsys):
+    """`gbsd info` on a turbo folder names the recipe's trailing spacing beside the schedule's own leading one (it
+    showed only "leading spacing" before); its SD 2.1 twin has no recipe line."""
+    lines = {}
+    for name, spacing in (("turbo", "trailing"), ("sd2", "leading")):
+        code, out, err = run_cli(["info", _variant(sd2_folder, tmp_path / name, spacing, 256)], capsys)
+        assert code == 0, err
+        lines[name] = [line.strip() for line in out.splitlines() if line.strip().startswith("recipe:")]
+    assert lines["turbo"] == ["recipe: euler_a, trailing spacing, 1 step, cfg 0 (the CLI's defaults for this family)"]
+    assert lines["sd2"] == []
+
+
 MISMATCHES = [  # a turbo family forced onto weights of another architecture: the loader's family check, one line
     ("sd-turbo", "tiny_sdxl_ckpt", "sd-turbo.*expects a openclip text encoder.*holds a sdxl-clip\\+openclip one"),
     ("sdxl-turbo", "tiny_ckpt", "sdxl-turbo.*expects a sdxl-clip\\+openclip text encoder.*holds a clip one"),
