@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from . import arg_types
+from .arg_types import DTYPES
 from .flops import step_flops
 from .interleave import run_interleaved
 from .presets import PRESETS
@@ -29,102 +31,11 @@ from .schema import SCHEMA
 from .sweep import run_sweep
 from .timing import Clock
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PARTS = ("step", "loop", "text", "vae", "e2e")  # measured in this order: step and loop first
 NATIVE_SIZE = {"sd15": 512, "sd21": 768, "sdxl": 1024}  # the default --size of each --arch
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
-
-
-# ------------------------------------------------------------------------------ argument types: bad input, exit 2
-# Every flag is parsed and checked by argparse (a `type` or `choices`), so a bad value is one line and exit status 2
-# before anything is built (gbsd_core.cli.common.Parser); the generation values by the core's own rules
-# (gbsd_core/params.py), the device by the CLI's.
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _at_least(lo: int) -> Callable[[str], int]:
-    def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {value}")
-        return value
-
-    return convert
-
-
-def _field(name: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """A value of GenerationParams' field `name`, by its rule: steps in [1, 1000], a finite CFG in [0, 100], ..."""
-    from gbsd_core.params import check_field
-
-    def convert(text: str) -> Any:
-        try:
-            value = parse(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if parse is int else 'a number'}, got "
-                                             f"{text!r}") from None
-        try:
-            return check_field(name, value)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    return convert
-
-
-def _dtypes(text: str) -> str:
-    """fp32 | fp16 | bf16, comma-separated; kept as written (it is recorded in the JSON's args)."""
-    bad = [d for d in text.split(",") if d not in DTYPES]
-    if bad:
-        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, bad))}: choose from {', '.join(DTYPES)}, "
-                                         "comma-separated")
-    return text
-
-
-def _device(text: str) -> str:
-    """A device this machine has (cpu, cuda[:N], mps), by the CLI's rule (gbsd_core.cli.common.device_dtype)."""
-    from gbsd_core.cli.common import UsageError, device_dtype
-
-    try:
-        device_dtype(argparse.Namespace(device=text, dtype="fp32"))
-    except UsageError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--device {text}: ")) from None
-    return text
-
-
-def _output(text: str) -> str:
-    """A file the run writes (--json, --markdown): its folder (made if missing, as report.write does) takes it under
-    its name, probed now rather than after the run (gbsd_core.cli.common's checks)."""
-    from gbsd_core.cli.common import UsageError, check_files_in, link_problem
-
-    path = Path(text)
-    folder = path.parent
-    try:
-        problem = link_problem(path) or ("is a folder" if path.is_dir() else None)
-        while problem is None and not folder.is_dir():  # the nearest existing ancestor must be a folder
-            problem = link_problem(folder) or (f"{folder} is not a folder" if os.path.lexists(folder) else None)
-            folder = folder.parent
-        if problem is None:
-            check_files_in(path.parent, [path.name], text)
-    except UsageError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix(f"{text}: ")) from None
-    except (OSError, ValueError) as e:
-        problem = getattr(e, "strerror", None) or str(e)
-    if problem:
-        raise argparse.ArgumentTypeError(problem)
-    return text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -136,16 +47,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 epilog=f"configurations (--configs):\n{presets}")
     ap.add_argument("--arch", choices=tuple(NATIVE_SIZE), default="sd15",
                     help="sd15, sd21 (768-v) or sdxl (SDXL 1.0 base, 2.6B UNet, CLIP-L + bigG)")
-    ap.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", type=_dtypes, default=None, help="fp32 | fp16 | bf16, comma-separated for several "
+    ap.add_argument("--device", type=arg_types.device, default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", type=arg_types.dtypes, default=None, help="fp32 | fp16 | bf16, comma-separated for several "
                     "(default: fp16 on CUDA, fp32 on CPU)")
     ap.add_argument("--vae-dtype", choices=tuple(DTYPES), default=None,
                     help="VAE dtype for our fast configs (default: same as --dtype, as diffusers runs it)")
-    ap.add_argument("--size", type=_int_list, default=None,
+    ap.add_argument("--size", type=arg_types.int_list, default=None,
                     help="image side(s) in pixels, comma-separated, multiples of 8 (default: the arch's native 512 / 768 / 1024; tiny 64)")
-    ap.add_argument("--steps", type=_field("steps", int), default=50, help="DDIM steps")
-    ap.add_argument("--cfg", type=_field("cfg", float), default=7.5, help="guidance scale (CFG doubles the UNet batch)")
-    ap.add_argument("--batch", type=_int_list, default=[1],
+    ap.add_argument("--steps", type=arg_types.field("steps", int), default=50, help="DDIM steps")
+    ap.add_argument("--cfg", type=arg_types.field("cfg", float), default=7.5, help="guidance scale (CFG doubles the UNet batch)")
+    ap.add_argument("--batch", type=arg_types.int_list, default=[1],
                     help="images per prompt, comma-separated (e.g. 1,4,8: where the GPU saturates; e2e at batch 1 "
                          "only)")
     ap.add_argument("--configs", default="eager,fast,diffusers",
@@ -154,13 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--interleave", action="store_true",
                     help="time the step of all --configs round-robin in one pass (needs --parts step; see "
                          "bench/interleave.py): ratios that hold while the machine's speed drifts")
-    ap.add_argument("--repeat", type=_at_least(1), default=5, help="timed calls per measurement (median reported)")
-    ap.add_argument("--warmup", type=_at_least(0), default=1, help="untimed calls before them (the first is reported)")
-    ap.add_argument("--loop-repeat", type=_at_least(1), default=None,
+    ap.add_argument("--repeat", type=arg_types.at_least(1), default=5, help="timed calls per measurement (median reported)")
+    ap.add_argument("--warmup", type=arg_types.at_least(0), default=1, help="untimed calls before them (the first is reported)")
+    ap.add_argument("--loop-repeat", type=arg_types.at_least(1), default=None,
                     help="timed full loops (default: --repeat // 2, >= 1)")
-    ap.add_argument("--e2e-repeat", type=_at_least(0), default=None,
+    ap.add_argument("--e2e-repeat", type=arg_types.at_least(0), default=None,
                     help="timed end-to-end calls after the first (default: --repeat // 2, >= 1; 0: the first only)")
-    ap.add_argument("--threads", type=_at_least(1), default=None, help="torch.set_num_threads (default: all cores)")
+    ap.add_argument("--threads", type=arg_types.at_least(1), default=None, help="torch.set_num_threads (default: all cores)")
     ap.add_argument("--cudnn-benchmark", choices=("off", "on"), default="off",
                     help="torch.backends.cudnn.benchmark for the whole run, ours and diffusers alike (off: torch's "
                          "default, cuDNN's heuristics pick each convolution's algorithm; on: the first call of each "
@@ -174,18 +85,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--schedule", choices=("normal", "karras"), default="normal",
                     help="the σ samplers' schedule in --samplers (normal)")
     ap.add_argument("--sweep", default="none", help="configuration for the GBSD sweep cost, or 'none'")
-    ap.add_argument("--sweep-k", type=_at_least(1), default=10, help="α values sharing the layout stage (10)")
-    ap.add_argument("--sweep-layout", type=_field("layout", float), default=0.8,
+    ap.add_argument("--sweep-k", type=arg_types.at_least(1), default=10, help="α values sharing the layout stage (10)")
+    ap.add_argument("--sweep-layout", type=arg_types.field("layout", float), default=0.8,
                     help="the layout fraction: the share of steps in the shared layout stage (0.8)")
-    ap.add_argument("--sweep-size", type=_at_least(8), default=None, help="default: --size")
-    ap.add_argument("--sweep-steps", type=_field("steps", int), default=None, help="default: --steps")
+    ap.add_argument("--sweep-size", type=arg_types.at_least(8), default=None, help="default: --size")
+    ap.add_argument("--sweep-steps", type=arg_types.field("steps", int), default=None, help="default: --steps")
     ap.add_argument("--sweep-independent", choices=("measure", "estimate"), default=None,
                     help="run the K independent runs (default on CUDA) or time one and multiply by K")
     ap.add_argument("--tiny", action="store_true", help="tiny models of the same structure (smoke test)")
-    ap.add_argument("--seed", type=_field("seed", int), default=0)
-    ap.add_argument("--json", type=_output, default=None,
+    ap.add_argument("--seed", type=arg_types.field("seed", int), default=0)
+    ap.add_argument("--json", type=arg_types.output, default=None,
                     help="write all results here (rewritten after each configuration)")
-    ap.add_argument("--markdown", type=_output, default=None, help="write the table here too")
+    ap.add_argument("--markdown", type=arg_types.output, default=None, help="write the table here too")
     args = ap.parse_args(argv)
     args.config_list = [] if args.configs == "none" else args.configs.split(",")
     unknown = [c for c in args.config_list if c not in PRESETS]

@@ -44,11 +44,12 @@ from gbsd_core.family import SD_TURBO
 from gbsd_core.samplers import make_sampler
 from gbsd_core.sampling import CFGStep, Stage, denoise
 
+from . import arg_types
+from .arg_types import DTYPES
 from .models import build_bundle
 from .report import environment
 
 PROMPT = "a cinematic photo of a fox in the snow"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PARTS = ("text", "unet", "vae")
 
 
@@ -196,19 +197,19 @@ def table(out: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from gbsd_core.cli.common import Parser
 
-    from .__main__ import _at_least, _device, _int_list, _output
+
 
     ap = Parser(prog="python -m bench few-step", description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=_int_list, default=[1, 2, 4, 8], help="step counts, comma-separated (1,2,4,8)")
-    ap.add_argument("--batch", type=_int_list, default=[1], help="images per call, comma-separated (1)")
-    ap.add_argument("--size", type=_at_least(8), default=512, help="image side in pixels (512; tiny: 64)")
-    ap.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=arg_types.int_list, default=[1, 2, 4, 8], help="step counts, comma-separated (1,2,4,8)")
+    ap.add_argument("--batch", type=arg_types.int_list, default=[1], help="images per call, comma-separated (1)")
+    ap.add_argument("--size", type=arg_types.at_least(8), default=512, help="image side in pixels (512; tiny: 64)")
+    ap.add_argument("--device", type=arg_types.device, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
-    ap.add_argument("--repeat", type=_at_least(1), default=3, help="timed calls per side and shape (median)")
-    ap.add_argument("--threads", type=_at_least(1), default=None, help="torch.set_num_threads")
-    ap.add_argument("--seed", type=_at_least(0), default=0)
+    ap.add_argument("--repeat", type=arg_types.at_least(1), default=3, help="timed calls per side and shape (median)")
+    ap.add_argument("--threads", type=arg_types.at_least(1), default=None, help="torch.set_num_threads")
+    ap.add_argument("--seed", type=arg_types.at_least(0), default=0)
     ap.add_argument("--tiny", action="store_true", help="tiny models of the same structure (smoke test)")
-    ap.add_argument("--json", type=_output, default=None, help="write the results here (after each shape)")
+    ap.add_argument("--json", type=arg_types.output, default=None, help="write the results here (after each shape)")
     args = ap.parse_args(argv)
     if args.size % 8:
         ap.error(f"--size must be a multiple of 8 (the VAE downsamples by 8), got {args.size}")
