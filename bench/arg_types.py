@@ -78,7 +78,8 @@ def device(text: str) -> str:
 def output(text: str) -> str:
     """A file the run writes (--json, --markdown): its folder (made if missing, as report.write does) takes it under
     its name, probed now rather than after the run (gbsd_core.cli.common's checks)."""
-    from gbsd_core.cli.common import UsageError, check_files_in, link_problem
+    from gbsd_core.cli.common import UsageError
+    from gbsd_core.cli.outputs import check_files_in, link_problem
 
     path = Path(text)
     folder = path.parent

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import common
 from . import loras as loras_cli
-from .common import (EXIT_FAILURE, Parser, UsageError, check_files_in, check_output_dir, link_problem, parse_or_exit,
-                     parse_size, run_main, shown, usage_errors, write_text_atomic)
+from .common import EXIT_FAILURE, Parser, UsageError, parse_or_exit, parse_size, run_main, shown, usage_errors
+from .outputs import check_files_in, check_output_dir, link_problem, write_text_atomic
 from .evaltable import finished_record, write_pair, write_summary
 from .generate import add_prompt_args, add_sampler_args
 from .pairs import DEFAULT_PAIRS, Pair, read_pairs

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .common import write_text_atomic
+from .outputs import write_text_atomic
 
 if TYPE_CHECKING:
     from .eval import PairResult, Settings

@@ -22,21 +22,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import common
+from . import common, outputs
 from . import loras as loras_cli
 from . import trace as trace_cli
-from .common import (
-    UsageError,
-    check_not_inputs,
-    check_output,
-    format_names,
-    parse_floats,
-    parse_size,
-    read_image,
-    slug,
-    usage_errors,
-    warn,
-)
+from .common import UsageError, parse_floats, parse_size, read_image, slug, usage_errors, warn
+from .outputs import check_not_inputs, check_output, format_names
 
 if TYPE_CHECKING:
     import torch
@@ -149,7 +139,7 @@ def add_generate_commands(sub: argparse._SubParsersAction) -> None:
 
 def sweep_outputs(output: str, cells: Sequence[tuple[str | None, float]], seed: int) -> list[Path]:
     """One distinct .png path per (focus, α) cell, in the pipeline's (focus-major) result order."""
-    problem = common.link_problem(Path(output))
+    problem = outputs.link_problem(Path(output))
     if problem:
         raise UsageError(f"-o {common.shown(output)}: {problem}")
     try:

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 
 from . import common
 from . import loras as loras_cli
-from .common import (UsageError, check_box, check_files_in, check_image, check_output_dir, parse_floats, parse_size,
-                     shown, usage_errors, write_text_atomic)
+from .common import UsageError, check_box, check_image, parse_floats, parse_size, shown, usage_errors
+from .outputs import check_files_in, check_output_dir, write_text_atomic
 from .generate import add_prompt_args, add_sampler_args
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import common
+from . import common, outputs
 from .common import EXIT_FAILURE, UsageError
 
 
@@ -33,7 +33,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
     directory = Path(args.dir) if args.dir else weights.weights_dir()
     where = f"--dir {directory}" if args.dir else f"weights folder {directory}"
-    problem = common.link_problem(directory)
+    problem = outputs.link_problem(directory)
     if problem:
         raise UsageError(f"{where} {problem}")
     if directory.exists() and not directory.is_dir():
@@ -49,7 +49,7 @@ def cmd_download(args: argparse.Namespace) -> int:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"{where}: cannot be created ({e.strerror})") from None
-    common.check_writable(directory, where, weights.REGISTRY[args.name].filename)  # before the download, not after
+    outputs.check_writable(directory, where, weights.REGISTRY[args.name].filename)  # before the download, not after
     try:
         path = weights.download(args.name, directory, repo_id=args.repo)
     except weights.WeightsError as e:

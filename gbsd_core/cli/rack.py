@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import common
 from . import loras as loras_cli
-from .common import UsageError, check_not_inputs, check_output, usage_errors, warn
+from .common import UsageError, usage_errors, warn
+from .outputs import check_not_inputs, check_output
 from .generate import add_run_args, params_from_args, read_from_png, recorded, strip_lora_tags
 
 if TYPE_CHECKING:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .common import UsageError, check_files_in, check_output_dir, shown
+from .common import UsageError, shown
+from .outputs import check_files_in, check_output_dir
 
 if TYPE_CHECKING:
     from ..bokeh.trace import Tracer
