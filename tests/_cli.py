@@ -1,6 +1,7 @@
 """Plain helpers of the command-line tests (fixtures are in tests/cli/conftest.py)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -94,3 +95,24 @@ def meta_png(path: Path, gbsd: object = None, parameters: str | None = None, siz
         info.add_text("parameters", parameters)
     Image.new("RGB", size, (120, 60, 30)).save(path, pnginfo=info)
     return path
+
+
+# --from-png arguments of the generate tests: a PNG made on the fly from the text between the braces
+
+
+def M(**params) -> str:
+    """`--from-png` of a PNG whose `gbsd` JSON chunk holds these parameters (prompt "p" unless given)."""
+    return "{meta:" + json.dumps({"version": 1, "params": {"prompt": "p", **params}}) + "}"
+
+
+def RAW(obj) -> str:
+    """`--from-png` of a PNG whose `gbsd` chunk is this JSON value (or raw text, when a str)."""
+    return "{meta:" + (obj if isinstance(obj, str) else json.dumps(obj)) + "}"
+
+
+def INFO(line: str, prompt: str = "p") -> str:
+    """`--from-png` of a PNG with only an A1111 `parameters` chunk."""
+    return "{info:" + prompt + "\n" + line + "}"
+
+
+A1111 = "Steps: 3, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64"
