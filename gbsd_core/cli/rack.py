@@ -97,8 +97,8 @@ def plan_rack(args: argparse.Namespace) -> RackPlan:
     frames = args.frames if args.frames is not None else stored.get("frames", DEFAULT_FRAMES)
     if isinstance(frames, bool) or not isinstance(frames, int) or not 2 <= frames <= MAX_FRAMES:
         raise UsageError(f"--frames must be an integer in [2, {MAX_FRAMES}], got {frames!r}")
-    for flag, field, which in (("--from", "focus", "first"), ("--to", "focus_to", "last")):
-        prompt = getattr(args, field) if getattr(args, field) is not None else base.get(field)
+    for flag, name, which in (("--from", "focus", "first"), ("--to", "focus_to", "last")):
+        prompt = getattr(args, name) if getattr(args, name) is not None else base.get(name)
         if prompt is None:
             raise UsageError(f"rack needs {flag} PROMPT, the object in focus in the {which} frame")
         if not isinstance(prompt, str) or not prompt.strip():
