@@ -47,7 +47,7 @@ from .readers import (
     read_weights_file,
 )
 from .sdxl_conditioner import MICRO_DIM, SDXLConditioner, SDXLConditionerConfig
-from .unet import UNetConfig, UNetModel, unet_config_from_state_dict
+from .unet import UNetModel, unet_config_from_state_dict
 from .vae import AutoencoderKL, VAEConfig
 
 # Subtrees of a LatentDiffusion state dict: model (DiffusionWrapper).diffusion_model, first_stage_model, cond_stage_model.
